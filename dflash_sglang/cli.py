@@ -1,0 +1,187 @@
+"""`dflash-sglang` command line: make-tiny, check, generate, demo.
+
+User errors (bad paths, incompatible pairs, bad flags) exit 2 with one line per problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from dflash_sglang.config import DFlashConfigError
+
+EXIT_USAGE = 2
+
+
+def _fail(messages: list[str]) -> int:
+    for m in messages:
+        print(f"error: {m}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_make_tiny(args) -> int:
+    from dflash_sglang.tiny import make_tiny
+
+    target, drafter = make_tiny(args.arch, args.out, seed=args.seed, block_size=args.block_size,
+                                draft_layers=args.draft_layers, vocab_size=args.vocab_size, hidden_size=args.hidden_size)
+    print(json.dumps({"target": str(target), "drafter": str(drafter)}))
+    return 0
+
+
+def check_pair_at(target: str, drafter: str, block_size: int | None = None) -> list[str]:
+    """Every problem with this target/drafter pair (config, compatibility, weight shapes); [] when usable."""
+    from dflash_sglang.config import TargetInfo, load_drafter_config, validate_pair
+    from dflash_sglang.loader import load_drafter_state_dict
+
+    try:
+        cfg = load_drafter_config(drafter)
+        info = TargetInfo.from_path(target)
+    except DFlashConfigError as e:
+        return e.messages
+    errors = validate_pair(cfg, info, block_size)
+    try:
+        load_drafter_state_dict(drafter, cfg)
+    except DFlashConfigError as e:
+        errors.extend(e.messages)
+    return errors
+
+
+def cmd_check(args) -> int:
+    errors = check_pair_at(args.target, args.drafter, args.block_size)
+    if errors:
+        return _fail(errors)
+    print(f"ok: {args.drafter} drafts for {args.target}")
+    return 0
+
+
+def _tokenize(target: str, prompt: str, chat: bool):
+    from transformers import AutoTokenizer
+
+    if not (Path(target) / "tokenizer.json").is_file() and not (Path(target) / "tokenizer_config.json").is_file():
+        return None, None
+    tok = AutoTokenizer.from_pretrained(target)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    else:
+        ids = tok(prompt)["input_ids"]
+    return tok, list(ids)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from dflash_sglang.engine import DFlashEngine
+    from dflash_sglang.verify import SamplingParams
+
+    if args.mode != "ar" and not args.drafter:
+        return _fail([f"--mode {args.mode} needs --drafter"])
+    if args.drafter:
+        errors = check_pair_at(args.target, args.drafter, args.block_size)
+        if errors:
+            return _fail(errors)
+    if args.prompt_ids:
+        tok, ids = None, [int(x) for x in args.prompt_ids.split(",")]
+    else:
+        tok, ids = _tokenize(args.target, args.prompt, args.chat)
+        if ids is None:
+            return _fail([f"{args.target} has no tokenizer; pass --prompt-ids 1,2,3 instead of --prompt"])
+    if not ids:
+        return _fail(["the prompt is empty after tokenization; give at least one token"])
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = DFlashEngine.load(args.target, args.drafter if args.mode != "ar" else None, dtype=dtype, device=device)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos = tok.eos_token_id if tok is not None and not args.ignore_eos else None
+    result = engine.generate([ids], args.max_new_tokens, mode=args.mode, params=params, block_size=args.block_size,
+                             tree_budget=args.tree_budget, tree_topk=args.tree_topk, eos_token_id=eos, generator=generator)
+    tokens = result.tokens[0]
+    out = {
+        "mode": args.mode,
+        "tokens": tokens,
+        "text": tok.decode(tokens) if tok is not None else None,
+        "acceptance_lengths": result.acceptance_lengths[0],
+        "mean_acceptance": result.mean_acceptance,
+        "tokens_per_second": len(tokens) / result.seconds if result.seconds else None,
+        "target_forwards": result.target_forwards,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"] if out["text"] is not None else tokens)
+        print(f"[{args.mode}] {len(tokens)} tokens, {out['tokens_per_second']:.1f} tok/s, "
+              f"mean acceptance {out['mean_acceptance']:.2f}, {result.target_forwards} target forwards", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dflash_sglang.demo import run_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_demo(Path(tmp), max_new_tokens=args.max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dflash-sglang", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random target/drafter pair in the published layouts")
+    p.add_argument("--arch", required=True, choices=["qwen3", "llama", "gemma4"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--draft-layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the real tokenizer's (shipped alongside)")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("check", help="exit 0 if the drafter fits the target, else 2 with the reasons")
+    p.add_argument("--target", required=True)
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--block-size", type=int, default=None)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("generate", help="run the reference engine on one prompt")
+    p.add_argument("--target", required=True)
+    p.add_argument("--drafter")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--prompt-ids", help="comma-separated token ids (targets without a tokenizer)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--mode", choices=["ar", "chain", "tree"], default="chain")
+    p.add_argument("--block-size", type=int, default=None, help="default: the drafter's block_size")
+    p.add_argument("--tree-budget", type=int, default=None, help="draft nodes per tree (default: block size - 1)")
+    p.add_argument("--tree-topk", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="reference-engine demo on the embedded pair: tok/s and acceptance per mode")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DFlashConfigError as e:
+        return _fail(e.messages)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        return _fail([str(e)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
