@@ -238,7 +238,8 @@ class DFlashDrafter(nn.Module):
 
     def logits(self, hidden: torch.Tensor, lm_head: nn.Module, softcap: float | None) -> torch.Tensor:
         """Target head on drafter states, with the drafter's output multiplier and softcap."""
-        logits = lm_head(hidden).float() * self.cfg.output_multiplier
+        logits = lm_head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * self.cfg.output_multiplier
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
         return logits
