@@ -64,8 +64,8 @@ def _tokenize(target: str, prompt: str, chat: bool):
         return None, None
     tok = AutoTokenizer.from_pretrained(target)
     if chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tok(prompt)["input_ids"]
     return tok, list(ids)
