@@ -31,6 +31,14 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_make_shape(args) -> int:
+    from dflash_sglang.shapes import write_shape
+
+    target, drafter = write_shape(args.shape, args.out)
+    print(json.dumps({"target": str(target), "drafter": str(drafter)}))
+    return 0
+
+
 def check_pair_at(target: str, drafter: str, block_size: int | None = None) -> list[str]:
     """Every problem with this target/drafter pair (config, compatibility, weight shapes); [] when usable."""
     from dflash_sglang.config import TargetInfo, load_drafter_config, validate_pair
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="default: the real tokenizer's (shipped alongside)")
     p.add_argument("--hidden-size", type=int, default=64)
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("make-shape", help="config-only target/drafter at a real model shape (for --load-format dummy)")
+    p.add_argument("--shape", required=True, choices=["gemma-4-31b", "qwen3-32b"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_shape)
 
     p = sub.add_parser("check", help="exit 0 if the drafter fits the target, else 2 with the reasons")
     p.add_argument("--target", required=True)

@@ -59,3 +59,13 @@ def test_generate_text_prompt_uses_the_real_tokenizer(tmp_path, capsys):
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "dflash_sglang", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "make-tiny" in result.stdout
+
+
+@pytest.mark.parametrize("shape", ["gemma-4-31b", "qwen3-32b"])
+def test_make_shape_configs_are_a_valid_pair(tmp_path, capsys, shape):
+    from dflash_sglang.config import TargetInfo, load_drafter_config, validate_pair
+
+    assert main(["make-shape", "--shape", shape, "--out", str(tmp_path)]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert validate_pair(load_drafter_config(paths["drafter"]), TargetInfo.from_path(paths["target"])) == []
+    assert (tmp_path / "target" / "tokenizer.json").is_file()
