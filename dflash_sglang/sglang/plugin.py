@@ -1,0 +1,53 @@
+"""SGLang plugin entry point: serve `--speculative-algorithm DFLASH` with dflash_sglang's worker.
+
+`register()` runs in every SGLang process that loads plugins (the API server as well as each scheduler), so it
+only checks the SGLang version and registers one AROUND hook; the worker module is imported by the hook, in the
+scheduler, when SGLang asks for the DFLASH worker class. DFLASH stays SGLang's own enum member, so every other
+DFLASH branch in SGLang (target feature capture, KV budget, verify CUDA graphs, request validation) still applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from dflash_sglang.sglang.compat import check_sglang_version
+
+logger = logging.getLogger(__name__)
+
+CREATE_WORKER_TARGET = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker"
+DISABLE_ENV = "DFLASH_SGLANG_DISABLE"
+SERVING_OURS = "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
+SERVING_BUILTIN = "dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2"
+
+
+def register() -> None:
+    check_sglang_version()
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(CREATE_WORKER_TARGET, create_worker_hook, HookType.AROUND)
+
+
+def is_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def create_worker_hook(original, algorithm, server_args):
+    """AROUND `SpeculativeAlgorithm.create_worker`: our worker class for DFLASH, SGLang's for everything else."""
+    if not algorithm.is_dflash():
+        return original(algorithm, server_args)
+    if is_disabled():
+        _announce(f"{SERVING_BUILTIN} because {DISABLE_ENV}=1")
+        return original(algorithm, server_args)
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    _announce(f"{SERVING_OURS} (the dflash_sglang plugin is installed; set {DISABLE_ENV}=1 for the builtin)")
+    return DFlashWorker
+
+
+def _announce(message: str) -> None:
+    # Every TP rank builds a worker; the first rank speaks for all of them.
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info(message)
