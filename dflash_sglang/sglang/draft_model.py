@@ -1,0 +1,302 @@
+"""The DFlash drafter as an SGLang model (RadixAttention, tensor-parallel linears, SGLang norms and RoPE).
+
+It is the reference drafter (`dflash_sglang.drafter`) rebuilt on SGLang layers so the draft runner can page its
+KV, batch it and capture it in CUDA graphs. SGLang runs it as a TARGET_VERIFY forward over one block per
+request; its queries are the block rows, its keys the committed context K/V in the draft pool plus the block.
+Full layers see the whole block (ENCODER_ONLY, i.e. non-causal), sliding layers are causal and windowed unless
+the config says otherwise. Context K/V are written by `write_context_kv`, outside the forward: target features
+-> fc -> hidden_norm -> each layer's k/v projection -> k_norm -> RoPE -> draft KV pool, with one GEMM for all
+layers.
+
+SGLang picks a model class by `architectures[0]`; `use_as_dflash_draft_model()` points SGLang's
+`DFlashDraftModel` entry at this class (in the scheduler process, right before the draft runner is built).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import GemmaRMSNorm, RMSNorm
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from torch import nn
+
+from dflash_sglang.config import (
+    DFlashConfig,
+    DFlashConfigError,
+    RopeConfig,
+    load_drafter_config,
+    parse_drafter_config,
+    yarn_mscale,
+)
+from dflash_sglang.loader import OPTIONAL_PREFIX, expected_drafter_shapes
+
+DRAFT_ARCHITECTURE = "DFlashDraftModel"
+
+# Checkpoint projection -> the stacked SGLang parameter it is a shard of.
+STACKED_PROJECTIONS = (
+    ("self_attn.q_proj.", "self_attn.qkv_proj.", "q"),
+    ("self_attn.k_proj.", "self_attn.qkv_proj.", "k"),
+    ("self_attn.v_proj.", "self_attn.qkv_proj.", "v"),
+    ("mlp.gate_proj.", "mlp.gate_up_proj.", 0),
+    ("mlp.up_proj.", "mlp.gate_up_proj.", 1),
+)
+
+
+def use_as_dflash_draft_model() -> None:
+    """Make SGLang build this class for `architectures: ["DFlashDraftModel"]` in this process."""
+    from sglang.srt.models.registry import ModelRegistry
+
+    ModelRegistry.models[DRAFT_ARCHITECTURE] = DFlashSGLangDrafter
+
+
+def drafter_config_from_hf(hf_config) -> DFlashConfig:
+    """Our config from the checkpoint's own config.json when it is on disk.
+
+    transformers' Qwen3Config rewrites fields on load (layer_types from max_window_layers, rope_theta into
+    rope_parameters), so the file is what the checkpoint means; the parsed object is the fallback.
+    """
+    path = getattr(hf_config, "_name_or_path", "")
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        return load_drafter_config(path)
+    return parse_drafter_config(hf_config.to_dict())
+
+
+def rope_scaling(rope: RopeConfig) -> dict | None:
+    """Our RopeConfig as SGLang's `get_rope(rope_scaling=...)` dict."""
+    if rope.rope_type == "default":
+        return None
+    if rope.rope_type == "linear":
+        return {"rope_type": "linear", "factor": rope.factor}
+    scaling = {"rope_type": "yarn", "factor": rope.factor, "beta_fast": rope.beta_fast, "beta_slow": rope.beta_slow}
+    if rope.original_max_position_embeddings is not None:
+        scaling["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    if rope.attention_factor is not None:
+        # SGLang scales YaRN's default magnitude by `attn_factor`; a config's attention_factor replaces it.
+        scaling["attn_factor"] = rope.attention_factor / yarn_mscale(rope.factor)
+    return scaling
+
+
+def make_norm(cfg: DFlashConfig, dim: int) -> nn.Module:
+    return GemmaRMSNorm(dim, eps=cfg.rms_norm_eps) if cfg.use_gemma_norm else RMSNorm(dim, eps=cfg.rms_norm_eps)
+
+
+class DrafterAttention(nn.Module):
+    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+            bias=cfg.attention_bias, prefix=f"layers.{layer_id}.self_attn.qkv_proj",
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False,
+            prefix=f"layers.{layer_id}.self_attn.o_proj",
+        )
+        self.q_norm = make_norm(cfg, cfg.head_dim)
+        self.k_norm = make_norm(cfg, cfg.head_dim)
+        self.rotary_emb = rotary_emb
+        window = cfg.layer_window(layer_id)
+        self.attn = RadixAttention(
+            self.num_heads,
+            cfg.head_dim,
+            scaling=cfg.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            layer_id=layer_id,
+            # SGLang's window counts the keys left of the query; the config's includes the query itself.
+            sliding_window_size=-1 if window is None else window - 1,
+            attn_type=AttentionType.DECODER if cfg.is_layer_causal(layer_id) else AttentionType.ENCODER_ONLY,
+            prefix=f"layers.{layer_id}.self_attn.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch):
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, forward_batch)
+        out, _ = self.o_proj(out)
+        return out
+
+
+class DrafterMLP(nn.Module):
+    def __init__(self, cfg: DFlashConfig, layer_id: int):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False, prefix=f"layers.{layer_id}.mlp.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, bias=False, prefix=f"layers.{layer_id}.mlp.down_proj"
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.self_attn = DrafterAttention(cfg, layer_id, rotary_emb)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = DrafterMLP(cfg, layer_id)
+
+    def forward(self, positions, hidden_states, forward_batch, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, forward_batch)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class DFlashSGLangDrafter(nn.Module):
+    """Drafter layers, `fc`, `hidden_norm` and final `norm`; embedding and head are the target's."""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        """SGLang's model constructor signature; `quant_config` is not applied: published drafters are
+        unquantized, and a quantized target's --quantization must not quantize its drafter."""
+        super().__init__()
+        self.config = config
+        self.cfg = cfg = drafter_config_from_hf(config)
+        self.rotary_emb = get_rope(
+            cfg.head_dim,
+            rotary_dim=cfg.head_dim,
+            max_position=cfg.max_position_embeddings,
+            base=cfg.rope.theta,
+            is_neox_style=True,
+            rope_scaling=rope_scaling(cfg.rope),
+        )
+        self.layers = nn.ModuleList(DrafterLayer(cfg, i, self.rotary_emb) for i in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size)
+        self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = make_norm(cfg, cfg.hidden_size)
+        self.context_kv_weight: torch.Tensor | None = None
+        self.context_kv_bias: torch.Tensor | None = None
+        self.context_k_norm_scale: torch.Tensor | None = None
+
+    def get_attention_sliding_window_size(self) -> int | None:
+        """SGLang sizes the backend's window buffers from this (window - 1, its left-only convention)."""
+        return None if self.cfg.sliding_window is None else self.cfg.sliding_window - 1
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        input_embeds: torch.Tensor | None = None,
+    ) -> LogitsProcessorOutput:
+        """Block embeddings [bs * B, H] (the target's, built by the worker) -> final-normed states [bs * B, H]."""
+        if input_embeds is None:
+            raise ValueError("the DFlash drafter reads the target's block embeddings; input_embeds is required")
+        # SGLang's eager extend path hands embeddings over as bf16 whatever the model dtype.
+        hidden_states = input_embeds.to(self.fc.weight.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return LogitsProcessorOutput(next_token_logits=None, hidden_states=hidden_states)
+
+    @torch.no_grad()
+    def write_context_kv(
+        self, features: torch.Tensor, positions: torch.Tensor, cache_loc: torch.Tensor, kv_pool
+    ) -> None:
+        """Target features [N, K*H] at `positions` [N] -> every layer's context K/V at slots `cache_loc` [N].
+
+        Rows meant to be dropped point at slot 0, SGLang's padding slot, which absorbs dummy writes.
+        """
+        cfg = self.cfg
+        num_tokens, num_layers = features.shape[0], cfg.num_hidden_layers
+        first = self.layers[0].self_attn
+        kv_heads, head_dim = first.num_kv_heads, cfg.head_dim
+        context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        kv = F.linear(context, self.context_kv_weight, self.context_kv_bias)
+        kv = kv.view(num_tokens, num_layers, 2, kv_heads, head_dim)
+        keys = rms_norm(kv[:, :, 0], self.context_k_norm_scale[None, :, None, :], cfg.rms_norm_eps)
+        keys = neox_rope(keys.reshape(num_tokens, num_layers * kv_heads, head_dim), positions, self.rotary_emb.cos_sin_cache)
+        # Layer-major copies so each layer's slice is contiguous for the pool's store kernel.
+        keys = keys.view(num_tokens, num_layers, kv_heads, head_dim).transpose(0, 1).contiguous()
+        values = kv[:, :, 1].transpose(0, 1).contiguous()
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+            attn = layer.self_attn.attn
+            kv_pool.set_kv_buffer(attn, cache_loc, layer_keys, layer_values, attn.k_scale, attn.v_scale)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """z-lab names (`layers.{i}.self_attn.q_proj.weight`, `fc.weight`, ...), with or without `model.`.
+
+        Every tensor is shape-checked against the config first; tensors the drafter does not use (a shipped
+        lm_head, embeddings) are skipped; a missing or misshapen tensor fails with its name.
+        """
+        expected = expected_drafter_shapes(self.cfg)
+        params = dict(self.named_parameters())
+        loaded, errors = set(), []
+        for name, tensor in weights:
+            name = name.removeprefix(OPTIONAL_PREFIX)
+            if name not in expected:
+                continue
+            if tuple(tensor.shape) != expected[name]:
+                errors.append(f"drafter weights: `{name}` has shape {tuple(tensor.shape)}, expected {expected[name]}")
+                continue
+            for checkpoint_part, param_part, shard in STACKED_PROJECTIONS:
+                if checkpoint_part in name:
+                    param = params[name.replace(checkpoint_part, param_part)]
+                    param.weight_loader(param, tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        errors += [f"drafter weights: tensor `{name}` is missing" for name in sorted(expected.keys() - loaded)]
+        if errors:
+            raise DFlashConfigError(errors)
+        self.post_load_weights()
+
+    @torch.no_grad()
+    def post_load_weights(self) -> None:
+        """Stack every layer's K/V projection and k_norm scale for the one-GEMM context path.
+
+        Also called by SGLang's loaders that bypass `load_weights` (e.g. dummy weights). The stacked copy costs
+        the K/V projection weights once more ([L * 2 * kv_size, H]), and buys one GEMM instead of L per commit.
+        """
+        attns = [layer.self_attn for layer in self.layers]
+        self.context_kv_weight = torch.cat([a.qkv_proj.weight[a.q_size :] for a in attns]).contiguous()
+        if self.cfg.attention_bias:
+            self.context_kv_bias = torch.cat([a.qkv_proj.bias[a.q_size :] for a in attns]).contiguous()
+        scales = torch.stack([a.k_norm.weight.float() for a in attns])
+        self.context_k_norm_scale = 1.0 + scales if self.cfg.use_gemma_norm else scales
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32 with an explicit (already Gemma-shifted) scale."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * scale).to(x.dtype)
+
+
+def neox_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, d] by positions [N] with SGLang's cos/sin cache rows ([cos | sin], neox halves)."""
+    cos, sin = cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return rotated.to(x.dtype)
