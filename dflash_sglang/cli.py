@@ -126,6 +126,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from dflash_sglang.bench import format_table, run_bench
+
+    results = run_bench(args.url, args.prompt_set, args.concurrency, args.max_tokens, args.limit, args.tokenizer,
+                        args.reference, args.out)
+    print(format_table(results))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dflash_sglang.demo import run_demo
 
@@ -179,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="greedy benchmark of a running SGLang server (tok/s, TTFT, TPOT, acceptance)")
+    p.add_argument("--url", default="http://127.0.0.1:30000")
+    p.add_argument("--prompt-set", default="math500", choices=["math500", "humaneval", "mtbench", "gsm8k"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of the set")
+    p.add_argument("--tokenizer", default=None, help="apply this tokenizer's chat template client-side")
+    p.add_argument("--reference", default=None, help="a previous --out JSON whose outputs must be matched")
+    p.add_argument("--out", default=None, help="write every figure and every output here (JSON)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="reference-engine demo on the embedded pair: tok/s and acceptance per mode")
     p.add_argument("--max-new-tokens", type=int, default=96)
