@@ -1,4 +1,5 @@
-"""`make demo` on CPU: the reference engine on the embedded pair, every mode, losslessness checked.
+"""`make demo`: on a CUDA machine with SGLang, a real server with our plugin and one OpenAI chat request;
+elsewhere the reference engine on the embedded pair, every mode, losslessness checked.
 
 The embedded pair lives in `dflash_sglang/data/pairs/demo` once a trained one is shipped; until then the demo
 builds a tiny random pair and says so (a random drafter accepts ~1 token per step: it shows the machinery and
@@ -7,7 +8,14 @@ the losslessness, not a speed-up).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -29,24 +37,93 @@ def embedded_pair() -> tuple[Path, Path] | None:
 def demo_prompts(target: Path, count: int = 4) -> list[list[int]]:
     prompts_file = target.parent / "heldout_prompts.json"
     if prompts_file.is_file():
-        import json
-
         return json.loads(prompts_file.read_text())[:count]
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 17, 9, 30)][:count]
 
 
-def run_demo(workdir: Path, max_new_tokens: int = 96) -> int:
+def demo_pair(workdir: Path, with_tokenizer: bool) -> tuple[Path, Path]:
     pair = embedded_pair()
-    if pair is None:
-        from dflash_sglang.tiny import make_tiny
-
-        pair = make_tiny("qwen3", workdir / "pair", vocab_size=512, block_size=16)
-        print("demo pair: tiny random qwen3 target + RANDOM drafter (no trained pair shipped yet): "
-              "expect acceptance ~1.0; this shows losslessness, not speed")
-    else:
+    if pair is not None:
         print(f"demo pair: embedded trained pair {pair[0].parent}")
-    target, drafter = pair
+        return pair
+    from dflash_sglang.tiny import make_tiny
+
+    print("demo pair: tiny random qwen3 target + RANDOM drafter (no trained pair shipped yet): "
+          "expect acceptance ~1.0; this shows losslessness, not speed")
+    return make_tiny("qwen3", workdir / "pair", vocab_size=None if with_tokenizer else 512, block_size=16,
+                     hidden_size=64)
+
+
+def can_serve() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and find_spec("sglang") is not None
+
+
+def run_demo(workdir: Path, max_new_tokens: int = 96) -> int:
+    if can_serve():
+        return run_server_demo(workdir, max_new_tokens)
+    return run_reference_demo(workdir, max_new_tokens)
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, startup_timeout: float = 600.0) -> int:
+    """`python -m sglang.launch_server ... --speculative-algorithm DFLASH` with our plugin, one chat request."""
+    from openai import OpenAI
+
+    target, drafter = demo_pair(workdir, with_tokenizer=True)
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(target),
+               "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(drafter),
+               "--speculative-num-draft-tokens", "16", "--attention-backend", "triton",
+               "--speculative-draft-attention-backend", "triton", "--sampling-backend", "pytorch",
+               "--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph", "--port", str(port)]
+    print("$ " + " ".join(command))
+    log = open(workdir / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if server.poll() is not None:
+                print((workdir / "server.log").read_text()[-4000:])
+                return 1
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                print("server did not come up in time; see", workdir / "server.log")
+                return 1
+            time.sleep(2)
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        started = time.perf_counter()
+        reply = client.chat.completions.create(model=str(target), max_tokens=max_tokens, temperature=0.0,
+                                               messages=[{"role": "user", "content": "Write a short poem about rivers."}])
+        seconds = time.perf_counter() - started
+        info = _get_json(f"{base}/server_info")
+        accept = [s.get("avg_spec_accept_length") for s in info.get("internal_states", [])]
+        served_by = [line for line in (workdir / "server.log").read_text().splitlines() if "dflash_sglang:" in line]
+        print(reply.choices[0].message.content)
+        print(f"{reply.usage.completion_tokens} tokens in {seconds:.2f}s = "
+              f"{reply.usage.completion_tokens / seconds:.1f} tok/s; acceptance length {accept}")
+        print(served_by[0] if served_by else "WARNING: the server log does not name dflash_sglang's worker")
+        return 0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def run_reference_demo(workdir: Path, max_new_tokens: int) -> int:
+    target, drafter = demo_pair(workdir, with_tokenizer=False)
     engine = DFlashEngine.load(target, drafter, dtype=torch.float32)
     prompts = demo_prompts(target)
     params = SamplingParams()
