@@ -1,0 +1,434 @@
+"""The DFLASH speculative worker for SGLang 0.5.16 (spec-v2 contract: overlap scheduling, FutureMap relay).
+
+Per decode step, per request with committed length n and anchor a (the token emitted last step):
+  1. block [a, MASK x (B-1)] at positions n..n+B-1, slots req_to_token[req, n : n+B] (reserved ahead by
+     DFlashDraftInputV2.prepare_for_decode);
+  2. the drafter runs over it (TARGET_VERIFY on its own runner: attends to the committed context K/V in the
+     draft pool and bidirectionally to the block), drafts = argmax of the target head on block rows 1..B-1;
+  3. the target verifies [a, d_1, ..., d_{B-1}] causally, capturing its features at every row;
+  4. chain acceptance on the GPU -> accept_len, bonus (greedy, or lossless sampling);
+  5. commit: a and the kept drafts (accept_len + 1 tokens) enter both KV caches; their target features
+     become draft context K/V; the bonus becomes the next anchor.
+Nothing in the step reads a device value on the host. Prefill runs the target with feature capture and
+writes draft context K/V for every prompt token at once (radix-cache hits then find it already there).
+
+SGLang's data carriers are reused where the scheduler and backends dispatch on them: DFlashDraftInputV2 (draft
+state across steps: KV reservation, batch filter/merge, FutureMap relay) and DFlashVerifyInput (the spec_info
+of both TARGET_VERIFY forwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from copy import deepcopy
+
+import torch
+from sglang.srt.configs.hybrid_arch import mambaish_config
+from sglang.srt.distributed import get_tp_group
+from sglang.srt.layers.sampler import apply_custom_logit_processor
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.tp_worker import TpModelWorker
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardBatch, ForwardMode
+from sglang.srt.runtime_context import get_context, get_server_args
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.dflash_info import DFlashVerifyInput
+from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+from dflash_sglang.config import (
+    SLIDING_ATTENTION,
+    DFlashConfig,
+    DFlashConfigError,
+    TargetInfo,
+    default_softcap,
+    load_drafter_config,
+    validate_pair,
+)
+from dflash_sglang.sglang.accept import emitted_tokens, filtered_probs, greedy_accept, sampling_accept
+from dflash_sglang.sglang.draft_head import GreedyDraftHead
+from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
+
+logger = logging.getLogger(__name__)
+
+
+class DFlashWorker(BaseSpecWorker):
+    def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = target_worker.device
+        self.block_size = int(server_args.speculative_num_draft_tokens)
+        # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
+        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner)
+
+        use_as_dflash_draft_model()
+        self._draft_worker = build_draft_worker(server_args, gpu_id, ps, nccl_port, self.model_runner)
+        self.draft_runner = self._draft_worker.model_runner
+        self.draft_model = self.draft_runner.model
+
+        target_model = self.model_runner.model
+        self.target_embed = target_model.get_input_embeddings()
+        self.draft_head = make_draft_head(target_model.lm_head, self.drafter_config, self.target_info, self.block_size)
+        self.block_offsets = torch.arange(self.block_size, device=self.device)
+        self.draft_block_spec = DFlashVerifyInput(
+            draft_token=torch.empty((0,), dtype=torch.int64, device=self.device),
+            positions=torch.empty((0,), dtype=torch.int64, device=self.device),
+            draft_token_num=self.block_size,
+            custom_mask=None,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+
+    def __getattr__(self, name):
+        # The scheduler treats this worker as its model worker; what we do not define is the target's.
+        if name == "_target_worker":
+            raise AttributeError(name)
+        return getattr(self._target_worker, name)
+
+    @property
+    def spec_v2_attn_backends(self) -> tuple:
+        return (self.model_runner.attn_backend, self.draft_runner.attn_backend)
+
+    def init_cuda_graphs(self) -> None:
+        max_graph_batch = max(self.server_args.cuda_graph_config.decode.bs or [], default=0)
+        if max_graph_batch > 0:
+            # The draft head joins the drafter's captured forward (capture_tail_hooks run inside capture).
+            self.draft_head.allocate_graph_output(max_graph_batch)
+            self.draft_runner.capture_tail_hooks.append(self.draft_head.capture_hook)
+        self._draft_worker.init_cuda_graphs()
+
+    def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None) -> GenerationBatchResult:
+        if batch.forward_mode.is_extend():
+            return self.prefill(batch, on_publish)
+        if batch.forward_mode.is_idle():
+            return self.idle(on_publish)
+        return self.decode(batch, on_publish)
+
+    def prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        result.new_seq_lens = batch.seq_lens
+        if on_publish is not None:
+            on_publish(batch.seq_lens)
+        features = result.logits_output.hidden_states
+        positions = extend_positions(batch.prefix_lens, batch.extend_lens, self.device)
+        self.draft_model.write_context_kv(features, positions, batch.out_cache_loc, self.draft_runner.token_to_kv_pool)
+        result.logits_output.hidden_states = None  # features stay on the GPU, out of the result's D2H copy
+        result.next_draft_input = next_draft_state(result.next_token_ids, batch.seq_lens)
+        return result
+
+    def idle(self, on_publish) -> GenerationBatchResult:
+        empty = torch.empty((0,), dtype=torch.int64, device=self.device)
+        state = next_draft_state(empty, empty)
+        if on_publish is not None:
+            on_publish(state.new_seq_lens)
+        return GenerationBatchResult(
+            next_token_ids=empty,
+            accept_lens=torch.empty((0,), dtype=torch.int32, device=self.device),
+            next_draft_input=state,
+            speculative_num_draft_tokens=self.block_size,
+            new_seq_lens=state.new_seq_lens,
+        )
+
+    def decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        state: DFlashDraftInputV2 = batch.spec_info
+        # In overlap mode the committed lengths were published from the previous step's stream.
+        batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
+        seq_lens = batch.seq_lens
+        positions = seq_lens[:, None] + self.block_offsets
+        slots = self.model_runner.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions].long()
+        plan_lens = planning_seq_lens(batch, state, self.block_size)
+
+        anchors = state.bonus_tokens.view(-1, 1).long()
+        drafts = self.draft(batch, anchors, positions, slots, plan_lens)
+        candidates = torch.cat([anchors, drafts], dim=1)
+        verify = self.verify(batch, candidates, positions, slots, plan_lens)
+
+        accept_len, bonus = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info)
+        commit_lens = accept_len + 1
+        new_seq_lens = seq_lens + commit_lens.to(seq_lens.dtype)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+
+        # The anchor and the kept drafts are committed; the other rows' features are dropped into slot 0.
+        committed = self.block_offsets[None, :] < commit_lens[:, None]
+        context_slots = torch.where(committed, slots, torch.zeros_like(slots))
+        self.draft_model.write_context_kv(
+            verify.logits_output.hidden_states,
+            positions.reshape(-1),
+            context_slots.reshape(-1),
+            self.draft_runner.token_to_kv_pool,
+        )
+        verify.logits_output.hidden_states = None
+        return GenerationBatchResult(
+            logits_output=verify.logits_output,
+            next_token_ids=emitted_tokens(candidates, accept_len, bonus).reshape(-1),
+            accept_lens=commit_lens,
+            can_run_cuda_graph=verify.can_run_cuda_graph,
+            next_draft_input=next_draft_state(bonus, new_seq_lens),
+            speculative_num_draft_tokens=self.block_size,
+            new_seq_lens=new_seq_lens,
+        )
+
+    def draft(self, batch, anchors, positions, slots, plan_lens) -> torch.Tensor:
+        """The drafter's forward over [anchor, MASK x (B-1)] -> drafts [bs, B-1]."""
+        bs, block = positions.shape
+        block_ids = torch.cat([anchors, anchors.new_full((bs, block - 1), self.drafter_config.mask_token_id)], dim=1)
+        embeds = self.target_embed(block_ids.reshape(-1))
+        if self.drafter_config.input_embedding_scale != 1.0:
+            embeds = embeds * self.drafter_config.input_embedding_scale
+        plan_lens_cpu, plan_lens_sum = plan_lens
+        forward_batch = ForwardBatch(
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            batch_size=bs,
+            input_ids=block_ids.reshape(-1),
+            req_pool_indices=batch.req_pool_indices,
+            seq_lens=batch.seq_lens,
+            out_cache_loc=slots.reshape(-1),
+            seq_lens_sum=plan_lens_sum,
+            seq_lens_cpu=plan_lens_cpu,
+            positions=positions.reshape(-1),
+            input_embeds=embeds,
+            spec_algorithm=SpeculativeAlgorithm.DFLASH,
+            spec_info=self.draft_block_spec,
+            capture_hidden_mode=CaptureHiddenMode.NULL,
+        )
+        out = self.draft_runner.forward(forward_batch)
+        # Only the decode-graph runner replays TARGET_VERIFY (the prefill graph refuses it), and its graphs
+        # contain the head, so a graph run has already written the drafts.
+        if out.can_run_graph and self.draft_head.graph_tokens is not None:
+            return self.draft_head.graph_tokens[: bs * (block - 1)].view(bs, block - 1)
+        return self.draft_head(out.logits_output.hidden_states).view(bs, block - 1)
+
+    def verify(self, batch, candidates, positions, slots, plan_lens) -> GenerationBatchResult:
+        """The target's TARGET_VERIFY forward over the candidates, with features captured at every row."""
+        spec = DFlashVerifyInput(
+            draft_token=candidates.reshape(-1),
+            positions=positions.reshape(-1),
+            draft_token_num=self.block_size,
+            custom_mask=None,
+            capture_hidden_mode=CaptureHiddenMode.FULL,
+        )
+        plan_lens_cpu, plan_lens_sum = plan_lens
+        with overridden(
+            batch,
+            input_ids=spec.draft_token,
+            spec_info=spec,
+            forward_mode=ForwardMode.TARGET_VERIFY,
+            out_cache_loc=slots.reshape(-1),
+            seq_lens_cpu=plan_lens_cpu,
+            seq_lens_sum=plan_lens_sum,
+        ):
+            forward_batch = ForwardBatch.init_new(
+                batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.FULL, return_hidden_states_before_norm=False
+            )
+        return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
+
+    def accept(self, candidates, logits, sampling_info) -> tuple[torch.Tensor, torch.Tensor]:
+        bs, block = candidates.shape
+        if sampling_info is not None:
+            apply_sampling_adjustments(logits, sampling_info, block)
+        logits = logits.view(bs, block, -1)
+        if sampling_info is None or sampling_info.is_all_greedy:
+            return greedy_accept(candidates, logits.argmax(dim=-1))
+        probs = filtered_probs(
+            logits.view(bs * block, -1),
+            per_row(sampling_info.temperatures, block),
+            per_row(sampling_info.top_ks, block) if sampling_info.need_top_k_sampling else None,
+            per_row(sampling_info.top_ps, block) if sampling_info.need_top_p_sampling else None,
+            per_row(sampling_info.min_ps, block) if sampling_info.need_min_p_sampling else None,
+        )
+        return sampling_accept(candidates, probs.view(bs, block, -1))
+
+
+def check_startup(server_args, target_runner) -> tuple[DFlashConfig, TargetInfo]:
+    """Validate the drafter/target pair and the serving flags; raise DFlashConfigError listing every problem."""
+    block = int(server_args.speculative_num_draft_tokens)
+    errors: list[str] = []
+    config = target = None
+    try:
+        config = load_drafter_config(
+            checkpoint_dir(server_args.speculative_draft_model_path, server_args.speculative_draft_model_revision)
+        )
+    except DFlashConfigError as e:
+        errors += e.messages
+    try:
+        target = TargetInfo.from_path(checkpoint_dir(server_args.model_path, server_args.revision))
+    except DFlashConfigError as e:
+        errors += e.messages
+    if config is not None and target is not None:
+        errors += validate_pair(config, target, block)
+    if config is not None:
+        ids = list(config.target_layer_ids)
+        if ids != sorted(set(ids)):
+            errors.append(
+                f"drafter `dflash_config.target_layer_ids` {ids} must be strictly increasing: SGLang concatenates the "
+                f"captured target layers in layer order, so any other order feeds `fc` permuted features"
+            )
+        bidirectional_sliding = [
+            i for i, kind in enumerate(config.layer_types)
+            if kind == SLIDING_ATTENTION and not config.is_layer_causal(i)
+        ]
+        if bidirectional_sliding and config.sliding_window < block:
+            # SGLang's attention windows only look left; a non-causal window is symmetric, which they only
+            # express when the whole block fits inside it.
+            errors.append(
+                f"drafter layers {bidirectional_sliding} are non-causal sliding-window layers with `sliding_window` "
+                f"= {config.sliding_window}, smaller than the block (--speculative-num-draft-tokens {block}); "
+                f"use a block of at most {config.sliding_window}"
+            )
+        if config.block_size != block:
+            logger.warning(
+                "dflash_sglang: serving blocks of %d tokens but the drafter was trained with block_size %d",
+                block, config.block_size,
+            )
+    if server_args.speculative_draft_window_size is not None:
+        errors.append(
+            "--speculative-draft-window-size is not supported by dflash_sglang; drop it, or set "
+            "DFLASH_SGLANG_DISABLE=1 to use SGLang's builtin DFLASH worker"
+        )
+    if mambaish_config(target_runner.model_config) is not None:
+        errors.append(
+            "hybrid Mamba / linear-attention targets are not supported by dflash_sglang (their state is not "
+            "rolled back after a partial accept); set DFLASH_SGLANG_DISABLE=1 to use SGLang's builtin DFLASH worker"
+        )
+    head_weight = getattr(getattr(target_runner.model, "lm_head", None), "weight", None)
+    if head_weight is None or not torch.is_floating_point(head_weight):
+        errors.append(
+            "the target must expose an unquantized `lm_head.weight` (the drafter reads its logits through it); "
+            "serve an unquantized head or set DFLASH_SGLANG_DISABLE=1"
+        )
+    if errors:
+        raise DFlashConfigError(errors)
+    return config, target
+
+
+def checkpoint_dir(path: str, revision: str | None) -> str:
+    """A local directory holding the checkpoint's config.json (hub ids resolve through the HF cache)."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=path, revision=revision, allow_patterns=["*.json"])
+
+
+def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runner) -> TpModelWorker:
+    """The drafter's own TpModelWorker: shares the target's slot mapping and allocator, owns a KV pool."""
+    backend = server_args.speculative_draft_attention_backend or server_args.attention_backend
+    draft_args = deepcopy(server_args)
+    draft_args.override(
+        "dflash_sglang.draft_worker",
+        skip_tokenizer_init=True,
+        attention_backend=backend,
+        speculative_draft_attention_backend=backend,
+        prefill_attention_backend=None,
+        decode_attention_backend=None,
+        context_length=target_runner.model_config.context_len,
+    )
+    published = get_server_args()
+    try:
+        return TpModelWorker(
+            server_args=draft_args, gpu_id=gpu_id, ps=ps, nccl_port=nccl_port, is_draft_worker=True,
+            context_length=target_runner.model_config.context_len,
+        )
+    finally:
+        # The process-wide args must stay the target's, whatever the draft runner's init published.
+        get_context().set_server_args(published)
+
+
+def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_size: int) -> GreedyDraftHead:
+    weight = lm_head.weight
+    shard = getattr(lm_head, "shard_indices", None)
+    if shard is None:
+        # A head without shard metadata (e.g. Gemma's tied embedding) is replicated on every rank.
+        num_rows, vocab_start, tp_group = weight.shape[0], 0, None
+    else:
+        num_rows, vocab_start = shard.num_org_elements, shard.org_vocab_start_index
+        group = get_tp_group()
+        tp_group = group if group.world_size > 1 else None
+    return GreedyDraftHead(
+        weight,
+        block_size,
+        num_rows=num_rows,
+        vocab_start=vocab_start,
+        logit_multiplier=config.output_multiplier,
+        softcap=default_softcap(config, target),
+        tp_group=tp_group,
+    )
+
+
+def next_draft_state(bonus: torch.Tensor, new_seq_lens: torch.Tensor) -> DFlashDraftInputV2:
+    """The carrier SGLang relays between steps; only the anchor and the lengths are DFLASH state."""
+    bs, device = bonus.shape[0], bonus.device
+    return DFlashDraftInputV2(
+        topk_p=torch.empty((bs, 0), dtype=torch.float32, device=device),
+        topk_index=torch.empty((bs, 0), dtype=torch.int64, device=device),
+        bonus_tokens=bonus.long(),
+        new_seq_lens=new_seq_lens.long(),
+        hidden_states=torch.empty((bs, 0), dtype=torch.float16, device=device),
+    )
+
+
+def planning_seq_lens(batch: ScheduleBatch, state: DFlashDraftInputV2, block_size: int) -> tuple[torch.Tensor, int]:
+    """Host-side upper bound of the lengths attention backends plan with, without reading the device.
+
+    committed + B when the scheduler mirrored the committed lengths on the host, else the reservation that
+    prepare_for_decode made (>= committed + 2B).
+    """
+    if batch.seq_lens_cpu is not None:
+        lens = batch.seq_lens_cpu + block_size
+    else:
+        lens = state.reserved_seq_lens_cpu
+    return lens, int(lens.sum())
+
+
+def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> torch.Tensor:
+    """Positions of the tokens an extend batch computes: prefix_len + 0..extend_len-1 per request."""
+    starts = torch.tensor(prefix_lens, dtype=torch.int64)
+    lens = torch.tensor(extend_lens, dtype=torch.int64)
+    first_index = torch.cumsum(lens, dim=0) - lens
+    offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(first_index, lens)
+    return (torch.repeat_interleave(starts, lens) + offsets).to(device, non_blocking=True)
+
+
+def per_row(values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A per-request sampling parameter ([bs] or [bs, 1]) repeated for each of its B verify rows."""
+    return values.reshape(-1).repeat_interleave(block_size)
+
+
+def apply_sampling_adjustments(logits: torch.Tensor, sampling_info, block_size: int) -> None:
+    """Penalties, logit bias and custom processors on every verify row [bs * B, V], in place.
+
+    They are per request, so each of the B rows of a request gets its request's adjustment (as in a plain
+    decode step; the block's own earlier tokens are not counted by repetition penalties).
+    """
+    if sampling_info.has_custom_logit_processor:
+        apply_custom_logit_processor(logits, sampling_info, num_tokens_in_batch=block_size)
+    orchestrator = sampling_info.penalizer_orchestrator
+    if (
+        sampling_info.acc_additive_penalties is None
+        and sampling_info.acc_scaling_penalties is None
+        and not (orchestrator is not None and orchestrator.is_required)
+        and sampling_info.vocab_mask is None
+        and sampling_info.logit_bias is None
+    ):
+        return
+    rows = logits.view(-1, block_size, logits.shape[-1])
+    for j in range(block_size):
+        column = rows[:, j].contiguous()
+        sampling_info.apply_logits_bias(column)
+        rows[:, j] = column
+
+
+@contextlib.contextmanager
+def overridden(batch: ScheduleBatch, **fields):
+    """Set ScheduleBatch fields for the duration of a block (the verify ForwardBatch is built from them)."""
+    saved = {name: getattr(batch, name) for name in fields}
+    for name, value in fields.items():
+        setattr(batch, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(batch, name, value)
