@@ -1,0 +1,695 @@
+"""The SGLang glue on CPU, against the real sglang 0.5.16 package: plugin discovery and dispatch, the version
+gate, the drafter on SGLang layers (weights, context K/V) against the reference drafter, acceptance and the
+draft head against plain references. GPU behaviour (the step itself, CUDA graphs) is covered by
+scripts/device/e2e.sh."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("sglang")
+
+from dflash_sglang.config import DFlashConfigError, parse_drafter_config  # noqa: E402
+from dflash_sglang.drafter import DFlashDrafter  # noqa: E402
+from dflash_sglang.sglang import accept, compat, plugin  # noqa: E402
+from dflash_sglang.sglang.draft_head import GreedyDraftHead, select_across_shards, shard_argmax  # noqa: E402
+from dflash_sglang.tiny import drafter_config_dict, make_tiny, random_drafter_state  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------- plugin
+
+
+@pytest.fixture(scope="module")
+def spec_algorithm():
+    """SpeculativeAlgorithm after SGLang loaded every installed plugin (hooks are process-wide)."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    load_plugins()
+    return SpeculativeAlgorithm
+
+
+def test_entry_point_is_discovered_by_sglang():
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    plugins = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    assert "dflash_sglang" in plugins
+    func, dist = plugins["dflash_sglang"]
+    assert func is plugin.register
+    assert dist == "dflash-sglang"
+
+
+def test_hook_is_applied_to_create_worker(spec_algorithm):
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    hooks = HookRegistry._hooks[plugin.CREATE_WORKER_TARGET]
+    assert [(kind, hook) for kind, hook, _ in hooks] == [(HookType.AROUND, plugin.create_worker_hook)]
+    assert plugin.CREATE_WORKER_TARGET in HookRegistry._patched
+
+
+def test_dflash_is_served_by_our_worker(spec_algorithm, monkeypatch, caplog):
+    from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger=plugin.__name__):
+        worker_cls = spec_algorithm.from_string("DFLASH").create_worker(SimpleNamespace())
+    assert worker_cls is DFlashWorker
+    assert issubclass(worker_cls, BaseSpecWorker)
+    assert [r.getMessage() for r in caplog.records if r.name == plugin.__name__][0].startswith(plugin.SERVING_OURS)
+
+
+def test_kill_switch_serves_the_builtin(spec_algorithm, monkeypatch, caplog):
+    from sglang.srt.speculative.dflash_worker_v2 import DFlashWorkerV2
+
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")
+    with caplog.at_level(logging.INFO, logger=plugin.__name__):
+        worker_cls = spec_algorithm.DFLASH.create_worker(SimpleNamespace())
+    assert worker_cls is DFlashWorkerV2
+    messages = [r.getMessage() for r in caplog.records if r.name == plugin.__name__]
+    assert messages == [f"{plugin.SERVING_BUILTIN} because {plugin.DISABLE_ENV}=1"]
+
+
+@pytest.mark.parametrize(
+    "name, module, attr",
+    [("EAGLE", "sglang.srt.speculative.eagle_worker_v2", "EAGLEWorkerV2"),
+     ("NGRAM", "sglang.srt.speculative.ngram_worker", "NGRAMWorker")],
+)
+def test_other_algorithms_fall_through_to_sglang(spec_algorithm, monkeypatch, caplog, name, module, attr):
+    # The originals import GPU-only modules; stand-ins prove the original code path ran untouched.
+    stand_in = type(attr, (), {})
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{attr: stand_in}))
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger=plugin.__name__):
+        worker_cls = spec_algorithm.from_string(name).create_worker(SimpleNamespace(enable_multi_layer_eagle=False))
+    assert worker_cls is stand_in
+    assert not [r for r in caplog.records if r.name == plugin.__name__]
+
+
+def test_other_sglang_versions_are_refused(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.setattr(compat, "installed_sglang_version", lambda: "0.5.23")
+    before = list(HookRegistry._hooks[plugin.CREATE_WORKER_TARGET])
+    with pytest.raises(compat.UnsupportedSGLangVersion, match=r"sglang==0\.5\.16 only, found sglang 0\.5\.23"):
+        plugin.register()
+    assert HookRegistry._hooks[plugin.CREATE_WORKER_TARGET] == before
+
+
+@pytest.mark.parametrize("found, ok", [("0.5.16", True), ("0.5.16+cu130", True), ("0.5.16.post1", False),
+                                       ("0.5.15", False), ("0.5.23", False), ("dev", False)])
+def test_version_gate(found, ok):
+    if ok:
+        compat.check_sglang_version(found)
+    else:
+        with pytest.raises(compat.UnsupportedSGLangVersion):
+            compat.check_sglang_version(found)
+
+
+def test_installed_sglang_is_the_supported_one():
+    compat.check_sglang_version()
+
+
+def test_worker_and_model_modules_import_on_cpu():
+    from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+    from dflash_sglang.sglang import draft_model, worker
+
+    assert issubclass(worker.DFlashWorker, BaseSpecWorker)
+    assert draft_model.DRAFT_ARCHITECTURE == "DFlashDraftModel"
+
+
+def test_use_as_dflash_draft_model_overrides_the_registry(monkeypatch):
+    from sglang.srt.models.registry import ModelRegistry
+
+    from dflash_sglang.sglang.draft_model import DFlashSGLangDrafter, use_as_dflash_draft_model
+
+    monkeypatch.setitem(ModelRegistry.models, "DFlashDraftModel", ModelRegistry.models.get("DFlashDraftModel"))
+    use_as_dflash_draft_model()
+    assert ModelRegistry.resolve_model_cls(["DFlashDraftModel"])[0] is DFlashSGLangDrafter
+
+
+# ------------------------------------------------------------------------------------ worker helpers
+
+
+def test_extend_positions():
+    from dflash_sglang.sglang.worker import extend_positions
+
+    positions = extend_positions([0, 5, 2], [3, 1, 4], "cpu")
+    assert positions.tolist() == [0, 1, 2, 5, 2, 3, 4, 5]
+
+
+def test_planning_lengths_prefer_the_host_mirror():
+    from dflash_sglang.sglang.worker import planning_seq_lens
+
+    state = SimpleNamespace(reserved_seq_lens_cpu=torch.tensor([40, 50]))
+    lens, total = planning_seq_lens(SimpleNamespace(seq_lens_cpu=torch.tensor([3, 7])), state, 16)
+    assert lens.tolist() == [19, 23] and total == 42
+    lens, total = planning_seq_lens(SimpleNamespace(seq_lens_cpu=None), state, 16)
+    assert lens.tolist() == [40, 50] and total == 90
+
+
+def test_next_draft_state_is_sglangs_carrier():
+    from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
+
+    from dflash_sglang.sglang.worker import next_draft_state
+
+    state = next_draft_state(torch.tensor([5, 6], dtype=torch.int32), torch.tensor([10, 12], dtype=torch.int32))
+    assert isinstance(state, DFlashDraftInputV2)
+    assert state.bonus_tokens.dtype == torch.int64 and state.new_seq_lens.tolist() == [10, 12]
+    assert state.topk_p.shape == (2, 0) and state.hidden_states.shape == (2, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sglang_pairs")
+    return {arch: make_tiny(arch, root / arch, seed=1, vocab_size=512) for arch in ("qwen3", "gemma4")}
+
+
+def startup_args(target, drafter, block=16, window=None):
+    return SimpleNamespace(
+        speculative_num_draft_tokens=block, speculative_draft_model_path=str(drafter),
+        speculative_draft_model_revision=None, model_path=str(target), revision=None,
+        speculative_draft_window_size=window,
+    )
+
+
+def fake_target_runner(target_dir):
+    from transformers import AutoConfig
+
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=AutoConfig.from_pretrained(target_dir), is_draft_model=False,
+                                     linear_attn_registry_result=None),
+        model=SimpleNamespace(lm_head=SimpleNamespace(weight=torch.zeros(4, 4))),
+    )
+
+
+def test_startup_accepts_a_matching_pair(tiny_dirs):
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, drafter = tiny_dirs["gemma4"]
+    config, info = check_startup(startup_args(target, drafter), fake_target_runner(target))
+    assert config.final_logit_softcapping == 30.0 and info.vocab_size == 512
+
+
+def test_startup_refuses_a_mismatched_pair_with_every_reason(tiny_dirs):
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, _ = tiny_dirs["gemma4"]
+    _, drafter = tiny_dirs["qwen3"]
+    with pytest.raises(DFlashConfigError) as err:
+        check_startup(startup_args(target, drafter, window=64), fake_target_runner(target))
+    text = str(err.value)
+    assert "`num_target_layers` = 4 but the target has 6 layers" in text
+    assert "--speculative-draft-window-size is not supported" in text
+
+
+def test_startup_refuses_a_quantized_head(tiny_dirs):
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, drafter = tiny_dirs["qwen3"]
+    runner = fake_target_runner(target)
+    runner.model.lm_head.weight = torch.zeros(4, 4, dtype=torch.int8)
+    with pytest.raises(DFlashConfigError, match="unquantized `lm_head.weight`"):
+        check_startup(startup_args(target, drafter), runner)
+
+
+# ------------------------------------------------------------------------ drafter on SGLang layers
+
+
+@pytest.fixture(scope="module")
+def sglang_tp1():
+    """A one-process gloo TP group and published server args: what SGLang layers need to be built on CPU."""
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.runtime_context import get_context
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(1)
+    override = get_context().override_server_args()
+    override.install()
+    yield
+    override.restore()
+
+
+def sglang_drafter(tmp_path, raw: dict, monkeypatch):
+    """Our SGLang drafter built from a config.json on disk, with the reference drafter's random weights."""
+    import json
+
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from transformers import AutoConfig
+
+    from dflash_sglang.sglang.draft_model import DFlashSGLangDrafter
+
+    # SGLang's RoPE picks a device kernel at construction; on this CPU box take its CPU path.
+    monkeypatch.setattr(rope_base, "_is_cpu", True)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = DFlashSGLangDrafter(AutoConfig.from_pretrained(tmp_path))
+    state = random_drafter_state(raw, seed=5, std=0.2)
+    if raw.get("use_gemma_norm"):
+        state = {k: (v + 0.3 * torch.randn_like(v)) if "norm" in k else v for k, v in state.items()}
+    return model, state
+
+
+class RecordingPool:
+    def __init__(self):
+        self.writes = {}
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale, v_scale):
+        self.writes[layer.layer_id] = (loc.clone(), cache_k.clone(), cache_v.clone())
+
+
+def drafter_configs():
+    base = dict(hidden=32, vocab=64, num_target_layers=6, draft_layers=3, block_size=8, mask_token_id=63,
+                window=8, num_features=3)
+    qwen = drafter_config_dict("qwen3", **base)
+    gemma = drafter_config_dict("gemma4", **base)
+    gemma_norm = dict(gemma, use_gemma_norm=True, output_multiplier=0.5)
+    yarn = dict(qwen, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    yarn_factor = dict(qwen, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                           "attention_factor": 0.8})
+    linear = dict(qwen, rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True)
+    return {"qwen3": qwen, "gemma4": gemma, "gemma_norm": gemma_norm, "yarn": yarn, "yarn_attention_factor": yarn_factor,
+            "linear_bias": linear}
+
+
+@pytest.mark.parametrize("name", list(drafter_configs()))
+def test_context_kv_matches_the_reference_drafter(sglang_tp1, tmp_path, monkeypatch, name):
+    raw = drafter_configs()[name]
+    model, state = sglang_drafter(tmp_path, raw, monkeypatch)
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    model.load_weights(list(prefixed.items()) + [("lm_head.weight", torch.zeros(64, 32))])
+    reference = DFlashDrafter(parse_drafter_config(raw))
+    reference.load_state_dict(state)
+
+    cfg = reference.cfg
+    num_tokens = 7
+    features = torch.randn(num_tokens, cfg.num_target_features * cfg.hidden_size)
+    positions = torch.tensor([0, 1, 2, 3, 40, 41, 300])
+    slots = torch.tensor([11, 12, 13, 0, 15, 0, 17])
+    pool = RecordingPool()
+    model.write_context_kv(features, positions, slots, pool)
+    ref_keys, ref_values = reference.context_kv(features[None], positions[None])
+    assert sorted(pool.writes) == list(range(cfg.num_hidden_layers))
+    for i, (loc, keys, values) in pool.writes.items():
+        assert torch.equal(loc, slots)
+        torch.testing.assert_close(keys, ref_keys[i][0].transpose(0, 1), atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(values, ref_values[i][0].transpose(0, 1), atol=2e-5, rtol=2e-5)
+
+
+def test_weights_land_in_the_stacked_sglang_parameters(sglang_tp1, tmp_path, monkeypatch):
+    raw = drafter_configs()["linear_bias"]
+    model, state = sglang_drafter(tmp_path, raw, monkeypatch)
+    model.load_weights(state.items())
+    params = dict(model.named_parameters())
+    attn = "layers.1.self_attn."
+    torch.testing.assert_close(params[attn + "qkv_proj.weight"],
+                               torch.cat([state[attn + p + "_proj.weight"] for p in "qkv"]))
+    torch.testing.assert_close(params[attn + "qkv_proj.bias"], torch.cat([state[attn + p + "_proj.bias"] for p in "qkv"]))
+    torch.testing.assert_close(params["layers.1.mlp.gate_up_proj.weight"],
+                               torch.cat([state["layers.1.mlp.gate_proj.weight"], state["layers.1.mlp.up_proj.weight"]]))
+    torch.testing.assert_close(params["fc.weight"], state["fc.weight"])
+
+
+def test_attention_kinds_follow_the_config(sglang_tp1, tmp_path, monkeypatch):
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    raw = dict(drafter_configs()["gemma4"], layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    raw["dflash_config"] = dict(raw["dflash_config"], causal=None)
+    model, _ = sglang_drafter(tmp_path, raw, monkeypatch)
+    kinds = [(layer.self_attn.attn.attn_type, layer.self_attn.attn.sliding_window_size) for layer in model.layers]
+    assert kinds == [(AttentionType.DECODER, 7), (AttentionType.ENCODER_ONLY, -1), (AttentionType.DECODER, 7)]
+    assert model.get_attention_sliding_window_size() == 7
+
+    bidirectional = dict(raw, is_causal=False)
+    model, _ = sglang_drafter(tmp_path, bidirectional, monkeypatch)
+    assert {layer.self_attn.attn.attn_type for layer in model.layers} == {AttentionType.ENCODER_ONLY}
+
+
+def test_bad_checkpoints_fail_with_the_tensor_name(sglang_tp1, tmp_path, monkeypatch):
+    raw = drafter_configs()["qwen3"]
+    model, state = sglang_drafter(tmp_path, raw, monkeypatch)
+    del state["layers.0.mlp.up_proj.weight"]
+    state["fc.weight"] = torch.zeros(32, 64)
+    with pytest.raises(DFlashConfigError) as err:
+        model.load_weights(state.items())
+    assert err.value.messages == [
+        "drafter weights: `fc.weight` has shape (32, 64), expected (32, 96)",
+        "drafter weights: tensor `fc.weight` is missing",
+        "drafter weights: tensor `layers.0.mlp.up_proj.weight` is missing",
+    ]
+
+
+# ----------------------------------------------------------------------------------------- acceptance
+
+
+def reference_greedy(candidates, predicted):
+    accept_len, bonus = [], []
+    for cand, pred in zip(candidates.tolist(), predicted.tolist()):
+        n = 0
+        while n + 1 < len(cand) and cand[n + 1] == pred[n]:
+            n += 1
+        accept_len.append(n)
+        bonus.append(pred[n])
+    return accept_len, bonus
+
+
+def reference_sampling(candidates, probs, uniforms, race):
+    accept_len, bonus = [], []
+    for b in range(candidates.shape[0]):
+        n, block = 0, candidates.shape[1]
+        while n + 1 < block and uniforms[b, n] < probs[b, n, candidates[b, n + 1]]:
+            n += 1
+        weights = probs[b, n].clone()
+        if n + 1 < block:
+            weights[candidates[b, n + 1]] = 0.0
+        accept_len.append(n)
+        bonus.append(int((weights / race[b]).argmax()))
+    return accept_len, bonus
+
+
+def random_chain(seed, bs=64, block=5, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    predicted = torch.randint(vocab, (bs, block), generator=g)
+    candidates = predicted.roll(1, dims=1)
+    # Break the chain at random depths so every accept length occurs.
+    breaks = torch.rand((bs, block), generator=g) < 0.3
+    candidates = torch.where(breaks, torch.randint(vocab, (bs, block), generator=g), candidates)
+    return candidates, predicted, g
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_accept_matches_a_plain_loop(seed):
+    candidates, predicted, _ = random_chain(seed)
+    accept_len, bonus = accept.greedy_accept(candidates, predicted)
+    assert (accept_len.tolist(), bonus.tolist()) == reference_greedy(candidates, predicted)
+    assert accept_len.dtype == torch.int32 and bonus.dtype == torch.int64
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampling_accept_matches_a_plain_loop(seed):
+    candidates, _, g = random_chain(seed)
+    bs, block = candidates.shape
+    probs = torch.softmax(3 * torch.randn((bs, block, 7), generator=g), dim=-1)
+    probs[0, 0] = torch.nn.functional.one_hot(candidates[0, 1], 7).float()  # a certain accept
+    uniforms = torch.rand((bs, block - 1), generator=g)
+    race = torch.empty((bs, 7)).exponential_(generator=g)
+    accept_len, bonus = accept.sampling_accept_with(candidates, probs, uniforms, race)
+    assert (accept_len.tolist(), bonus.tolist()) == reference_sampling(candidates, probs, uniforms, race)
+
+
+def test_sampling_accept_with_one_hot_rows_is_greedy():
+    candidates, predicted, g = random_chain(11)
+    probs = torch.nn.functional.one_hot(predicted, 7).float()
+    greedy = accept.greedy_accept(candidates, predicted)
+    for _ in range(3):
+        sampled = accept.sampling_accept(candidates, probs, generator=g)
+        assert torch.equal(sampled[0], greedy[0]) and torch.equal(sampled[1], greedy[1])
+
+
+def test_sampling_accept_emits_the_target_distribution():
+    """Two rows, fixed drafts: the first emitted token ~ p0, and after an accepted d1 the next ~ p1."""
+    n, vocab = 200_000, 5
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05])
+    p1 = torch.tensor([0.3, 0.05, 0.05, 0.5, 0.1])
+    probs = torch.stack([p0, p1, torch.full((vocab,), 1 / vocab)])[None].expand(n, -1, -1)
+    candidates = torch.tensor([[0, 1, 3]]).expand(n, -1)
+    accept_len, bonus = accept.sampling_accept(candidates, probs, generator=g)
+    out = accept.emitted_tokens(candidates, accept_len, bonus)
+    first = torch.bincount(out[:, 0], minlength=vocab) / n
+    assert (first - p0).abs().max() < 0.006
+    second = out[accept_len >= 1, 1]
+    assert (torch.bincount(second, minlength=vocab) / second.numel() - p1).abs().max() < 0.01
+
+
+def reference_filter(row, temperature, top_k, top_p, min_p):
+    probs = torch.softmax(row.double() / temperature, dim=-1)
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    keep, mass = set(), 0.0
+    for rank, i in enumerate(order):
+        if rank < top_k and mass <= top_p and probs[i] >= min_p * probs[order[0]]:
+            keep.add(i)
+        mass += float(probs[i])
+    kept = torch.tensor([float(probs[i]) if i in keep else 0.0 for i in range(len(probs))], dtype=torch.float64)
+    return kept / kept.sum()
+
+
+def test_filtered_probs_match_a_plain_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn((6, 11), generator=g)
+    temperatures = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.7, 1.0])
+    top_ks = torch.tensor([11, 3, 11, 1, 5, 11], dtype=torch.int32)
+    top_ps = torch.tensor([1.0, 1.0, 0.6, 1.0, 0.8, 0.3])
+    min_ps = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.2])
+    probs = accept.filtered_probs(logits, temperatures, top_ks, top_ps, min_ps)
+    for r in range(6):
+        expected = reference_filter(logits[r], float(temperatures[r]), int(top_ks[r]), float(top_ps[r]), float(min_ps[r]))
+        torch.testing.assert_close(probs[r].double(), expected, atol=1e-6, rtol=1e-5)
+    plain = accept.filtered_probs(logits, temperatures)
+    torch.testing.assert_close(plain, torch.softmax(logits / temperatures[:, None], dim=-1))
+
+
+def test_emitted_tokens_layout():
+    candidates = torch.tensor([[9, 1, 2, 3], [9, 4, 5, 6], [9, 7, 8, 0]])
+    out = accept.emitted_tokens(candidates, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([20, 21, 22]))
+    assert out.tolist() == [[20, 0, 0, 0], [4, 5, 21, 0], [7, 8, 0, 22]]
+
+
+# ------------------------------------------------------------------------------------------ draft head
+
+
+def test_shard_argmax_across_shards_is_the_full_argmax_with_first_max_ties():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn((9, 8), generator=g)
+    weight = torch.randn((12, 8), generator=g)
+    weight[7] = weight[2]  # a tie across shards: the lower id must win
+    rows[0] = weight[2] * 10
+    full = (rows @ weight.T).argmax(dim=-1)
+    maxima, ids = zip(*(shard_argmax(rows, weight[lo:lo + 4]) for lo in (0, 4, 8)))
+    ids = [i + lo for i, lo in zip(ids, (0, 4, 8))]
+    assert torch.equal(select_across_shards(torch.stack(maxima), torch.stack(ids)), full)
+    assert full[0] == 2
+
+
+def test_draft_head_matches_the_reference_drafter_logits():
+    raw = drafter_config_dict("gemma4", hidden=16, vocab=40, num_target_layers=6, draft_layers=2, block_size=4,
+                              mask_token_id=39, window=8)
+    raw["dflash_config"]["output_multiplier"] = 3.0
+    reference = DFlashDrafter(parse_drafter_config(raw))
+    lm_head = torch.nn.Linear(16, 40, bias=False)
+    hidden = 4 * torch.randn(3 * 4, 16)
+    head = GreedyDraftHead(torch.cat([lm_head.weight.data, torch.zeros(8, 16)]), 4, num_rows=40,
+                           logit_multiplier=3.0, softcap=30.0)
+    expected = reference.logits(hidden.view(3, 4, 16)[:, 1:], lm_head, 30.0).argmax(dim=-1)
+    assert torch.equal(head(hidden), expected.reshape(-1))
+
+
+# ------------------------------------------------------------------ the worker's step, with fake runners
+
+
+class MarkovWorld:
+    """A target whose greedy next token depends only on the current one (`table`), a drafter that guesses the
+    chain right up to a position-dependent depth, one-hot states through an identity head. The worker's step
+    runs on CPU against these fakes exactly as it would against SGLang's runners."""
+
+    def __init__(self, vocab=32, block=6, mask=31, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.vocab, self.block, self.mask = vocab, block, mask
+        self.table = torch.randperm(vocab - 1, generator=g)  # never maps to the mask id
+        self.req_to_token = torch.arange(4 * 512).view(4, 512) + 1  # slot = req * 512 + position + 1
+        self.context_writes = []
+
+    def chain(self, token, length):
+        out = []
+        for _ in range(length):
+            token = int(self.table[token])
+            out.append(token)
+        return out
+
+    def onehot(self, ids):
+        return torch.nn.functional.one_hot(ids.long(), self.vocab).float()
+
+    def draft_forward(self, fb):
+        ids, positions = fb.input_ids.view(-1, self.block), fb.positions.view(-1, self.block)
+        assert torch.equal(ids[:, 1:], torch.full_like(ids[:, 1:], self.mask))
+        rows = []
+        for anchor, start in zip(ids[:, 0].tolist(), positions[:, 0].tolist()):
+            guess = self.chain(anchor, self.block - 1)
+            wrong_at = (start * 7) % (self.block + 2)  # 0..block+1: some blocks are fully right
+            if wrong_at < self.block - 1:
+                guess[wrong_at] = (guess[wrong_at] + 1) % (self.vocab - 1)
+            rows.append([anchor] + guess)
+        hidden = self.onehot(torch.tensor(rows)).view(-1, self.vocab)
+        return SimpleNamespace(logits_output=SimpleNamespace(hidden_states=hidden), can_run_graph=False)
+
+    def verify_forward(self, batch=None, forward_batch=None, is_verify=False):
+        assert batch is None and is_verify
+        logits = 10 * self.onehot(self.table[forward_batch.input_ids])
+        features = forward_batch.positions[:, None].float().expand(-1, 2 * self.vocab)
+        return SimpleNamespace(
+            logits_output=SimpleNamespace(next_token_logits=logits, hidden_states=features), can_run_cuda_graph=False
+        )
+
+    def write_context_kv(self, features, positions, cache_loc, kv_pool):
+        assert torch.equal(features[:, 0].long(), positions)
+        self.context_writes.append((positions.clone(), cache_loc.clone()))
+
+
+@pytest.fixture
+def markov_worker(monkeypatch):
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    world = MarkovWorld()
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)  # a CUDA-only call
+    monkeypatch.setattr(
+        ForwardBatch, "init_new",
+        classmethod(lambda cls, batch, runner, **kw: SimpleNamespace(
+            input_ids=batch.input_ids, positions=batch.spec_info.positions, out_cache_loc=batch.out_cache_loc,
+            forward_mode=batch.forward_mode, capture_hidden_mode=kw["capture_hidden_mode"])),
+    )
+    worker = DFlashWorker.__new__(DFlashWorker)
+    raw = drafter_config_dict("qwen3", hidden=world.vocab, vocab=world.vocab, num_target_layers=4, draft_layers=1,
+                              block_size=world.block, mask_token_id=world.mask, window=8)
+    worker.__dict__.update(
+        _target_worker=SimpleNamespace(forward_batch_generation=world.verify_forward),
+        model_runner=SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=world.req_to_token)),
+        draft_runner=SimpleNamespace(forward=world.draft_forward, token_to_kv_pool=None),
+        draft_model=SimpleNamespace(write_context_kv=world.write_context_kv),
+        device="cpu",
+        block_size=world.block,
+        drafter_config=parse_drafter_config(raw),
+        target_embed=world.onehot,
+        draft_head=GreedyDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab),
+        block_offsets=torch.arange(world.block),
+    )
+    worker.draft_block_spec = None
+    return worker, world
+
+
+def run_decode(worker, world, sampling_info=None, steps=8):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.sglang.worker import next_draft_state
+
+    prompt_lens, first_tokens = torch.tensor([5, 17, 0]), torch.tensor([3, 11, 20])
+    batch = SimpleNamespace(
+        forward_mode=ForwardMode.DECODE, seq_lens=prompt_lens.clone(), seq_lens_cpu=prompt_lens.clone(),
+        seq_lens_sum=int(prompt_lens.sum()), req_pool_indices=torch.tensor([2, 0, 3]), input_ids=None,
+        out_cache_loc=None, sampling_info=sampling_info, spec_info=next_draft_state(first_tokens, prompt_lens),
+    )
+    emitted, published, commits = [[t] for t in first_tokens.tolist()], [], []
+    for _ in range(steps):
+        result = worker.forward_batch_generation(batch, on_publish=published.append)
+        accept_lens, tokens = result.accept_lens.tolist(), result.next_token_ids.view(3, world.block)
+        for i, n in enumerate(accept_lens):
+            emitted[i] += tokens[i, :n].tolist()
+        commits.append(accept_lens)
+        assert batch.forward_mode == ForwardMode.DECODE and batch.spec_info is not None  # fields restored
+        # What SGLang's scheduler does with the result between steps (non-overlap path).
+        batch.spec_info = result.next_draft_input
+        batch.seq_lens, batch.seq_lens_cpu = result.new_seq_lens, result.new_seq_lens.clone()
+        assert torch.equal(published[-1], result.new_seq_lens)
+    return prompt_lens, first_tokens, emitted, commits, batch
+
+
+def test_decode_steps_emit_the_targets_greedy_chain(markov_worker):
+    worker, world = markov_worker
+    prompt_lens, first_tokens, emitted, commits, batch = run_decode(worker, world)
+    for i, tokens in enumerate(emitted):
+        assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
+    assert {n for step in commits for n in step} > {1}  # drafts were accepted, at varying depths
+    assert max(n for step in commits for n in step) == world.block
+    assert batch.seq_lens.tolist() == [p + sum(step[i] for step in commits) for i, p in enumerate(prompt_lens.tolist())]
+
+
+def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
+    worker, world = markov_worker
+    prompt_lens, _, _, _, batch = run_decode(worker, world)
+    written = {}
+    for positions, slots in world.context_writes:
+        for req_row, (pos_row, slot_row) in enumerate(zip(positions.view(3, -1), slots.view(3, -1))):
+            for pos, slot in zip(pos_row.tolist(), slot_row.tolist()):
+                if slot != 0:
+                    assert (req_row, pos) not in written
+                    written[(req_row, pos)] = slot
+    pools = [2, 0, 3]
+    for i, (start, end) in enumerate(zip(prompt_lens.tolist(), batch.seq_lens.tolist())):
+        assert sorted(p for r, p in written if r == i) == list(range(start, end))
+        assert all(written[(i, p)] == int(world.req_to_token[pools[i], p]) for p in range(start, end))
+
+
+def test_sampling_verification_with_greedy_rows_equals_greedy(markov_worker):
+    worker, world = markov_worker
+    sampling = SimpleNamespace(
+        is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),
+        top_ps=torch.ones(3), min_ps=torch.zeros(3), need_top_k_sampling=True, need_top_p_sampling=False,
+        need_min_p_sampling=False, has_custom_logit_processor=False, acc_additive_penalties=None,
+        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=None,
+    )
+    _, _, greedy_emitted, _, _ = run_decode(worker, world)
+    _, _, sampled_emitted, _, _ = run_decode(worker, world, sampling_info=sampling)
+    assert sampled_emitted == greedy_emitted
+
+
+def test_logit_bias_is_applied_to_every_verify_row(markov_worker):
+    worker, world = markov_worker
+    bias = torch.zeros(3, world.vocab)
+    bias[:, 7] = 100.0  # every request now greedily emits 7 after its first token
+    sampling = SimpleNamespace(
+        is_all_greedy=True, has_custom_logit_processor=False, acc_additive_penalties=None,
+        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=bias,
+        apply_logits_bias=lambda logits: logits.add_(bias),
+    )
+    _, first_tokens, emitted, _, _ = run_decode(worker, world, sampling_info=sampling, steps=3)
+    for i, tokens in enumerate(emitted):
+        assert tokens[0] == int(first_tokens[i]) and set(tokens[1:]) == {7}
+
+
+def test_prefill_captures_features_and_writes_prompt_context(markov_worker):
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+
+    worker, world = markov_worker
+    # The fake drafter checks that each feature row arrives with its own position.
+    features = torch.tensor([3, 4, 5, 6, 0, 1, 2]).float()[:, None].expand(-1, 2 * world.vocab)
+    captured = {}
+
+    def target_prefill(batch, capture_hidden_mode=None):
+        captured["mode"] = capture_hidden_mode
+        return SimpleNamespace(logits_output=SimpleNamespace(hidden_states=features),
+                               next_token_ids=torch.tensor([9, 4]))
+
+    worker._target_worker = SimpleNamespace(forward_batch_generation=target_prefill)
+    batch = SimpleNamespace(forward_mode=ForwardMode.EXTEND, seq_lens=torch.tensor([7, 3]), prefix_lens=[3, 0],
+                            extend_lens=[4, 3], out_cache_loc=torch.arange(100, 107))
+    published = []
+    result = worker.forward_batch_generation(batch, on_publish=published.append)
+    assert captured["mode"] == CaptureHiddenMode.FULL
+    positions, slots = world.context_writes[0]
+    assert positions.tolist() == [3, 4, 5, 6, 0, 1, 2] and slots.tolist() == list(range(100, 107))
+    assert result.logits_output.hidden_states is None
+    assert result.next_draft_input.bonus_tokens.tolist() == [9, 4]
+    assert torch.equal(published[0], batch.seq_lens) and torch.equal(result.new_seq_lens, batch.seq_lens)
+
+
+def test_idle_step_is_empty(markov_worker):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    worker, _ = markov_worker
+    published = []
+    result = worker.forward_batch_generation(SimpleNamespace(forward_mode=ForwardMode.IDLE), published.append)
+    assert result.next_token_ids.numel() == 0 and result.accept_lens.numel() == 0
+    assert result.next_draft_input.bonus_tokens.numel() == 0 and published[0].numel() == 0
