@@ -1,0 +1,176 @@
+"""Client half of scripts/device/e2e.sh: wait for a server, benchmark it, print the comparison table.
+
+Standard library only (the GPU box has no package registry). Subcommands:
+  wait   --port P --pid PID --timeout S          until /health answers, the server dies, or time runs out
+  bench  --port P --name NAME --out FILE ...     greedy prompts through /v1/completions at each concurrency,
+                                                 acceptance stats through /generate, a sampling smoke test
+  report --dir DIR --reference ar NAME...        the table (greedy mismatches vs AR, tok/s, acceptance length)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SUBJECTS = ["the harbor", "a violin", "the old map", "winter rain", "a small robot", "the library", "green tea",
+            "a mountain road", "the last train", "an empty stage", "the river", "a paper boat", "the night market"]
+ASKS = ["Describe {s} in three sentences.", "Write a short poem about {s}.", "List five facts about {s}.",
+        "Tell a story that begins with {s}."]
+
+
+def prompts(count: int) -> list[str]:
+    return [f"{i}. " + ASKS[i % len(ASKS)].format(s=SUBJECTS[i % len(SUBJECTS)]) for i in range(count)]
+
+
+def post(port: int, path: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def get(port: int, path: str, timeout: float) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+        body = response.read()
+        return json.loads(body) if body else {}
+
+
+def cmd_wait(args) -> int:
+    deadline = time.time() + args.timeout
+    while time.time() < deadline:
+        if not Path(f"/proc/{args.pid}").exists():
+            print(f"server process {args.pid} exited before it was ready", file=sys.stderr)
+            return 1
+        try:
+            get(args.port, "/health", timeout=5)
+            get(args.port, "/v1/models", timeout=5)
+            return 0
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            time.sleep(2)
+    print(f"server not ready after {args.timeout}s", file=sys.stderr)
+    return 1
+
+
+def run_all(fn, items, concurrency: int) -> tuple[list, float]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(fn, items))
+    return results, time.perf_counter() - start
+
+
+def cmd_bench(args) -> int:
+    model = get(args.port, "/v1/models", timeout=10)["data"][0]["id"]
+    texts = prompts(args.num_prompts)
+    greedy = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+    def complete(prompt: str, sampling: dict = greedy) -> dict:
+        response = post(args.port, "/v1/completions", {"model": model, "prompt": prompt, **sampling}, args.timeout)
+        return {"text": response["choices"][0]["text"], "tokens": response["usage"]["completion_tokens"]}
+
+    run_all(complete, texts[:2], 2)  # warm-up: first calls compile kernels
+    report = {"name": args.name, "num_prompts": len(texts), "max_tokens": args.max_tokens, "runs": {}}
+    for concurrency in args.concurrency:
+        outputs, wall = run_all(complete, texts, concurrency)
+        tokens = sum(o["tokens"] for o in outputs)
+        report["runs"][str(concurrency)] = {"texts": [o["text"] for o in outputs], "completion_tokens": tokens,
+                                           "wall_s": wall, "tok_per_s": tokens / wall}
+
+    def generate(prompt: str) -> dict:
+        body = {"text": prompt, "sampling_params": {"max_new_tokens": args.max_tokens, "temperature": 0.0,
+                                                    "ignore_eos": True}}
+        return post(args.port, "/generate", body, args.timeout)["meta_info"]
+
+    metas, _ = run_all(generate, texts, max(args.concurrency))
+    verify_steps = sum(m.get("spec_verify_ct", 0) for m in metas)
+    if verify_steps:
+        report["accept_length"] = sum(m["completion_tokens"] for m in metas) / verify_steps
+        report["accept_length_mean_per_request"] = sum(m["spec_accept_length"] for m in metas) / len(metas)
+
+    sampled = {"max_tokens": 32, "temperature": 0.8, "top_p": 0.9, "top_k": 50}
+    try:
+        outputs, _ = run_all(lambda p: complete(p, sampled), texts[:16], 16)
+        report["sampling_smoke"] = "ok" if all(o["tokens"] == 32 for o in outputs) else "short outputs"
+    except (urllib.error.URLError, KeyError) as e:
+        report["sampling_smoke"] = f"failed: {e}"
+
+    if args.log:
+        report["startup_line_found"] = args.expect in Path(args.log).read_text(errors="replace")
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def cmd_report(args) -> int:
+    results = {}
+    for name in [args.reference, *args.contenders]:
+        path = Path(args.dir) / f"{name}.json"
+        results[name] = json.loads(path.read_text()) if path.exists() else None
+    reference = results[args.reference]
+    passed = {}
+    rows = [("contender", "conc", "greedy mismatches vs AR", "tok/s", "accept len", "startup line", "sampling")]
+    for name, result in results.items():
+        if result is None:
+            rows.append((name, "-", "server failed (see its log)", "-", "-", "-", "-"))
+            passed[name] = False
+            continue
+        accept = f"{result['accept_length']:.2f}" if "accept_length" in result else "-"
+        line = {True: "found", False: "MISSING"}.get(result.get("startup_line_found"), "-")
+        passed[name] = reference is not None and result.get("startup_line_found") is not False
+        for concurrency, run in result["runs"].items():
+            mismatches = "-"
+            if reference is not None:
+                expected = reference["runs"]["1"]["texts"]
+                count = sum(a != b for a, b in zip(run["texts"], expected))
+                mismatches = f"{count}/{len(expected)}"
+                passed[name] &= count == 0 or name == args.reference
+            rows.append((name, concurrency, mismatches, f"{run['tok_per_s']:.1f}", accept, line,
+                         result.get("sampling_smoke", "-")))
+    ok = all(passed.get(name, False) for name in args.must_pass)
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    summary = {"ok": ok, "passed": passed,
+               "results": {n: r and {k: v for k, v in r.items() if k != "runs"} for n, r in results.items()}}
+    Path(args.dir, "summary.json").write_text(json.dumps(summary, indent=1))
+    print()
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    verdict = ", ".join(f"{name}: {'pass' if passed.get(name) else 'FAIL'}" for name in args.contenders)
+    print(f"\n{'PASS' if ok else 'FAIL'} ({verdict}; pass = served, logged its worker, matched AR greedily)")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(required=True)
+    p = sub.add_parser("wait")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=240)
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("bench")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    p.add_argument("--log", help="server log to search for --expect")
+    p.add_argument("--expect", default="")
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("report")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--reference", default="ar")
+    p.add_argument("--must-pass", nargs="+", default=[], help="contenders the exit status depends on")
+    p.add_argument("contenders", nargs="+")
+    p.set_defaults(func=cmd_report)
+    args = parser.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
