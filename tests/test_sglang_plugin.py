@@ -632,7 +632,11 @@ def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
         assert all(written[(i, p)] == int(world.req_to_token[pools[i], p]) for p in range(start, end))
 
 
-def test_sampling_verification_with_greedy_rows_equals_greedy(markov_worker):
+@pytest.mark.parametrize("rows_per_chunk", [128, 6])
+def test_sampling_verification_with_greedy_rows_equals_greedy(markov_worker, monkeypatch, rows_per_chunk):
+    from dflash_sglang.sglang import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "SAMPLING_ROWS_PER_CHUNK", rows_per_chunk)
     worker, world = markov_worker
     sampling = SimpleNamespace(
         is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),

@@ -53,6 +53,9 @@ from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 
 logger = logging.getLogger(__name__)
 
+# Verify rows filtered per chunk in sampling verification (each row sorts the whole vocabulary).
+SAMPLING_ROWS_PER_CHUNK = 128
+
 
 class DFlashWorker(BaseSpecWorker):
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
@@ -232,14 +235,13 @@ class DFlashWorker(BaseSpecWorker):
         logits = logits.view(bs, block, -1)
         if sampling_info is None or sampling_info.is_all_greedy:
             return greedy_accept(candidates, logits.argmax(dim=-1))
-        probs = filtered_probs(
-            logits.view(bs * block, -1),
-            per_row(sampling_info.temperatures, block),
-            per_row(sampling_info.top_ks, block) if sampling_info.need_top_k_sampling else None,
-            per_row(sampling_info.top_ps, block) if sampling_info.need_top_p_sampling else None,
-            per_row(sampling_info.min_ps, block) if sampling_info.need_min_p_sampling else None,
-        )
-        return sampling_accept(candidates, probs.view(bs, block, -1))
+        # Filtering sorts every row's vocabulary; a few requests at a time bound those temporaries.
+        step = max(1, SAMPLING_ROWS_PER_CHUNK // block)
+        chunks = [
+            sampled_accept(candidates[lo : lo + step], logits[lo : lo + step], sampling_info, slice(lo, lo + step))
+            for lo in range(0, bs, step)
+        ]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
 def check_startup(server_args, target_runner) -> tuple[DFlashConfig, TargetInfo]:
@@ -390,6 +392,23 @@ def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> 
     first_index = torch.cumsum(lens, dim=0) - lens
     offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(first_index, lens)
     return (torch.repeat_interleave(starts, lens) + offsets).to(device, non_blocking=True)
+
+
+def sampled_accept(candidates, logits, sampling_info, requests: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling acceptance for the requests `requests` of the batch; logits [n, B, V] are theirs."""
+    num_requests, block, vocab = logits.shape
+
+    def rows(values: torch.Tensor, needed: bool = True) -> torch.Tensor | None:
+        return per_row(values.reshape(-1)[requests], block) if needed else None
+
+    probs = filtered_probs(
+        logits.reshape(-1, vocab),
+        rows(sampling_info.temperatures),
+        rows(sampling_info.top_ks, sampling_info.need_top_k_sampling),
+        rows(sampling_info.top_ps, sampling_info.need_top_p_sampling),
+        rows(sampling_info.min_ps, sampling_info.need_min_p_sampling),
+    )
+    return sampling_accept(candidates, probs.view(num_requests, block, vocab))
 
 
 def per_row(values: torch.Tensor, block_size: int) -> torch.Tensor:
