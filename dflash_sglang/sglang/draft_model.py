@@ -232,7 +232,8 @@ class DFlashSGLangDrafter(nn.Module):
         kv = F.linear(context, self.context_kv_weight, self.context_kv_bias)
         kv = kv.view(num_tokens, num_layers, 2, kv_heads, head_dim)
         keys = rms_norm(kv[:, :, 0], self.context_k_norm_scale[None, :, None, :], cfg.rms_norm_eps)
-        keys = neox_rope(keys.reshape(num_tokens, num_layers * kv_heads, head_dim), positions, self.rotary_emb.cos_sin_cache)
+        keys = keys.reshape(num_tokens, num_layers * kv_heads, head_dim)
+        keys = neox_rope(keys, positions, self.rotary_emb.cos_sin_cache)
         # Layer-major copies so each layer's slice is contiguous for the pool's store kernel.
         keys = keys.view(num_tokens, num_layers, kv_heads, head_dim).transpose(0, 1).contiguous()
         values = kv[:, :, 1].transpose(0, 1).contiguous()

@@ -224,7 +224,10 @@ class DFlashWorker(BaseSpecWorker):
             seq_lens_sum=plan_lens_sum,
         ):
             forward_batch = ForwardBatch.init_new(
-                batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.FULL, return_hidden_states_before_norm=False
+                batch,
+                self.model_runner,
+                capture_hidden_mode=CaptureHiddenMode.FULL,
+                return_hidden_states_before_norm=False,
             )
         return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
 

@@ -6,10 +6,11 @@
 # Each gets >= 50 greedy prompts at concurrency 1 and 16 through the OpenAI endpoint on 127.0.0.1:30000, then
 # acceptance stats through /generate and a sampling smoke test. Prints a table last: greedy mismatches vs AR,
 # tok/s, mean acceptance length; exits 0 only if our server ran, logged its worker line and matched AR
-# exactly (the builtin row is the comparison point, reported but not gating). Logs, per-contender JSON and summary.json land in $OUT (default: out/e2e-ARCH).
+# exactly (the builtin row is the comparison point, reported but not gating). Logs, per-contender JSON and
+# summary.json land in $OUT (default: out/e2e-ARCH).
 #
-#   usage: source .device/unpack.sh && bash scripts/device/e2e.sh [--arch qwen3|llama|gemma4]
-#                                                                 [--draft-backend triton|fa4] [--prompts N]
+#   usage: source .device/unpack.sh && bash scripts/device/e2e.sh
+#            [--arch qwen3|llama|gemma4] [--draft-backend triton|fa4] [--prompts N]
 #   env:   EXTRA_SERVER_ARGS="..." appended to every launch (e.g. --disable-overlap-schedule)
 # fa4 needs the FA4 site unpacked first (see the device README) and runs in bfloat16; triton runs in float32,
 # the precision the zero-mismatch bar is set in.
@@ -113,8 +114,8 @@ serve_and_bench() {
 }
 
 serve_and_bench ar "" "DFLASH_SGLANG_DISABLE=0" 3 "${COMMON[@]}"
-serve_and_bench builtin "dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2 because DFLASH_SGLANG_DISABLE=1" \
-  "DFLASH_SGLANG_DISABLE=1" 2 "${COMMON[@]}" "${SPEC[@]}"
+BUILTIN_LINE="dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2 because DFLASH_SGLANG_DISABLE=1"
+serve_and_bench builtin "$BUILTIN_LINE" "DFLASH_SGLANG_DISABLE=1" 2 "${COMMON[@]}" "${SPEC[@]}"
 serve_and_bench ours "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker" \
   "DFLASH_SGLANG_DISABLE=0" 1 "${COMMON[@]}" "${SPEC[@]}"
 
