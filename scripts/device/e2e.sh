@@ -7,7 +7,7 @@
 # acceptance stats through /generate and a sampling smoke test. Prints a table last: greedy mismatches vs AR,
 # tok/s, mean acceptance length; exits 0 only if our server ran, logged its worker line and matched AR
 # exactly (the builtin row is the comparison point, reported but not gating). Logs, per-contender JSON and
-# summary.json land in $OUT (default: out/e2e-ARCH).
+# summary.json land in $OUT/e2e-ARCH-BACKEND ($OUT defaults to out/).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/e2e.sh
 #            [--arch qwen3|llama|gemma4] [--draft-backend triton|fa4] [--prompts N]
@@ -33,7 +33,8 @@ while [ $# -gt 0 ]; do
 done
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
-OUT="${OUT:-$REPO/out/e2e-$ARCH}"
+# Under the device runner $OUT is the folder that comes back; one subfolder per pair and backend.
+OUT="${OUT:-$REPO/out}/e2e-$ARCH-$DRAFT_BACKEND"
 WORK="$(mktemp -d /tmp/dflash-e2e.XXXXXX)"
 CLIENT=(python3 "$REPO/scripts/device/e2e_client.py")
 mkdir -p "$OUT"
