@@ -40,11 +40,12 @@ TOKENIZERS = {"qwen3": QWEN3_TOKENIZER, "llama": QWEN3_TOKENIZER, "gemma4": GEMM
 
 
 def tiny_target_layer_ids(num_target_layers: int, num_features: int) -> list[int]:
-    """The published rule when it gives distinct ids; tiny targets are too shallow for it, so spread evenly."""
+    """The published rule when it gives distinct ids; tiny targets are too shallow for it, so spread evenly over
+    all but the last layer (serving engines capture layer k's output before layer k+1: the last has none)."""
     ids = build_target_layer_ids(num_target_layers, num_features)
     if len(set(ids)) == len(ids):
         return ids
-    last = num_target_layers - 1
+    last = num_target_layers - 2
     return sorted({round(i * last / max(num_features - 1, 1)) for i in range(num_features)})
 
 

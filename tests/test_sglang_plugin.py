@@ -212,6 +212,21 @@ def test_startup_refuses_a_mismatched_pair_with_every_reason(tiny_dirs):
     assert "--speculative-draft-window-size is not supported" in text
 
 
+def test_startup_refuses_the_last_target_layer_where_sglang_cannot_capture_it(tiny_dirs, tmp_path):
+    import json
+    import shutil
+
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, drafter = tiny_dirs["qwen3"]
+    shutil.copytree(drafter, tmp_path / "drafter")
+    cfg = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    cfg["dflash_config"]["target_layer_ids"] = [0, 3]
+    (tmp_path / "drafter" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DFlashConfigError, match="includes the target's last layer 3, whose output SGLang cannot capture"):
+        check_startup(startup_args(target, tmp_path / "drafter"), fake_target_runner(target))
+
+
 def test_startup_refuses_a_quantized_head(tiny_dirs):
     from dflash_sglang.sglang.worker import check_startup
 

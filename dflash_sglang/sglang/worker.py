@@ -68,7 +68,7 @@ class DFlashWorker(BaseSpecWorker):
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner)
 
         use_as_dflash_draft_model()
-        self._draft_worker = build_draft_worker(server_args, gpu_id, ps, nccl_port, self.model_runner)
+        self._draft_worker = DraftWorkerHandle(build_draft_worker(server_args, gpu_id, ps, nccl_port, self.model_runner))
         self.draft_runner = self._draft_worker.model_runner
         self.draft_model = self.draft_runner.model
 
@@ -264,6 +264,16 @@ def check_startup(server_args, target_runner) -> tuple[DFlashConfig, TargetInfo]
         errors += e.messages
     if config is not None and target is not None:
         errors += validate_pair(config, target, block)
+    if config is not None and target is not None and not target.model_type.startswith("gemma4"):
+        last = target.num_hidden_layers - 1
+        if last in config.target_layer_ids:
+            # SGLang captures layer k's output "before layer k+1"; for the last layer there is none (Gemma 4
+            # targets capture it specially).
+            errors.append(
+                f"drafter `dflash_config.target_layer_ids` {list(config.target_layer_ids)} includes the target's last "
+                f"layer {last}, whose output SGLang cannot capture for a {target.model_type} target; use ids up to "
+                f"{last - 1} (published drafters use [1, L-3])"
+            )
     if config is not None:
         ids = list(config.target_layer_ids)
         if ids != sorted(set(ids)):
@@ -316,6 +326,24 @@ def checkpoint_dir(path: str, revision: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id=path, revision=revision, allow_patterns=["*.json"])
+
+
+class DraftWorkerHandle:
+    """The draft TpModelWorker as SGLang's scheduler expects a V2 spec worker's `draft_worker` to look: it
+    reaches the draft runner as `.draft_runner` (draft KV pool lookups) and `.draft_runners` (weight updates)."""
+
+    def __init__(self, tp_worker: TpModelWorker):
+        self.tp_worker = tp_worker
+        self.draft_runner = tp_worker.model_runner
+
+    @property
+    def draft_runners(self) -> list:
+        return [self.draft_runner]
+
+    def __getattr__(self, name):
+        if name == "tp_worker":
+            raise AttributeError(name)
+        return getattr(self.tp_worker, name)
 
 
 def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runner) -> TpModelWorker:

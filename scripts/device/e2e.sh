@@ -41,6 +41,8 @@ mkdir -p "$OUT"
 rm -f "$OUT"/{ar,builtin,ours}.json "$OUT/summary.json"
 DTYPE=float32
 [ "$DRAFT_BACKEND" = fa4 ] && DTYPE=bfloat16   # FlashAttention kernels take no float32
+# sgl_kernel's fused ops are fp16/bf16 only: float32 runs use SGLang's native ops (harness plugin, all contenders)
+if [ "$DTYPE" = float32 ]; then export DFLASH_E2E_NATIVE_OPS=1; fi
 SERVER_PID=""
 
 stop_server() {
@@ -67,8 +69,13 @@ lines = []
 for group, entries in project["entry-points"].items():
     lines += [f"[{group}]"] + [f"{name} = {target}" for name, target in entries.items()] + [""]
 (info / "entry_points.txt").write_text("\n".join(lines))
+# The float32 harness plugin (scripts/device/native_ops_plugin.py), a distribution of its own.
+harness = Path(sys.argv[2]) / "dflash_e2e_harness-0.dist-info"
+harness.mkdir()
+(harness / "METADATA").write_text("Metadata-Version: 2.1\nName: dflash-e2e-harness\nVersion: 0\n")
+(harness / "entry_points.txt").write_text("[sglang.srt.plugins]\ndflash_e2e_native_ops = native_ops_plugin:register\n")
 EOF
-export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 python3 - <<'EOF'
 from importlib.metadata import entry_points
 from dflash_sglang.sglang.compat import check_sglang_version
@@ -109,7 +116,7 @@ serve_and_bench() {
   echo "== $name: serving; sending $NUM_PROMPTS prompts at concurrency 1 and 16"
   timeout $(( left - (SECONDS - start) )) "${CLIENT[@]}" bench --port "$PORT" --name "$name" --out "$OUT/$name.json" \
     --num-prompts "$NUM_PROMPTS" --max-tokens "$MAX_TOKENS" --concurrency 1 16 \
-    ${expect:+--log "$log" --expect "$expect"} \
+    ${expect:+--log "$log" --expect "$expect"} $([ "$name" = ar ] && echo --logprobs) \
     || { echo "== $name: benchmark failed; last lines of its log:"; tail -n 30 "$log"; }
   stop_server
 }
