@@ -1,0 +1,272 @@
+// Torch ops `torch.ops.dflash_sglang.*`: check every tensor (device, dtype, shape, contiguity), then fill a
+// params struct and launch on the current stream. Outputs are passed in and written in full; nothing here reads
+// device memory or synchronizes, so the ops are CUDA-graph capturable.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <string>
+#include <tuple>
+
+#include "dflash_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+std::string shape_string(std::initializer_list<int64_t> shape) {
+  std::string s = "[";
+  for (int64_t d : shape) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
+  return s + "]";
+}
+
+// One declarative check per tensor: CUDA on `device`, exact dtype and shape, contiguous.
+void expect(const Tensor& t, const char* name, const c10::Device& device, at::ScalarType dtype,
+            std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", shape_string(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void build_tree(const Tensor& root_tokens, const Tensor& topk_logprobs, const Tensor& topk_ids,
+                const Tensor& start_positions, int64_t budget, const Tensor& tokens, const Tensor& parents,
+                const Tensor& depths, const Tensor& positions, const Tensor& first_child, const Tensor& next_sibling,
+                const Tensor& ancestor_mask) {
+  TORCH_CHECK(topk_logprobs.dim() == 3, "topk_logprobs must be [bs, depth, topk]");
+  const auto device = topk_logprobs.device();
+  TORCH_CHECK(device.is_cuda(), "topk_logprobs must be a CUDA tensor");
+  const int64_t bs = topk_logprobs.size(0), depth = topk_logprobs.size(1), topk = topk_logprobs.size(2);
+  TORCH_CHECK(depth >= 1 && depth <= dflash::kMaxTreeDepth, "depth must be in [1, ", dflash::kMaxTreeDepth, "]");
+  TORCH_CHECK(topk >= 1 && topk <= dflash::kMaxTreeTopk, "topk must be in [1, ", dflash::kMaxTreeTopk, "]");
+  TORCH_CHECK(depth * topk <= dflash::kMaxTopkTable, "depth * topk must be <= ", dflash::kMaxTopkTable);
+  TORCH_CHECK(budget >= 0 && budget <= dflash::kMaxTreeBudget, "budget must be in [0, ", dflash::kMaxTreeBudget,
+              "] (clamp it to the number of distinct prefixes first)");
+  const int64_t n = budget + 1;
+  expect(topk_logprobs, "topk_logprobs", device, at::kFloat, {bs, depth, topk});
+  expect(topk_ids, "topk_ids", device, at::kLong, {bs, depth, topk});
+  expect(root_tokens, "root_tokens", device, at::kLong, {bs});
+  expect(start_positions, "start_positions", device, at::kLong, {bs});
+  expect(tokens, "tokens", device, at::kLong, {bs, n});
+  expect(parents, "parents", device, at::kInt, {bs, n});
+  expect(depths, "depths", device, at::kInt, {bs, n});
+  expect(positions, "positions", device, at::kLong, {bs, n});
+  expect(first_child, "first_child", device, at::kInt, {bs, n});
+  expect(next_sibling, "next_sibling", device, at::kInt, {bs, n});
+  expect(ancestor_mask, "ancestor_mask", device, at::kBool, {bs, n, n});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::BuildTreeParams p{};
+  p.root_tokens = root_tokens.data_ptr<int64_t>();
+  p.topk_logprobs = topk_logprobs.data_ptr<float>();
+  p.topk_ids = topk_ids.data_ptr<int64_t>();
+  p.start_positions = start_positions.data_ptr<int64_t>();
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.parents = parents.data_ptr<int32_t>();
+  p.depths = depths.data_ptr<int32_t>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.first_child = first_child.data_ptr<int32_t>();
+  p.next_sibling = next_sibling.data_ptr<int32_t>();
+  p.ancestor_mask = ancestor_mask.data_ptr<bool>();
+  p.bs = int(bs);
+  p.depth = int(depth);
+  p.topk = int(topk);
+  p.budget = int(budget);
+  C10_CUDA_CHECK(dflash::launch_build_tree(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+// Shared checks of the tree and output tensors of both verifiers; returns (bs, n, max_depth).
+std::tuple<int64_t, int64_t, int64_t> check_verify_tree(const Tensor& tokens, const Tensor& first_child,
+                                                        const Tensor& next_sibling, const Tensor& path,
+                                                        const Tensor& accept_len, const Tensor& bonus,
+                                                        const Tensor& emitted) {
+  TORCH_CHECK(tokens.dim() == 2 && path.dim() == 2, "tokens must be [bs, n] and path [bs, max_depth + 1]");
+  const auto device = tokens.device();
+  TORCH_CHECK(device.is_cuda(), "tokens must be a CUDA tensor");
+  const int64_t bs = tokens.size(0), n = tokens.size(1), width = path.size(1);
+  TORCH_CHECK(n >= 1 && n <= dflash::kMaxVerifyNodes, "number of tree nodes must be in [1, ",
+              dflash::kMaxVerifyNodes, "]");
+  TORCH_CHECK(width >= 1 && width <= dflash::kMaxVerifyNodes, "path must have max_depth + 1 in [1, ",
+              dflash::kMaxVerifyNodes, "] columns");
+  expect(tokens, "tokens", device, at::kLong, {bs, n});
+  expect(first_child, "first_child", device, at::kInt, {bs, n});
+  expect(next_sibling, "next_sibling", device, at::kInt, {bs, n});
+  expect(path, "path", device, at::kInt, {bs, width});
+  expect(accept_len, "accept_len", device, at::kInt, {bs});
+  expect(bonus, "bonus", device, at::kLong, {bs});
+  expect(emitted, "emitted", device, at::kLong, {bs, width});
+  return {bs, n, width - 1};
+}
+
+void verify_tree_greedy(const Tensor& tokens, const Tensor& first_child, const Tensor& next_sibling,
+                        const Tensor& target_predict, const Tensor& path, const Tensor& accept_len,
+                        const Tensor& bonus, const Tensor& emitted) {
+  const auto [bs, n, max_depth] =
+      check_verify_tree(tokens, first_child, next_sibling, path, accept_len, bonus, emitted);
+  expect(target_predict, "target_predict", tokens.device(), at::kLong, {bs, n});
+
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  dflash::VerifyGreedyParams p{};
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.first_child = first_child.data_ptr<int32_t>();
+  p.next_sibling = next_sibling.data_ptr<int32_t>();
+  p.target_predict = target_predict.data_ptr<int64_t>();
+  p.path = path.data_ptr<int32_t>();
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.bonus = bonus.data_ptr<int64_t>();
+  p.emitted = emitted.data_ptr<int64_t>();
+  p.bs = int(bs);
+  p.num_nodes = int(n);
+  p.max_depth = int(max_depth);
+  C10_CUDA_CHECK(dflash::launch_verify_greedy(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void verify_tree_sampling(const Tensor& tokens, const Tensor& first_child, const Tensor& next_sibling,
+                          const Tensor& target_probs, const Tensor& coins, const Tensor& race, const Tensor& path,
+                          const Tensor& accept_len, const Tensor& bonus, const Tensor& emitted) {
+  const auto [bs, n, max_depth] =
+      check_verify_tree(tokens, first_child, next_sibling, path, accept_len, bonus, emitted);
+  const auto device = tokens.device();
+  TORCH_CHECK(target_probs.dim() == 3, "target_probs must be [bs, n, V]");
+  const int64_t vocab = target_probs.size(2);
+  TORCH_CHECK(vocab >= 1 && vocab <= int64_t(UINT32_MAX), "vocabulary size must be in [1, 2^32)");
+  expect(target_probs, "target_probs", device, at::kFloat, {bs, n, vocab});
+  expect(coins, "coins", device, at::kFloat, {bs, n});
+  expect(race, "race", device, at::kFloat, {bs, vocab});
+  if (vocab % 4 == 0) {
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(target_probs.data_ptr()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(race.data_ptr()) % 16 == 0,
+                "target_probs and race must be 16-byte aligned");
+  }
+
+  const c10::cuda::CUDAGuard guard(device);
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()));
+  // Enough CTAs to fill the GPU about twice, but at least 8 float4 loads per thread.
+  constexpr int64_t kMinChunk = 256 * 4 * 8;
+  const int64_t wanted_chunks = std::max<int64_t>(1, (2 * int64_t(num_sms) + bs - 1) / std::max<int64_t>(bs, 1));
+  const int64_t max_chunks = std::max<int64_t>(1, (vocab + kMinChunk - 1) / kMinChunk);
+  const int64_t num_chunks = std::min(wanted_chunks, max_chunks);
+  const int64_t chunk = ((vocab + num_chunks - 1) / num_chunks + 3) / 4 * 4;
+
+  // Workspace words: per request the race key (u64) and the arrival count (u32), zeroed by one memset.
+  const Tensor workspace = at::zeros({3 * bs}, tokens.options().dtype(at::kInt));
+  dflash::VerifySamplingParams p{};
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.first_child = first_child.data_ptr<int32_t>();
+  p.next_sibling = next_sibling.data_ptr<int32_t>();
+  p.target_probs = target_probs.data_ptr<float>();
+  p.coins = coins.data_ptr<float>();
+  p.race = race.data_ptr<float>();
+  p.path = path.data_ptr<int32_t>();
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.bonus = bonus.data_ptr<int64_t>();
+  p.emitted = emitted.data_ptr<int64_t>();
+  p.best_keys = reinterpret_cast<unsigned long long*>(workspace.data_ptr<int32_t>());
+  p.arrivals = reinterpret_cast<unsigned int*>(workspace.data_ptr<int32_t>() + 2 * bs);
+  p.bs = int(bs);
+  p.num_nodes = int(n);
+  p.max_depth = int(max_depth);
+  p.vocab = vocab;
+  p.chunk = chunk;
+  p.num_chunks = int((vocab + chunk - 1) / chunk);
+  C10_CUDA_CHECK(dflash::launch_verify_sampling(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void commit_accepted(const Tensor& req_to_token, const Tensor& req_pool_indices, const Tensor& seq_lens,
+                     const Tensor& path, const Tensor& accept_len, const Tensor& freed_slots,
+                     const Tensor& new_seq_lens) {
+  TORCH_CHECK(req_to_token.dim() == 2 && path.dim() == 2 && freed_slots.dim() == 2,
+              "req_to_token must be [R, max_len], path [bs, max_depth + 1], freed_slots [bs, n - 1]");
+  const auto device = req_to_token.device();
+  TORCH_CHECK(device.is_cuda(), "req_to_token must be a CUDA tensor");
+  const int64_t bs = path.size(0), width = path.size(1), n = freed_slots.size(1) + 1;
+  TORCH_CHECK(n <= dflash::kMaxVerifyNodes && width <= dflash::kMaxVerifyNodes,
+              "number of tree nodes and max_depth + 1 must be <= ", dflash::kMaxVerifyNodes);
+  TORCH_CHECK(req_to_token.scalar_type() == at::kInt && req_to_token.stride(1) == 1,
+              "req_to_token must be int32 with contiguous rows");
+  TORCH_CHECK(req_to_token.device() == device, "req_to_token device mismatch");
+  expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
+  expect(seq_lens, "seq_lens", device, at::kLong, {bs});
+  expect(path, "path", device, at::kInt, {bs, width});
+  expect(accept_len, "accept_len", device, at::kInt, {bs});
+  expect(freed_slots, "freed_slots", device, at::kInt, {bs, n - 1});
+  expect(new_seq_lens, "new_seq_lens", device, at::kLong, {bs});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::CommitParams p{};
+  p.req_to_token = req_to_token.data_ptr<int32_t>();
+  p.row_stride = req_to_token.stride(0);
+  p.req_pool_indices = req_pool_indices.data_ptr<int64_t>();
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.path = path.data_ptr<int32_t>();
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.freed_slots = freed_slots.data_ptr<int32_t>();
+  p.new_seq_lens = new_seq_lens.data_ptr<int64_t>();
+  p.bs = int(bs);
+  p.num_nodes = int(n);
+  p.max_depth = int(width - 1);
+  C10_CUDA_CHECK(dflash::launch_commit(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void gather_accepted_hidden(const Tensor& hidden, const Tensor& path, const Tensor& accept_len, const Tensor& out) {
+  TORCH_CHECK(hidden.dim() == 2 && out.dim() == 3, "hidden must be [bs * n, F] and out [bs, max_depth + 1, F]");
+  const auto device = hidden.device();
+  TORCH_CHECK(device.is_cuda(), "hidden must be a CUDA tensor");
+  const int64_t bs = out.size(0), width = out.size(1), features = out.size(2);
+  TORCH_CHECK(hidden.size(1) == features, "hidden and out must have the same feature size");
+  TORCH_CHECK(width <= dflash::kMaxVerifyNodes, "max_depth + 1 must be <= ", dflash::kMaxVerifyNodes);
+  TORCH_CHECK(bs > 0 ? hidden.size(0) % bs == 0 : hidden.size(0) == 0, "hidden must have bs * n rows");
+  TORCH_CHECK(hidden.stride(1) == 1 || features <= 1, "hidden rows must be contiguous");
+  TORCH_CHECK(hidden.device() == device, "hidden device mismatch");
+  expect(path, "path", device, at::kInt, {bs, width});
+  expect(accept_len, "accept_len", device, at::kInt, {bs});
+  expect(out, "out", device, hidden.scalar_type(), {bs, width, features});
+
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t element = int64_t(hidden.element_size());
+  dflash::GatherRowsParams p{};
+  p.hidden = static_cast<const char*>(hidden.data_ptr());
+  p.hidden_row_stride_bytes = hidden.stride(0) * element;
+  p.path = path.data_ptr<int32_t>();
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.out = static_cast<char*>(out.data_ptr());
+  p.row_bytes = features * element;
+  p.bs = int(bs);
+  p.num_nodes = int(bs > 0 ? hidden.size(0) / bs : 0);
+  p.max_depth = int(width - 1);
+  C10_CUDA_CHECK(dflash::launch_gather_rows(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dflash_sglang, m) {
+  m.def(
+      "build_tree(Tensor root_tokens, Tensor topk_logprobs, Tensor topk_ids, Tensor start_positions, int budget, "
+      "Tensor(a!) tokens, Tensor(b!) parents, Tensor(c!) depths, Tensor(d!) positions, Tensor(e!) first_child, "
+      "Tensor(f!) next_sibling, Tensor(g!) ancestor_mask) -> ()");
+  m.def(
+      "verify_tree_greedy(Tensor tokens, Tensor first_child, Tensor next_sibling, Tensor target_predict, "
+      "Tensor(a!) path, Tensor(b!) accept_len, Tensor(c!) bonus, Tensor(d!) emitted) -> ()");
+  m.def(
+      "verify_tree_sampling(Tensor tokens, Tensor first_child, Tensor next_sibling, Tensor target_probs, "
+      "Tensor coins, Tensor race, Tensor(a!) path, Tensor(b!) accept_len, Tensor(c!) bonus, Tensor(d!) emitted) "
+      "-> ()");
+  m.def(
+      "commit_accepted(Tensor(a!) req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor path, "
+      "Tensor accept_len, Tensor(b!) freed_slots, Tensor(c!) new_seq_lens) -> ()");
+  m.def("gather_accepted_hidden(Tensor hidden, Tensor path, Tensor accept_len, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
+  m.impl("build_tree", &build_tree);
+  m.impl("verify_tree_greedy", &verify_tree_greedy);
+  m.impl("verify_tree_sampling", &verify_tree_sampling);
+  m.impl("commit_accepted", &commit_accepted);
+  m.impl("gather_accepted_hidden", &gather_accepted_hidden);
+}

@@ -1,0 +1,97 @@
+// Torch-free interface of the DFlash tree kernels: parameter structs (raw pointers, plain sizes) and launchers.
+// The bindings (dflash_binding.cpp) check every tensor, fill these structs and call the launchers on the current
+// stream. Node indices are per request: node 0 is the root, nodes [1, n) are draft tokens. "-1" pads every
+// index output. No launcher synchronizes with the host.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dflash {
+
+// Tree build keeps its heap, per-node records and ancestor bitsets in shared memory sized for this budget.
+constexpr int kMaxTreeBudget = 256;
+// Tree build stages the [depth, topk] log-prob table in shared memory; depth and topk share 10-bit heap fields.
+constexpr int kMaxTopkTable = 4096;
+constexpr int kMaxTreeDepth = 1023;
+constexpr int kMaxTreeTopk = 1023;
+// Verify and commit stage per-request node arrays in shared memory.
+constexpr int kMaxVerifyNodes = 1024;
+
+struct BuildTreeParams {
+  const int64_t* root_tokens;      // [bs]
+  const float* topk_logprobs;      // [bs, depth, topk], ranks in descending order
+  const int64_t* topk_ids;         // [bs, depth, topk]
+  const int64_t* start_positions;  // [bs] position of the root
+  int64_t* tokens;                 // [bs, n]
+  int32_t* parents;                // [bs, n], -1 for the root
+  int32_t* depths;                 // [bs, n]
+  int64_t* positions;              // [bs, n] = start + depth
+  int32_t* first_child;            // [bs, n], -1 for a leaf
+  int32_t* next_sibling;           // [bs, n], -1 for the last child (and the root)
+  bool* ancestor_mask;             // [bs, n, n]: [b, i, j] iff j is i or an ancestor of i
+  int bs, depth, topk, budget;     // n = budget + 1
+};
+
+struct VerifyGreedyParams {
+  const int64_t* tokens;          // [bs, n]
+  const int32_t* first_child;     // [bs, n]
+  const int32_t* next_sibling;    // [bs, n]
+  const int64_t* target_predict;  // [bs, n] target argmax after each node
+  int32_t* path;                  // [bs, D+1] accepted root path, root first, -1 padded
+  int32_t* accept_len;            // [bs] accepted non-root nodes
+  int64_t* bonus;                 // [bs]
+  int64_t* emitted;               // [bs, D+1] accepted draft tokens, bonus, -1 padded
+  int bs, num_nodes, max_depth;
+};
+
+struct VerifySamplingParams {
+  const int64_t* tokens;        // [bs, n]
+  const int32_t* first_child;   // [bs, n]
+  const int32_t* next_sibling;  // [bs, n]
+  const float* target_probs;    // [bs, n, V] target sampling distribution after each node (rows sum to 1)
+  const float* coins;           // [bs, n] uniform [0, 1): coins[b, c] decides child c when it is tried
+  const float* race;            // [bs, V] Exp(1) variates for the bonus race
+  int32_t* path;
+  int32_t* accept_len;
+  int64_t* bonus;
+  int64_t* emitted;
+  unsigned long long* best_keys;  // [bs] workspace, zeroed: race winner key, max-reduced across CTAs
+  unsigned int* arrivals;         // [bs] workspace, zeroed: CTAs done, so the last one writes the outputs
+  int bs, num_nodes, max_depth;
+  int64_t vocab;
+  int64_t chunk;  // vocabulary entries raced by one CTA (a multiple of 4)
+  int num_chunks;
+};
+
+struct CommitParams {
+  int32_t* req_to_token;  // [R, row_stride] slot table, rewritten in place
+  int64_t row_stride;
+  const int64_t* req_pool_indices;  // [bs]
+  const int64_t* seq_lens;          // [bs] committed lengths; verify slots sit at [seq_len, seq_len + n)
+  const int32_t* path;              // [bs, D+1]
+  const int32_t* accept_len;        // [bs]
+  int32_t* freed_slots;             // [bs, n-1] slots of rejected nodes in node order, -1 padded
+  int64_t* new_seq_lens;            // [bs] seq_len + accept_len + 1
+  int bs, num_nodes, max_depth;
+};
+
+struct GatherRowsParams {
+  const char* hidden;  // [bs * n, F] rows of row_stride_bytes
+  int64_t hidden_row_stride_bytes;
+  const int32_t* path;        // [bs, D+1]
+  const int32_t* accept_len;  // [bs]
+  char* out;                  // [bs, D+1, F] contiguous; rows past accept_len are zeroed
+  int64_t row_bytes;
+  int bs, num_nodes, max_depth;
+};
+
+cudaError_t launch_build_tree(const BuildTreeParams& params, cudaStream_t stream);
+size_t build_tree_smem_bytes(int depth, int topk, int budget);
+cudaError_t launch_verify_greedy(const VerifyGreedyParams& params, cudaStream_t stream);
+cudaError_t launch_verify_sampling(const VerifySamplingParams& params, cudaStream_t stream);
+cudaError_t launch_commit(const CommitParams& params, cudaStream_t stream);
+cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream);
+
+}  // namespace dflash
