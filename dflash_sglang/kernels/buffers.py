@@ -1,0 +1,67 @@
+"""Fixed-size, padded outputs of the tree ops, shared by the kernels and their references.
+
+One request per row; node 0 is the root (the anchor token, already emitted), nodes 1..n-1 are drafts; -1 pads
+every index or token that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TreeBuffers(NamedTuple):
+    """A batch of draft trees in the layout the verifiers walk."""
+
+    tokens: torch.Tensor  # [bs, n] int64
+    parents: torch.Tensor  # [bs, n] int32, -1 for the root
+    depths: torch.Tensor  # [bs, n] int32, 0 for the root
+    positions: torch.Tensor  # [bs, n] int64, start position + depth
+    first_child: torch.Tensor  # [bs, n] int32, lowest-index child, -1 for a leaf
+    next_sibling: torch.Tensor  # [bs, n] int32, next child of the same parent, -1 after the last (and the root)
+    ancestor_mask: torch.Tensor  # [bs, n, n] bool, [b, i, j] iff j is i or an ancestor of i
+
+
+class VerifyResult(NamedTuple):
+    path: torch.Tensor  # [bs, D+1] int32 accepted root path, root first, -1 padded
+    accept_len: torch.Tensor  # [bs] int32 accepted draft nodes
+    bonus: torch.Tensor  # [bs] int64 target token emitted after them
+    emitted: torch.Tensor  # [bs, D+1] int64 accepted draft tokens, the bonus, then -1
+
+
+class CommitResult(NamedTuple):
+    freed_slots: torch.Tensor  # [bs, n-1] int32 verify slots of rejected nodes in node order, -1 padded
+    new_seq_lens: torch.Tensor  # [bs] int64 seq_len + accept_len + 1
+
+
+def empty_tree(bs: int, n: int, device) -> TreeBuffers:
+    def ints(dtype):
+        return torch.empty((bs, n), dtype=dtype, device=device)
+
+    return TreeBuffers(ints(torch.long), ints(torch.int32), ints(torch.int32), ints(torch.long), ints(torch.int32),
+                       ints(torch.int32), torch.empty((bs, n, n), dtype=torch.bool, device=device))
+
+
+def empty_verify(bs: int, max_depth: int, device) -> VerifyResult:
+    width = max_depth + 1
+    return VerifyResult(torch.empty((bs, width), dtype=torch.int32, device=device),
+                        torch.empty(bs, dtype=torch.int32, device=device),
+                        torch.empty(bs, dtype=torch.long, device=device),
+                        torch.empty((bs, width), dtype=torch.long, device=device))
+
+
+def empty_commit(bs: int, num_nodes: int, device) -> CommitResult:
+    return CommitResult(torch.empty((bs, num_nodes - 1), dtype=torch.int32, device=device),
+                        torch.empty(bs, dtype=torch.long, device=device))
+
+
+def fill(out, result):
+    """`result` copied into the caller's buffers `out` (same structure), or `result` itself when `out` is None."""
+    if out is None:
+        return result
+    if isinstance(out, torch.Tensor):
+        return out.copy_(result)
+    for dst, src in zip(out, result, strict=True):
+        dst.copy_(src)
+    return out

@@ -1,0 +1,225 @@
+"""Pure-torch references of the kernels in `csrc/`: the specification they are tested against, and what runs where
+they cannot (no GPU, no compiler).
+
+Each reference takes the kernel's inputs, randomness included: the sampling verifier consumes explicit `coins`
+[bs, n] (uniform in [0, 1); `coins[b, c]` decides child c when it is tried, and each child is tried at most once)
+and `race` [bs, V] (Exp(1) variates; the bonus is the argmax of p / race over the residual, which samples it with
+probability proportional to p). Given the same tensors a kernel and its reference agree bit for bit; the law is
+checked against `dflash_sglang.verify.sampling_verify_tree`, which draws its own randomness.
+
+All but the tree build are batched tensor programs with a fixed number of steps: no host synchronization and
+fixed output shapes, on any device. The tree build replays Python's heapq exactly as `tree.build_tree` does: its
+node order (ties by insertion order, and the heap's order for NaN scores, which -inf log-probs of filtered
+sampling distributions produce) is defined by that heap. It runs on the host.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from dflash_sglang.kernels.buffers import CommitResult, TreeBuffers, VerifyResult
+from dflash_sglang.tree import max_tree_nodes
+
+
+def tree_num_nodes(depth: int, topk: int, budget: int) -> int:
+    """Nodes of a built tree, root included: the budget is capped by the number of distinct rank prefixes."""
+    return 1 + min(budget, max_tree_nodes(depth, topk))
+
+
+def tree_links(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """first_child, next_sibling [bs, n] int32 of parent-before-child trees whose children are in index order."""
+    bs, n = parents.shape
+    idx = torch.arange(n, device=parents.device)
+    parents = parents.long()
+    is_child = parents[:, None, :] == idx[None, :, None]  # [b, i, c]: c is a child of i
+    first_child = torch.where(is_child, idx, n).amin(dim=2)
+    same_parent = (parents[:, None, :] == parents[:, :, None]) & (idx[None, :] > idx[:, None])[None]
+    same_parent &= (idx > 0)[None, :, None]  # the root has no siblings
+    next_sibling = torch.where(same_parent, idx, n).amin(dim=2)
+    return (torch.where(first_child < n, first_child, -1).int(), torch.where(next_sibling < n, next_sibling, -1).int())
+
+
+def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """[bs, n, n] bool, [b, i, j] iff j is i or an ancestor of i; `max_depth` bounds the depth of every node."""
+    bs, n = parents.shape
+    parents = parents.long()
+    mask = torch.zeros((bs, n, n), dtype=torch.bool, device=parents.device)
+    node = torch.arange(n, device=parents.device).expand(bs, n)
+    for _ in range(max_depth + 1):
+        # Past the root the walk sits at -1, clamped to the root: marking the root again is harmless.
+        mask.scatter_(2, node.clamp(min=0)[..., None], True)
+        node = torch.where(node >= 0, parents.gather(1, node.clamp(min=0)), node)
+    return mask
+
+
+def build_draft_tree(root_tokens: torch.Tensor, topk_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+                     start_positions: torch.Tensor, budget: int) -> TreeBuffers:
+    """DDTree best-first tree from per-depth top-k log-probs/ids [bs, D, K] (ranks in descending order).
+
+    Pop the best prefix (score = sum of its log-probs), then offer its next sibling and its first child; nodes are
+    numbered in pop order. Identical to `tree.build_tree` fed the full log-probs whose top-k these are.
+    """
+    bs, depth, topk = topk_logprobs.shape
+    n = tree_num_nodes(depth, topk, budget)
+    values = topk_logprobs.float().cpu().tolist()
+    parents = [[-1] * n for _ in range(bs)]
+    depths = [[0] * n for _ in range(bs)]
+    ranks = [[0] * n for _ in range(bs)]
+    for b in range(bs):
+        vals = values[b]
+        heap = [(-vals[0][0], 0, 1, 0, 0)]  # (-score, insertion order, depth, rank, parent)
+        order = 1
+        for node in range(1, n):
+            neg_score, _, d, r, parent = heapq.heappop(heap)
+            parents[b][node], depths[b][node], ranks[b][node] = parent, d, r
+            if r + 1 < topk:
+                heapq.heappush(heap, (neg_score + vals[d - 1][r] - vals[d - 1][r + 1], order, d, r + 1, parent))
+                order += 1
+            if d < depth:
+                heapq.heappush(heap, (neg_score - vals[d][0], order, d + 1, 0, node))
+                order += 1
+    device = topk_logprobs.device
+    parents_t = torch.tensor(parents, dtype=torch.int32, device=device).reshape(bs, n)
+    depths_t = torch.tensor(depths, dtype=torch.int32, device=device).reshape(bs, n)
+    ranks_t = torch.tensor(ranks, dtype=torch.long, device=device).reshape(bs, n)
+    flat = (depths_t.long() - 1).clamp(min=0) * topk + ranks_t
+    tokens = topk_ids.long().reshape(bs, depth * topk).gather(1, flat)
+    tokens[:, 0] = root_tokens
+    first_child, next_sibling = tree_links(parents_t)
+    positions = start_positions.long()[:, None] + depths_t
+    return TreeBuffers(tokens, parents_t, depths_t, positions, first_child, next_sibling,
+                       ancestor_mask(parents_t, depth))
+
+
+def _verify_result(tokens: torch.Tensor, path: torch.Tensor, length: torch.Tensor, bonus: torch.Tensor) -> VerifyResult:
+    width = path.shape[1]
+    col = torch.arange(width, device=tokens.device)
+    drafts = tokens.gather(1, path[:, 1:].clamp(min=0))
+    emitted = torch.cat([torch.where(col[:-1] < length[:, None], drafts, -1), drafts.new_full((len(drafts), 1), -1)],
+                        dim=1)
+    emitted.scatter_(1, length[:, None], bonus[:, None])
+    return VerifyResult(path.int(), length.int(), bonus, emitted)
+
+
+class _Walk:
+    """Batched root-to-leaf walk over first_child/next_sibling lists: one candidate child per row and step."""
+
+    def __init__(self, first_child: torch.Tensor, next_sibling: torch.Tensor, max_depth: int):
+        bs, self.n = first_child.shape
+        self.max_depth = max_depth
+        self.first_child, self.next_sibling = first_child.long(), next_sibling.long()
+        device = first_child.device
+        self.rows = torch.arange(bs, device=device)
+        self.node = torch.zeros(bs, dtype=torch.long, device=device)
+        self.length = torch.zeros_like(self.node)
+        self.path = torch.full((bs, max_depth + 1), -1, dtype=torch.long, device=device)
+        self.path[:, 0] = 0
+        self.candidate = self.first_child[:, 0] if max_depth > 0 else torch.full_like(self.node, -1)
+
+    def steps(self) -> range:
+        return range(self.n - 1)  # in a tree every child is tried at most once
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows with a candidate, the candidate or 0)."""
+        active = (self.candidate > 0) & (self.candidate < self.n)
+        return active, torch.where(active, self.candidate, 0)
+
+    def advance(self, active: torch.Tensor, child: torch.Tensor, accept: torch.Tensor) -> None:
+        """Descend into accepted candidates, move rejected ones to their next sibling."""
+        self.length = self.length + accept
+        slot = self.length[:, None]
+        self.path.scatter_(1, slot, torch.where(accept, child, self.path.gather(1, slot)[:, 0])[:, None])
+        self.node = torch.where(accept, child, self.node)
+        descend = torch.where(self.length < self.max_depth, self.first_child[self.rows, child], -1)
+        self.candidate = torch.where(accept, descend, torch.where(active, self.next_sibling[self.rows, child], -1))
+
+
+def verify_tree_greedy(tokens: torch.Tensor, first_child: torch.Tensor, next_sibling: torch.Tensor,
+                       target_predict: torch.Tensor, max_depth: int) -> VerifyResult:
+    """Walk from the root while a child carries the target's argmax at the current node (first such child)."""
+    tokens = tokens.long()
+    walk = _Walk(first_child, next_sibling, max_depth)
+    for _ in walk.steps():
+        active, child = walk.current()
+        accept = active & (tokens[walk.rows, child] == target_predict[walk.rows, walk.node])
+        walk.advance(active, child, accept)
+    return _verify_result(tokens, walk.path, walk.length, target_predict[walk.rows, walk.node].long())
+
+
+def verify_tree_sampling(tokens: torch.Tensor, first_child: torch.Tensor, next_sibling: torch.Tensor,
+                         target_probs: torch.Tensor, coins: torch.Tensor, race: torch.Tensor,
+                         max_depth: int) -> VerifyResult:
+    """Multi-candidate speculative sampling of deterministic candidates, target_probs [bs, n, V] (rows normalized).
+
+    At each node try the children in order: child c with token t is accepted iff p(t) > 0 and
+    coins[c] * mass < p(t), mass = 1 - p(siblings rejected so far) (float32, in trial order); a repeated token
+    has p = 0. Without an accepted child the bonus is the race winner over p with the rejected tokens removed
+    (over p itself in the float-rounding case where nothing is left).
+    """
+    tokens = tokens.long()
+    bs, n, vocab = target_probs.shape
+    walk = _Walk(first_child, next_sibling, max_depth)
+    rows = walk.rows
+    mass = torch.ones(bs, dtype=torch.float32, device=tokens.device)
+    rejected = torch.zeros((bs, n), dtype=torch.bool, device=tokens.device)  # nodes tried and rejected here
+    for _ in walk.steps():
+        active, child = walk.current()
+        token = tokens[rows, child]
+        in_vocab = (token >= 0) & (token < vocab)
+        prob = target_probs[rows, walk.node, token.clamp(0, vocab - 1)]
+        repeated = (rejected & (tokens == token[:, None])).any(dim=1)
+        prob = torch.where(active & in_vocab & ~repeated, prob, 0.0)
+        accept = active & (prob > 0) & (coins[rows, child] * mass < prob)
+        reject = active & ~accept
+        mass = torch.where(accept, 1.0, torch.where(reject, mass - prob, mass))
+        rejected &= ~accept[:, None]
+        rejected[rows, child] |= reject
+        walk.advance(active, child, accept)
+
+    prob_row = target_probs[rows, walk.node]
+    excluded = torch.zeros_like(prob_row).scatter_add_(1, tokens.clamp(0, vocab - 1),
+                                                       (rejected & (tokens >= 0) & (tokens < vocab)).float()) > 0
+    score = torch.where(prob_row > 0, prob_row / race, 0.0)
+    kept = (prob_row > 0) & ~excluded
+    bonus = torch.where(kept.any(dim=1), torch.where(kept, score, -1.0).argmax(dim=1), score.argmax(dim=1))
+    return _verify_result(tokens, walk.path, walk.length, bonus)
+
+
+def commit_accepted(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                    path: torch.Tensor, accept_len: torch.Tensor, num_nodes: int) -> CommitResult:
+    """Point positions seq_len + i (i <= accept_len) of each request at the verify slot of path node i, in place.
+
+    Verify slots are req_to_token[r, seq_len + j] for node j. Returns the slots of the other nodes (node order,
+    -1 padded) and the new committed lengths.
+    """
+    bs, width = path.shape
+    device = req_to_token.device
+    rows = req_pool_indices.long()[:, None]
+    seq = seq_lens.long()[:, None]
+    slots = req_to_token[rows, seq + torch.arange(num_nodes, device=device)]  # [bs, n]
+    written = min(width, num_nodes)  # an accepted path never has more than n nodes
+    kept = torch.arange(written, device=device)[None, :] <= accept_len.long()[:, None]
+    write_cols = seq + torch.arange(written, device=device)
+    moved = slots.gather(1, path[:, :written].long().clamp(min=0))
+    req_to_token[rows, write_cols] = torch.where(kept, moved, req_to_token[rows, write_cols])
+
+    on_path = torch.zeros((bs, num_nodes), dtype=torch.long, device=device)
+    on_path.scatter_add_(1, path[:, :written].long().clamp(min=0), kept.long())
+    free = on_path == 0
+    # Column n-1 is a scratch target for path nodes: at most n-1 nodes are free, so ranks stay below it.
+    rank = torch.where(free, free.long().cumsum(dim=1) - 1, num_nodes - 1)
+    freed = torch.full((bs, num_nodes), -1, dtype=torch.int32, device=device)
+    freed.scatter_(1, rank, torch.where(free, slots, -1).int())
+    return CommitResult(freed[:, : num_nodes - 1], seq_lens.long() + accept_len.long() + 1)
+
+
+def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:
+    """[bs, D+1, F] verify hidden rows [bs * n, F] of the accepted path nodes; rows past accept_len are zero."""
+    bs, width = path.shape
+    num_nodes = hidden.shape[0] // bs if bs else 0
+    rows = torch.arange(bs, device=hidden.device)[:, None] * num_nodes + path.long().clamp(min=0)
+    kept = torch.arange(width, device=hidden.device)[None, :] <= accept_len.long()[:, None]
+    gathered = hidden[rows.reshape(-1)].reshape(bs, width, hidden.shape[1])
+    return torch.where(kept[..., None], gathered, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
