@@ -1,0 +1,165 @@
+"""Micro-benchmark of the tree kernels against their torch references, on one GPU.
+
+For every op and (bs, N) in {1, 8, 32, 64} x {16, 32, 64} (N draft nodes, depth 16, top-8, vocabulary 151936,
+hidden 4096 bf16): the mean time per call of the CUDA kernel launched eagerly with preallocated outputs
+(what a caller pays, launch included), of the same calls replayed from a CUDA graph (device time), and of the
+torch reference on the same device (the tree build reference runs its heap on the host). Writes
+bench_kernels.json and bench_kernels.md (summary and full table) under --out and prints the summary last.
+
+    python scripts/bench_kernels.py --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dflash_sglang.kernels import (
+    build_draft_tree,
+    commit_accepted,
+    draw_verify_randoms,
+    gather_accepted_hidden,
+    reference,
+    verify_tree_greedy,
+    verify_tree_sampling,
+)
+from dflash_sglang.kernels.buffers import empty_commit, empty_tree, empty_verify
+
+DEPTH, TOPK, VOCAB, FEATURES = 16, 8, 151_936, 4096
+BATCHES, BUDGETS = (1, 8, 32, 64), (16, 32, 64)
+
+
+def time_eager(fn, reps: int) -> float:
+    """Mean microseconds per call over `reps` back-to-back calls, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
+def time_graph(fn, calls: int = 20, replays: int = 10) -> float:
+    """Mean microseconds per call of `calls` captured calls replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def cases(bs: int, budget: int, device) -> dict[str, tuple]:
+    """Per op: (kernel call with preallocated outputs, reference call, whether the kernel call mutates inputs)."""
+    g = torch.Generator(device=device).manual_seed(bs * 100 + budget)
+    n = budget + 1
+    values, ids = torch.randn((bs, DEPTH, 4096), generator=g, device=device).log_softmax(-1).topk(TOPK, dim=-1)
+    roots = torch.randint(0, VOCAB, (bs,), generator=g, device=device)
+    start = torch.randint(0, 2048, (bs,), generator=g, device=device)
+    tree = build_draft_tree(roots, values, ids, start, budget)
+    tree_out = empty_tree(bs, n, device)
+
+    probs = (torch.randn((bs, n, VOCAB), generator=g, device=device) * 3).softmax(-1)
+    predict = probs.argmax(-1)
+    coins, race = draw_verify_randoms(bs, n, VOCAB, device, g)
+    links = (tree.tokens, tree.first_child, tree.next_sibling)
+    verify_out = empty_verify(bs, DEPTH, device)
+    sampled = verify_tree_sampling(*links, probs, coins, race, DEPTH)
+
+    pool_rows, max_len = bs + 8, 4096
+    table = torch.randperm(pool_rows * max_len, device=device).int().reshape(pool_rows, max_len)
+    rows = torch.randperm(pool_rows, device=device)[:bs]
+    seq_lens = torch.randint(0, max_len - n, (bs,), generator=g, device=device)
+    commit_out = empty_commit(bs, n, device)
+    hidden = torch.randn((bs * n, FEATURES), generator=g, device=device).bfloat16()
+    hidden_out = hidden.new_empty((bs, DEPTH + 1, FEATURES))
+    path, accept = sampled.path, sampled.accept_len
+
+    return {
+        "build_draft_tree": (lambda: build_draft_tree(roots, values, ids, start, budget, out=tree_out),
+                             lambda: reference.build_draft_tree(roots, values, ids, start, budget)),
+        "verify_tree_greedy": (lambda: verify_tree_greedy(*links, predict, DEPTH, out=verify_out),
+                               lambda: reference.verify_tree_greedy(*links, predict, DEPTH)),
+        "verify_tree_sampling": (lambda: verify_tree_sampling(*links, probs, coins, race, DEPTH, out=verify_out),
+                                 lambda: reference.verify_tree_sampling(*links, probs, coins, race, DEPTH)),
+        # Every call rewrites the same table entries again: the values drift, the work does not.
+        "commit_accepted": (lambda: commit_accepted(table, rows, seq_lens, path, accept, n, out=commit_out),
+                            lambda: reference.commit_accepted(table.clone(), rows, seq_lens, path, accept, n)),
+        "gather_accepted_hidden": (lambda: gather_accepted_hidden(hidden, path, accept, out=hidden_out),
+                                   lambda: reference.gather_accepted_hidden(hidden, path, accept)),
+    }
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| op | bs | N | kernel us | kernel (graph) us | reference us | reference / kernel |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['op']} | {r['bs']} | {r['budget']} | {r['kernel_us']:.1f} | {r['kernel_graph_us']:.1f} | "
+                     f"{r['reference_us']:.1f} | {r['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict]) -> str:
+    """One row per (op, bs): kernel microseconds and reference/kernel ratio for each N."""
+    lines = ["| op | bs | " + " | ".join(f"N={b}: kernel us (ref/kernel)" for b in BUDGETS) + " |",
+             "|---|---:|" + "---:|" * len(BUDGETS)]
+    cell = {(r["op"], r["bs"], r["budget"]): r for r in results}
+    for op in dict.fromkeys(r["op"] for r in results):
+        for bs in BATCHES:
+            row = [cell[op, bs, b] for b in BUDGETS]
+            lines.append(f"| {op} | {bs} | " + " | ".join(f"{r['kernel_us']:.1f} ({r['speedup']:.0f}x)" for r in row)
+                         + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    parser.add_argument("--reps", type=int, default=50, help="timed kernel calls per case")
+    parser.add_argument("--reference-reps", type=int, default=3, help="timed reference calls per case")
+    args = parser.parse_args()
+    os.environ.setdefault("DFLASH_KERNELS", "cuda")  # time the kernels, never a silent fallback
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results, began = [], time.perf_counter()
+    for bs in BATCHES:
+        for budget in BUDGETS:
+            for op, (kernel, ref) in cases(bs, budget, device).items():
+                kernel_us = time_eager(kernel, args.reps)
+                graph_us = time_graph(kernel)
+                reference_us = time_eager(ref, args.reference_reps)
+                results.append({"op": op, "bs": bs, "budget": budget, "kernel_us": kernel_us,
+                                "kernel_graph_us": graph_us, "reference_us": reference_us,
+                                "speedup": reference_us / kernel_us})
+            torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": DEPTH, "topk": TOPK,
+            "vocab": VOCAB, "features": FEATURES, "seconds": time.perf_counter() - began}
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    short = summary(results)
+    (args.out / "bench_kernels.md").write_text(f"{meta}\n\n{short}\n\n{markdown(results)}\n")
+    print(short)
+
+
+if __name__ == "__main__":
+    main()

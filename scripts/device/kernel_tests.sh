@@ -1,0 +1,33 @@
+#!/bin/bash
+# GPU box runner for the tree kernels: build the library, run the GPU tests, then the micro-benchmark.
+# Logs, the JUnit report and the benchmark (JSON + markdown) land in $OUT (default ./out); the benchmark's summary
+# table is printed last. Exit status: the build's if it failed, else the tests', else the benchmark's.
+# Time budget (< 6 min): build <= 2 min, tests <= 3 min, benchmark <= 1.5 min, each under its own timeout.
+#
+#   bash scripts/device/kernel_tests.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export DFLASH_KERNEL_CACHE=${DFLASH_KERNEL_CACHE:-/tmp/dflash_kernel_cache} DFLASH_KERNELS=cuda
+PY=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+
+timeout 120 $PY -m dflash_sglang.kernels build --verbose >"$OUT/build.log" 2>&1
+build=$?
+tail -n 3 "$OUT/build.log"
+if [ "$build" -ne 0 ]; then echo "kernel build failed (exit $build): see $OUT/build.log"; exit "$build"; fi
+
+timeout 180 $PY -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+  2>&1 | tee "$OUT/pytest_gpu.log"
+tests=${PIPESTATUS[0]}
+
+timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
+bench=$?
+echo "gpu tests exit $tests, benchmark exit $bench (logs in $OUT)"
+tail -n 25 "$OUT/bench.log"  # the summary table, or the benchmark's error
+[ "$tests" -ne 0 ] && exit "$tests"
+exit "$bench"
