@@ -21,6 +21,7 @@ from dflash_sglang.drafter import DFlashDrafter
 from dflash_sglang.loader import save_drafter
 
 ARCHS = ("qwen3", "llama", "gemma4")
+TARGET_HEAD_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ def make_tiny(arch: str, out: str | Path, seed: int = 0, block_size: int = 16, d
     target_dir, drafter_dir = out / "target", out / "drafter"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_target_config(arch, vocab, hidden_size, layers, sliding_window, tok))
+    with torch.no_grad():
+        # Random init gives near-flat logits (std ~0.16), where exact greedy ties are common and any rounding
+        # difference flips them; a trained LM's top-2 gaps are far wider. Scale the head to get real gaps.
+        model.get_output_embeddings().weight.mul_(TARGET_HEAD_SCALE)
     model.save_pretrained(str(target_dir))
     if real_vocab:
         install_tokenizer(tok, target_dir)
