@@ -120,11 +120,14 @@ def random_drafter_state(cfg: dict, seed: int, std: float = 0.02) -> dict[str, t
 
 
 def install_tokenizer(spec: TokenizerSpec, out: Path) -> None:
+    """The real tokenizer; for Gemma 4 also the multimodal processor config its published layout implies
+    (SGLang loads a processor for Gemma4ForConditionalGeneration targets)."""
     src = resources.files("dflash_sglang") / "data" / "tokenizers" / spec.folder
     (out / "tokenizer.json").write_bytes(lzma.decompress((src / "tokenizer.json.xz").read_bytes()))
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        with resources.as_file(src / name) as f:
-            shutil.copyfile(f, out / name)
+    for name in ("tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+        if (src / name).is_file():
+            with resources.as_file(src / name) as f:
+                shutil.copyfile(f, out / name)
 
 
 def make_tiny(arch: str, out: str | Path, seed: int = 0, block_size: int = 16, draft_layers: int = 2,

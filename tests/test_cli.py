@@ -69,3 +69,13 @@ def test_make_shape_configs_are_a_valid_pair(tmp_path, capsys, shape):
     paths = json.loads(capsys.readouterr().out)
     assert validate_pair(load_drafter_config(paths["drafter"]), TargetInfo.from_path(paths["target"])) == []
     assert (tmp_path / "target" / "tokenizer.json").is_file()
+
+
+def test_gemma4_target_loads_its_processor_as_sglang_does(tmp_path, capsys):
+    """SGLang loads AutoProcessor for the published (multimodal) Gemma 4 layout; make-tiny must satisfy it."""
+    from transformers import AutoProcessor
+
+    assert main(["make-tiny", "--arch", "gemma4", "--out", str(tmp_path), "--hidden-size", "32"]) == 0
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "target"))
+    assert type(processor).__name__ == "Gemma4Processor"
+    assert processor.tokenizer.image_token_id == 258880 and processor.tokenizer.mask_token_id == 4
