@@ -67,7 +67,10 @@ def _target_config(arch: str, vocab: int, hidden: int, layers: int, window: int,
                 sliding_window=window, final_logit_softcapping=30.0, hidden_size_per_layer_input=0,
                 vocab_size_per_layer_input=vocab, num_kv_shared_layers=0, enable_moe_block=False,
                 tie_word_embeddings=True)
-    return Gemma4Config(text_config=text, vision_config=None, audio_config=None, tie_word_embeddings=True)
+    # The published checkpoint has a vision tower and SGLang's Gemma 4 model always builds one: keep a tiny one.
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=16, position_embedding_size=1024, pooling_kernel_size=3)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True)
 
 
 def drafter_config_dict(arch: str, hidden: int, vocab: int, num_target_layers: int, draft_layers: int,

@@ -16,6 +16,7 @@ def test_make_tiny_writes_published_layouts(tmp_path, capsys):
     target = json.loads((tmp_path / "target" / "config.json").read_text())
     drafter = json.loads((tmp_path / "drafter" / "config.json").read_text())
     assert target["architectures"] == ["Gemma4ForConditionalGeneration"] and "global_head_dim" in target["text_config"]
+    assert target["vision_config"]["patch_size"] == 16, "SGLang builds the vision tower of this layout"
     assert drafter["architectures"] == ["DFlashDraftModel"] and drafter["block_size"] == 10
     assert drafter["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
     assert set(drafter["dflash_config"]) == {"mask_token_id", "target_layer_ids"}
