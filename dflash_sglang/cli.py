@@ -50,6 +50,9 @@ def check_pair_at(target: str, drafter: str, block_size: int | None = None) -> l
     except DFlashConfigError as e:
         return e.messages
     errors = validate_pair(cfg, info, block_size)
+    if errors:
+        # Weight shapes follow the config: once the config is wrong, their mismatches only repeat it.
+        return errors
     try:
         load_drafter_state_dict(drafter, cfg)
     except DFlashConfigError as e:
@@ -142,6 +145,37 @@ def cmd_demo(args) -> int:
         return run_demo(Path(tmp), max_new_tokens=args.max_new_tokens)
 
 
+def cmd_regenerate(args) -> int:
+    import torch
+
+    from dflash_sglang.regenerate import regenerate_file
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    count = regenerate_file(args.target, args.prompts, args.out, args.max_new_tokens, args.batch_size, chat=args.chat,
+                            ignore_eos=args.ignore_eos, dtype=dtype, device=device)
+    print(json.dumps({"records": count, "out": args.out}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from dflash_sglang.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        target=args.target, data=args.data, out=args.out, drafter_config=args.drafter_config,
+        num_draft_layers=args.draft_layers, num_target_features=args.target_features, block_size=args.block_size,
+        mask_token_id=args.mask_token_id, num_anchors=args.num_anchors, gamma=args.gamma, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
+        seed=args.seed, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype, save_every=args.save_every,
+        eval_every=args.eval_every, eval_prompts=args.eval_prompts, num_eval_prompts=args.num_eval_prompts,
+        eval_max_new_tokens=args.eval_max_new_tokens, resume=args.resume, stop_after=args.stop_after)
+    result = train(cfg)
+    print(json.dumps({"steps": result.steps, "loss": result.final_loss, "acceptance": result.acceptance,
+                      "seconds": round(result.seconds, 1), "out": str(result.out)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflash-sglang", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,6 +237,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="reference-engine demo on the embedded pair: tok/s and acceptance per mode")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("regenerate", help="training data: the target's own greedy answers to prompts (JSONL)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--prompts", required=True,
+                   help="JSON list of token-id lists or strings, or JSONL with `prompt_ids` or `prompt`")
+    p.add_argument("--out", required=True, help="JSONL: one {prompt_ids, output_ids} per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the target's chat template")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("train", help="train a DFlash drafter for a frozen target (docs/training.md)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--data", required=True, help="JSONL from `regenerate` ({prompt_ids, output_ids}) or "
+                   "{input_ids, loss_mask} records")
+    p.add_argument("--out", required=True, help="drafter directory (z-lab format) + checkpoint.pt + train_log.jsonl")
+    p.add_argument("--drafter-config", default=None, help="config.json to train (default: derived from the target)")
+    p.add_argument("--draft-layers", type=int, default=5)
+    p.add_argument("--target-features", type=int, default=None, help="target layers fused (default: --draft-layers)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="default: the tokenizer's mask token, else the first embedding row past the tokenizer")
+    p.add_argument("--num-anchors", type=int, default=512, help="blocks per sequence (capped by its answer tokens)")
+    p.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for B=16, 5 for 10, 4 for 8)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--max-steps", type=int, default=None, help="default: --epochs over the data")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int, default=3072)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.04)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="target weights and autocast; drafter master weights stay float32")
+    p.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between acceptance estimates (0: at the end)")
+    p.add_argument("--eval-prompts", default=None,
+                   help="JSON list of token-id lists (default: the prompts of the last records, held out)")
+    p.add_argument("--num-eval-prompts", type=int, default=8)
+    p.add_argument("--eval-max-new-tokens", type=int, default=64)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -134,151 +134,211 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise DFlashConfigError([f"{what} {path} is not valid JSON ({e}); re-download or re-export it"]) from e
 
 
-def _pick(cfg: dict, dcfg: dict, key: str, default=None, alt: str | None = None):
-    """`dflash_config` overrides top level (newer releases moved fields there)."""
-    for src in (dcfg, cfg):
-        for k in (key, alt):
-            if k is not None and src.get(k) is not None:
-                return src[k]
-    return default
+class _Fields:
+    """Typed reads of config.json fields; a wrongly typed value becomes one message, never an exception.
+
+    `dflash_config` overrides the top level for the fields newer releases moved there.
+    """
+
+    WHERE = "drafter config.json"
+
+    def __init__(self, cfg: dict, dcfg: dict, errors: list[str]):
+        self.cfg, self.dcfg, self.errors = cfg, dcfg, errors
+
+    def raw(self, key: str, moved: bool = False):
+        if moved and self.dcfg.get(key) is not None:
+            return self.dcfg[key]
+        return self.cfg.get(key)
+
+    def _name(self, key: str, moved: bool) -> str:
+        return f"dflash_config.{key}" if moved and self.dcfg.get(key) is not None else key
+
+    def integer(self, key: str, default=None, minimum: int | None = None, moved: bool = False, hint: str = ""):
+        value = self.raw(key, moved)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            bound = "" if minimum is None else f" >= {minimum}"
+            self.errors.append(f"{self.WHERE}: `{self._name(key, moved)}` must be an integer{bound}, got {value!r}{hint}")
+            return default
+        return value
+
+    def number(self, key: str, default=None, moved: bool = False, source: dict | None = None, name: str | None = None):
+        value = (source if source is not None else {}).get(key) if source is not None else self.raw(key, moved)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.errors.append(f"{self.WHERE}: `{name or self._name(key, moved)}` must be a number, got {value!r}")
+            return default
+        return float(value)
+
+    def flag(self, key: str, default=None, moved: bool = False):
+        value = self.raw(key, moved)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.errors.append(f"{self.WHERE}: `{self._name(key, moved)}` must be true or false, got {value!r}")
+            return default
+        return value
+
+    def mapping(self, key: str) -> dict:
+        value = self.cfg.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.errors.append(f"{self.WHERE}: `{key}` must be an object or null, got {value!r}")
+            return {}
+        return value
 
 
-def _parse_rope(cfg: dict, errors: list[str]) -> RopeConfig:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 1_000_000.0))
+def _parse_rope(fields: _Fields) -> RopeConfig:
+    params, scaling = fields.mapping("rope_parameters"), fields.mapping("rope_scaling")
     merged = {**params, **scaling}
+    theta = fields.number("rope_theta", None)
+    if theta is None:
+        theta = fields.number("rope_theta", 1_000_000.0, source=params, name="rope_parameters.rope_theta")
     rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        errors.append(
-            f"drafter config.json: `rope_scaling.rope_type` = {rope_type!r} is not supported; "
+        fields.errors.append(
+            f"{fields.WHERE}: `rope_scaling.rope_type` = {rope_type!r} is not supported; "
             f"use one of {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
         rope_type = "default"
+    original = merged.get("original_max_position_embeddings")
+    if original is not None and (isinstance(original, bool) or not isinstance(original, int) or original <= 0):
+        fields.errors.append(f"{fields.WHERE}: `rope_scaling.original_max_position_embeddings` must be a positive "
+                             f"integer, got {original!r}")
+        original = None
+
+    def scaling_number(key: str, default):
+        return fields.number(key, default, source=merged, name=f"rope_scaling.{key}")
+
     return RopeConfig(
-        theta=float(theta),
+        theta=theta,
         rope_type=rope_type,
-        factor=float(merged.get("factor", 1.0)),
-        original_max_position_embeddings=merged.get("original_max_position_embeddings"),
-        beta_fast=float(merged.get("beta_fast", 32.0)),
-        beta_slow=float(merged.get("beta_slow", 1.0)),
-        attention_factor=merged.get("attention_factor"),
+        factor=scaling_number("factor", 1.0),
+        original_max_position_embeddings=original,
+        beta_fast=scaling_number("beta_fast", 32.0),
+        beta_slow=scaling_number("beta_slow", 1.0),
+        attention_factor=scaling_number("attention_factor", None),
     )
+
+
+def _parse_layer_types(fields: _Fields, n_layers: int) -> list[str]:
+    layer_types = fields.cfg.get("layer_types")
+    if layer_types is None:
+        sliding = fields.flag("use_sliding_window", False)
+        return [SLIDING_ATTENTION if sliding else FULL_ATTENTION] * n_layers
+    if not isinstance(layer_types, list):
+        fields.errors.append(f"{fields.WHERE}: `layer_types` must be a list, got {layer_types!r}")
+        return [FULL_ATTENTION] * n_layers
+    if len(layer_types) != n_layers:
+        fields.errors.append(
+            f"{fields.WHERE}: `layer_types` has {len(layer_types)} entries but `num_hidden_layers` is {n_layers}; "
+            f"give one entry per draft layer"
+        )
+    unknown = sorted({repr(t) for t in layer_types if t not in (FULL_ATTENTION, SLIDING_ATTENTION)})
+    if unknown:
+        fields.errors.append(f"{fields.WHERE}: `layer_types` has unknown entries [{', '.join(unknown)}]; use "
+                             f"'full_attention' or 'sliding_attention'")
+    return [t if t in (FULL_ATTENTION, SLIDING_ATTENTION) else FULL_ATTENTION for t in layer_types]
+
+
+def _parse_target_layer_ids(fields: _Fields, num_target_layers: int | None, n_layers: int) -> list[int]:
+    where = fields.WHERE
+    ids = fields.dcfg.get("target_layer_ids", fields.cfg.get("target_layer_ids"))
+    if ids is None:
+        if num_target_layers is None:
+            fields.errors.append(f"{where}: neither `dflash_config.target_layer_ids` nor `num_target_layers` is set; "
+                                 f"add the target layer ids the drafter was trained on")
+            return []
+        return build_target_layer_ids(num_target_layers, n_layers)
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        fields.errors.append(f"{where}: `dflash_config.target_layer_ids` must be a non-empty list of integers, got {ids!r}")
+        return []
+    if len(set(ids)) != len(ids):
+        fields.errors.append(f"{where}: `dflash_config.target_layer_ids` {ids} has duplicates; each target layer once")
+    return ids
 
 
 def parse_drafter_config(cfg: dict[str, Any]) -> DFlashConfig:
     """Parse a drafter config.json dict; raises DFlashConfigError listing every problem."""
     errors: list[str] = []
-    where = "drafter config.json"
+    where = _Fields.WHERE
+    if not isinstance(cfg, dict):
+        raise DFlashConfigError([f"{where}: must be a JSON object, got {type(cfg).__name__}"])
     dcfg = cfg.get("dflash_config") or {}
     if not isinstance(dcfg, dict):
         raise DFlashConfigError([f"{where}: `dflash_config` must be an object, got {type(dcfg).__name__}"])
+    fields = _Fields(cfg, dcfg, errors)
 
     archs = cfg.get("architectures") or []
-    if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
-        errors.append(
-            f"{where}: `architectures` = {archs!r} is not a DFlash v1 drafter; this package loads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
-        )
+    arch = archs[0] if isinstance(archs, list) and archs else archs
+    if archs and arch not in SUPPORTED_ARCHITECTURES:
+        errors.append(f"{where}: `architectures` = {archs!r} is not a DFlash v1 drafter; this package loads "
+                      f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
 
-    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    for key in required:
-        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            errors.append(f"{where}: `{key}` must be a positive integer (got {cfg.get(key)!r}); copy it from the checkpoint's config")
-    if errors and any(f"`{k}`" in e for e in errors for k in required):
+    fix = "; copy it from the checkpoint's config"
+    hidden = fields.integer("hidden_size", minimum=1, hint=fix)
+    intermediate = fields.integer("intermediate_size", minimum=1, hint=fix)
+    n_layers = fields.integer("num_hidden_layers", minimum=1, hint=fix)
+    n_heads = fields.integer("num_attention_heads", minimum=1, hint=fix)
+    for key, value in (("hidden_size", hidden), ("intermediate_size", intermediate), ("num_hidden_layers", n_layers),
+                       ("num_attention_heads", n_heads)):
+        if value is None and cfg.get(key) is None:
+            errors.append(f"{where}: `{key}` is missing{fix}")
+    if None in (hidden, intermediate, n_layers, n_heads):
         raise DFlashConfigError(errors)
 
-    hidden = cfg["hidden_size"]
-    n_layers = cfg["num_hidden_layers"]
-    n_heads = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or hidden // n_heads
+    n_kv = fields.integer("num_key_value_heads", n_heads, minimum=1)
+    head_dim = fields.integer("head_dim", hidden // n_heads, minimum=1)
     if n_heads % n_kv:
         errors.append(f"{where}: `num_attention_heads` ({n_heads}) must be a multiple of `num_key_value_heads` ({n_kv})")
-
     act = cfg.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         errors.append(f"{where}: `hidden_act` = {act!r} is not supported; DFlash v1 drafters use 'silu'")
 
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:
-        layer_types = [SLIDING_ATTENTION if cfg.get("use_sliding_window") else FULL_ATTENTION] * n_layers
-    if len(layer_types) != n_layers:
-        errors.append(
-            f"{where}: `layer_types` has {len(layer_types)} entries but `num_hidden_layers` is {n_layers}; "
-            f"give one entry per draft layer"
-        )
-    bad_types = sorted({t for t in layer_types if t not in (FULL_ATTENTION, SLIDING_ATTENTION)})
-    if bad_types:
-        errors.append(f"{where}: `layer_types` has unknown entries {bad_types}; use 'full_attention' or 'sliding_attention'")
+    layer_types = _parse_layer_types(fields, n_layers)
     sliding_window = cfg.get("sliding_window")
-    if SLIDING_ATTENTION in layer_types and not (isinstance(sliding_window, int) and sliding_window > 0):
+    if SLIDING_ATTENTION in layer_types and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                             or sliding_window <= 0):
         errors.append(f"{where}: sliding_attention layers need a positive `sliding_window` (got {sliding_window!r})")
-
-    block_size = _pick(cfg, dcfg, "block_size", 16)
-    if not isinstance(block_size, int) or block_size < 2:
+    block_size = fields.integer("block_size", 16, moved=True)
+    if block_size is not None and block_size < 2:
         errors.append(f"{where}: `block_size` must be an integer >= 2 (anchor + at least one draft), got {block_size!r}")
-
-    num_target_layers = _pick(cfg, dcfg, "num_target_layers")
-    ids = dcfg.get("target_layer_ids", cfg.get("target_layer_ids"))
-    if ids is None:
-        if num_target_layers is None:
-            errors.append(
-                f"{where}: neither `dflash_config.target_layer_ids` nor `num_target_layers` is set; "
-                f"add the target layer ids the drafter was trained on"
-            )
-            ids = []
-        else:
-            ids = build_target_layer_ids(int(num_target_layers), n_layers)
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids) or not ids:
-        errors.append(f"{where}: `dflash_config.target_layer_ids` must be a non-empty list of integers, got {ids!r}")
-        ids = []
-    elif len(set(ids)) != len(ids):
-        errors.append(f"{where}: `dflash_config.target_layer_ids` {list(ids)} has duplicates; each target layer once")
+    num_target_layers = fields.integer("num_target_layers", None, minimum=1, moved=True)
+    ids = _parse_target_layer_ids(fields, num_target_layers, n_layers)
 
     mask_token_id = dcfg.get("mask_token_id", cfg.get("mask_token_id"))
-    mask_token = dcfg.get("mask_token", cfg.get("mask_token"))
     if mask_token_id is None:
-        errors.append(
-            f"{where}: `dflash_config.mask_token_id` is missing; set it to the id of an unused row of the "
-            f"target's embedding table (the token the drafter was trained with, e.g. 151669 for Qwen3)"
-        )
-    elif not isinstance(mask_token_id, int) or mask_token_id < 0:
+        errors.append(f"{where}: `dflash_config.mask_token_id` is missing; set it to the id of an unused row of the "
+                      f"target's embedding table (the token the drafter was trained with, e.g. 151669 for Qwen3)")
+    elif isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
         errors.append(f"{where}: `dflash_config.mask_token_id` must be a non-negative integer, got {mask_token_id!r}")
+    mask_token = dcfg.get("mask_token", cfg.get("mask_token"))
 
-    causal = cfg.get("is_causal")
+    causal = fields.flag("is_causal", None)
     if dcfg.get("causal") is not None:
-        causal = dcfg["causal"]
-    softcap = _pick(cfg, dcfg, "final_logit_softcapping")
-
-    rope = _parse_rope(cfg, errors)
+        causal = fields.flag("causal", None, moved=True)
+    vocab_size = fields.integer("vocab_size", None, minimum=1)
+    values = dict(
+        rms_norm_eps=fields.number("rms_norm_eps", 1e-6),
+        max_position_embeddings=fields.integer("max_position_embeddings", 32768, minimum=1),
+        attention_bias=fields.flag("attention_bias", False),
+        final_logit_softcapping=fields.number("final_logit_softcapping", None, moved=True),
+        input_embedding_scale=fields.number("input_embedding_scale", 1.0, moved=True),
+        output_multiplier=fields.number("output_multiplier", 1.0, moved=True),
+        use_gemma_norm=fields.flag("use_gemma_norm", False, moved=True),
+    )
+    rope = _parse_rope(fields)
     if errors:
         raise DFlashConfigError(errors)
     return DFlashConfig(
-        hidden_size=hidden,
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        vocab_size=cfg.get("vocab_size"),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        layer_types=tuple(layer_types),
-        sliding_window=sliding_window if SLIDING_ATTENTION in layer_types else None,
-        block_size=block_size,
-        num_target_layers=None if num_target_layers is None else int(num_target_layers),
-        target_layer_ids=tuple(ids),
-        mask_token_id=mask_token_id,
-        mask_token=mask_token,
-        causal=None if causal is None else bool(causal),
-        final_logit_softcapping=None if softcap is None else float(softcap),
-        input_embedding_scale=float(_pick(cfg, dcfg, "input_embedding_scale", 1.0)),
-        output_multiplier=float(_pick(cfg, dcfg, "output_multiplier", 1.0)),
-        use_gemma_norm=bool(_pick(cfg, dcfg, "use_gemma_norm", False)),
-        rope=rope,
-        raw=cfg,
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+        num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab_size, layer_types=tuple(layer_types),
+        sliding_window=sliding_window if SLIDING_ATTENTION in layer_types else None, block_size=block_size,
+        num_target_layers=num_target_layers, target_layer_ids=tuple(ids), mask_token_id=mask_token_id,
+        mask_token=mask_token if isinstance(mask_token, str) else None, causal=causal, rope=rope, raw=cfg, **values,
     )
 
 

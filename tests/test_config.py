@@ -104,7 +104,10 @@ BAD_CONFIGS = {
     "architecture": (dict(architectures=["DFlash2DraftModel"]), "is not a DFlash v1 drafter"),
     "rope type": (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "`rope_scaling.rope_type` = 'dynamic'"),
     "gqa": (dict(num_key_value_heads=5), "must be a multiple of `num_key_value_heads`"),
-    "missing hidden size": (dict(hidden_size=None), "`hidden_size` must be a positive integer"),
+    "missing hidden size": (dict(hidden_size=None), "`hidden_size` is missing"),
+    "hidden size as text": (dict(hidden_size="4096"), "`hidden_size` must be an integer >= 1, got '4096'"),
+    "epsilon as text": (dict(rms_norm_eps="1e-6"), "`rms_norm_eps` must be a number, got '1e-6'"),
+    "rope_scaling not an object": (dict(rope_scaling=True), "`rope_scaling` must be an object or null, got True"),
 }
 
 
