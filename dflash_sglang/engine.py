@@ -28,6 +28,7 @@ from dflash_sglang.verify import (SamplingParams, greedy_verify, sample, samplin
                                   sampling_verify_tree)
 
 MODES = ("ar", "chain", "tree")
+LOGPROB_FLOOR = -1e4
 
 
 @dataclass
@@ -179,7 +180,8 @@ class DFlashEngine:
                 return chain_tree(state.anchor, logits.argmax(-1)), None
             q = sampling_probs(logits, params)
             return chain_tree(state.anchor, sample(q, generator)), q
-        scores = logits.log_softmax(-1) if params.greedy else sampling_probs(logits, params).log()
+        # Filtered tokens have probability 0; a finite floor keeps tree scores ordered (-inf - -inf is NaN).
+        scores = logits.log_softmax(-1) if params.greedy else sampling_probs(logits, params).log().clamp(min=LOGPROB_FLOOR)
         return build_tree(state.anchor, scores, budget, topk), None
 
     def _spec_step(self, state: _State, mode, params, block, budget, topk, generator) -> None:

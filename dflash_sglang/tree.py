@@ -50,11 +50,29 @@ def max_tree_nodes(depth: int, topk: int) -> int:
     return sum(topk ** d for d in range(1, depth + 1))
 
 
-def build_tree(root_tokens: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, topk: int) -> DraftTree:
-    """root_tokens [bs]; draft_logprobs [bs, D, V] for depths 1..D -> a tree of budget non-root nodes.
+def best_first_nodes(values: list[list[float]], budget: int) -> list[tuple[int, int, int]]:
+    """(parent, depth, rank) of nodes 1..budget of one request, in pop order.
 
-    Ties in score resolve by insertion order, so the result is deterministic.
+    `values[d][r]` is the log-prob of rank r at depth d+1 (ranks descending). Ties in score resolve by insertion
+    order, so the result is deterministic (the CUDA kernel replays exactly this heap).
     """
+    depth, topk = len(values), len(values[0])
+    heap = [(-values[0][0], 0, 1, 0, 0)]  # (-score, insertion order, depth (1-based), rank, parent node)
+    order, nodes = 1, []
+    for node in range(1, budget + 1):
+        neg_score, _, d, r, parent = heapq.heappop(heap)
+        nodes.append((parent, d, r))
+        if r + 1 < topk:
+            heapq.heappush(heap, (neg_score + values[d - 1][r] - values[d - 1][r + 1], order, d, r + 1, parent))
+            order += 1
+        if d < depth:
+            heapq.heappush(heap, (neg_score - values[d][0], order, d + 1, 0, node))
+            order += 1
+    return nodes
+
+
+def build_tree(root_tokens: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, topk: int) -> DraftTree:
+    """root_tokens [bs]; draft_logprobs [bs, D, V] for depths 1..D -> a tree of budget non-root nodes."""
     bs, depth, _ = draft_logprobs.shape
     budget = min(budget, max_tree_nodes(depth, topk))
     values, ranks = draft_logprobs.float().topk(topk, dim=-1)
@@ -66,19 +84,8 @@ def build_tree(root_tokens: torch.Tensor, draft_logprobs: torch.Tensor, budget: 
     parents[:, 0] = -1
     depths[:, 0] = 0
     for b in range(bs):
-        vals, idx = values[b], ranks[b]
-        # heap entries: (-score, order, depth (1-based), rank, parent node)
-        heap = [(-vals[0][0], 0, 1, 0, 0)]
-        order = 1
-        for node in range(1, budget + 1):
-            neg_score, _, d, r, parent = heapq.heappop(heap)
-            tokens[b, node], parents[b, node], depths[b, node] = idx[d - 1][r], parent, d
-            if r + 1 < topk:
-                heapq.heappush(heap, (neg_score + vals[d - 1][r] - vals[d - 1][r + 1], order, d, r + 1, parent))
-                order += 1
-            if d < depth:
-                heapq.heappush(heap, (neg_score - vals[d][0], order, d + 1, 0, node))
-                order += 1
+        for node, (parent, d, r) in enumerate(best_first_nodes(values[b], budget), start=1):
+            tokens[b, node], parents[b, node], depths[b, node] = ranks[b][d - 1][r], parent, d
     dev = draft_logprobs.device
     return DraftTree(tokens.to(dev), parents.to(dev), depths.to(dev))
 

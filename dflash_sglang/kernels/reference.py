@@ -15,12 +15,10 @@ sampling distributions produce) is defined by that heap. It runs on the host.
 
 from __future__ import annotations
 
-import heapq
-
 import torch
 
 from dflash_sglang.kernels.buffers import CommitResult, TreeBuffers, VerifyResult
-from dflash_sglang.tree import max_tree_nodes
+from dflash_sglang.tree import best_first_nodes, max_tree_nodes
 
 
 def tree_num_nodes(depth: int, topk: int, budget: int) -> int:
@@ -68,18 +66,8 @@ def build_draft_tree(root_tokens: torch.Tensor, topk_logprobs: torch.Tensor, top
     depths = [[0] * n for _ in range(bs)]
     ranks = [[0] * n for _ in range(bs)]
     for b in range(bs):
-        vals = values[b]
-        heap = [(-vals[0][0], 0, 1, 0, 0)]  # (-score, insertion order, depth, rank, parent)
-        order = 1
-        for node in range(1, n):
-            neg_score, _, d, r, parent = heapq.heappop(heap)
+        for node, (parent, d, r) in enumerate(best_first_nodes(values[b], n - 1), start=1):
             parents[b][node], depths[b][node], ranks[b][node] = parent, d, r
-            if r + 1 < topk:
-                heapq.heappush(heap, (neg_score + vals[d - 1][r] - vals[d - 1][r + 1], order, d, r + 1, parent))
-                order += 1
-            if d < depth:
-                heapq.heappush(heap, (neg_score - vals[d][0], order, d + 1, 0, node))
-                order += 1
     device = topk_logprobs.device
     parents_t = torch.tensor(parents, dtype=torch.int32, device=device).reshape(bs, n)
     depths_t = torch.tensor(depths, dtype=torch.int32, device=device).reshape(bs, n)
