@@ -1,0 +1,559 @@
+"""DFlash drafter training: frozen target, online target features, random anchor blocks packed per sequence.
+
+One optimizer micro-step on a batch of sequences:
+1. the frozen target runs once over each (padded) sequence; the hooks of `TargetModel` capture the features of
+   `target_layer_ids` for every token (computed online, never cached);
+2. per sequence, up to `num_anchors` anchor positions `a` are drawn among the answer tokens (fresh every time a
+   sequence is seen); each gives a block `[x_a, MASK x (B-1)]` at positions `a .. a+B-1`;
+3. all blocks of a sequence go through the drafter in ONE forward: queries = every block row, keys = the context
+   rows of all tokens (visible iff key position < anchor, windowed on sliding layers) + the query's own block
+   (bidirectional on full layers, causal on sliding ones unless configured), nothing of other blocks. The layer
+   modules are the reference drafter's, so training computes exactly what inference runs;
+4. block row k (1..B-1) predicts x_{a+k}: cross-entropy weighted by exp(-(k-1)/gamma) (early rows matter most:
+   a draft is only useful up to its first miss), normalized by the weight sum; rows past the sequence end or
+   outside the loss mask weigh 0.
+The target's embedding and LM head are the drafter's too, frozen. Trained: `fc`, `hidden_norm`, the draft
+layers, `norm`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, check_pair, default_softcap,
+                                  parse_drafter_config)
+from dflash_sglang.drafter import DFlashDrafter
+from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.loader import save_drafter
+from dflash_sglang.target import TargetModel
+from dflash_sglang.tiny import tiny_target_layer_ids
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Decay constants for B = 16 / 10 / 8 as used by published DFlash recipes; other block sizes use the line
+# through the B=8 and B=16 values, so the weight of the last rows relative to the first stays comparable.
+KNOWN_GAMMAS = {16: 7.0, 10: 5.0, 8: 4.0}
+
+
+def default_gamma(block_size: int) -> float:
+    return KNOWN_GAMMAS.get(block_size, 1.0 + 3.0 * block_size / 8.0)
+
+
+@dataclass
+class TrainConfig:
+    target: str
+    data: str
+    out: str
+    drafter_config: str | None = None  # config.json whose architecture to train; default: derived from the target
+    num_draft_layers: int = 5
+    num_target_features: int | None = None  # default: num_draft_layers
+    block_size: int = 16
+    mask_token_id: int | None = None  # default: the tokenizer's mask token, else the first unused embedding row
+    num_anchors: int = 512
+    gamma: float | None = None  # default: default_gamma(block_size)
+    epochs: int = 6
+    max_steps: int | None = None  # default: epochs over the data
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    max_seq_len: int = 3072
+    lr: float = 6e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.04
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # target weights and autocast dtype; drafter master weights stay float32
+    save_dtype: str = "bfloat16"
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    eval_every: int = 0  # steps between acceptance estimates; 0: only at the end
+    eval_prompts: str | None = None  # JSON list of token-id lists; default: prompts of the last records, held out
+    num_eval_prompts: int = 8
+    eval_max_new_tokens: int = 64
+    loss_chunk_rows: int = 8192  # rows of logits materialized at once in the loss
+    resume: bool = False
+    stop_after: int | None = None  # leave after this step (checkpoint written), e.g. for preemptible jobs
+    progress: bool = True
+
+
+@dataclass
+class Sequence:
+    ids: torch.Tensor  # [S] int32 (compact: datasets of many long sequences stay in memory)
+    loss_mask: torch.Tensor  # [S] bool
+
+    @property
+    def prompt(self) -> list[int]:
+        """Tokens before the first answer token (what the target was asked)."""
+        answer = self.loss_mask.nonzero()
+        first = int(answer[0]) if len(answer) else len(self.ids)
+        return self.ids[:first].tolist()
+
+
+def load_sequences(path: str | Path, max_seq_len: int) -> list[Sequence]:
+    """JSONL records: `{"prompt_ids", "output_ids"}` (what `regenerate` writes; loss on the output) or
+    `{"input_ids", "loss_mask"}` (multi-turn data: loss where the mask is 1). Truncated to `max_seq_len`."""
+    sequences = []
+    for n, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "output_ids" in row:
+            ids = list(row["prompt_ids"]) + list(row["output_ids"])
+            mask = [False] * len(row["prompt_ids"]) + [True] * len(row["output_ids"])
+        elif "input_ids" in row and "loss_mask" in row:
+            ids, mask = list(row["input_ids"]), [bool(m) for m in row["loss_mask"]]
+        else:
+            raise ValueError(f"{path}:{n + 1}: a record needs `prompt_ids` + `output_ids` or `input_ids` + `loss_mask`")
+        if len(ids) != len(mask):
+            raise ValueError(f"{path}:{n + 1}: `loss_mask` has {len(mask)} entries for {len(ids)} tokens")
+        sequences.append(Sequence(torch.tensor(ids[:max_seq_len], dtype=torch.int32),
+                                  torch.tensor(mask[:max_seq_len], dtype=torch.bool)))
+    if not sequences:
+        raise ValueError(f"{path} has no training records")
+    return sequences
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Anchors, masks, targets
+
+
+def valid_anchor_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[bs, S] bool: positions that can anchor a block — an answer token followed by an answer token (the anchor
+    is always a generated token at inference, and the block must have at least one target)."""
+    following = torch.zeros_like(loss_mask)
+    following[:, :-1] = loss_mask[:, 1:]
+    return loss_mask & following
+
+
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `num_anchors` distinct anchors per row, uniform over the valid ones, sorted.
+
+    Returns anchors [bs, N] and anchor_valid [bs, N]; N = the largest count any row got (rows with fewer valid
+    positions are padded with anchor 0, invalid).
+    """
+    candidates = valid_anchor_mask(loss_mask)
+    picked = []
+    for row in candidates.cpu():
+        positions = row.nonzero().flatten()
+        choice = torch.randperm(len(positions), generator=generator)[:num_anchors]
+        picked.append(positions[choice].sort().values)
+    width = max(1, max(len(p) for p in picked))
+    anchors = torch.zeros(len(picked), width, dtype=torch.long)
+    valid = torch.zeros(len(picked), width, dtype=torch.bool)
+    for b, p in enumerate(picked):
+        anchors[b, : len(p)] = p
+        valid[b, : len(p)] = True
+    return anchors.to(loss_mask.device), valid.to(loss_mask.device)
+
+
+def packed_block_mask(anchors: torch.Tensor, anchor_valid: torch.Tensor, context_valid: torch.Tensor, block_size: int,
+                      causal: bool, window: int | None) -> torch.Tensor:
+    """[bs, N*B, S + N*B] bool (True = visible): N packed blocks against S context rows and all blocks.
+
+    Query (n, j) sits at position a_n + j. Context key s (position s) is visible iff it is a real token, s < a_n
+    (the anchor's own feature does not exist yet at inference) and, on sliding layers, a_n + j - s < window.
+    Block key (m, i) is visible iff m == n, i <= j when causal, and |i - j| < window on sliding layers. Blocks of
+    invalid anchors see only their own block (never an empty row, which would give NaN), and weigh 0 in the loss.
+    """
+    bs, n = anchors.shape
+    s = context_valid.shape[1]
+    dev = anchors.device
+    depth = torch.arange(block_size, device=dev)
+    q_pos = (anchors[:, :, None] + depth).reshape(bs, n * block_size)
+    q_anchor = anchors.repeat_interleave(block_size, dim=1)
+    k_pos = torch.arange(s, device=dev)
+    ctx = context_valid[:, None, :] & (k_pos[None, None, :] < q_anchor[:, :, None])
+    ctx = ctx & anchor_valid.repeat_interleave(block_size, dim=1)[:, :, None]
+    if window is not None:
+        ctx = ctx & (q_pos[:, :, None] - k_pos[None, None, :] < window)
+    own = torch.ones(block_size, block_size, dtype=torch.bool, device=dev)
+    if causal:
+        own = own.tril()
+    if window is not None:
+        own = own & ((depth[:, None] - depth[None, :]).abs() < window)
+    block_of = torch.arange(n, device=dev).repeat_interleave(block_size)
+    depth_of = depth.repeat(n)
+    blocks = (block_of[:, None] == block_of[None, :]) & own[depth_of[:, None], depth_of[None, :]]
+    return torch.cat([ctx, blocks[None].expand(bs, -1, -1)], dim=2)
+
+
+def loss_weights(block_size: int, gamma: float) -> torch.Tensor:
+    """[B] weight of each block row: 0 for the anchor row, exp(-(k-1)/gamma) for row k >= 1."""
+    k = torch.arange(block_size, dtype=torch.float32)
+    weights = torch.exp(-(k - 1) / gamma)
+    weights[0] = 0.0
+    return weights
+
+
+def block_targets(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor,
+                  weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row k of the block at anchor a predicts x_{a+k}. Returns targets and their weights, [bs, N, B] each;
+    rows past the sequence, outside the loss mask or in invalid blocks weigh 0."""
+    seq_len = ids.shape[1]
+    block_size = weights.shape[0]
+    where = anchors[:, :, None] + torch.arange(block_size, device=ids.device)
+    inside = where < seq_len
+    flat = where.clamp(max=seq_len - 1).flatten(1)
+    targets = torch.gather(ids, 1, flat).view_as(where)
+    in_loss = torch.gather(loss_mask, 1, flat).view_as(where) & inside & anchor_valid[:, :, None]
+    return targets, weights.to(ids.device) * in_loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward and loss
+
+
+def packed_drafter_forward(drafter: DFlashDrafter, block_embeds: torch.Tensor, block_positions: torch.Tensor,
+                           context_keys: list[torch.Tensor], context_values: list[torch.Tensor],
+                           masks: list[torch.Tensor]) -> torch.Tensor:
+    """The reference drafter's layer stack over packed blocks: block_embeds [bs, N*B, H], one mask per layer
+    [bs, N*B, S+N*B] -> final-normed hidden [bs, N*B, H] (the same per-layer computation as
+    `DFlashDrafter.forward`, with the packed mask in place of the single-block one)."""
+    x = block_embeds
+    for i, layer in enumerate(drafter.layers):
+        h = layer.input_layernorm(x)
+        x = x + layer.self_attn(h, block_positions, drafter.rope, context_keys[i], context_values[i], masks[i])
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return drafter.norm(x)
+
+
+def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, drafter: DFlashDrafter,
+                           lm_head: torch.nn.Module, softcap: float | None, chunk_rows: int) -> torch.Tensor:
+    """sum(w * CE) / sum(w) over rows with w > 0. Logits are recomputed chunk by chunk in the backward pass, so
+    at most `chunk_rows` x vocab of them exist at once (for a 150k vocab they would dwarf everything else)."""
+    keep = weights.flatten() > 0
+    rows = hidden.flatten(0, -2)[keep]
+    targets, weights = targets.flatten()[keep], weights.flatten()[keep]
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = drafter.logits(h, lm_head, softcap)
+        return (F.cross_entropy(logits.float(), t, reduction="none") * w).sum()
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, rows.shape[0], chunk_rows):
+        hi = lo + chunk_rows
+        total = total + checkpoint(chunk_loss, rows[lo:hi], targets[lo:hi], weights[lo:hi], use_reentrant=False)
+    return total / weights.sum().clamp(min=1e-6)
+
+
+def pad_batch(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [bs, S] (right-padded with 0), loss_mask [bs, S], real [bs, S]."""
+    width = max(len(s.ids) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    real = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        ids[b, : len(s.ids)] = s.ids
+        loss_mask[b, : len(s.ids)] = s.loss_mask
+        real[b, : len(s.ids)] = True
+    return ids.to(device), loss_mask.to(device), real.to(device)
+
+
+def target_features(target: TargetModel, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Features [bs, S, K*H] of every token, one causal target forward (padding sees only itself)."""
+    width = ids.shape[1]
+    positions = torch.arange(width, device=ids.device).expand(ids.shape[0], -1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+    intra = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)
+    _, features = target.forward(target.new_cache(ids.shape[0]), ids, positions, intra)
+    return features
+
+
+@dataclass
+class BatchLoss:
+    loss: torch.Tensor
+    weight: float  # sum of the row weights: how much signal the batch carried
+
+
+def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | None, sequences: list[Sequence],
+               num_anchors: int, weights: torch.Tensor, generator: torch.Generator, chunk_rows: int,
+               autocast_dtype: torch.dtype | None) -> BatchLoss:
+    cfg = drafter.cfg
+    dev = target.device
+    ids, loss_mask, real = pad_batch(sequences, dev)
+    features = target_features(target, ids, real)
+    anchors, anchor_valid = sample_anchors(loss_mask, num_anchors, generator)
+    bs, n = anchors.shape
+    block_size = weights.shape[0]
+    block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
+    block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
+    block_positions = (anchors[:, :, None] + torch.arange(block_size, device=dev)).flatten(1)
+    with torch.no_grad():
+        block_embeds = target.embed(block_ids.flatten(1)) * cfg.input_embedding_scale
+    masks_by_kind: dict[tuple[bool, int | None], torch.Tensor] = {}
+    masks = []
+    for i in range(cfg.num_hidden_layers):
+        kind = (cfg.is_layer_causal(i), cfg.layer_window(i))
+        if kind not in masks_by_kind:
+            masks_by_kind[kind] = packed_block_mask(anchors, anchor_valid, real, block_size, *kind)
+        masks.append(masks_by_kind[kind])
+    targets, row_weights = block_targets(ids, loss_mask, anchors, anchor_valid, weights)
+    context_positions = torch.arange(ids.shape[1], device=dev).expand(bs, -1)
+    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        keys, values = drafter.context_kv(features, context_positions)
+        hidden = packed_drafter_forward(drafter, block_embeds, block_positions, keys, values, masks)
+        loss = weighted_cross_entropy(hidden, targets, row_weights, drafter, target.lm_head, softcap, chunk_rows)
+    return BatchLoss(loss, float(row_weights.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drafter construction and output
+
+
+def default_mask_token_id(target_path: str | Path, vocab_size: int) -> int:
+    """The tokenizer's mask token if it has one, else the first embedding row past the tokenizer (unused padding,
+    as Qwen3's 151669); targets whose vocabulary fills the table need --mask-token-id."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(target_path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{target_path}: no tokenizer to pick a mask token from ({e}); pass --mask-token-id") from e
+    if tok.mask_token_id is not None:
+        return int(tok.mask_token_id)
+    if len(tok) < vocab_size:
+        return len(tok)
+    raise ValueError(f"{target_path}: the tokenizer has no mask token and uses all {vocab_size} embedding rows; "
+                     f"pass --mask-token-id with a token the target never emits in your data")
+
+
+def drafter_config_for_target(tc, num_draft_layers: int, target_layer_ids: list[int], block_size: int,
+                              mask_token_id: int) -> dict:
+    """z-lab `DFlashDraftModel` config.json whose layers have the shape of the target's (text config `tc`), as in
+    every published drafter: the target's hidden size, heads, head_dim and MLP width."""
+    heads = tc.num_attention_heads
+    rope = getattr(tc, "rope_parameters", None) or {}
+    return {
+        "architectures": ["DFlashDraftModel"],
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "model_type": "qwen3",
+        "hidden_size": tc.hidden_size,
+        "intermediate_size": tc.intermediate_size,
+        "num_hidden_layers": num_draft_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(tc, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": getattr(tc, "rms_norm_eps", 1e-6),
+        "rope_theta": float(rope.get("rope_theta", getattr(tc, "rope_theta", 1_000_000.0))),
+        "rope_scaling": None,
+        "max_position_embeddings": tc.max_position_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "layer_types": [FULL_ATTENTION] * num_draft_layers,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+        "vocab_size": tc.vocab_size,
+        "block_size": block_size,
+        "num_target_layers": tc.num_hidden_layers,
+        "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": list(target_layer_ids)},
+    }
+
+
+def build_drafter_config(cfg: TrainConfig) -> dict:
+    """The drafter's config.json: `--drafter-config`'s architecture (block size and, if given, mask token from the
+    training settings), else derived from the target."""
+    from transformers import AutoConfig
+
+    if cfg.drafter_config is not None:
+        raw = json.loads(Path(cfg.drafter_config).read_text())
+        raw["block_size"] = cfg.block_size
+        raw.get("dflash_config", {}).pop("block_size", None)
+        if cfg.mask_token_id is not None:
+            raw.setdefault("dflash_config", {})["mask_token_id"] = cfg.mask_token_id
+    else:
+        tc = AutoConfig.from_pretrained(cfg.target).get_text_config(decoder=True)
+        ids = tiny_target_layer_ids(tc.num_hidden_layers, cfg.num_target_features or cfg.num_draft_layers)
+        mask = cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token_id(cfg.target, tc.vocab_size)
+        raw = drafter_config_for_target(tc, cfg.num_draft_layers, ids, cfg.block_size, mask)
+    raw["dtype"] = cfg.save_dtype
+    return raw
+
+
+def init_drafter(draft_cfg: DFlashConfig, seed: int, std: float) -> DFlashDrafter:
+    """Fresh drafter: linear weights ~ N(0, std) (the target's initializer_range), norms at 1."""
+    torch.manual_seed(seed)
+    drafter = DFlashDrafter(draft_cfg)
+    for param in drafter.parameters():
+        if param.dim() > 1:
+            torch.nn.init.normal_(param, std=std)
+    return drafter
+
+
+def export_drafter(path: str | Path, raw_config: dict, drafter: DFlashDrafter, dtype: torch.dtype) -> None:
+    save_drafter(path, raw_config, {k: v.to(dtype) for k, v in drafter.state_dict().items()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Acceptance estimate
+
+
+def estimate_acceptance(target: TargetModel, drafter: DFlashDrafter, softcap: float | None,
+                        prompts: list[list[int]], max_new_tokens: int) -> float:
+    """Mean acceptance length of the real engine's greedy chain on `prompts` (drafter cast to the target dtype,
+    as it will be served)."""
+    served = copy.deepcopy(drafter).to(target.dtype).eval()
+    result = DFlashEngine(target, served, softcap).generate(prompts, max_new_tokens, mode="chain")
+    return result.mean_acceptance
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule, checkpoints, loop
+
+
+class WarmupCosine:
+    """LR factor: linear warmup from 0, then cosine to 0 at `total` steps (a callable object, so LambdaLR saves it)."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_sequences: int, seed: int, epoch: int) -> list[int]:
+    """The sequence order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
+    return torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint (others, e.g. eval or stop_after,
+# may change between sessions).
+RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "epochs", "max_steps", "batch_size",
+                     "grad_accum", "max_seq_len", "lr", "weight_decay", "warmup_ratio", "seed")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    acceptance: float | None
+    seconds: float
+    out: Path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    target_dtype = DTYPES[cfg.dtype]
+    autocast_dtype = target_dtype if target_dtype != torch.float32 and target_dtype != torch.float64 else None
+
+    raw = build_drafter_config(cfg)
+    draft_cfg = parse_drafter_config(raw)
+    info = TargetInfo.from_path(cfg.target)
+    check_pair(draft_cfg, info, cfg.block_size)
+    target = TargetModel.load(cfg.target, draft_cfg.target_layer_ids, target_dtype, device)
+    target.model.requires_grad_(False)
+    softcap = default_softcap(draft_cfg, info)
+    block_size = draft_cfg.block_size
+    weights = loss_weights(block_size, cfg.gamma or default_gamma(block_size))
+
+    sequences = load_sequences(cfg.data, cfg.max_seq_len)
+    if cfg.eval_prompts is not None:
+        eval_prompts = json.loads(Path(cfg.eval_prompts).read_text())[: cfg.num_eval_prompts]
+    else:
+        held = min(cfg.num_eval_prompts, len(sequences) - 1)
+        eval_prompts = [s.prompt for s in sequences[len(sequences) - held:]]
+        sequences = sequences[: len(sequences) - held]
+    eval_prompts = [p for p in eval_prompts if p]
+
+    std = getattr(target.text_config, "initializer_range", 0.02)
+    drafter = init_drafter(draft_cfg, cfg.seed, std).to(device).train()
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(len(sequences) / per_step)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(math.ceil(cfg.warmup_ratio * total_steps), total_steps))
+    anchor_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    step = 0
+    checkpoint_path = out / CHECKPOINT_FILE
+    if cfg.resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        changed = [k for k in RESUME_INVARIANTS if state["train_config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"{checkpoint_path} was written with different {changed}; resume with the same settings "
+                             f"or start a new --out")
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        anchor_rng.set_state(state["anchor_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+
+    def write_checkpoint() -> None:
+        _save_checkpoint(checkpoint_path, {
+            "step": step, "drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "anchor_rng": anchor_rng.get_state(),
+            "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg), "drafter_config": raw})
+
+    def evaluate() -> float | None:
+        if not eval_prompts:
+            return None
+        drafter.eval()
+        acceptance = estimate_acceptance(target, drafter, softcap, eval_prompts, cfg.eval_max_new_tokens)
+        drafter.train()
+        return acceptance
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    log = open(out / LOG_FILE, "a")
+    loss_value, acceptance = float("nan"), None
+    last = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
+    while step < last:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = epoch_order(len(sequences), cfg.seed, epoch)[index * per_step: (index + 1) * per_step]
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for lo in range(0, len(order), cfg.batch_size):
+            batch = [sequences[i] for i in order[lo: lo + cfg.batch_size]]
+            result = batch_loss(drafter, target, softcap, batch, cfg.num_anchors, weights, anchor_rng,
+                                cfg.loss_chunk_rows, autocast_dtype)
+            (result.loss / cfg.grad_accum).backward()
+            loss_sum += result.loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_value = loss_sum / math.ceil(len(order) / cfg.batch_size)
+        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            acceptance = evaluate()
+            record["acceptance"] = acceptance
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", accept="-" if acceptance is None else f"{acceptance:.2f}",
+                        lr=f"{record['lr']:.1e}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+            write_checkpoint()
+    bar.close()
+    log.close()
+    if step == total_steps:
+        export_drafter(out, raw, drafter, DTYPES[cfg.save_dtype])
+    return TrainResult(step, loss_value, acceptance, time.perf_counter() - started, out)

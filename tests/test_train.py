@@ -1,0 +1,198 @@
+"""Drafter training: packed block mask and forward vs inference, loss weights, loss goes down, resume is exact,
+the output is a loadable z-lab drafter that runs in the engine."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dflash_sglang.cli import main
+from dflash_sglang.config import load_drafter_config, parse_drafter_config
+from dflash_sglang.drafter import ContextCache, DFlashDrafter
+from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.loader import load_drafter_state_dict
+from dflash_sglang.regenerate import regenerate
+from dflash_sglang.tiny import drafter_config_dict, make_tiny, random_drafter_state
+from dflash_sglang.train import (TrainConfig, block_targets, default_gamma, load_sequences, loss_weights,
+                                 packed_block_mask, packed_drafter_forward, sample_anchors, train,
+                                 weighted_cross_entropy)
+
+VOCAB, BLOCK = 512, 8
+
+
+def mask_by_loop(anchors, anchor_valid, context_valid, block, causal, window):
+    """The definition, one entry at a time."""
+    bs, n = anchors.shape
+    s = context_valid.shape[1]
+    mask = torch.zeros(bs, n * block, s + n * block, dtype=torch.bool)
+    for b in range(bs):
+        for qn in range(n):
+            a = int(anchors[b, qn])
+            for j in range(block):
+                row, q_pos = qn * block + j, a + j
+                for k in range(s):
+                    mask[b, row, k] = bool(anchor_valid[b, qn] and context_valid[b, k] and k < a
+                                           and (window is None or q_pos - k < window))
+                for kn in range(n):
+                    for i in range(block):
+                        mask[b, row, s + kn * block + i] = (kn == qn and (not causal or i <= j)
+                                                            and (window is None or abs(i - j) < window))
+    return mask
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3), (False, 5)])
+def test_packed_mask_matches_the_loop_definition(causal, window):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([14, 9])
+    loss_mask = (torch.arange(14)[None] < lengths[:, None]) & (torch.arange(14)[None] >= 3)
+    anchors, anchor_valid = sample_anchors(loss_mask, 4, g)
+    context_valid = torch.arange(14)[None] < lengths[:, None]
+    got = packed_block_mask(anchors, anchor_valid, context_valid, 4, causal, window)
+    assert torch.equal(got, mask_by_loop(anchors, anchor_valid, context_valid, 4, causal, window))
+
+
+def test_anchors_are_distinct_answer_tokens_with_a_target():
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    anchors, valid = sample_anchors(loss_mask, 3, torch.Generator().manual_seed(0))
+    assert anchors.shape == (2, 3)
+    assert sorted(anchors[0].tolist()) == [2, 3, 4] and valid[0].all()
+    assert anchors[1, valid[1]].tolist() == [1] and valid[1].sum() == 1
+
+
+def make_drafter(layer_types, window=3):
+    raw = drafter_config_dict("qwen3", hidden=32, vocab=64, num_target_layers=4, draft_layers=len(layer_types),
+                              block_size=BLOCK, mask_token_id=63, window=window, num_features=2)
+    raw.update(layer_types=layer_types, sliding_window=window)
+    drafter = DFlashDrafter(parse_drafter_config(raw))
+    drafter.load_state_dict(random_drafter_state(raw, 0, std=0.2))
+    return drafter.double().eval()
+
+
+def test_packed_forward_equals_one_inference_forward_per_block():
+    """Training computes what inference runs: every packed block's rows equal the reference drafter's forward on
+    that block alone, with the context cut at the anchor."""
+    drafter = make_drafter(["sliding_attention", "full_attention"])
+    cfg = drafter.cfg
+    g = torch.Generator().manual_seed(2)
+    seq = 20
+    features = torch.randn(1, seq, 2 * 32, generator=g, dtype=torch.float64)
+    anchors = torch.tensor([[1, 6, 13, 19]])
+    anchor_valid = torch.ones_like(anchors, dtype=torch.bool)
+    embeds = torch.randn(1, 4 * BLOCK, 32, generator=g, dtype=torch.float64)
+    positions = (anchors[:, :, None] + torch.arange(BLOCK)).flatten(1)
+    context_valid = torch.ones(1, seq, dtype=torch.bool)
+    masks = [packed_block_mask(anchors, anchor_valid, context_valid, BLOCK, cfg.is_layer_causal(i), cfg.layer_window(i))
+             for i in range(cfg.num_hidden_layers)]
+    keys, values = drafter.context_kv(features, torch.arange(seq)[None])
+    packed = packed_drafter_forward(drafter, embeds, positions, keys, values, masks)
+    for n, a in enumerate(anchors[0].tolist()):
+        cache = ContextCache.empty(cfg, 1, "cpu", torch.float64)
+        ctx_positions = torch.arange(a)[None]
+        cache.append(*drafter.context_kv(features[:, :a], ctx_positions), ctx_positions,
+                     torch.ones(1, a, dtype=torch.bool))
+        rows = slice(n * BLOCK, (n + 1) * BLOCK)
+        alone = drafter(embeds[:, rows], positions[:, rows], cache)
+        assert torch.allclose(packed[:, rows], alone, atol=1e-12), f"block at anchor {a}"
+
+
+def test_loss_weights_and_targets():
+    assert default_gamma(16) == 7.0 and default_gamma(8) == 4.0
+    w = loss_weights(4, 7.0)
+    assert w.tolist() == pytest.approx([0.0, 1.0, math.exp(-1 / 7), math.exp(-2 / 7)])
+    ids = torch.arange(10, 20)[None]
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    anchors, valid = torch.tensor([[2, 7, 0]]), torch.tensor([[True, True, False]])
+    targets, weights = block_targets(ids, loss_mask, anchors, valid, w)
+    assert targets[0, 0].tolist() == [12, 13, 14, 15] and targets[0, 1, :3].tolist() == [17, 18, 19]
+    assert weights[0, 0].tolist() == pytest.approx(w.tolist())
+    # anchor 7: row 1 -> position 8 (in the mask), row 2 -> 9, row 3 -> past the end
+    assert weights[0, 1].tolist() == pytest.approx([0.0, float(w[1]), float(w[2]), 0.0])
+    assert weights[0, 2].sum() == 0
+
+
+def test_weighted_cross_entropy_is_the_normalized_weighted_mean():
+    drafter = make_drafter(["full_attention"]).float()
+    head = torch.nn.Linear(32, 64, bias=False)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 32, generator=g)
+    targets = torch.randint(0, 64, (2, 5), generator=g)
+    weights = torch.rand(2, 5, generator=g) * (torch.rand(2, 5, generator=g) > 0.3)
+    got = weighted_cross_entropy(hidden, targets, weights, drafter, head, None, chunk_rows=3)
+    ce = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), reduction="none")
+    assert torch.allclose(got, (ce * weights.flatten()).sum() / weights.sum())
+
+
+@pytest.fixture(scope="module")
+def pair_and_data(tmp_path_factory):
+    """Tiny random qwen3 target (vocab 512), and its own greedy answers to random prompts."""
+    root = tmp_path_factory.mktemp("train")
+    target, _ = make_tiny("qwen3", root / "pair", seed=5, vocab_size=VOCAB, block_size=BLOCK, draft_layers=1)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB - 1, (int(n),), generator=g).tolist() for n in torch.randint(2, 10, (20,), generator=g)]
+    records = regenerate(DFlashEngine.load(target, None), prompts, 40, 8, None, progress=False)
+    assert [r["prompt_ids"] for r in records] == prompts and all(len(r["output_ids"]) == 40 for r in records)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return target, data
+
+
+def small_config(target, data, out, **overrides):
+    settings = dict(target=str(target), data=str(data), out=str(out), num_draft_layers=1, block_size=BLOCK,
+                    mask_token_id=VOCAB - 1, num_anchors=16, epochs=2, batch_size=4, lr=3e-3, save_dtype="float32",
+                    num_eval_prompts=2, eval_max_new_tokens=8, progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_cli_training_reduces_loss_and_writes_a_drafter_the_engine_runs(pair_and_data, tmp_path, capsys):
+    target, data = pair_and_data
+    out = tmp_path / "drafter"
+    assert main(["train", "--target", str(target), "--data", str(data), "--out", str(out), "--draft-layers", "1",
+                 "--block-size", str(BLOCK), "--mask-token-id", str(VOCAB - 1), "--num-anchors", "16",
+                 "--epochs", "6", "--batch-size", "4", "--lr", "3e-3", "--num-eval-prompts", "2",
+                 "--eval-max-new-tokens", "8"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 6 * 5 and summary["acceptance"] >= 1.0
+    history = losses(out)
+    assert sum(history[-4:]) / 4 < sum(history[:4]) / 4 - 0.3, history
+    cfg = load_drafter_config(out)
+    assert cfg.block_size == BLOCK and cfg.mask_token_id == VOCAB - 1 and cfg.num_target_layers == 4
+    assert json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"] == list(cfg.target_layer_ids)
+    state = load_drafter_state_dict(out, cfg)
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    engine = DFlashEngine.load(target, out)
+    prompts = [r["prompt_ids"] for r in map(json.loads, data.read_text().splitlines()[:3])]
+    chain = engine.generate(prompts, 24, mode="chain")
+    assert chain.tokens == engine.generate(prompts, 24, mode="ar").tokens
+    assert chain.mean_acceptance >= 1.0
+
+
+def test_resume_gives_the_uninterrupted_result(pair_and_data, tmp_path):
+    target, data = pair_and_data
+    straight = train(small_config(target, data, tmp_path / "straight"))
+    train(small_config(target, data, tmp_path / "resumed", stop_after=4))
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = train(small_config(target, data, tmp_path / "resumed", resume=True))
+    assert resumed.steps == straight.steps == 10
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    cfg = load_drafter_config(tmp_path / "straight")
+    a = load_drafter_state_dict(tmp_path / "straight", cfg)
+    b = load_drafter_state_dict(tmp_path / "resumed", cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different"):
+        train(small_config(target, data, tmp_path / "resumed", resume=True, lr=1e-3))
+
+
+def test_load_sequences_both_formats(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt_ids": [1, 2], "output_ids": [3, 4, 5]}) + "\n"
+                    + json.dumps({"input_ids": [1, 2, 3, 4], "loss_mask": [0, 1, 0, 1]}) + "\n")
+    first, second = load_sequences(path, max_seq_len=4)
+    assert first.ids.tolist() == [1, 2, 3, 4] and first.loss_mask.tolist() == [False, False, True, True]
+    assert first.prompt == [1, 2]
+    assert second.loss_mask.tolist() == [False, True, False, True] and second.prompt == [1]
