@@ -159,17 +159,13 @@ def cmd_regenerate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import dataclasses
+
     from dflash_sglang.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        target=args.target, data=args.data, out=args.out, drafter_config=args.drafter_config,
-        num_draft_layers=args.draft_layers, num_target_features=args.target_features, block_size=args.block_size,
-        mask_token_id=args.mask_token_id, num_anchors=args.num_anchors, gamma=args.gamma, epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
-        lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip,
-        seed=args.seed, device=args.device, dtype=args.dtype, save_dtype=args.save_dtype, save_every=args.save_every,
-        eval_every=args.eval_every, eval_prompts=args.eval_prompts, num_eval_prompts=args.num_eval_prompts,
-        eval_max_new_tokens=args.eval_max_new_tokens, resume=args.resume, stop_after=args.stop_after)
+    # Every `train` option's dest is the TrainConfig field it sets.
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = train(cfg)
     print(json.dumps({"steps": result.steps, "loss": result.final_loss, "acceptance": result.acceptance,
                       "seconds": round(result.seconds, 1), "out": str(result.out)}))
@@ -257,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "{input_ids, loss_mask} records")
     p.add_argument("--out", required=True, help="drafter directory (z-lab format) + checkpoint.pt + train_log.jsonl")
     p.add_argument("--drafter-config", default=None, help="config.json to train (default: derived from the target)")
-    p.add_argument("--draft-layers", type=int, default=5)
-    p.add_argument("--target-features", type=int, default=None, help="target layers fused (default: --draft-layers)")
+    p.add_argument("--draft-layers", dest="num_draft_layers", type=int, default=5)
+    p.add_argument("--target-features", dest="num_target_features", type=int, default=None,
+                   help="target layers fused (default: --draft-layers)")
+    p.add_argument("--init-from-target", action="store_true",
+                   help="start the draft layers as copies of the target's last layers (default: from scratch)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--mask-token-id", type=int, default=None,
                    help="default: the tokenizer's mask token, else the first embedding row past the tokenizer")
@@ -284,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON list of token-id lists (default: the prompts of the last records, held out)")
     p.add_argument("--num-eval-prompts", type=int, default=8)
     p.add_argument("--eval-max-new-tokens", type=int, default=64)
+    p.add_argument("--loss-chunk-rows", type=int, default=8192,
+                   help="rows of logits materialized at once in the loss (lower it for large vocabularies)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written)")
     p.set_defaults(func=cmd_train)

@@ -129,7 +129,8 @@ def pair_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     target, _ = make_tiny("qwen3", root / "pair", seed=5, vocab_size=VOCAB, block_size=BLOCK, draft_layers=1)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, VOCAB - 1, (int(n),), generator=g).tolist() for n in torch.randint(2, 10, (20,), generator=g)]
+    lengths = torch.randint(2, 10, (20,), generator=g).tolist()
+    prompts = [torch.randint(3, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
     records = regenerate(DFlashEngine.load(target, None), prompts, 40, 8, None, progress=False)
     assert [r["prompt_ids"] for r in records] == prompts and all(len(r["output_ids"]) == 40 for r in records)
     data = root / "data.jsonl"
@@ -162,7 +163,8 @@ def test_cli_training_reduces_loss_and_writes_a_drafter_the_engine_runs(pair_and
     assert sum(history[-4:]) / 4 < sum(history[:4]) / 4 - 0.3, history
     cfg = load_drafter_config(out)
     assert cfg.block_size == BLOCK and cfg.mask_token_id == VOCAB - 1 and cfg.num_target_layers == 4
-    assert json.loads((out / "config.json").read_text())["dflash_config"]["target_layer_ids"] == list(cfg.target_layer_ids)
+    written = json.loads((out / "config.json").read_text())
+    assert written["dflash_config"]["target_layer_ids"] == list(cfg.target_layer_ids)
     state = load_drafter_state_dict(out, cfg)
     assert all(t.dtype == torch.bfloat16 for t in state.values())
     engine = DFlashEngine.load(target, out)
@@ -196,3 +198,30 @@ def test_load_sequences_both_formats(tmp_path):
     assert first.ids.tolist() == [1, 2, 3, 4] and first.loss_mask.tolist() == [False, False, True, True]
     assert first.prompt == [1, 2]
     assert second.loss_mask.tolist() == [False, True, False, True] and second.prompt == [1]
+
+
+def test_init_from_target_copies_the_last_target_layers(pair_and_data):
+    from dflash_sglang.target import TargetModel
+    from dflash_sglang.train import copy_target_layers, init_drafter
+
+    target_dir, _ = pair_and_data
+    target = TargetModel.load(target_dir)
+    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 2, BLOCK, VOCAB - 1, 8)
+    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.02)
+    assert copy_target_layers(drafter, target) == []
+    for i, source in enumerate(target.layers[2:]):
+        assert all(torch.equal(p, dict(source.named_parameters())[n]) for n, p in drafter.layers[i].named_parameters())
+    assert torch.equal(drafter.norm.weight, target.model.get_decoder().norm.weight)
+
+
+def test_trains_a_given_sliding_window_config_for_gemma4(pair_and_data, tmp_path):
+    """`--drafter-config`: a Gemma 4 style drafter (sliding layers, causal in the block, softcap) trains and loads."""
+    _, data = pair_and_data
+    target, drafter = make_tiny("gemma4", tmp_path / "pair", seed=1, vocab_size=VOCAB, block_size=BLOCK,
+                                draft_layers=2, sliding_window=4)
+    out = tmp_path / "gemma4-drafter"
+    result = train(small_config(target, data, out, drafter_config=str(drafter / "config.json"), max_steps=2))
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    cfg = load_drafter_config(out)
+    assert cfg.layer_types == ("sliding_attention", "full_attention") and cfg.sliding_window == 4
+    DFlashEngine.load(target, out).generate([[5, 6, 7]], 8, mode="chain")
