@@ -50,6 +50,7 @@ from dflash_sglang.config import (
 from dflash_sglang.sglang.accept import emitted_tokens, filtered_probs, greedy_accept, sampling_accept
 from dflash_sglang.sglang.draft_head import GreedyDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
+from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ SAMPLING_ROWS_PER_CHUNK = 128
 
 
 class DFlashWorker(BaseSpecWorker):
+    step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
+
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
         self.server_args = server_args
         self._target_worker = target_worker
@@ -83,6 +86,7 @@ class DFlashWorker(BaseSpecWorker):
             custom_mask=None,
             capture_hidden_mode=CaptureHiddenMode.NULL,
         )
+        self.step_timer = timer_from_env(get_tp_group().rank_in_group)
 
     def __getattr__(self, name):
         # The scheduler treats this worker as its model worker; what we do not define is the target's.
@@ -136,6 +140,7 @@ class DFlashWorker(BaseSpecWorker):
 
     def decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         state: DFlashDraftInputV2 = batch.spec_info
+        step = self.step_timer.begin(batch.seq_lens.shape[0])
         # In overlap mode the committed lengths were published from the previous step's stream.
         batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
         seq_lens = batch.seq_lens
@@ -145,8 +150,10 @@ class DFlashWorker(BaseSpecWorker):
 
         anchors = state.bonus_tokens.view(-1, 1).long()
         drafts = self.draft(batch, anchors, positions, slots, plan_lens)
+        step.mark()
         candidates = torch.cat([anchors, drafts], dim=1)
         verify = self.verify(batch, candidates, positions, slots, plan_lens)
+        step.mark()
 
         accept_len, bonus = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info)
         commit_lens = accept_len + 1
@@ -164,7 +171,7 @@ class DFlashWorker(BaseSpecWorker):
             self.draft_runner.token_to_kv_pool,
         )
         verify.logits_output.hidden_states = None
-        return GenerationBatchResult(
+        result = GenerationBatchResult(
             logits_output=verify.logits_output,
             next_token_ids=emitted_tokens(candidates, accept_len, bonus).reshape(-1),
             accept_lens=commit_lens,
@@ -173,6 +180,8 @@ class DFlashWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.block_size,
             new_seq_lens=new_seq_lens,
         )
+        self.step_timer.end(step)
+        return result
 
     def draft(self, batch, anchors, positions, slots, plan_lens) -> torch.Tensor:
         """The drafter's forward over [anchor, MASK x (B-1)] -> drafts [bs, B-1]."""
