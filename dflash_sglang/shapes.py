@@ -23,8 +23,13 @@ def gemma4_31b_target() -> dict:
                 final_logit_softcapping=30.0, hidden_size_per_layer_input=0, vocab_size_per_layer_input=262144,
                 num_kv_shared_layers=0, enable_moe_block=False, tie_word_embeddings=True,
                 max_position_embeddings=262144, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                use_bidirectional_attention="vision",
                 layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)])
-    cfg = Gemma4Config(text_config=text, audio_config=None, tie_word_embeddings=True).to_dict()
+    # SGLang's Gemma 4 model always builds the vision tower. The 26B/31B tower is 1152 wide with 16 heads of 72
+    # (public configs); 27 layers with a 4304-wide MLP (SigLIP-so400m) is inferred from its ~550M-parameter size.
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  num_key_value_heads=16, head_dim=72, standardize=True, use_clipped_linears=False)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True).to_dict()
     cfg.update(architectures=["Gemma4ForConditionalGeneration"], dtype="bfloat16")
     return cfg
 
