@@ -158,6 +158,16 @@ def cmd_regenerate(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    import torch
+
+    from dflash_sglang.gguf import convert_gguf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    print(json.dumps(convert_gguf(args.gguf, args.out, dtype, args.eos_token)))
+    return 0
+
+
 def cmd_train(args) -> int:
     import dataclasses
 
@@ -246,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("convert-gguf", help="GGUF file -> plain HF checkpoint (safetensors, tokenizer, chat template)")
+    p.add_argument("--gguf", required=True, help="the .gguf file (reading it needs the gguf and accelerate packages)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="weights as saved (float32 keeps the dequantized GGUF values exactly)")
+    p.add_argument("--eos-token", default="<|im_end|>",
+                   help="the token that ends an answer, written as EOS everywhere (default: ChatML's end of turn)")
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("train", help="train a DFlash drafter for a frozen target (docs/training.md)")
     p.add_argument("--target", required=True)
