@@ -152,9 +152,16 @@ def cmd_regenerate(args) -> int:
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    count = regenerate_file(args.target, args.prompts, args.out, args.max_new_tokens, args.batch_size, chat=args.chat,
-                            ignore_eos=args.ignore_eos, dtype=dtype, device=device)
-    print(json.dumps({"records": count, "out": args.out}))
+    stats = regenerate_file(args.target, args.prompts, args.out, args.max_new_tokens, args.batch_size, chat=args.chat,
+                            ignore_eos=args.ignore_eos, dtype=dtype, device=device, server=args.server,
+                            concurrency=args.concurrency, timeout=args.timeout, deadline_seconds=args.deadline_seconds)
+    stats["out"] = args.out
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(stats, indent=1))
+    print(json.dumps(stats))
+    if stats["failed"]:
+        return _fail([f"{stats['failed']} of {stats['prompts']} prompts got no answer after a retry (their records are "
+                      f"missing from {args.out}; first errors in the stats)"])
     return 0
 
 
@@ -255,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default=None)
+    p.add_argument("--server", default=None,
+                   help="URL of a running SGLang server of --target (e.g. http://127.0.0.1:30100): answers come from "
+                        "its /generate; --target then only gives the tokenizer")
+    p.add_argument("--concurrency", type=int, default=64, help="with --server: requests in flight")
+    p.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds per request")
+    p.add_argument("--deadline-seconds", type=float, default=None,
+                   help="with --server: prompts not sent after this many seconds are skipped (and counted)")
+    p.add_argument("--stats", default=None, help="write the run's figures here (JSON)")
     p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("convert-gguf", help="GGUF file -> plain HF checkpoint (safetensors, tokenizer, chat template)")

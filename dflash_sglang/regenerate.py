@@ -1,12 +1,21 @@
 """Training data for a drafter: the target's own greedy answers to a prompt set (`dflash-sglang regenerate`).
 
 A drafter learns to predict what its target will say, so its training answers must be the target's, not a
-dataset's reference answers. Batched greedy decoding with the reference engine in `ar` mode.
+dataset's reference answers. Two generators, same records: batched greedy decoding with the reference engine in
+`ar` mode, or a running SGLang server of the target (`--server`, much faster for large prompt sets): prompts are
+tokenized here and sent as `input_ids` to its native `/generate`, greedy, stopping at the tokenizer's EOS.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,15 +49,16 @@ def tokenize_prompts(prompts: list[list[int] | str], target: str | Path, chat: b
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target))
-    ids = []
-    for p in prompts:
-        if isinstance(p, list):
-            ids.append(list(p))
-        elif chat:
-            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            ids.append(tok(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids.append(tok(p)["input_ids"])
+    texts = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
+    if chat:
+        rendered = [tok.apply_chat_template([{"role": "user", "content": prompts[i]}], add_generation_prompt=True,
+                                            tokenize=False) for i in texts]
+        encoded = tok(rendered, add_special_tokens=False)["input_ids"] if rendered else []
+    else:
+        encoded = tok([prompts[i] for i in texts])["input_ids"] if texts else []
+    ids = [list(p) if isinstance(p, list) else None for p in prompts]
+    for i, e in zip(texts, encoded):
+        ids[i] = list(e)
     return ids
 
 
@@ -76,19 +86,135 @@ def regenerate(engine: DFlashEngine, prompts: list[list[int]], max_new_tokens: i
     return [{"prompt_ids": prompts[i], "output_ids": outputs[i]} for i in range(len(prompts))]
 
 
+@dataclass
+class ServerRun:
+    """What `regenerate_server` did: records in prompt order (failed and skipped prompts have none) and stats."""
+
+    records: list[dict | None]
+    failed: dict[int, str] = field(default_factory=dict)  # prompt index -> last error, after the retry
+    skipped: list[int] = field(default_factory=list)  # never sent: the deadline had passed
+    seconds: float = 0.0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    def stats(self) -> dict:
+        prompts = len(self.records)
+        done = [r for r in self.records if r is not None]
+        tokens = sum(len(r["output_ids"]) for r in done)
+        return {"prompts": prompts, "records": len(done), "failed": len(self.failed), "skipped": len(self.skipped),
+                "prompt_tokens": sum(len(r["prompt_ids"]) for r in done), "output_tokens": tokens,
+                "seconds": round(self.seconds, 2), "output_tok_s": round(tokens / self.seconds, 1) if self.seconds else None,
+                "finish_reasons": self.finish_reasons,
+                "errors": {str(i): e for i, e in sorted(self.failed.items())[:20]}}
+
+
+def generate_once(url: str, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None,
+                  timeout: float) -> tuple[list[int], str]:
+    """One greedy non-streaming request to SGLang's native `/generate`: (output ids, finish reason type). The
+    output ends with the EOS when the answer stopped there (as the reference engine's do)."""
+    sampling = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "skip_special_tokens": False}
+    if eos_token_id is None:
+        sampling["ignore_eos"] = True
+    else:
+        sampling["stop_token_ids"] = [eos_token_id]
+    body = json.dumps({"input_ids": prompt_ids, "sampling_params": sampling, "stream": False}).encode()
+    request = urllib.request.Request(f"{url.rstrip('/')}/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        reply = json.loads(response.read())
+    if isinstance(reply, list):
+        reply = reply[0]
+    if "output_ids" not in reply:
+        raise ValueError(f"the server's reply has no `output_ids`: {str(reply)[:200]}")
+    output = [int(t) for t in reply["output_ids"]][:max_new_tokens]
+    finish = (reply.get("meta_info") or {}).get("finish_reason") or {}
+    reason = finish.get("type", "unknown") if isinstance(finish, dict) else str(finish)
+    if eos_token_id is not None:
+        if eos_token_id in output:
+            del output[output.index(eos_token_id) + 1:]
+        elif reason == "stop" and finish.get("matched") == eos_token_id and len(output) < max_new_tokens:
+            output.append(eos_token_id)
+    return output, reason
+
+
+def regenerate_server(url: str, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
+                      concurrency: int, timeout: float = 600.0, deadline_seconds: float | None = None,
+                      progress: bool = True, progress_every: float = 10.0) -> ServerRun:
+    """Greedy answers from a running SGLang server, `concurrency` requests in flight. A failed request is retried
+    once, then reported in `failed`; prompts not yet sent when `deadline_seconds` have passed are reported in
+    `skipped`. A progress line goes to stderr every `progress_every` seconds."""
+    started = time.perf_counter()
+    records: list[dict | None] = [None] * len(prompts)
+    run = ServerRun(records)
+    lock = threading.Lock()
+    counters = {"done": 0, "tokens": 0, "last": started}
+
+    def one(index: int) -> None:
+        if deadline_seconds is not None and time.perf_counter() - started > deadline_seconds:
+            with lock:
+                run.skipped.append(index)
+            return
+        error = None
+        for _ in range(2):
+            try:
+                output, reason = generate_once(url, prompts[index], max_new_tokens, eos_token_id, timeout)
+                break
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                error = f"{type(e).__name__}: {e}"
+        else:
+            with lock:
+                run.failed[index] = error
+            print(f"regenerate: prompt {index} failed twice: {error}", file=sys.stderr, flush=True)
+            return
+        with lock:
+            records[index] = {"prompt_ids": prompts[index], "output_ids": output}
+            run.finish_reasons[reason] = run.finish_reasons.get(reason, 0) + 1
+            counters["done"] += 1
+            counters["tokens"] += len(output)
+            now = time.perf_counter()
+            if progress and (now - counters["last"] >= progress_every or counters["done"] == len(prompts)):
+                counters["last"] = now
+                print(f"regenerate: {counters['done']}/{len(prompts)} answers, {counters['tokens']} tokens, "
+                      f"{counters['tokens'] / (now - started):.0f} tok/s, {now - started:.0f}s", file=sys.stderr,
+                      flush=True)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, range(len(prompts))))
+    run.skipped.sort()
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def _write_records(out: str | Path, records: list[dict | None]) -> int:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(out, "w") as f:
+        for record in records:
+            if record is not None:
+                f.write(json.dumps(record) + "\n")
+                written += 1
+    return written
+
+
 def regenerate_file(target: str | Path, prompts_path: str | Path, out: str | Path, max_new_tokens: int,
                     batch_size: int, chat: bool = False, ignore_eos: bool = False, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu", progress: bool = True) -> int:
-    """Write one JSONL record per prompt; returns the number written."""
+                    device: str = "cpu", progress: bool = True, server: str | None = None, concurrency: int = 64,
+                    timeout: float = 600.0, deadline_seconds: float | None = None) -> dict:
+    """Write one JSONL record per answered prompt (all of them with the reference engine); returns the stats.
+    With `server`, the answers come from that SGLang server of `target` (which then only gives the tokenizer)."""
     prompts = tokenize_prompts(read_prompts(prompts_path), target, chat)
     empty = [n for n, p in enumerate(prompts) if not p]
     if empty:
         raise ValueError(f"{prompts_path}: prompts {empty[:5]} are empty after tokenization")
-    engine = DFlashEngine.load(target, None, dtype=dtype, device=device)
     eos = None if ignore_eos else target_eos(target)
+    if server is not None:
+        run = regenerate_server(server, prompts, max_new_tokens, eos, concurrency, timeout, deadline_seconds, progress)
+        _write_records(out, run.records)
+        return run.stats()
+    started = time.perf_counter()
+    engine = DFlashEngine.load(target, None, dtype=dtype, device=device)
     records = regenerate(engine, prompts, max_new_tokens, batch_size, eos, progress)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return len(records)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(r["output_ids"]) for r in records)
+    return {"prompts": len(prompts), "records": _write_records(out, records), "failed": 0, "skipped": 0,
+            "prompt_tokens": sum(len(p) for p in prompts), "output_tokens": tokens, "seconds": round(seconds, 2),
+            "output_tok_s": round(tokens / seconds, 1) if seconds else None}
