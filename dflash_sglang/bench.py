@@ -1,23 +1,34 @@
-"""`dflash-sglang bench`: a prompt set against a running SGLang server, at several concurrencies, greedy.
+"""`dflash-sglang bench`: prompt sets against a running SGLang server, at several concurrencies, greedy.
 
-Talks to SGLang's native streaming `/generate` (it carries `meta_info`, where the OpenAI routes do not):
-TTFT is the first chunk with output, TPOT the rest of the latency over the remaining tokens, acceptance length
-`meta_info.spec_accept_length` (completion tokens per verify step). Output ids are compared with a reference run
-(e.g. the same prompts through plain decoding) so a speed figure never comes without its losslessness check.
-Standard library only on the client side; loopback servers only.
+Talks to SGLang's native streaming `/generate` (it carries `meta_info`, where the OpenAI routes do not). Per
+level (one prompt set at one concurrency): output tok/s = output tokens / wall time of the level; TTFT = time to
+the first chunk with output; TPOT = the rest of a request's latency over its remaining tokens; tau (acceptance
+length) = completion tokens / verify steps (`meta_info.spec_verify_ct`, bonus token included), as the mean over
+requests and as the aggregate. Output ids are compared with a reference run (e.g. plain decoding) keyed by
+prompt id, max tokens and EOS handling, so a speed figure never comes without its losslessness check.
+Client side needs the standard library only, plus transformers when prompts are chat-templated; loopback servers.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import statistics
+import sys
 import time
+import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dflash_sglang.prompts import load_prompt_set
+
+# Warm-up prompts (the first requests compile kernels); none of them is in a prompt set, so they leave nothing in
+# the radix cache that a measured prompt could hit.
+WARMUP_PROMPTS = ["Name three colours.", "Count from one to ten in words.", "Say hello in French.",
+                  "What is two plus two?", "Write one sentence about the sea.", "List four animals."]
+WARMUP_MAX_TOKENS = 32
 
 
 @dataclass
@@ -26,7 +37,8 @@ class RequestResult:
     output_ids: list[int]
     ttft: float
     latency: float
-    accept_length: float | None
+    verify_ct: int | None
+    finish: str | None = None
     error: str | None = None
 
     @property
@@ -34,20 +46,54 @@ class RequestResult:
         n = len(self.output_ids)
         return (self.latency - self.ttft) / (n - 1) if n > 1 else None
 
+    @property
+    def accept_length(self) -> float | None:
+        return len(self.output_ids) / self.verify_ct if self.verify_ct else None
+
 
 @dataclass
 class LevelResult:
+    prompt_set: str
     concurrency: int
-    requests: int
-    errors: int
-    output_tokens: int
-    seconds: float
-    output_tok_s: float
-    mean_ttft_ms: float
-    mean_tpot_ms: float | None
-    mean_accept_length: float | None
-    mismatches: int | None
+    max_tokens: int
+    ignore_eos: bool
+    requests: int = 0
+    errors: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    output_tok_s: float | None = None
+    mean_ttft_ms: float | None = None
+    mean_tpot_ms: float | None = None
+    tau: float | None = None
+    tau_aggregate: float | None = None
+    mismatches: int | None = None
+    unchecked: int | None = None
+    mismatched: list[dict] = field(default_factory=list)
+    skipped: str | None = None
     per_request: list[dict] = field(default_factory=list, repr=False)
+
+
+class Progress:
+    """One stderr line per level: a bar redrawn in place on a terminal, a single summary line otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.label, self.total, self.done, self.enabled = label, total, 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled and self.tty:
+            filled = 30 * self.done // max(self.total, 1)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        line = f"{self.label}: {self.done}/{self.total} requests in {time.perf_counter() - self.start:.1f}s"
+        sys.stderr.write(f"\r{line}\n" if self.tty else f"{line}\n")
+        sys.stderr.flush()
 
 
 def render_prompts(rows: list[dict], tokenizer_dir: str | None) -> list[dict]:
@@ -65,77 +111,264 @@ def render_prompts(rows: list[dict], tokenizer_dir: str | None) -> list[dict]:
     return out
 
 
-def send(url: str, prompt: dict, max_tokens: int, timeout: float) -> RequestResult:
+def _sse_payloads(resp):
+    """The payload of every `data:` line of a server-sent-event stream, as bytes."""
+    pending = b""
+    while True:
+        data = resp.read1(1 << 16)
+        if not data:
+            return
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+
+
+def send(url: str, prompt: dict, sampling: dict, timeout: float, deadline: float | None = None) -> RequestResult:
+    """One streamed greedy request. Only the first chunk with output (TTFT) and the last one (SGLang streams
+    cumulative output_ids, meta_info complete at the end) are decoded, so the client keeps up at high concurrency."""
     body = {k: v for k, v in prompt.items() if k != "id"}
-    body.update(stream=True, sampling_params={"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": True})
+    body.update(stream=True, sampling_params=sampling)
     req = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     ttft, last = None, None
+
+    def failed(message: str) -> RequestResult:
+        return RequestResult(prompt["id"], [], 0.0, time.perf_counter() - start, None, error=message)
+
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[len("data:"):])
-                if ttft is None and chunk.get("output_ids"):
+            for payload in _sse_payloads(resp):
+                if payload == b"[DONE]":
+                    break
+                if ttft is None and json.loads(payload).get("output_ids"):
                     ttft = time.perf_counter() - start
-                last = chunk
-    except OSError as e:
-        return RequestResult(prompt["id"], [], 0.0, time.perf_counter() - start, None, error=str(e))
+                last = payload
+                if deadline is not None and time.perf_counter() > deadline:
+                    return failed("stopped at the time limit")
+    except urllib.error.HTTPError as e:
+        return failed(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}")
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return failed(f"{type(e).__name__}: {e}")
     latency = time.perf_counter() - start
     if last is None:
-        return RequestResult(prompt["id"], [], 0.0, latency, None, error="empty stream")
-    meta = last.get("meta_info", {})
-    return RequestResult(prompt["id"], list(last.get("output_ids", [])), ttft or latency, latency,
-                         meta.get("spec_accept_length"))
+        return failed("empty stream")
+    chunk = json.loads(last)
+    meta = chunk.get("meta_info", {})
+    ids = list(chunk.get("output_ids", []))
+    if meta.get("completion_tokens", len(ids)) > len(ids):
+        return failed("the server streams incremental output (--incremental-streaming-output); run it without")
+    finish = (meta.get("finish_reason") or {}).get("type")
+    if finish == "abort":
+        return failed(f"aborted by the server: {meta['finish_reason'].get('message')}")
+    return RequestResult(prompt["id"], ids, ttft or latency, latency, meta.get("spec_verify_ct"), finish)
 
 
-def run_level(url: str, prompts: list[dict], concurrency: int, max_tokens: int, reference: dict[str, list[int]] | None,
-              timeout: float = 600.0, progress: bool = True) -> LevelResult:
-    from tqdm import tqdm
-
+def run_requests(url: str, prompts: list[dict], concurrency: int, sampling: dict, timeout: float,
+                 deadline: float | None, progress: Progress) -> tuple[list[RequestResult], float]:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = [pool.submit(send, url, p, max_tokens, timeout) for p in prompts]
-        results = [f.result() for f in tqdm(futures, desc=f"c={concurrency}", disable=not progress)]
-    seconds = time.perf_counter() - started
+        futures = {pool.submit(send, url, p, sampling, timeout, deadline): i for i, p in enumerate(prompts)}
+        results: list[RequestResult | None] = [None] * len(prompts)
+        for f in as_completed(futures):
+            results[futures[f]] = f.result()
+            progress.step()
+    progress.close()
+    return results, time.perf_counter() - started
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return statistics.fmean(values) if values else None
+
+
+def summarize(level: LevelResult, results: list[RequestResult], seconds: float) -> LevelResult:
     ok = [r for r in results if r.error is None]
-    tokens = sum(len(r.output_ids) for r in ok)
-    tpots = [r.tpot for r in ok if r.tpot is not None]
-    accepts = [r.accept_length for r in ok if r.accept_length is not None]
-    mismatches = None
-    if reference is not None:
-        mismatches = sum(1 for r in ok if reference.get(r.id) != r.output_ids)
-    return LevelResult(
-        concurrency=concurrency, requests=len(results), errors=len(results) - len(ok), output_tokens=tokens,
-        seconds=seconds, output_tok_s=tokens / seconds if seconds else 0.0,
-        mean_ttft_ms=1000 * statistics.fmean(r.ttft for r in ok) if ok else 0.0,
-        mean_tpot_ms=1000 * statistics.fmean(tpots) if tpots else None,
-        mean_accept_length=statistics.fmean(accepts) if accepts else None,
-        mismatches=mismatches, per_request=[asdict(r) for r in results])
+    level.requests, level.errors = len(results), len(results) - len(ok)
+    level.output_tokens = sum(len(r.output_ids) for r in ok)
+    level.seconds = seconds
+    level.output_tok_s = level.output_tokens / seconds if ok and seconds else None
+    level.mean_ttft_ms = _mean(1000 * r.ttft for r in ok)
+    tpot = _mean(r.tpot for r in ok if r.tpot is not None)
+    level.mean_tpot_ms = None if tpot is None else 1000 * tpot
+    level.tau = _mean(r.accept_length for r in ok if r.accept_length is not None)
+    steps = sum(r.verify_ct for r in ok if r.verify_ct)
+    level.tau_aggregate = sum(len(r.output_ids) for r in ok if r.verify_ct) / steps if steps else None
+    level.per_request = [asdict(r) for r in results]
+    return level
 
 
-def run_bench(url: str, prompt_set: str, concurrencies: list[int], max_tokens: int, limit: int | None,
-              tokenizer_dir: str | None, reference_path: str | None, out_path: str | None) -> list[LevelResult]:
-    prompts = render_prompts(load_prompt_set(prompt_set, limit), tokenizer_dir)
-    reference = None
-    if reference_path:
-        levels = json.loads(Path(reference_path).read_text())["levels"]
-        reference = {r["id"]: r["output_ids"] for r in levels[0]["per_request"] if r["error"] is None}
-    results = [run_level(url, prompts, c, max_tokens, reference) for c in concurrencies]
-    if out_path:
-        Path(out_path).write_text(json.dumps({"url": url, "prompt_set": prompt_set, "max_tokens": max_tokens,
-                                              "levels": [asdict(r) for r in results]}, indent=1))
-    return results
+def _key(request_id: str, level: dict) -> str:
+    return f"{request_id}|{level['max_tokens']}|{level['ignore_eos']}"
 
 
-def format_table(results: list[LevelResult]) -> str:
-    lines = [f"{'conc':>5} {'req':>5} {'err':>4} {'tok/s':>9} {'TTFT ms':>8} {'TPOT ms':>8} {'accept':>7} {'mismatch':>8}"]
-    for r in results:
-        lines.append(f"{r.concurrency:>5} {r.requests:>5} {r.errors:>4} {r.output_tok_s:>9.1f} {r.mean_ttft_ms:>8.1f} "
-                     f"{'-' if r.mean_tpot_ms is None else f'{r.mean_tpot_ms:.2f}':>8} "
-                     f"{'-' if r.mean_accept_length is None else f'{r.mean_accept_length:.2f}':>7} "
-                     f"{'-' if r.mismatches is None else r.mismatches:>8}")
+def reference_outputs(reports: list[dict]) -> dict[str, list[int]]:
+    """(prompt id, max tokens, EOS handling) -> output ids, from the lowest concurrency that produced each."""
+    found: dict[str, list[int]] = {}
+    levels = [lv for rep in reports for lvs in rep["sets"].values() for lv in lvs if lv["skipped"] is None]
+    for level in sorted(levels, key=lambda lv: lv["concurrency"]):
+        for r in level["per_request"]:
+            if r["error"] is None:
+                found.setdefault(_key(r["id"], level), r["output_ids"])
+    return found
+
+
+def check_level(level: dict, reference: dict[str, list[int]]) -> None:
+    """Fill a level's mismatch figures: count, and per differing prompt the first differing output position."""
+    if level["skipped"] is not None:
+        return
+    mismatched, unchecked = [], 0
+    for r in level["per_request"]:
+        if r["error"] is not None:
+            continue
+        want = reference.get(_key(r["id"], level))
+        if want is None:
+            unchecked += 1
+        elif want != r["output_ids"]:
+            got = r["output_ids"]
+            index = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            mismatched.append({"id": r["id"], "index": index})
+    level.update(mismatches=len(mismatched), unchecked=unchecked, mismatched=mismatched)
+
+
+def overall(report: dict) -> list[dict]:
+    """Per concurrency, every set's requests pooled: the figures of one level over all sets."""
+    rows = []
+    concurrencies = sorted({lv["concurrency"] for lvs in report["sets"].values() for lv in lvs})
+    for c in concurrencies:
+        levels = [lv for lvs in report["sets"].values() for lv in lvs if lv["concurrency"] == c and not lv["skipped"]]
+        if not levels:
+            continue
+        reqs = [r for lv in levels for r in lv["per_request"] if r["error"] is None]
+        results = [RequestResult(r["id"], r["output_ids"], r["ttft"], r["latency"], r["verify_ct"]) for r in reqs]
+        row = summarize(LevelResult("all", c, levels[0]["max_tokens"], levels[0]["ignore_eos"]), results,
+                        sum(lv["seconds"] for lv in levels))
+        row.errors = sum(lv["errors"] for lv in levels)
+        row.requests += row.errors
+        checked = [lv for lv in levels if lv["mismatches"] is not None]
+        if checked:
+            row.mismatches = sum(lv["mismatches"] for lv in checked)
+            row.unchecked = sum(lv["unchecked"] for lv in checked)
+        row.per_request = []
+        rows.append(asdict(row))
+    return rows
+
+
+def level_prompts(prompts: list, concurrencies: list[int], rounds: int | None, min_requests: int) -> list[list]:
+    """The prompts of each level. Without `rounds`: all of them at every level. With it: max(rounds x c,
+    min_requests) per level, in consecutive slices so no level repeats an earlier level's prompt (a radix-cache
+    hit would shorten its prefill); a set too small for that starts over from its first prompt."""
+    if rounds is None:
+        return [prompts] * len(concurrencies)
+    batches, start = [], 0
+    for c in concurrencies:
+        n = min(len(prompts), max(rounds * c, min_requests))
+        if start + n > len(prompts):
+            start = 0
+        batches.append(prompts[start:start + n])
+        start += n
+    return batches
+
+
+def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens: int = 256,
+              skip: int = 0, limit: int | None = None, rounds: int | None = None, min_requests: int = 1,
+              tokenizer: str | None = None, reference: list[str] | None = None, ignore_eos: bool = True,
+              time_limit: float | None = None, warmup: int = 0, name: str | None = None, progress: bool = True,
+              timeout: float = 600.0) -> dict:
+    """Every set at every concurrency (sets outer), after `warmup` throw-away requests; each set's prompts are
+    its `limit` prompts after the first `skip`, split over levels by `level_prompts`. Levels that would start
+    after `time_limit` seconds are recorded as skipped; requests still running then are stopped and counted as
+    errors. With `reference` (earlier reports), each level gets its mismatch count."""
+    started = time.perf_counter()
+    deadline = started + time_limit if time_limit is not None else None
+    sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
+    report = {"name": name, "url": url, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "tokenizer": tokenizer,
+              "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit, "sets": {}}
+    if warmup:
+        prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
+                                  for i in range(warmup)], tokenizer)
+        results, seconds = run_requests(url, prompts, min(warmup, max(concurrencies)),
+                                        {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
+                                        timeout, deadline, Progress("warm-up", warmup, progress))
+        report["warmup"] = {"requests": warmup, "errors": sum(r.error is not None for r in results),
+                            "seconds": seconds, "first_error": next((r.error for r in results if r.error), None)}
+    for prompt_set in sets:
+        rows = load_prompt_set(prompt_set)[skip:]
+        prompts = render_prompts(rows[:limit] if limit is not None else rows, tokenizer)
+        levels = report["sets"][prompt_set] = []
+        for c, batch in zip(concurrencies, level_prompts(prompts, concurrencies, rounds, min_requests)):
+            level = LevelResult(prompt_set, c, max_tokens, ignore_eos)
+            if deadline is not None and time.perf_counter() >= deadline:
+                level.skipped = f"time limit ({time_limit:g}s) reached before this level"
+                levels.append(asdict(level))
+                continue
+            results, seconds = run_requests(url, batch, c, sampling, timeout, deadline,
+                                            Progress(f"{name or url} {prompt_set} c={c}", len(batch), progress))
+            levels.append(asdict(summarize(level, results, seconds)))
+    if reference:
+        ref = reference_outputs([json.loads(Path(p).read_text()) for p in reference])
+        for levels in report["sets"].values():
+            for level in levels:
+                check_level(level, ref)
+    report["overall"] = overall(report)
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def strip_outputs(report: dict) -> dict:
+    """The report without per-request output ids (kept in the raw run files; the summary keeps the checks)."""
+    def request(r: dict) -> dict:
+        return {**{k: v for k, v in r.items() if k != "output_ids"}, "tokens": len(r["output_ids"])}
+
+    sets = {s: [{**lv, "per_request": [request(r) for r in lv["per_request"]]} for lv in levels]
+            for s, levels in report["sets"].items()}
+    return {**report, "sets": sets}
+
+
+def assemble_suite(directory: str, reference: str = "ar") -> dict:
+    """bench.json of scripts/device/bench.sh from what it left in `directory`: meta.json (settings, versions,
+    GPU, contender order), `<name>.status` (first line "ok" or "<status>: <reason>") and `<name>.<stage>.json`
+    run reports. Every level is checked against the reference contender's outputs (its own too: a prompt it ran
+    at several concurrencies is checked against the lowest, which shows bf16 batch-shape noise)."""
+    root = Path(directory)
+    meta = json.loads((root / "meta.json").read_text())
+    runs = {name: {p.name[len(name) + 1:-len(".json")]: json.loads(p.read_text())
+                   for p in sorted(root.glob(f"{name}.*.json"))} for name in meta["contenders"]}
+    ref = reference_outputs(list(runs.get(reference, {}).values())) if runs.get(reference) else None
+    contenders = []
+    for name in meta["contenders"]:
+        status_file = root / f"{name}.status"
+        line = status_file.read_text().strip().splitlines()[0] if status_file.exists() else "failed: no status"
+        status, _, reason = line.partition(": ")
+        for report in runs[name].values():
+            for levels in report["sets"].values():
+                for level in levels:
+                    if ref is not None:
+                        check_level(level, ref)
+            report["overall"] = overall(report)
+        contenders.append({"name": name, "status": status, "reason": reason or None,
+                           "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()}})
+    return {**{k: v for k, v in meta.items() if k != "contenders"}, "reference": reference,
+            "contenders": contenders}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'set':>10} {'conc':>5} {'req':>5} {'err':>4} {'tok/s':>9} {'TTFT ms':>8} {'TPOT ms':>8} "
+             f"{'tau':>6} {'mismatch':>8}"]
+    rows = [lv for lvs in report["sets"].values() for lv in lvs]
+    if len(report["sets"]) > 1:
+        rows += report["overall"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"{r['prompt_set']:>10} {r['concurrency']:>5} skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['prompt_set']:>10} {r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} "
+                     f"{_fmt(r['output_tok_s'], '.1f'):>9} {_fmt(r['mean_ttft_ms'], '.1f'):>8} "
+                     f"{_fmt(r['mean_tpot_ms'], '.2f'):>8} {_fmt(r['tau'], '.2f'):>6} "
+                     f"{_fmt(r['mismatches'], 'd'):>8}")
     return "\n".join(lines)

@@ -132,9 +132,13 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from dflash_sglang.bench import format_table, run_bench
 
-    results = run_bench(args.url, args.prompt_set, args.concurrency, args.max_tokens, args.limit, args.tokenizer,
-                        args.reference, args.out)
-    print(format_table(results))
+    report = run_bench(args.url, args.sets, args.concurrency, max_tokens=args.max_tokens, skip=args.skip,
+                       limit=args.limit, rounds=args.rounds, min_requests=args.min_requests, tokenizer=args.tokenizer,
+                       reference=args.reference, ignore_eos=not args.stop_at_eos, time_limit=args.time_limit,
+                       warmup=args.warmup, name=args.name, progress=not args.no_progress, timeout=args.timeout)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(format_table(report))
     return 0
 
 
@@ -238,12 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="greedy benchmark of a running SGLang server (tok/s, TTFT, TPOT, acceptance)")
     p.add_argument("--url", default="http://127.0.0.1:30000")
-    p.add_argument("--prompt-set", default="math500", choices=["math500", "humaneval", "mtbench", "gsm8k"])
+    p.add_argument("--sets", "--prompt-set", nargs="+", default=["math500"],
+                   choices=["math500", "humaneval", "mtbench", "gsm8k"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of the set")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N prompts of each set")
+    p.add_argument("--limit", type=int, default=None, help="use N prompts of each set (after --skip)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="send ROUNDS x concurrency fresh prompts per level (default: all prompts at every level)")
+    p.add_argument("--min-requests", type=int, default=1, help="with --rounds: at least this many per level")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="let requests end at EOS (default: ignore EOS, every request emits --max-tokens)")
     p.add_argument("--tokenizer", default=None, help="apply this tokenizer's chat template client-side")
-    p.add_argument("--reference", default=None, help="a previous --out JSON whose outputs must be matched")
+    p.add_argument("--reference", nargs="+", default=None,
+                   help="earlier --out JSONs whose outputs must be matched (same prompt, max tokens, EOS handling)")
+    p.add_argument("--warmup", type=int, default=2, help="throw-away requests before measuring")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: later levels are skipped, running requests stopped")
+    p.add_argument("--timeout", type=float, default=600.0, help="socket timeout per request, seconds")
+    p.add_argument("--name", default=None, help="label for the progress lines and the JSON")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write every figure and every output here (JSON)")
     p.set_defaults(func=cmd_bench)
 
