@@ -188,8 +188,9 @@ def cmd_train(args) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = train(cfg)
-    print(json.dumps({"steps": result.steps, "loss": result.final_loss, "acceptance": result.acceptance,
-                      "seconds": round(result.seconds, 1), "out": str(result.out)}))
+    print(json.dumps({"steps": result.steps, "planned_steps": result.planned_steps,
+                      "stopped_by_time": result.stopped_by_time, "loss": result.final_loss,
+                      "acceptance": result.acceptance, "seconds": round(result.seconds, 1), "out": str(result.out)}))
     return 0
 
 
@@ -339,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of logits materialized at once in the loss (lower it for large vocabularies)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpoint written)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock cap: stop at the first step boundary after it, then write the checkpoint and "
+                        "drafter and run the final estimate; the cosine schedule is re-planned to the steps that fit, "
+                        "from the speed of the first steps")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -85,6 +85,7 @@ class TrainConfig:
     loss_chunk_rows: int = 8192  # rows of logits materialized at once in the loss
     resume: bool = False
     stop_after: int | None = None  # leave after this step (checkpoint written), e.g. for preemptible jobs
+    max_minutes: float | None = None  # this session's wall-clock cap; the final estimate and export come after it
     progress: bool = True
 
 
@@ -466,6 +467,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# Under --max-minutes, the cosine schedule is re-planned once the speed of this many steps (after the first, which
+# pays for warm-up) is known, so that it reaches its end when the time does.
+PLAN_AFTER_STEPS = 10
+
+
+def plan_steps_in_time(step: int, seconds_per_step: float, seconds_left: float, total_steps: int) -> int:
+    """Total steps of a schedule that must end within `seconds_left` from `step`: never more than planned, never
+    fewer than the next step."""
+    return max(step + 1, min(total_steps, step + int(seconds_left / max(seconds_per_step, 1e-9))))
+
+
 # Settings a resumed run must share with the run that wrote the checkpoint (others, e.g. eval or stop_after,
 # may change between sessions).
 RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "epochs", "max_steps", "batch_size",
@@ -479,6 +491,8 @@ class TrainResult:
     acceptance: float | None
     seconds: float
     out: Path
+    planned_steps: int = 0  # the schedule's length (re-planned under --max-minutes)
+    stopped_by_time: bool = False
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -555,6 +569,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
     log = open(out / LOG_FILE, "a")
     loss_value, acceptance = float("nan"), None
+    deadline = started + 60.0 * cfg.max_minutes if cfg.max_minutes is not None else None
+    session_first, timing_start, timed_out = step, None, False
     last = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
     while step < last:
         epoch, index = divmod(step, steps_per_epoch)
@@ -573,7 +589,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         step += 1
         loss_value = loss_sum / len(micro_batches)
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+        if deadline is not None:
+            now = time.perf_counter()
+            if step == session_first + 1:
+                timing_start = now
+            elif step == session_first + 1 + PLAN_AFTER_STEPS:
+                planned = plan_steps_in_time(step, (now - timing_start) / PLAN_AFTER_STEPS, deadline - now, total_steps)
+                if planned < total_steps:
+                    total_steps = planned
+                    schedule = scheduler.lr_lambdas[0]
+                    schedule.warmup, schedule.total = math.ceil(cfg.warmup_ratio * planned), planned
+                    last = min(last, planned)
+                    bar.total = planned
+                record["planned_steps"] = total_steps
+            timed_out = now >= deadline and step < last
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps or timed_out:
             acceptance = evaluate()
             record["acceptance"] = acceptance
         log.write(json.dumps(record) + "\n")
@@ -581,10 +611,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", accept="-" if acceptance is None else f"{acceptance:.2f}",
                         lr=f"{record['lr']:.1e}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last or timed_out:
             write_checkpoint()
+        if timed_out:
+            break
     bar.close()
     log.close()
-    if step == total_steps:
+    if step == total_steps or timed_out:
         export_drafter(out, raw, drafter, DTYPES[cfg.save_dtype])
-    return TrainResult(step, loss_value, acceptance, time.perf_counter() - started, out)
+    return TrainResult(step, loss_value, acceptance, time.perf_counter() - started, out, total_steps, timed_out)

@@ -3,6 +3,7 @@ the output is a loadable z-lab drafter that runs in the engine."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from dflash_sglang.engine import DFlashEngine
 from dflash_sglang.loader import load_drafter_state_dict
 from dflash_sglang.regenerate import regenerate
 from dflash_sglang.tiny import drafter_config_dict, make_tiny, random_drafter_state
-from dflash_sglang.train import (TrainConfig, block_targets, default_gamma, load_sequences, loss_weights,
-                                 packed_block_mask, packed_drafter_forward, sample_anchors, train,
-                                 weighted_cross_entropy)
+from dflash_sglang.train import (PLAN_AFTER_STEPS, TrainConfig, block_targets, default_gamma, load_sequences,
+                                 loss_weights, packed_block_mask, packed_drafter_forward, plan_steps_in_time,
+                                 sample_anchors, train, weighted_cross_entropy)
 
 VOCAB, BLOCK = 512, 8
 
@@ -225,3 +226,52 @@ def test_trains_a_given_sliding_window_config_for_gemma4(pair_and_data, tmp_path
     cfg = load_drafter_config(out)
     assert cfg.layer_types == ("sliding_attention", "full_attention") and cfg.sliding_window == 4
     DFlashEngine.load(target, out).generate([[5, 6, 7]], 8, mode="chain")
+
+
+def test_plan_steps_in_time():
+    assert plan_steps_in_time(step=11, seconds_per_step=0.5, seconds_left=10.0, total_steps=1000) == 31
+    assert plan_steps_in_time(step=11, seconds_per_step=0.5, seconds_left=1000.0, total_steps=100) == 100
+    assert plan_steps_in_time(step=11, seconds_per_step=0.5, seconds_left=-3.0, total_steps=100) == 12
+
+
+def test_max_minutes_stops_replans_the_schedule_and_finishes_the_run(pair_and_data, tmp_path, monkeypatch):
+    """A cap far below the planned run: the schedule is re-planned to the steps that fit after PLAN_AFTER_STEPS
+    timed steps, the run stops at a step boundary past the cap, and still writes its checkpoint, drafter and
+    final acceptance estimate. Each step is slowed to a known duration so the plan is predictable."""
+    import dflash_sglang.train as train_module
+
+    target, data = pair_and_data
+    real_batch_loss = train_module.batch_loss
+
+    def slow_batch_loss(*args, **kwargs):
+        time.sleep(0.1)
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", slow_batch_loss)
+    out = tmp_path / "capped"
+    result = train(small_config(target, data, out, epochs=200, max_minutes=0.08))
+    planned_at_first = 200 * 5
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    replans = [r for r in log if "planned_steps" in r]
+    assert len(replans) == 1 and replans[0]["step"] == 1 + PLAN_AFTER_STEPS
+    assert result.planned_steps == replans[0]["planned_steps"] < planned_at_first
+    assert result.stopped_by_time or result.steps == result.planned_steps
+    assert result.steps < planned_at_first and len(log) == result.steps
+    assert log[-1]["acceptance"] is not None and result.acceptance == log[-1]["acceptance"]
+    assert (out / "model.safetensors").is_file()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == result.steps
+    assert state["scheduler"]["lr_lambdas"][0]["total"] == result.planned_steps
+    # The re-planned cosine is near its end when the time is up (the plan came from the measured speed).
+    assert log[-1]["lr"] < 0.35 * max(r["lr"] for r in log)
+
+
+def test_max_minutes_cli_summary(pair_and_data, tmp_path, capsys):
+    target, data = pair_and_data
+    assert main(["train", "--target", str(target), "--data", str(data), "--out", str(tmp_path / "d"),
+                 "--draft-layers", "1", "--block-size", str(BLOCK), "--mask-token-id", str(VOCAB - 1),
+                 "--num-anchors", "8", "--epochs", "1000", "--batch-size", "4", "--num-eval-prompts", "2",
+                 "--eval-max-new-tokens", "4", "--max-minutes", "0.01"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stopped_by_time"] is True and summary["steps"] < summary["planned_steps"] <= 5000
+    assert (tmp_path / "d" / "model.safetensors").is_file()
