@@ -537,16 +537,21 @@ class MarkovWorld:
         return torch.nn.functional.one_hot(ids.long(), self.vocab).float()
 
     def draft_forward(self, fb):
+        """One-hot rows of a guess of the chain that is wrong at a position-dependent depth; at that depth the
+        right token is the drafter's second choice (a tree's rank-1 branch recovers it, a chain cannot)."""
         ids, positions = fb.input_ids.view(-1, self.block), fb.positions.view(-1, self.block)
         assert torch.equal(ids[:, 1:], torch.full_like(ids[:, 1:], self.mask))
-        rows = []
+        hidden = []
         for anchor, start in zip(ids[:, 0].tolist(), positions[:, 0].tolist()):
-            guess = self.chain(anchor, self.block - 1)
+            right = self.chain(anchor, self.block - 1)
+            guess = list(right)
             wrong_at = (start * 7) % (self.block + 2)  # 0..block+1: some blocks are fully right
             if wrong_at < self.block - 1:
                 guess[wrong_at] = (guess[wrong_at] + 1) % (self.vocab - 1)
-            rows.append([anchor] + guess)
-        hidden = self.onehot(torch.tensor(rows)).view(-1, self.vocab)
+            rows = self.onehot(torch.tensor([anchor] + guess))
+            rows[1:] += 0.5 * self.onehot(torch.tensor(right)) * (torch.tensor(guess) != torch.tensor(right))[:, None]
+            hidden.append(rows)
+        hidden = 10 * torch.cat(hidden)  # a confident drafter: first choices near probability 1
         return SimpleNamespace(logits_output=SimpleNamespace(hidden_states=hidden), can_run_graph=False)
 
     def verify_forward(self, batch=None, forward_batch=None, is_verify=False):
@@ -558,7 +563,8 @@ class MarkovWorld:
         )
 
     def write_context_kv(self, features, positions, cache_loc, kv_pool):
-        assert torch.equal(features[:, 0].long(), positions)
+        kept = cache_loc != 0  # slot 0 absorbs the rows that are not committed
+        assert torch.equal(features[kept, 0].long(), positions[kept])
         self.context_writes.append((positions.clone(), cache_loc.clone()))
 
 
@@ -574,7 +580,8 @@ def markov_worker(monkeypatch):
         ForwardBatch, "init_new",
         classmethod(lambda cls, batch, runner, **kw: SimpleNamespace(
             input_ids=batch.input_ids, positions=batch.spec_info.positions, out_cache_loc=batch.out_cache_loc,
-            forward_mode=batch.forward_mode, capture_hidden_mode=kw["capture_hidden_mode"])),
+            forward_mode=batch.forward_mode, capture_hidden_mode=kw["capture_hidden_mode"],
+            custom_mask=batch.spec_info.custom_mask)),
     )
     worker = DFlashWorker.__new__(DFlashWorker)
     raw = drafter_config_dict("qwen3", hidden=world.vocab, vocab=world.vocab, num_target_layers=4, draft_layers=1,
@@ -586,6 +593,7 @@ def markov_worker(monkeypatch):
         draft_model=SimpleNamespace(write_context_kv=world.write_context_kv),
         device="cpu",
         block_size=world.block,
+        tree=None,
         drafter_config=parse_drafter_config(raw),
         target_embed=world.onehot,
         draft_head=GreedyDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab),
@@ -604,7 +612,7 @@ def run_decode(worker, world, sampling_info=None, steps=8):
     batch = SimpleNamespace(
         forward_mode=ForwardMode.DECODE, seq_lens=prompt_lens.clone(), seq_lens_cpu=prompt_lens.clone(),
         seq_lens_sum=int(prompt_lens.sum()), req_pool_indices=torch.tensor([2, 0, 3]), input_ids=None,
-        out_cache_loc=None, sampling_info=sampling_info, spec_info=next_draft_state(first_tokens, prompt_lens),
+        return_logprob=False, out_cache_loc=None, sampling_info=sampling_info, spec_info=next_draft_state(first_tokens, prompt_lens),
     )
     emitted, published, commits = [[t] for t in first_tokens.tolist()], [], []
     for _ in range(steps):
@@ -712,3 +720,207 @@ def test_idle_step_is_empty(markov_worker):
     result = worker.forward_batch_generation(SimpleNamespace(forward_mode=ForwardMode.IDLE), published.append)
     assert result.next_token_ids.numel() == 0 and result.accept_lens.numel() == 0
     assert result.next_draft_input.bonus_tokens.numel() == 0 and published[0].numel() == 0
+
+
+# ------------------------------------------------------------------ tree mode
+
+
+@pytest.fixture
+def tree_worker(markov_worker):
+    from dflash_sglang.sglang.draft_head import TopkDraftHead
+    from dflash_sglang.sglang.tree_mode import TreeSettings
+
+    worker, world = markov_worker
+    tree = TreeSettings(budget=12, topk=2)
+    worker.__dict__.update(
+        tree=tree,
+        verify_offsets=torch.arange(tree.verify_width),
+        draft_head=TopkDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab, topk=tree.topk),
+    )
+    return worker, world
+
+
+def test_tree_steps_emit_the_targets_greedy_chain_and_accept_past_the_drafters_first_choice(
+        markov_worker, tree_worker):
+    worker, world = tree_worker
+    original_slots = world.req_to_token.clone()
+    prompt_lens, first_tokens, emitted, tree_commits, batch = run_decode(worker, world)
+    for i, tokens in enumerate(emitted):
+        assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
+    # Each request's slot row is only ever permuted: nothing lost, nothing duplicated.
+    for row, original in zip(world.req_to_token, original_slots):
+        assert sorted(row.tolist()) == sorted(original.tolist())
+
+    chain_world = MarkovWorld()
+    worker.__dict__.update(tree=None, draft_head=GreedyDraftHead(torch.eye(chain_world.vocab), chain_world.block,
+                                                                 num_rows=chain_world.vocab))
+    chain_commits = run_decode(worker, chain_world)[3]
+    # The drafter's second choice is right wherever its first is wrong, and the budget reaches it: the tree
+    # commits whole blocks where the chain stops at the first wrong guess.
+    assert all(n == world.block for step in tree_commits for n in step)
+    assert sum(map(sum, tree_commits)) > sum(map(sum, chain_commits))
+
+
+def test_tree_steps_write_context_kv_for_the_committed_path_only(tree_worker):
+    worker, world = tree_worker
+    prompt_lens, _, _, _, batch = run_decode(worker, world)
+    written = {}
+    for positions, slots in world.context_writes:
+        for req_row, (pos_row, slot_row) in enumerate(zip(positions.view(3, -1), slots.view(3, -1))):
+            for pos, slot in zip(pos_row.tolist(), slot_row.tolist()):
+                if slot != 0:
+                    assert (req_row, pos) not in written
+                    written[(req_row, pos)] = slot
+    for i, (pool, start, end) in enumerate(zip([2, 0, 3], prompt_lens.tolist(), batch.seq_lens.tolist())):
+        assert sorted(p for r, p in written if r == i) == list(range(start, end))
+        assert all(written[(i, p)] == int(world.req_to_token[pool, p]) for p in range(start, end))
+
+
+def test_tree_sampling_with_greedy_rows_equals_greedy(tree_worker):
+    worker, world = tree_worker
+    sampling = SimpleNamespace(
+        is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),
+        top_ps=torch.ones(3), min_ps=torch.zeros(3), need_top_k_sampling=True, need_top_p_sampling=False,
+        need_min_p_sampling=False, has_custom_logit_processor=False, acc_additive_penalties=None,
+        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=None,
+    )
+    greedy = run_decode(worker, world)[2]
+    world.req_to_token = torch.arange(4 * 512).view(4, 512) + 1
+    worker.model_runner.req_to_token_pool.req_to_token = world.req_to_token
+    assert run_decode(worker, world, sampling_info=sampling)[2] == greedy
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verify_mask_layout_matches_a_plain_loop(seed):
+    from dflash_sglang.sglang.tree_mode import verify_mask
+
+    g = torch.Generator().manual_seed(seed)
+    bs, width = 3, 5
+    ancestor = torch.rand((bs, width, width), generator=g) < 0.5
+    seq_lens = torch.randint(0, 9, (bs,), generator=g)
+    total = int(width * (seq_lens + width).sum()) + 7
+    expected = []
+    for b in range(bs):
+        for i in range(width):
+            expected += [True] * int(seq_lens[b]) + ancestor[b, i].tolist()
+    expected += [True] * 7
+    assert verify_mask(ancestor, seq_lens, total).tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_commit_tree_slots_puts_the_path_first_and_keeps_the_rest(seed):
+    from dflash_sglang.kernels import build_draft_tree, verify_tree_greedy
+    from dflash_sglang.sglang.tree_mode import commit_tree_slots
+
+    g = torch.Generator().manual_seed(seed)
+    bs, depth, topk, vocab, budget = 4, 5, 3, 6, 10
+    logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
+    ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
+    seq_lens = torch.randint(0, 20, (bs,), generator=g)
+    tree = build_draft_tree(torch.zeros(bs, dtype=torch.long), logprobs, ids, seq_lens, budget)
+    result = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling,
+                                torch.randint(0, vocab, tree.tokens.shape, generator=g), depth)
+    table = torch.randperm(6 * 64, generator=g).view(6, 64)
+    pools = torch.tensor([5, 1, 3, 0])
+    before = table.clone()
+    commit_tree_slots(table, pools, seq_lens, result.path, result.accept_len, budget + 1)
+    for b in range(bs):
+        start, width, n = int(seq_lens[b]), budget + 1, int(result.accept_len[b]) + 1
+        region = before[pools[b], start: start + width].tolist()
+        path = result.path[b, :n].tolist()
+        rest = [region[j] for j in range(width) if j not in path]
+        assert table[pools[b], start: start + width].tolist() == [region[j] for j in path] + rest
+    untouched = torch.ones_like(table, dtype=torch.bool)
+    for b in range(bs):
+        untouched[pools[b], int(seq_lens[b]): int(seq_lens[b]) + budget + 1] = False
+    assert torch.equal(table[untouched], before[untouched])
+
+
+def test_topk_draft_head_is_the_drafters_top_k_and_shards_agree():
+    from dflash_sglang.sglang.draft_head import TopkDraftHead, drafter_logits
+
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(40, 16), torch.randn(3 * 4, 16)
+    head = TopkDraftHead(weight, 4, num_rows=40, topk=5, softcap=30.0)
+    logprobs, ids = head(hidden)
+    full = torch.log_softmax(drafter_logits(hidden.view(3, 4, 16)[:, 1:].reshape(-1, 16), weight, 1.0, 30.0), -1)
+    expected_values, expected_ids = full.topk(5, dim=-1)
+    assert torch.equal(ids, expected_ids) and torch.allclose(logprobs, expected_values, atol=1e-5)
+
+    class TwoShards:  # all_gather over two "ranks" that hold rows 0..19 and 20..39
+        world_size = 2
+
+        def __init__(self):
+            self.parts = []
+
+        def all_gather_into_tensor(self, out, local):
+            self.parts.append(local)
+
+    group = TwoShards()
+    shards = [TopkDraftHead(weight[:20], 4, num_rows=20, topk=5, softcap=30.0, tp_group=group),
+              TopkDraftHead(weight[20:], 4, num_rows=20, vocab_start=20, topk=5, softcap=30.0, tp_group=group)]
+    locals_ = []
+    for shard in shards:  # what each rank computes before its all-gathers
+        rows = shard._draft_rows(hidden)
+        logits = drafter_logits(rows, shard.weight, 1.0, 30.0)
+        values, local_ids = logits.topk(5, dim=-1)
+        locals_.append((values, local_ids + shard.vocab_start, torch.logsumexp(logits, -1, keepdim=True)))
+    gathered = [torch.cat([loc[k] for loc in locals_]) for k in range(3)]
+
+    def fake_gather(values, ids, normalizer):
+        def gather(out, local):
+            out.copy_(next(sources))
+        sources = iter(gathered)
+        group.all_gather_into_tensor = gather
+        return TopkDraftHead._gather_shards(shards[0], values, ids, normalizer)
+
+    best, best_ids, norm = fake_gather(*locals_[0])
+    assert torch.equal(best_ids, expected_ids) and torch.allclose(best - norm, expected_values, atol=1e-5)
+
+
+def test_tree_flags_reach_the_scheduler_as_environment(monkeypatch):
+    import argparse
+
+    from dflash_sglang.sglang import tree_mode
+
+    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    tree_mode.add_cli_args_hook(lambda p: p.add_argument("--speculative-num-draft-tokens", type=int), parser)
+    seen = {}
+    args = parser.parse_args(["--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "6"])
+    tree_mode.from_cli_args_hook(lambda cls, a: seen.setdefault("args", a), object, args)
+    assert seen["args"].speculative_num_draft_tokens == 32
+    assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=6)
+    assert tree_mode.mask_policy_hook(lambda backend: ("TritonAttnBackend", False), None) == ("TritonAttnBackend", True)
+    with pytest.raises(DFlashConfigError, match="needs --speculative-dflash-tree-budget"):
+        tree_mode.from_cli_args_hook(lambda cls, a: a, object, parser.parse_args(["--speculative-dflash-topk", "2"]))
+
+
+def test_tree_mode_is_off_without_the_flag(monkeypatch):
+    from dflash_sglang.sglang import tree_mode
+
+    monkeypatch.delenv(tree_mode.BUDGET_ENV, raising=False)
+    assert tree_mode.settings_from_env() is None
+    assert tree_mode.mask_policy_hook(lambda backend: ("TritonAttnBackend", False), None) == ("TritonAttnBackend", False)
+    with pytest.raises(DFlashConfigError, match="must be an integer"):
+        tree_mode.settings_from_env({tree_mode.BUDGET_ENV: "lots"})
+
+
+@pytest.mark.parametrize("budget,topk,width,backend,message", [
+    (31, 4, 32, "triton", None),
+    (31, 4, 16, "triton", "--speculative-num-draft-tokens is 16"),
+    (31, 4, 32, "fa3", "--attention-backend triton"),
+    (20, 1, 21, "triton", "distinct draft nodes"),
+    (3, 4, 4, "triton", "too small for the drafter's block"),
+    (0, 4, 1, "triton", "between 1 and 255"),
+    (31, 0, 32, "triton", "between 1 and 64"),
+])
+def test_check_tree_names_the_flag_and_the_fix(budget, topk, width, backend, message):
+    from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree
+
+    errors = check_tree(TreeSettings(budget, topk), 16, width, backend)
+    if message is None:
+        assert errors == []
+    else:
+        assert any(message in e for e in errors), errors

@@ -1,4 +1,5 @@
-"""Greedy draft tokens: argmax of the target's LM head over the drafter's block states, vocab-parallel aware.
+"""Draft tokens from the target's LM head over the drafter's block states, vocab-parallel aware: the argmax (chain)
+or the top-k with log-probabilities (tree mode).
 
 The drafter has no head of its own; its logits are the target head's, times the drafter's `output_multiplier`,
 then soft-capped (`cap * tanh(x / cap)`), as the reference drafter defines them. Under tensor parallelism each
@@ -64,6 +65,10 @@ class GreedyDraftHead:
         tokens = self(output.hidden_states[:num_tokens])
         self.graph_tokens[: tokens.shape[0]].copy_(tokens)
 
+    def graph_output(self, batch_size: int) -> torch.Tensor:
+        """What the last graph replay wrote for its first `batch_size` requests, as `__call__` returns it."""
+        return self.graph_tokens[: batch_size * (self.block_size - 1)]
+
     def _draft_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Row 0 of each block is the anchor, already known; the drafts are rows 1..B-1.
         hidden = hidden_states.view(-1, self.block_size, hidden_states.shape[-1])[:, 1:]
@@ -74,15 +79,70 @@ def shard_argmax(
     rows: torch.Tensor, weight: torch.Tensor, logit_multiplier: float = 1.0, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and arg-max of the drafter logits over one vocabulary shard; rows [N, H], weight [V_local, H]."""
-    logits = (rows @ weight.T).float()
-    if logit_multiplier != 1.0:
-        logits = logits * logit_multiplier
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits.max(dim=-1)
+    return drafter_logits(rows, weight, logit_multiplier, softcap).max(dim=-1)
 
 
 def select_across_shards(shard_max: torch.Tensor, shard_ids: torch.Tensor) -> torch.Tensor:
     """shard_max, shard_ids [tp, N] in rank order -> the global argmax ids [N] (first maximum wins)."""
     best_rank = shard_max.argmax(dim=0, keepdim=True)
     return shard_ids.gather(0, best_rank).squeeze(0)
+
+
+class TopkDraftHead(GreedyDraftHead):
+    """Block rows 1..B-1 -> the drafter's top-k tokens per position with their log-probabilities (tree mode).
+
+    Under tensor parallelism each rank takes its shard's top-k and log-sum-exp; the k * tp candidates and the
+    shards' normalizers are all-gathered, and the global top-k of the candidates is the full-vocab top-k.
+    """
+
+    def __init__(self, *args, topk: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.topk = topk
+        self.graph_logprobs: torch.Tensor | None = None
+
+    def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states [bs * B, H] -> (log-probs [bs * (B-1), k] float32 descending, token ids [bs * (B-1), k])."""
+        rows = self._draft_rows(hidden_states)
+        logits = drafter_logits(rows, self.weight[: self.num_rows], self.logit_multiplier, self.softcap)
+        values, ids = logits.topk(self.topk, dim=-1)
+        normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+        ids = ids + self.vocab_start
+        if self.tp_group is not None:
+            values, ids, normalizer = self._gather_shards(values, ids, normalizer)
+        return values - normalizer, ids
+
+    def _gather_shards(self, values, ids, normalizer):
+        world, n = self.tp_group.world_size, values.shape[0]
+        gathered = [values.new_empty((world * n, self.topk)), ids.new_empty((world * n, self.topk)),
+                    normalizer.new_empty((world * n, 1))]
+        for out, local in zip(gathered, (values, ids, normalizer)):
+            self.tp_group.all_gather_into_tensor(out, local.contiguous())
+        values, ids, normalizer = (t.view(world, n, -1).transpose(0, 1).reshape(n, -1) for t in gathered)
+        best, pick = values.topk(self.topk, dim=-1)
+        return best, ids.gather(1, pick), torch.logsumexp(normalizer, dim=-1, keepdim=True)
+
+    def allocate_graph_output(self, max_batch_size: int) -> None:
+        rows = max_batch_size * (self.block_size - 1)
+        device = self.weight.device
+        self.graph_logprobs = torch.empty((rows, self.topk), dtype=torch.float32, device=device)
+        self.graph_tokens = torch.empty((rows, self.topk), dtype=torch.int64, device=device)
+
+    def capture_hook(self, runner, output, forward_batch, num_tokens: int) -> None:
+        logprobs, tokens = self(output.hidden_states[:num_tokens])
+        self.graph_logprobs[: logprobs.shape[0]].copy_(logprobs)
+        self.graph_tokens[: tokens.shape[0]].copy_(tokens)
+
+    def graph_output(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = batch_size * (self.block_size - 1)
+        return self.graph_logprobs[:rows], self.graph_tokens[:rows]
+
+
+def drafter_logits(rows: torch.Tensor, weight: torch.Tensor, logit_multiplier: float = 1.0,
+                   softcap: float | None = None) -> torch.Tensor:
+    """Float32 drafter logits over one vocabulary shard; rows [N, H], weight [V_local, H]."""
+    logits = (rows @ weight.T).float()
+    if logit_multiplier != 1.0:
+        logits = logits * logit_multiplier
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits

@@ -1,8 +1,9 @@
 """SGLang plugin entry point: serve `--speculative-algorithm DFLASH` with dflash_sglang's worker.
 
 `register()` runs in every SGLang process that loads plugins (the API server as well as each scheduler), so it
-only checks the SGLang version and registers one AROUND hook; the worker module is imported by the hook, in the
-scheduler, when SGLang asks for the DFLASH worker class. DFLASH stays SGLang's own enum member, so every other
+only checks the SGLang version and registers AROUND hooks: one on the worker factory (the worker module is
+imported by it, in the scheduler, when SGLang asks for the DFLASH worker class), and the three that tree mode
+needs (its launch flags and the verify-mask policy of the target's CUDA graphs; see tree_mode.py). DFLASH stays SGLang's own enum member, so every other
 DFLASH branch in SGLang (target feature capture, KV budget, verify CUDA graphs, request validation) still applies.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from dflash_sglang.sglang import tree_mode
 from dflash_sglang.sglang.compat import check_sglang_version
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,9 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(CREATE_WORKER_TARGET, create_worker_hook, HookType.AROUND)
+    HookRegistry.register(tree_mode.ADD_CLI_ARGS_TARGET, tree_mode.add_cli_args_hook, HookType.AROUND)
+    HookRegistry.register(tree_mode.FROM_CLI_ARGS_TARGET, tree_mode.from_cli_args_hook, HookType.AROUND)
+    HookRegistry.register(tree_mode.MASK_POLICY_TARGET, tree_mode.mask_policy_hook, HookType.AROUND)
 
 
 def is_disabled() -> bool:

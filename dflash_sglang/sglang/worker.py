@@ -47,9 +47,18 @@ from dflash_sglang.config import (
     load_drafter_config,
     validate_pair,
 )
+from dflash_sglang.kernels import (
+    VerifyResult,
+    build_draft_tree,
+    draw_verify_randoms,
+    gather_accepted_hidden,
+    verify_tree_greedy,
+    verify_tree_sampling,
+)
 from dflash_sglang.sglang.accept import emitted_tokens, filtered_probs, greedy_accept, sampling_accept
-from dflash_sglang.sglang.draft_head import GreedyDraftHead
+from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
+from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, commit_tree_slots, settings_from_env, verify_mask
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
 
 logger = logging.getLogger(__name__)
@@ -66,19 +75,31 @@ class DFlashWorker(BaseSpecWorker):
         self._target_worker = target_worker
         self.model_runner = target_worker.model_runner
         self.device = target_worker.device
-        self.block_size = int(server_args.speculative_num_draft_tokens)
+        self.tree = settings_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
-        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner)
+        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree)
+        # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
+        self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
 
         use_as_dflash_draft_model()
-        self._draft_worker = DraftWorkerHandle(build_draft_worker(server_args, gpu_id, ps, nccl_port, self.model_runner))
+        self._draft_worker = DraftWorkerHandle(
+            build_draft_worker(server_args, gpu_id, ps, nccl_port, self.model_runner, self.block_size)
+        )
         self.draft_runner = self._draft_worker.model_runner
         self.draft_model = self.draft_runner.model
 
         target_model = self.model_runner.model
         self.target_embed = target_model.get_input_embeddings()
-        self.draft_head = make_draft_head(target_model.lm_head, self.drafter_config, self.target_info, self.block_size)
+        self.draft_head = make_draft_head(
+            target_model.lm_head, self.drafter_config, self.target_info, self.block_size, self.tree
+        )
         self.block_offsets = torch.arange(self.block_size, device=self.device)
+        if self.tree:
+            self.verify_offsets = torch.arange(self.tree.verify_width, device=self.device)
+            logger.info(
+                "dflash_sglang: tree mode, %d draft nodes (top-%d per position) verified in one pass of %d tokens",
+                self.tree.budget, self.tree.topk, self.tree.verify_width,
+            )
         self.draft_block_spec = DFlashVerifyInput(
             draft_token=torch.empty((0,), dtype=torch.int64, device=self.device),
             positions=torch.empty((0,), dtype=torch.int64, device=self.device),
@@ -111,6 +132,8 @@ class DFlashWorker(BaseSpecWorker):
             return self.prefill(batch, on_publish)
         if batch.forward_mode.is_idle():
             return self.idle(on_publish)
+        if self.tree:
+            return self.decode_tree(batch, on_publish)
         return self.decode(batch, on_publish)
 
     def prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
@@ -149,7 +172,7 @@ class DFlashWorker(BaseSpecWorker):
         plan_lens = planning_seq_lens(batch, state, self.block_size)
 
         anchors = state.bonus_tokens.view(-1, 1).long()
-        drafts = self.draft(batch, anchors, positions, slots, plan_lens)
+        drafts = self.draft(batch, anchors, positions, slots, plan_lens).view(anchors.shape[0], -1)
         step.mark()
         candidates = torch.cat([anchors, drafts], dim=1)
         verify = self.verify(batch, candidates, positions, slots, plan_lens)
@@ -183,8 +206,71 @@ class DFlashWorker(BaseSpecWorker):
         self.step_timer.end(step)
         return result
 
-    def draft(self, batch, anchors, positions, slots, plan_lens) -> torch.Tensor:
-        """The drafter's forward over [anchor, MASK x (B-1)] -> drafts [bs, B-1]."""
+    def decode_tree(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        """One tree step: draft the block, build the best-first tree from its top-k, verify every node in one
+        target pass (custom mask, positions by depth), accept on the GPU, commit the accepted path by reordering
+        its KV slots, and give the drafter the path's features as context. No host sync."""
+        state: DFlashDraftInputV2 = batch.spec_info
+        step = self.step_timer.begin(batch.seq_lens.shape[0])
+        batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
+        seq_lens = batch.seq_lens
+        req_to_token = self.model_runner.req_to_token_pool.req_to_token
+        rows = batch.req_pool_indices[:, None]
+        block_positions = seq_lens[:, None] + self.block_offsets
+        block_slots = req_to_token[rows, block_positions].long()
+        bs, block, width = block_positions.shape[0], self.block_size, self.tree.verify_width
+
+        anchors = state.bonus_tokens.view(-1).long()
+        logprobs, tokens = self.draft(batch, anchors[:, None], block_positions, block_slots,
+                                      planning_seq_lens(batch, state, block))
+        tree = build_draft_tree(anchors, logprobs.view(bs, block - 1, -1), tokens.view(bs, block - 1, -1),
+                                seq_lens, self.tree.budget)
+        step.mark()
+        verify_slots = req_to_token[rows, seq_lens[:, None] + self.verify_offsets].long()
+        verify_plan = planning_seq_lens(batch, state, width)
+        mask = verify_mask(tree.ancestor_mask, seq_lens, width * verify_plan[1])
+        verify = self.verify(batch, tree.tokens, tree.positions, verify_slots, verify_plan, custom_mask=mask)
+        step.mark()
+
+        accepted = self.accept_tree(tree, verify.logits_output.next_token_logits, batch.sampling_info)
+        commit_lens = accepted.accept_len + 1
+        new_seq_lens = seq_lens + commit_lens.to(seq_lens.dtype)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+
+        commit_tree_slots(req_to_token, batch.req_pool_indices, seq_lens, accepted.path, accepted.accept_len, width)
+        features = gather_accepted_hidden(verify.logits_output.hidden_states, accepted.path, accepted.accept_len)
+        committed = self.block_offsets[None, :] < commit_lens[:, None]
+        committed_slots = req_to_token[rows, block_positions].long()
+        self.draft_model.write_context_kv(
+            features.reshape(bs * block, -1),
+            block_positions.reshape(-1),
+            torch.where(committed, committed_slots, torch.zeros_like(committed_slots)).reshape(-1),
+            self.draft_runner.token_to_kv_pool,
+        )
+        logits_output = verify.logits_output
+        logits_output.hidden_states = None
+        if batch.return_logprob:
+            # SGLang reads row j of a request (stride B) as the distribution of its j-th emitted token: the
+            # rows of the accepted path's nodes, in path order.
+            path_rows = accepted.path.long().clamp(min=0) + (torch.arange(bs, device=self.device) * width)[:, None]
+            logits_output.next_token_logits = logits_output.next_token_logits[path_rows.reshape(-1)]
+        emitted = torch.where(accepted.emitted >= 0, accepted.emitted, torch.zeros_like(accepted.emitted))
+        result = GenerationBatchResult(
+            logits_output=logits_output,
+            next_token_ids=emitted.reshape(-1),
+            accept_lens=commit_lens,
+            can_run_cuda_graph=verify.can_run_cuda_graph,
+            next_draft_input=next_draft_state(accepted.bonus, new_seq_lens),
+            speculative_num_draft_tokens=block,
+            new_seq_lens=new_seq_lens,
+        )
+        self.step_timer.end(step)
+        return result
+
+    def draft(self, batch, anchors, positions, slots, plan_lens):
+        """The drafter's forward over [anchor, MASK x (B-1)] -> what the draft head makes of rows 1..B-1: drafts
+        [bs * (B-1)] (chain), or (log-probs, tokens) [bs * (B-1), k] (tree)."""
         bs, block = positions.shape
         block_ids = torch.cat([anchors, anchors.new_full((bs, block - 1), self.drafter_config.mask_token_id)], dim=1)
         embeds = self.target_embed(block_ids.reshape(-1))
@@ -210,16 +296,17 @@ class DFlashWorker(BaseSpecWorker):
         # Only the decode-graph runner replays TARGET_VERIFY (the prefill graph refuses it), and its graphs
         # contain the head, so a graph run has already written the drafts.
         if out.can_run_graph and self.draft_head.graph_tokens is not None:
-            return self.draft_head.graph_tokens[: bs * (block - 1)].view(bs, block - 1)
-        return self.draft_head(out.logits_output.hidden_states).view(bs, block - 1)
+            return self.draft_head.graph_output(bs)
+        return self.draft_head(out.logits_output.hidden_states)
 
-    def verify(self, batch, candidates, positions, slots, plan_lens) -> GenerationBatchResult:
-        """The target's TARGET_VERIFY forward over the candidates, with features captured at every row."""
+    def verify(self, batch, candidates, positions, slots, plan_lens, custom_mask=None) -> GenerationBatchResult:
+        """The target's TARGET_VERIFY forward over the candidates [bs, width], with features captured at every
+        row; a chain is causal, a tree brings its mask."""
         spec = DFlashVerifyInput(
             draft_token=candidates.reshape(-1),
             positions=positions.reshape(-1),
-            draft_token_num=self.block_size,
-            custom_mask=None,
+            draft_token_num=candidates.shape[1],
+            custom_mask=custom_mask,
             capture_hidden_mode=CaptureHiddenMode.FULL,
         )
         plan_lens_cpu, plan_lens_sum = plan_lens
@@ -255,8 +342,28 @@ class DFlashWorker(BaseSpecWorker):
         ]
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
+    def accept_tree(self, tree, logits, sampling_info) -> VerifyResult:
+        """Greedy or lossless sampling acceptance of the tree on the GPU (our kernels, or their references)."""
+        bs, width = tree.tokens.shape
+        max_depth = self.block_size - 1
+        if sampling_info is not None:
+            apply_sampling_adjustments(logits, sampling_info, width)
+        if sampling_info is None or sampling_info.is_all_greedy:
+            predicted = logits.argmax(dim=-1).view(bs, width)
+            return verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling, predicted, max_depth)
+        logits = logits.view(bs, width, -1)
+        step = max(1, SAMPLING_ROWS_PER_CHUNK // width)
+        chunks = []
+        for lo in range(0, bs, step):
+            part = slice(lo, lo + step)
+            probs = sampling_rows(logits[part], sampling_info, part)
+            coins, race = draw_verify_randoms(probs.shape[0], width, probs.shape[-1], logits.device)
+            chunks.append(verify_tree_sampling(tree.tokens[part], tree.first_child[part], tree.next_sibling[part],
+                                               probs, coins, race, max_depth))
+        return VerifyResult(*(torch.cat(fields) for fields in zip(*chunks)))
 
-def check_startup(server_args, target_runner) -> tuple[DFlashConfig, TargetInfo]:
+
+def check_startup(server_args, target_runner, tree: TreeSettings | None = None) -> tuple[DFlashConfig, TargetInfo]:
     """Validate the drafter/target pair and the serving flags; raise DFlashConfigError listing every problem."""
     block = int(server_args.speculative_num_draft_tokens)
     errors: list[str] = []
@@ -271,6 +378,9 @@ def check_startup(server_args, target_runner) -> tuple[DFlashConfig, TargetInfo]
         target = TargetInfo.from_path(checkpoint_dir(server_args.model_path, server_args.revision))
     except DFlashConfigError as e:
         errors += e.messages
+    if tree is not None and config is not None:
+        errors += check_tree(tree, config.block_size, block, server_args.attention_backend)
+        block = config.block_size  # the drafter's block; the tree's width is the verify's
     if config is not None and target is not None:
         errors += validate_pair(config, target, block)
     if config is not None and target is not None and not target.model_type.startswith("gemma4"):
@@ -355,8 +465,9 @@ class DraftWorkerHandle:
         return getattr(self.tp_worker, name)
 
 
-def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runner) -> TpModelWorker:
-    """The drafter's own TpModelWorker: shares the target's slot mapping and allocator, owns a KV pool."""
+def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runner, block_size: int) -> TpModelWorker:
+    """The drafter's own TpModelWorker: shares the target's slot mapping and allocator, owns a KV pool. Its
+    runner's TARGET_VERIFY width (attention layout, CUDA graphs) is the drafter's block, also in tree mode."""
     backend = server_args.speculative_draft_attention_backend or server_args.attention_backend
     draft_args = deepcopy(server_args)
     draft_args.override(
@@ -367,6 +478,7 @@ def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runn
         prefill_attention_backend=None,
         decode_attention_backend=None,
         context_length=target_runner.model_config.context_len,
+        speculative_num_draft_tokens=block_size,
     )
     published = get_server_args()
     try:
@@ -379,7 +491,8 @@ def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runn
         get_context().set_server_args(published)
 
 
-def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_size: int) -> GreedyDraftHead:
+def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_size: int,
+                    tree: TreeSettings | None = None) -> GreedyDraftHead:
     weight = lm_head.weight
     shard = getattr(lm_head, "shard_indices", None)
     if shard is None:
@@ -389,15 +502,11 @@ def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_siz
         num_rows, vocab_start = shard.num_org_elements, shard.org_vocab_start_index
         group = get_tp_group()
         tp_group = group if group.world_size > 1 else None
-    return GreedyDraftHead(
-        weight,
-        block_size,
-        num_rows=num_rows,
-        vocab_start=vocab_start,
-        logit_multiplier=config.output_multiplier,
-        softcap=default_softcap(config, target),
-        tp_group=tp_group,
-    )
+    common = dict(num_rows=num_rows, vocab_start=vocab_start, logit_multiplier=config.output_multiplier,
+                  softcap=default_softcap(config, target), tp_group=tp_group)
+    if tree is not None:
+        return TopkDraftHead(weight, block_size, topk=tree.topk, **common)
+    return GreedyDraftHead(weight, block_size, **common)
 
 
 def next_draft_state(bonus: torch.Tensor, new_seq_lens: torch.Tensor) -> DFlashDraftInputV2:
@@ -436,10 +545,15 @@ def extend_positions(prefix_lens: list[int], extend_lens: list[int], device) -> 
 
 def sampled_accept(candidates, logits, sampling_info, requests: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling acceptance for the requests `requests` of the batch; logits [n, B, V] are theirs."""
-    num_requests, block, vocab = logits.shape
+    return sampling_accept(candidates, sampling_rows(logits, sampling_info, requests))
+
+
+def sampling_rows(logits: torch.Tensor, sampling_info, requests: slice) -> torch.Tensor:
+    """The target's sampling distributions [n, W, V] of the requests `requests`, from their verify logits."""
+    num_requests, width, vocab = logits.shape
 
     def rows(values: torch.Tensor, needed: bool = True) -> torch.Tensor | None:
-        return per_row(values.reshape(-1)[requests], block) if needed else None
+        return per_row(values.reshape(-1)[requests], width) if needed else None
 
     probs = filtered_probs(
         logits.reshape(-1, vocab),
@@ -448,7 +562,7 @@ def sampled_accept(candidates, logits, sampling_info, requests: slice) -> tuple[
         rows(sampling_info.top_ps, sampling_info.need_top_p_sampling),
         rows(sampling_info.min_ps, sampling_info.need_min_p_sampling),
     )
-    return sampling_accept(candidates, probs.view(num_requests, block, vocab))
+    return probs.view(num_requests, width, vocab)
 
 
 def per_row(values: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Tree drafting and verification (DDTree) inside SGLang's decode step: settings, launch flags, and the per-step
+tensors the target's tree verify needs.
+
+The drafter's one forward gives a distribution at every block position; a best-first tree over their top-k
+(`dflash_sglang.kernels.build_draft_tree`) of `budget` nodes is verified by the target in ONE forward of
+`budget + 1` tokens (the anchor is the root) under a custom attention mask: node i sees the committed context
+and its own ancestors, at position committed_len + depth(i). SGLang sizes everything speculative by
+`--speculative-num-draft-tokens` (the verify width: KV reservation, the target's verify CUDA graphs, the
+triton backend's mask layout), so tree mode sets it to budget + 1 while the drafter keeps its trained block.
+
+Launch flags (added to SGLang's parser by the plugin):
+  --speculative-dflash-tree-budget N   draft nodes per request; tree mode on
+  --speculative-dflash-topk K          candidates per block position (default 4)
+They travel to the scheduler processes as the environment variables below (which also switch tree mode on
+for the offline Engine, together with --speculative-num-draft-tokens N+1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dflash_sglang.config import DFlashConfigError
+from dflash_sglang.kernels.reference import tree_num_nodes
+
+BUDGET_ENV = "DFLASH_SGLANG_TREE_BUDGET"
+TOPK_ENV = "DFLASH_SGLANG_TREE_TOPK"
+DEFAULT_TOPK = 4
+MAX_TREE_NODES = 256  # the tree-build kernel's per-request capacity, root included
+MAX_TOPK = 64
+ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
+MASK_POLICY_TARGET = "sglang.srt.speculative.dflash_utils.resolve_dflash_verify_mask_policy"
+# Backends whose verify attention honours a custom mask inside CUDA graphs with our layout.
+TREE_VERIFY_BACKENDS = ("triton",)
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    budget: int  # draft nodes per request
+    topk: int  # candidates per block position
+
+    @property
+    def verify_width(self) -> int:
+        return self.budget + 1
+
+
+def settings_from_env(environ=os.environ) -> TreeSettings | None:
+    """Tree mode's settings, or None for the chain; a malformed value is an error naming its flag."""
+    budget, topk = environ.get(BUDGET_ENV, "").strip(), environ.get(TOPK_ENV, "").strip()
+    if not budget:
+        return None
+    errors = []
+    values = {}
+    for name, flag, raw in (("budget", "--speculative-dflash-tree-budget", budget),
+                            ("topk", "--speculative-dflash-topk", topk or str(DEFAULT_TOPK))):
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            errors.append(f"{flag} must be an integer, got {raw!r}")
+    if errors:
+        raise DFlashConfigError(errors)
+    return TreeSettings(**values)
+
+
+def check_tree(settings: TreeSettings, block_size: int, num_draft_tokens: int, attention_backend: str | None) -> list[str]:
+    """Every reason the tree cannot be served with this drafter block and these flags."""
+    errors = []
+    budget, topk, width = settings.budget, settings.topk, settings.verify_width
+    if not 1 <= topk <= MAX_TOPK:
+        errors.append(f"--speculative-dflash-topk {topk} must be between 1 and {MAX_TOPK}")
+    if not 1 <= budget < MAX_TREE_NODES:
+        errors.append(f"--speculative-dflash-tree-budget {budget} must be between 1 and {MAX_TREE_NODES - 1}")
+    elif 1 <= topk <= MAX_TOPK and tree_num_nodes(block_size - 1, topk, budget) != width:
+        most = tree_num_nodes(block_size - 1, topk, MAX_TREE_NODES) - 1
+        errors.append(
+            f"--speculative-dflash-tree-budget {budget} exceeds the {most} distinct draft nodes a block of "
+            f"{block_size} with --speculative-dflash-topk {topk} can hold; lower the budget or raise the top-k"
+        )
+    if num_draft_tokens != width:
+        errors.append(
+            f"tree mode verifies budget + 1 = {width} tokens per request, but --speculative-num-draft-tokens is "
+            f"{num_draft_tokens}; drop --speculative-num-draft-tokens (the tree budget sets it) or make it {width}"
+        )
+    if 2 * width < block_size:
+        # SGLang reserves 2 x num_draft_tokens KV slots ahead of each request; the draft block must fit in them.
+        errors.append(
+            f"--speculative-dflash-tree-budget {budget} is too small for the drafter's block of {block_size}: "
+            f"use at least {(block_size + 1) // 2 - 1}"
+        )
+    if attention_backend not in TREE_VERIFY_BACKENDS:
+        errors.append(
+            f"tree verification needs a target attention backend with custom verify masks {TREE_VERIFY_BACKENDS}; "
+            f"got --attention-backend {attention_backend}: pass --attention-backend triton, or drop the tree flags"
+        )
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------- launch flags
+
+
+def add_cli_args_hook(original, parser: argparse.ArgumentParser):
+    """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
+    original(parser)
+    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting)")
+    group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
+                       help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
+                            "sets --speculative-num-draft-tokens to budget + 1")
+    group.add_argument("--speculative-dflash-topk", type=int, default=None,
+                       help=f"DFLASH tree mode: candidates per block position (default {DEFAULT_TOPK})")
+
+
+def from_cli_args_hook(original, cls, args: argparse.Namespace):
+    """AROUND `ServerArgs.from_cli_args`: our flags become environment variables (inherited by the scheduler
+    processes SGLang spawns next) and the verify width, before SGLang resolves its speculative arguments."""
+    budget = getattr(args, "speculative_dflash_tree_budget", None)
+    topk = getattr(args, "speculative_dflash_topk", None)
+    if topk is not None and budget is None:
+        raise DFlashConfigError(["--speculative-dflash-topk needs --speculative-dflash-tree-budget (tree mode)"])
+    if budget is not None:
+        os.environ[BUDGET_ENV] = str(budget)
+        os.environ[TOPK_ENV] = str(topk if topk is not None else DEFAULT_TOPK)
+        if args.speculative_num_draft_tokens is None:
+            args.speculative_num_draft_tokens = budget + 1
+    return original(cls, args)
+
+
+def mask_policy_hook(original, attn_backend):
+    """AROUND SGLang's DFLASH verify-mask policy: in tree mode the target's verify CUDA graphs are captured with
+    the custom-mask path (the chain is causal and skips it); draft runners never get a mask either way."""
+    name, build_custom_mask = original(attn_backend)
+    if os.environ.get(BUDGET_ENV, "").strip():
+        return name, True
+    return name, build_custom_mask
+
+
+# ------------------------------------------------------------------------------------------------- step tensors
+
+
+def verify_mask(ancestor_mask: torch.Tensor, seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """The flat custom mask of a tree verify, in the layout of SGLang's triton backend.
+
+    Request b owns W rows of (seq_lens[b] + W) columns, requests back to back: row i may see every committed
+    token and tree node j iff ancestor_mask[b, i, j]. `total` >= sum_b W * (seq_lens[b] + W) is a host-side
+    bound (the planning lengths), so the size is known without reading the device; the tail is unused.
+    """
+    bs, width, _ = ancestor_mask.shape
+    row_len = seq_lens.long() + width
+    sizes = width * row_len
+    starts = torch.cumsum(sizes, dim=0) - sizes
+    rows = torch.arange(width, device=seq_lens.device)
+    index = (starts[:, None, None] + rows[None, :, None] * row_len[:, None, None]
+             + seq_lens.long()[:, None, None] + rows[None, None, :])
+    mask = torch.ones(total, dtype=torch.bool, device=ancestor_mask.device)
+    mask[index.reshape(-1)] = ancestor_mask.reshape(-1)
+    return mask
+
+
+def commit_tree_slots(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                      path: torch.Tensor, accept_len: torch.Tensor, width: int) -> None:
+    """Reorder each request's verify slots req_to_token[r, seq_len : seq_len + W] in place: the accepted path's
+    slots first (in path order), then the other nodes' in node order.
+
+    The verify pass wrote node j's K/V into the slot at column seq_len + j, at position seq_len + depth(j); after
+    the reorder, committed position seq_len + i holds the K/V of path node i, computed at exactly that position.
+    It is a permutation of slots SGLang already reserved, so nothing is copied, freed or leaked: the rejected
+    nodes' slots stay reserved past the new length and are overwritten by the next step.
+    """
+    bs, depth = path.shape
+    device = path.device
+    columns = seq_lens.long()[:, None] + torch.arange(width, device=device)
+    rows = req_pool_indices.long()[:, None]
+    slots = req_to_token[rows, columns]
+    steps = torch.arange(depth, device=device).expand(bs, depth)
+    on_path = steps <= accept_len.long()[:, None]
+    # Sort key per node: its step on the accepted path, else width + its index; a spare column takes the
+    # scatter of the path's padding.
+    keys = torch.arange(width, width + width + 1, device=device).repeat(bs, 1)
+    keys.scatter_(1, torch.where(on_path, path.long(), width), torch.where(on_path, steps, 2 * width))
+    order = keys[:, :width].argsort(dim=1)
+    req_to_token[rows, columns] = slots.gather(1, order)
