@@ -24,6 +24,9 @@ from dflash_sglang.engine import DFlashEngine
 from dflash_sglang.verify import SamplingParams
 
 EMBEDDED_PAIR = "data/pairs/demo"
+# The embedded target is a small code model whose chat template turns the user's words into a comment to continue.
+EMBEDDED_REQUEST = "Return the names of the files in a directory, sorted by size."
+RANDOM_PAIR_REQUEST = "Write a short poem about rivers."
 
 
 def embedded_pair() -> tuple[Path, Path] | None:
@@ -77,11 +80,14 @@ def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, start
     from openai import OpenAI
 
     target, drafter = demo_pair(workdir, with_tokenizer=True)
+    request = EMBEDDED_REQUEST if embedded_pair() is not None else RANDOM_PAIR_REQUEST
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(target),
                "--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(drafter),
                "--speculative-num-draft-tokens", "16", "--attention-backend", "triton",
                "--speculative-draft-attention-backend", "triton", "--sampling-backend", "pytorch",
-               "--mem-fraction-static", "0.3", "--disable-prefill-cuda-graph", "--port", str(port)]
+               # A small capped KV pool: the demo pair needs little and leaves the GPU to whatever else runs on it.
+               "--mem-fraction-static", "0.85", "--max-total-tokens", "65536", "--disable-prefill-cuda-graph",
+               "--port", str(port)]
     print("$ " + " ".join(command))
     log = open(workdir / "server.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -104,7 +110,7 @@ def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, start
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
         started = time.perf_counter()
         reply = client.chat.completions.create(model=str(target), max_tokens=max_tokens, temperature=0.0,
-                                               messages=[{"role": "user", "content": "Write a short poem about rivers."}])
+                                               messages=[{"role": "user", "content": request}])
         seconds = time.perf_counter() - started
         info = _get_json(f"{base}/server_info")
         accept = [s.get("avg_spec_accept_length") for s in info.get("internal_states", [])]

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 # Verify rows filtered per chunk in sampling verification (each row sorts the whole vocabulary).
 SAMPLING_ROWS_PER_CHUNK = 128
+# Profiler ranges around each step (SGLang's /start_profile traces; scripts/device/profile_step.py reads them).
+DECODE_RANGE = "dflash_sglang.decode"
 
 
 class DFlashWorker(BaseSpecWorker):
@@ -161,6 +163,7 @@ class DFlashWorker(BaseSpecWorker):
             new_seq_lens=state.new_seq_lens,
         )
 
+    @torch.profiler.record_function(DECODE_RANGE)
     def decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
@@ -206,6 +209,7 @@ class DFlashWorker(BaseSpecWorker):
         self.step_timer.end(step)
         return result
 
+    @torch.profiler.record_function(DECODE_RANGE)
     def decode_tree(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         """One tree step: draft the block, build the best-first tree from its top-k, verify every node in one
         target pass (custom mask, positions by depth), accept on the GPU, commit the accepted path by reordering

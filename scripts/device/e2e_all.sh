@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue-7 evidence in one device command: every end-to-end group of scripts/device/e2e.sh at once, plus the GPU
+# path of `make demo`. Groups run concurrently on their own ports (each starts AR, builtin and ours together and
+# measures them one at a time), so startup -- most of the cost -- is paid once for all of them:
+#   qwen3   tiny random Qwen3 pair, float32, triton draft attention
+#   gemma4  tiny random Gemma-4 pair (real Gemma-4 tokenizer), float32, triton
+#   demo    the embedded trained pair (acceptance well above 1), float32, triton; then the request-level checks
+#           and the soak against its live servers
+#   fa4     tiny Qwen3 pair, bfloat16, fa4 draft attention (only when the FA4 site is unpacked)
+#   tree    the embedded pair, float32, ours in tree mode (31 draft nodes, top-4) against AR
+# Speed figures of concurrent groups share the GPU and CPUs with each other: read them as smoke figures; the
+# side-by-side speed comparison is scripts/device/bench.sh, run alone. Prints every group's table last.
+#
+#   usage: source .device/unpack.sh && bash scripts/device/e2e_all.sh [--budget S]
+set -uo pipefail
+BUDGET=480
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+OUT="${OUT:-$REPO/out}"
+mkdir -p "$OUT"
+E2E=(bash "$REPO/scripts/device/e2e.sh")
+# Tree mode's kernels: built once here, while the servers start; the servers load them from the cache.
+export DFLASH_KERNEL_CACHE=/tmp/dflash_kernel_cache PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m dflash_sglang.kernels build > "$OUT/kernel-build.log" 2>&1 &
+DEMO_PAIR="$REPO/dflash_sglang/data/pairs/demo"
+SOAK_BUDGET=$(( BUDGET / 4 ))
+
+declare -A GROUP_PID
+run_group() {
+  local name="$1"; shift
+  "${E2E[@]}" "$@" > "$OUT/group-$name.log" 2>&1 &
+  GROUP_PID[$name]=$!
+}
+run_group qwen3 --arch qwen3 --port-base 30010 --budget "$BUDGET"
+run_group gemma4 --arch gemma4 --port-base 30020 --budget "$BUDGET"
+CHECKS="python3 $REPO/scripts/device/request_checks.py --port \$OURS_PORT --ref-port \$AR_PORT \
+  --out \$OUT_DIR/request_checks.json --mask-text '<|mask|>' \
+  && python3 $REPO/scripts/device/soak.py --port \$OURS_PORT --ref-port \$AR_PORT --out \$OUT_DIR/soak \
+  --requests 500 --max-concurrency 64 --abort-fraction 0.1 --time-budget $SOAK_BUDGET --log \$OUT_DIR/ours.log \
+  --gpu-mem-cmd 'bash $REPO/scripts/device/gpu_mem_of.sh '\$OURS_SESSION"
+run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 --budget $(( BUDGET - SOAK_BUDGET - 60 )) \
+  --then "$CHECKS"
+run_group tree --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --port-base 30050 \
+  --budget "$BUDGET"
+if python3 -c "import cutlass, flash_attn.cute" 2>/dev/null; then
+  run_group fa4 --arch qwen3 --name qwen3-fa4 --dtype bfloat16 --draft-backend fa4 --port-base 30040 \
+    --budget "$BUDGET"
+else
+  echo "fa4 group skipped: the FA4 site is not unpacked (see the device README)"
+fi
+# `make demo` on a GPU machine: its own server on :30000, one chat request through the openai client.
+( cd "$REPO" && timeout "$BUDGET" python3 -m dflash_sglang demo > "$OUT/make-demo.log" 2>&1; \
+  echo "make demo exit $?" >> "$OUT/make-demo.log" ) &
+DEMO_PID=$!
+
+STATUS=0
+for name in "${!GROUP_PID[@]}"; do
+  wait "${GROUP_PID[$name]}" || STATUS=1
+done
+wait "$DEMO_PID"
+echo "================ make demo (GPU path)"
+tail -n 12 "$OUT/make-demo.log"
+echo "================ kernel build"
+tail -n 3 "$OUT/kernel-build.log"
+for name in qwen3 gemma4 demo tree fa4; do
+  [ -f "$OUT/group-$name.log" ] || continue
+  echo "================ $name"
+  grep -E "^== (then|.*failed)|dflash_sglang plugin" "$OUT/group-$name.log" || true
+  sed -n '/^pair=/,$p' "$OUT/group-$name.log"
+done
+exit "$STATUS"

@@ -1,0 +1,168 @@
+"""Profile our decode step inside a live SGLang server: the host-side work that CUDA graphs do not hide.
+
+    python3 scripts/device/profile_step.py --port P --out DIR [--steps 40] [--concurrency 1] [--max-tokens 256]
+    python3 scripts/device/profile_step.py --summarize DIR        # an existing trace folder
+
+Starts SGLang's torch profiler (POST /start_profile: CPU + GPU activities, `num_steps` scheduler steps), drives
+`concurrency` greedy requests through /generate while it records, waits for the trace, and reads the
+`dflash_sglang.decode` ranges our worker marks (worker.DECODE_RANGE). Per step: host time, CUDA kernel launches,
+CUDA graph replays, memory copies, and host synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize /
+cudaEventSynchronize / blocking cudaMemcpy) inside the step -- a step that overlaps with the next one must have
+none; plus the host-heaviest operators. Writes DIR/profile-summary.json and prints a table last.
+Standard library only (the GPU box has no package registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+DECODE_RANGE = "dflash_sglang.decode"
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
+COPIES = ("cudaMemcpyAsync", "cudaMemsetAsync", "cuMemcpyAsync", "cuMemsetAsync")
+
+
+def post(port: int, path: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return {"text": raw.decode(errors="replace")}
+
+
+def trace_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and (p.name.endswith(".json.gz") or p.name.endswith(".json"))
+                  and "summary" not in p.name)
+
+
+def wait_for_trace(folder: Path, timeout: float) -> list[Path]:
+    """Trace files once their sizes stop changing (the profiler writes them after its last step)."""
+    deadline, last = time.time() + timeout, None
+    while time.time() < deadline:
+        sizes = [(p, p.stat().st_size) for p in trace_files(folder)]
+        if sizes and sizes == last:
+            return [p for p, _ in sizes]
+        last = sizes
+        time.sleep(3)
+    return [p for p, _ in last or []]
+
+
+def load_events(path: Path) -> list[dict]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def summarize(events: list[dict]) -> dict:
+    """Per-step counts inside every `dflash_sglang.decode` range (same host thread, nested in time)."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    steps = [e for e in complete if e.get("name") == DECODE_RANGE]
+    by_thread = defaultdict(list)
+    for e in complete:
+        if e.get("name") != DECODE_RANGE and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    runtime, ops, op_time = Counter(), Counter(), Counter()
+    for step in steps:
+        start, end = step["ts"], step["ts"] + step["dur"]
+        for e in by_thread[(step.get("pid"), step.get("tid"))]:
+            if start <= e["ts"] and e["ts"] + e["dur"] <= end:
+                if e.get("cat") == "cpu_op":
+                    ops[e["name"]] += 1
+                    op_time[e["name"]] += e["dur"]
+                else:
+                    runtime[e["name"]] += 1
+    n = max(len(steps), 1)
+
+    def per_step(names) -> float:
+        return sum(runtime[name] for name in names) / n
+
+    host_us = sorted(s["dur"] for s in steps)
+    return {
+        "steps": len(steps),
+        "host_ms_per_step_mean": sum(host_us) / n / 1000,
+        "host_ms_per_step_median": host_us[len(host_us) // 2] / 1000 if host_us else 0.0,
+        "kernel_launches_per_step": per_step(KERNEL_LAUNCHES),
+        "graph_launches_per_step": per_step(GRAPH_LAUNCHES),
+        "copies_per_step": per_step(COPIES),
+        "host_syncs_per_step": per_step(SYNC_CALLS),
+        "host_syncs": {name: runtime[name] for name in SYNC_CALLS if runtime[name]},
+        "top_ops_by_host_time": [
+            {"op": name, "calls_per_step": ops[name] / n, "us_per_step": op_time[name] / n}
+            for name, _ in op_time.most_common(15)
+        ],
+    }
+
+
+def drive(port: int, concurrency: int, max_tokens: int, timeout: float) -> None:
+    prompts = [f"{i}. Explain, step by step, how a compiler turns source code into machine code." for i in
+               range(concurrency)]
+    body = {"sampling_params": {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}}
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(lambda p: post(port, "/generate", {"text": p, **body}, timeout), prompts))
+
+
+def print_table(summary: dict) -> None:
+    rows = [("steps profiled", summary["steps"]),
+            ("host ms / step (mean, median)",
+             f"{summary['host_ms_per_step_mean']:.3f}, {summary['host_ms_per_step_median']:.3f}"),
+            ("kernel launches / step", f"{summary['kernel_launches_per_step']:.1f}"),
+            ("CUDA graph replays / step", f"{summary['graph_launches_per_step']:.1f}"),
+            ("async copies+memsets / step", f"{summary['copies_per_step']:.1f}"),
+            ("host syncs / step", f"{summary['host_syncs_per_step']:.2f} {summary['host_syncs'] or ''}")]
+    for name, value in rows:
+        print(f"{name:<32} {value}")
+    print("top operators inside the step (inclusive host us / step, calls / step):")
+    for op in summary["top_ops_by_host_time"][:10]:
+        print(f"  {op['op'][:60]:<60} {op['us_per_step']:9.1f} {op['calls_per_step']:6.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--out", help="folder for the trace and profile-summary.json")
+    parser.add_argument("--summarize", help="summarize the traces already in this folder")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=180)
+    args = parser.parse_args()
+    if args.summarize:
+        folder = Path(args.summarize)
+        files = trace_files(folder)
+    else:
+        if args.port is None or args.out is None:
+            parser.error("--port and --out are needed to record a profile")
+        folder = Path(args.out).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        drive(args.port, 1, 8, args.timeout)  # warm: graphs captured, first-use compilation done
+        started = post(args.port, "/start_profile", {"output_dir": str(folder), "num_steps": args.steps,
+                                                      "activities": ["CPU", "GPU"]}, args.timeout)
+        print(f"start_profile: {started}", file=sys.stderr)
+        drive(args.port, args.concurrency, args.max_tokens, args.timeout)
+        files = wait_for_trace(folder, args.timeout)
+    if not files:
+        print(f"no trace found under {folder}", file=sys.stderr)
+        return 1
+    events = [e for path in files for e in load_events(path)]
+    summary = {"traces": [str(p) for p in files], "concurrency": args.concurrency, **summarize(events)}
+    (folder / "profile-summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(summary)
+    return 0 if summary["steps"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""scripts/device/profile_step.py's trace summary on a synthetic chrome trace."""
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device" / "profile_step.py"
+spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
+profile_step = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(profile_step)
+
+
+def event(name, ts, dur, cat, tid=1):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": 7, "tid": tid}
+
+
+def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
+    events = [
+        event("dflash_sglang.decode", 100, 50, "user_annotation"),
+        event("cudaLaunchKernel", 110, 2, "cuda_runtime"),
+        event("cudaLaunchKernel", 120, 2, "cuda_runtime"),
+        event("cudaGraphLaunch", 130, 5, "cuda_runtime"),
+        event("aten::argmax", 112, 6, "cpu_op"),
+        event("dflash_sglang.decode", 300, 30, "user_annotation"),
+        event("cudaLaunchKernel", 305, 2, "cuda_runtime"),
+        event("cudaStreamSynchronize", 310, 9, "cuda_runtime"),
+        event("cudaMemcpyAsync", 320, 1, "cuda_runtime"),
+        event("cudaStreamSynchronize", 200, 9, "cuda_runtime"),  # between steps: the scheduler's, not ours
+        event("cudaLaunchKernel", 115, 2, "cuda_runtime", tid=2),  # another thread
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = profile_step.summarize(profile_step.load_events(path))
+    assert summary["steps"] == 2
+    assert summary["kernel_launches_per_step"] == 1.5
+    assert summary["graph_launches_per_step"] == 0.5
+    assert summary["host_syncs_per_step"] == 0.5 and summary["host_syncs"] == {"cudaStreamSynchronize": 1}
+    assert summary["copies_per_step"] == 0.5
+    assert summary["host_ms_per_step_mean"] == 0.04
+    assert summary["top_ops_by_host_time"] == [{"op": "aten::argmax", "calls_per_step": 0.5, "us_per_step": 3.0}]
