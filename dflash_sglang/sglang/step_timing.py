@@ -147,7 +147,8 @@ def parse_line(line: str) -> dict | None:
     match = LINE_PATTERN.search(line)
     if match is None:
         return None
-    return {name: (int(value) if name in ("bs", "steps") else float(value)) for name, value in match.groupdict().items()}
+    fields = match.groupdict()
+    return {name: (int(value) if name in ("bs", "steps") else float(value)) for name, value in fields.items()}
 
 
 def parse_log(text: str) -> list[dict]:
