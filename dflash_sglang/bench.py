@@ -11,6 +11,7 @@ Client side needs the standard library only, plus transformers when prompts are 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import statistics
@@ -96,13 +97,18 @@ class Progress:
         sys.stderr.flush()
 
 
+@functools.cache
+def _tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
 def render_prompts(rows: list[dict], tokenizer_dir: str | None) -> list[dict]:
     """Chat-templated input_ids when a tokenizer is given (instruct targets), raw text otherwise."""
     if tokenizer_dir is None:
         return [{"id": r["id"], "text": r["prompt"]} for r in rows]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir)
     out = []
     for r in rows:
         text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,

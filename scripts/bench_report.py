@@ -1,0 +1,206 @@
+"""bench.json of scripts/device/bench.sh -> bench-<date>.{json,md} and two plots, for docs/results/.
+
+    python scripts/bench_report.py out/bench/bench.json --out docs/results/
+    python scripts/bench_report.py out/bench/bench.json --no-plots      # the markdown to stdout only (the GPU box)
+
+Every number in the markdown and the plots is read from the JSON by `throughput_rows` / `set_rows`, so they
+match it (tests/test_bench_report.py checks the markdown against the JSON). The plots need matplotlib, which the
+project does not depend on: install it anywhere outside the shared venv, e.g.
+    python -m pip install --target /tmp/dflash-mpl matplotlib && PYTHONPATH=/tmp/dflash-mpl python scripts/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+SET_TITLES = {"math500": "MATH-500", "humaneval": "HumanEval", "mtbench": "MT-Bench", "gsm8k": "GSM8K"}
+TITLES = {"ar": "AR", "builtin": "builtin DFLASH", "ours": "ours (chain)", "ours-tree": "ours (tree)"}
+
+
+def _levels(contender: dict, stage: str) -> list[dict]:
+    run = contender["runs"].get(stage)
+    return [] if run is None else [lv for lvs in run["sets"].values() for lv in lvs]
+
+
+def throughput_rows(bench: dict) -> list[dict]:
+    """Per contender and concurrency of the sweep: tok/s, speedups vs AR and vs builtin at the same concurrency,
+    TPOT, TTFT, tau, mismatches vs AR (None where not measured)."""
+    by_name = {c["name"]: {lv["concurrency"]: lv for lv in _levels(c, "sweep") if not lv["skipped"]}
+               for c in bench["contenders"]}
+
+    def ratio(level: dict, other: str) -> float | None:
+        base = by_name.get(other, {}).get(level["concurrency"])
+        if base is None or not base["output_tok_s"] or level["output_tok_s"] is None:
+            return None
+        return level["output_tok_s"] / base["output_tok_s"]
+
+    rows = []
+    for contender in bench["contenders"]:
+        for level in _levels(contender, "sweep"):
+            row = {"contender": contender["name"], "prompt_set": level["prompt_set"],
+                   "concurrency": level["concurrency"], "skipped": level["skipped"]}
+            if not level["skipped"]:
+                row.update(requests=level["requests"], errors=level["errors"], tok_s=level["output_tok_s"],
+                           vs_ar=ratio(level, "ar"), vs_builtin=ratio(level, "builtin"),
+                           tpot_ms=level["mean_tpot_ms"], ttft_ms=level["mean_ttft_ms"], tau=level["tau"],
+                           mismatches=level["mismatches"], checked=level["requests"] - level["errors"]
+                           - (level["unchecked"] or 0))
+            rows.append(row)
+    return rows
+
+
+def set_rows(bench: dict) -> list[dict]:
+    """Per contender: tau on each prompt set of the per-set stage, their unweighted mean, mismatches vs AR."""
+    rows = []
+    for contender in bench["contenders"]:
+        levels = _levels(contender, "sets")
+        done = [lv for lv in levels if not lv["skipped"]]
+        if not done:
+            continue
+        taus = {lv["prompt_set"]: None if lv["skipped"] else lv["tau"] for lv in levels}
+        known = [t for t in taus.values() if t is not None]
+        checked = [lv for lv in done if lv["mismatches"] is not None]
+        rows.append({"contender": contender["name"], "tau": taus,
+                     "mean_tau": statistics.fmean(known) if len(known) == len(taus) else None,
+                     "requests": sum(lv["requests"] - lv["errors"] for lv in done),
+                     "mismatches": sum(lv["mismatches"] for lv in checked) if checked else None})
+    return rows
+
+
+def _f(value, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{format(value, spec)}{suffix}"
+
+
+def _mismatch(bench: dict, contender: str, count: int | None, of: int) -> str:
+    if contender == bench.get("reference"):
+        return "reference"
+    return "-" if count is None else f"{count}/{of}"
+
+
+def _stage_settings(bench: dict, stage: str) -> dict:
+    for contender in bench["contenders"]:
+        if stage in contender["runs"]:
+            return contender["runs"][stage]
+    return {}
+
+
+def markdown(bench: dict) -> str:
+    s = bench.get("settings", {})
+    v = bench.get("versions", {})
+    sweep, sets_run = _stage_settings(bench, "sweep"), _stage_settings(bench, "sets")
+    out = [f"# Side-by-side benchmark, {bench['date']} ({bench.get('gpu', 'unknown GPU')})", ""]
+    out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
+               f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
+               f"at a time. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    out += ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "
+                f"{sweep.get('max_tokens')} greedy tokens per request (EOS ignored)", "",
+            "Speedups are tok/s ratios at the same concurrency. Mismatches: outputs that differ from AR's for the "
+            "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently).", "",
+            "| contender | conc | requests | tok/s | vs AR | vs builtin | TPOT ms | TTFT ms | tau | mismatches vs AR |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in throughput_rows(bench):
+        name = TITLES.get(r["contender"], r["contender"])
+        if r["skipped"]:
+            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        mismatch = _mismatch(bench, r["contender"], r["mismatches"], r["checked"])
+        requests = f"{r['requests']}" + (f" ({r['errors']} failed)" if r["errors"] else "")
+        out.append(f"| {name} | {r['concurrency']} | {requests} | {_f(r['tok_s'], '.1f')} | "
+                   f"{_f(r['vs_ar'], '.2f', 'x')} | {_f(r['vs_builtin'], '.2f', 'x')} | {_f(r['tpot_ms'], '.2f')} | "
+                   f"{_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | {mismatch} |")
+    rows = set_rows(bench)
+    if rows:
+        names = list(dict.fromkeys(name for r in rows for name in r["tau"]))
+        out += ["", f"## Acceptance length tau per prompt set: concurrency 1, first {sets_run.get('limit')} "
+                    f"prompts of each, up to {sets_run.get('max_tokens')} tokens, stopping at EOS", "",
+                "tau = completion tokens / verify steps (bonus token included), mean over requests; `mean` is the "
+                "unweighted mean of the sets.", "",
+                "| contender | " + " | ".join(SET_TITLES.get(n, n) for n in names) + " | mean | mismatches vs AR |",
+                "|---|" + "---:|" * (len(names) + 2)]
+        for r in rows:
+            mismatch = _mismatch(bench, r["contender"], r["mismatches"], r["requests"])
+            out.append(f"| {TITLES.get(r['contender'], r['contender'])} | "
+                       + " | ".join(_f(r["tau"].get(n), ".2f") for n in names)
+                       + f" | {_f(r['mean_tau'], '.2f')} | {mismatch} |")
+    not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
+    if not_run:
+        out += ["", "## Not run", ""]
+        out += [f"- {TITLES.get(c['name'], c['name'])}: {c['status']}: {c['reason']}" for c in not_run]
+    details = []
+    for c in bench["contenders"]:
+        for stage, run in c["runs"].items():
+            for lv in (lv for lvs in run["sets"].values() for lv in lvs):
+                if lv.get("mismatched"):
+                    where = ", ".join(f"{m['id']}@{m['index']}" for m in lv["mismatched"])
+                    details.append(f"- {TITLES.get(c['name'], c['name'])}, {stage} {lv['prompt_set']} "
+                                   f"c={lv['concurrency']}: {where}")
+    if details:
+        out += ["", "## Mismatches (prompt id @ first differing output position)", ""] + details
+    stem = f"bench-{bench['date']}"
+    out += ["", f"Raw figures: [{stem}.json]({stem}.json).", "",
+            f"![output tok/s vs concurrency]({stem}-toks.png) ![speedup vs AR]({stem}-speedup.png)"]
+    return "\n".join(out) + "\n"
+
+
+def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("matplotlib is needed for the plots (see this script's docstring), or pass --no-plots")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in throughput_rows(bench) if not r["skipped"]]
+    paths = []
+    for key, ylabel, name in (("tok_s", "output tok/s", "toks"), ("vs_ar", "speedup vs AR (tok/s ratio)", "speedup")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for contender in dict.fromkeys(r["contender"] for r in rows):
+            points = [(r["concurrency"], r[key]) for r in rows if r["contender"] == contender and r[key] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=TITLES.get(contender, contender))
+        if key == "vs_ar":
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        concurrencies = sorted({r["concurrency"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs concurrency, {bench.get('gpu', '')} {bench['date']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{stem}-{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench_json")
+    parser.add_argument("--out", default=None, help="folder for bench-<date>.{json,md,-toks.png,-speedup.png}")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    bench = json.loads(Path(args.bench_json).read_text())
+    text = markdown(bench)
+    print(text)
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"bench-{bench['date']}"
+        (out_dir / f"{stem}.md").write_text(text)
+        if Path(args.bench_json).resolve() != (out_dir / f"{stem}.json").resolve():
+            (out_dir / f"{stem}.json").write_text(json.dumps(bench, indent=1) + "\n")
+        written = [] if args.no_plots else plot(bench, out_dir, stem)
+        print("wrote " + ", ".join(str(p) for p in [out_dir / f"{stem}.md", out_dir / f"{stem}.json", *written]),
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
