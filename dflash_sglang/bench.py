@@ -290,7 +290,8 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
     deadline = started + time_limit if time_limit is not None else None
     sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
     report = {"name": name, "url": url, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "tokenizer": tokenizer,
-              "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit, "sets": {}}
+              "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit,
+              "sets": {}}
     if warmup:
         prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
                                   for i in range(warmup)], tokenizer)

@@ -98,8 +98,8 @@ for group, entries in project["entry-points"].items():
 (info / "entry_points.txt").write_text("\n".join(lines))
 EOF
 export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
-BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config as l; print(l(sys.argv[1]).block_size)" \
-  "$DRAFTER") || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }
+BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config
+print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }
 
 # Several servers on one GPU. SGLang 0.5.16 sizes a server's KV pool (mem_cache/kv_cache_configurator.py,
 # _profile_available_bytes) as the GPU memory free after its weights load minus pre_model_load_memory x
@@ -133,7 +133,8 @@ if python3 -m sglang.launch_server --help 2>/dev/null | grep -q -- "$TREE_FLAG";
   launch ours-tree DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "$TREE_BUDGET" \
     ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"}
 else
-  status ours-tree "skipped: 'python -m sglang.launch_server --help' lists no $TREE_FLAG (the dflash_sglang plugin does not serve trees yet)"
+  status ours-tree "skipped: 'python -m sglang.launch_server --help' lists no $TREE_FLAG \
+(the dflash_sglang plugin does not serve trees yet)"
 fi
 
 BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=$BLOCK" "draft_backend=$DRAFT_BACKEND" \
