@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 480):
+#   1. convert the GGUF (payloads .device-smol1..3, see scripts/prepare_smollm2.sh) to a bf16 HF checkpoint;
+#   2. serve it with SGLang (plain decoding) on 127.0.0.1:30100 and regenerate the target's greedy answers to the
+#      ~12k training prompts (chat template, up to 512 new tokens, 256 requests in flight); stop the server;
+#   3. pick the mask token (a special token no prompt or answer contains) and train a 3-layer drafter, B=16,
+#      initialised from the target's last 3 layers, under a wall-clock cap that leaves time for the final
+#      acceptance estimate on held-out records.
+# Results: /tmp/smol/drafter (z-lab layout) and /tmp/smol/result/{run.log, server.log, train_log.jsonl,
+# summary.json (regen stats, timings, train summary), exit_code, DONE, drafter.tar.partNN}; copied to
+# "$OUT/smollm2/" when OUT is set (the device runner brings back at most 8 files of 16 MiB: the drafter, ~23 MB,
+# travels as a tar in parts; `cat drafter.tar.part* | tar -x` gives drafter/).
+#
+#   usage: source .device/unpack.sh && bash scripts/device/train_smollm2.sh
+#          (after `source .device-smol1/unpack.sh`, `... smol2 ...`, `... smol3 ...` on the same warm machine)
+#   background: source .device/unpack.sh && setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &
+#          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
+#   env:   SMOL_BUDGET=480   seconds for the whole script
+#          SMOL_CONCURRENCY=256  regeneration requests in flight (also the server's running-request cap)
+#          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
+#          SMOL_CPU_TEST=1   plumbing check without a GPU or SGLang: a tiny random Llama target (make-tiny), the
+#                            reference regenerate path on SMOL_CPU_PROMPTS (default 12) prompts, a few CPU steps
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+SMOL="${SMOL_DIR:-/tmp/smol}"
+RESULT="$SMOL/result"
+COPY_TO="${OUT:+$OUT/smollm2}"
+
+collect() {
+  [ -n "$COPY_TO" ] || return 0
+  rm -rf "$COPY_TO" && mkdir -p "$COPY_TO"
+  cp -f "$RESULT"/* "$COPY_TO"/ 2>/dev/null || true
+}
+
+if [ "${1:-}" = --collect ]; then
+  [ -d "$RESULT" ] || { echo "error: no $RESULT on this machine (a fresh machine keeps nothing)" >&2; exit 1; }
+  collect
+  if [ -e "$RESULT/exit_code" ]; then echo "finished, exit code $(cat "$RESULT/exit_code")"
+  else echo "still running"; fi
+  tail -n 5 "$RESULT/run.log"
+  exit 0
+fi
+
+BUDGET="${SMOL_BUDGET:-480}"
+CPU_TEST="${SMOL_CPU_TEST:-0}"
+PORT=30100
+MAX_NEW_TOKENS=512
+CONCURRENCY="${SMOL_CONCURRENCY:-256}"
+TARGET="$SMOL/target"
+DRAFTER="$SMOL/drafter"
+DATA="$SMOL/data.jsonl"
+PROMPTS="$SMOL/smollm2_prompts.jsonl"
+MASK_TOKEN="<empty_output>"   # SmolLM2 special token (a notebook marker) chat answers have no use for; checked below
+RESERVE_FINAL=70              # seconds kept after training: imports, final estimate, export, copies
+
+rm -rf "$RESULT" "$DRAFTER" "$DATA"
+mkdir -p "$RESULT"
+exec > >(tee -a "$RESULT/run.log") 2>&1
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true   # its own session: scheduler and detokenizer go too
+    for _ in $(seq 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+finish() {
+  local rc=$?
+  stop_server
+  echo "$rc" > "$RESULT/exit_code"
+  echo "train_smollm2: exit code $rc after $((SECONDS))s"
+  collect
+}
+trap finish EXIT
+TIMINGS="$RESULT/timings.jsonl"
+mark() { echo "{\"phase\": \"$1\", \"seconds\": $SECONDS}" >> "$TIMINGS"; echo "== [$SECONDS s] $1"; }
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
+DFLASH=(python3 -m dflash_sglang)
+
+if [ "$CPU_TEST" = 1 ]; then
+  # Tiny random Llama with the Qwen3 tokenizer (ChatML, like SmolLM2's): same commands, CPU-sized settings.
+  "${DFLASH[@]}" make-tiny --arch llama --out "$SMOL/tiny" --draft-layers 3 > /dev/null
+  rm -rf "$TARGET" && cp -r "$SMOL/tiny/target" "$TARGET"
+  head -n "${SMOL_CPU_PROMPTS:-12}" "${SMOL_PROMPTS:-$PROMPTS}" > "$SMOL/cpu_prompts.jsonl"
+  PROMPTS="$SMOL/cpu_prompts.jsonl"
+  MASK_TOKEN="<|box_end|>"
+  mark "tiny target"
+  "${DFLASH[@]}" regenerate --target "$TARGET" --prompts "$PROMPTS" --chat --out "$DATA" --max-new-tokens 24 \
+    --batch-size 4 --stats "$RESULT/regen_stats.json"
+  mark "regenerated (reference engine)"
+  TRAIN_HW=(--device cpu --dtype float32 --batch-size 4 --num-anchors 8 --max-seq-len 512 --epochs 2
+            --num-eval-prompts 2 --eval-max-new-tokens 8)
+else
+  if [ ! -e "$SMOL/.ready" ]; then
+    echo "error: $SMOL is not ready on this machine: source .device-smol1/unpack.sh, .device-smol2/unpack.sh," \
+      ".device-smol3/unpack.sh in back-to-back commands first" >&2
+    exit 1
+  fi
+  if ! python3 -c "import sglang" 2>/dev/null; then
+    echo "error: sglang is not importable: start the command with 'source .device/unpack.sh'" >&2
+    exit 1
+  fi
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+
+  # 1. GGUF -> bf16 checkpoint (the GGUF readers live in /tmp/smol/site; only this step needs them).
+  PYTHONPATH="$SMOL/site:$PYTHONPATH" "${DFLASH[@]}" convert-gguf --gguf "$SMOL/smollm2.gguf" --out "$TARGET" \
+    --dtype bfloat16
+  mark "converted"
+
+  # 2. Plain decoding on :30100. The KV pool is capped (--max-total-tokens 400000: 256 requests x (prompt + 512)
+  #    fit with room; SmolLM2's KV is 23 KB/token, so ~9 GB) instead of taking a fraction of the whole card, so
+  #    other servers can share the GPU at the same time. --mem-fraction-static 0.85 only relaxes SGLang's
+  #    startup check (it then needs 15% of the card free beyond what it takes), it does not size the pool here.
+  setsid python3 -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 --attention-backend triton \
+    --sampling-backend pytorch --disable-prefill-cuda-graph --mem-fraction-static 0.85 --max-total-tokens 400000 \
+    --max-running-requests "$CONCURRENCY" --cuda-graph-max-bs "$CONCURRENCY" --host 127.0.0.1 --port "$PORT" \
+    --log-level warning > "$RESULT/server.log" 2>&1 &
+  SERVER_PID=$!
+  if ! python3 "$REPO/scripts/device/e2e_client.py" wait --port "$PORT" --pid "$SERVER_PID" --timeout 180; then
+    echo "error: the SGLang server did not come up; last lines of its log:" >&2
+    tail -n 40 "$RESULT/server.log" >&2
+    exit 1
+  fi
+  mark "server up"
+
+  # 3. Answers. Requests still unsent when the deadline passes are skipped (and counted in the stats), so that
+  #    at least TRAIN_MIN seconds are left for training whatever the regeneration speed turns out to be.
+  TRAIN_MIN=150
+  REGEN_DEADLINE=$(( BUDGET - SECONDS - TRAIN_MIN - RESERVE_FINAL - 20 ))
+  if [ "$REGEN_DEADLINE" -lt 30 ]; then
+    echo "error: only $((BUDGET - SECONDS))s of the ${BUDGET}s budget left before regeneration" >&2
+    exit 1
+  fi
+  REGEN_RC=0
+  "${DFLASH[@]}" regenerate --target "$TARGET" --prompts "$PROMPTS" --chat --out "$DATA" \
+    --max-new-tokens "$MAX_NEW_TOKENS" --server "http://127.0.0.1:$PORT" --concurrency "$CONCURRENCY" --timeout 120 \
+    --deadline-seconds "$REGEN_DEADLINE" --stats "$RESULT/regen_stats.json" || REGEN_RC=$?
+  stop_server
+  mark "regenerated (SGLang)"
+  # A few failed requests (reported above and in the stats) do not spoil the data; many mean something is wrong.
+  python3 - "$RESULT/regen_stats.json" "$REGEN_RC" <<'EOF'
+import json, sys
+stats, rc = json.load(open(sys.argv[1])), int(sys.argv[2])
+if stats["records"] < 1000 or stats["failed"] > 0.01 * stats["prompts"]:
+    sys.exit(f"error: regeneration gave {stats['records']} records, {stats['failed']} failed (exit code {rc}): "
+             f"see server.log and the errors in regen_stats.json")
+EOF
+
+  # Hyper-parameters for a 135M target on an H200, a ~3-minute run:
+  # - 128 anchors per sequence, batch 32: answers are <= 512 tokens, so 512 anchors would make nearly every
+  #   answer token an anchor and the packed attention (N*B queries x (S + N*B) keys) ~4x dearer per anchor;
+  #   128 blocks x 16 rows = 2048 query rows per sequence, 65k per step -- big enough matmuls to fill the GPU,
+  #   a few GB of activations (the 140 GB card is nowhere near full), and enough optimizer steps in 3 minutes.
+  # - lr 1e-3 (recipe: 6e-4 for 8B drafters over 6 epochs): a short run of a small drafter whose layers start
+  #   from the target's own; the demo pair was trained the same way at 1e-3.
+  # - max-seq-len 1024: prompts are <= 1200 characters (~300 tokens) + 512 answer tokens.
+  # - epochs 4 is only the upper plan: --max-minutes re-plans the cosine to the steps that fit.
+  # - 16 held-out records, 256 tokens each, for the final acceptance estimate (the real engine's greedy chain).
+  TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 32 --num-anchors 128 --max-seq-len 1024 --epochs 4
+            --num-eval-prompts 16 --eval-max-new-tokens 256)
+fi
+
+# 4. Mask token: a special token of the tokenizer that no prompt and no answer contains.
+MASK_ID=$(python3 - "$TARGET" "$DATA" "$MASK_TOKEN" <<'EOF'
+import json, sys
+from transformers import AutoTokenizer
+target, data, token = sys.argv[1:]
+tok = AutoTokenizer.from_pretrained(target)
+specials = {t: i for t, i in zip(tok.all_special_tokens, tok.all_special_ids)}
+specials.update({t.content: i for i, t in tok.added_tokens_decoder.items() if t.special})
+if token not in specials:
+    sys.exit(f"error: mask token {token!r} is not a special token of {target}; special tokens: {sorted(specials)}")
+used = set()
+for line in open(data):
+    row = json.loads(line)
+    used.update(row["prompt_ids"])
+    used.update(row["output_ids"])
+free = sorted(t for t, i in specials.items() if i not in used and i != tok.eos_token_id)
+if specials[token] in used:
+    sys.exit(f"error: mask token {token!r} (id {specials[token]}) occurs in the training data; set MASK_TOKEN to "
+             f"one of the unused special tokens: {free}")
+print(specials[token])
+EOF
+)
+echo "mask token: $MASK_TOKEN (id $MASK_ID), absent from every prompt and answer"
+mark "mask token checked"
+
+# 5. Training under the cap; the final checkpoint, drafter and acceptance estimate come after it.
+MAX_MINUTES=$(python3 -c "print(round(max(0.2, ($BUDGET - $SECONDS - $RESERVE_FINAL) / 60), 2))")
+echo "training for at most $MAX_MINUTES minutes"
+"${DFLASH[@]}" train --target "$TARGET" --data "$DATA" --out "$DRAFTER" --draft-layers 3 --init-from-target \
+  --block-size 16 --mask-token-id "$MASK_ID" --lr 1e-3 --eval-every 0 --save-every 0 \
+  --max-minutes "$MAX_MINUTES" "${TRAIN_HW[@]}" | tee "$RESULT/train_summary.json"
+mark "trained"
+"${DFLASH[@]}" check --target "$TARGET" --drafter "$DRAFTER"
+
+# 6. Results.
+mark "results"
+cp "$DRAFTER/train_log.jsonl" "$RESULT/"
+tar -C "$SMOL" -cf - drafter/config.json drafter/model.safetensors | split -b 15M -d - "$RESULT/drafter.tar.part"
+python3 - "$RESULT" "$BUDGET" "$MASK_TOKEN" "$MASK_ID" "$SECONDS" <<'EOF'
+import json, sys
+from pathlib import Path
+result, mask_token = Path(sys.argv[1]), sys.argv[3]
+budget, mask_id, seconds = int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
+summary = {
+    "budget_s": budget, "elapsed_s": seconds, "mask_token": mask_token, "mask_token_id": mask_id,
+    "timings": [json.loads(line) for line in (result / "timings.jsonl").read_text().splitlines()],
+    "regen": json.loads((result / "regen_stats.json").read_text()),
+    "train": json.loads((result / "train_summary.json").read_text().strip().splitlines()[-1]),
+}
+(result / "summary.json").write_text(json.dumps(summary, indent=1))
+for name in ("timings.jsonl", "regen_stats.json", "train_summary.json"):
+    (result / name).unlink()
+print(json.dumps({k: summary[k] for k in ("elapsed_s", "regen", "train")}))
+EOF
+echo "ok: drafter in $DRAFTER, results in $RESULT" > "$RESULT/DONE"
