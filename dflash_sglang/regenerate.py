@@ -102,7 +102,8 @@ class ServerRun:
         tokens = sum(len(r["output_ids"]) for r in done)
         return {"prompts": prompts, "records": len(done), "failed": len(self.failed), "skipped": len(self.skipped),
                 "prompt_tokens": sum(len(r["prompt_ids"]) for r in done), "output_tokens": tokens,
-                "seconds": round(self.seconds, 2), "output_tok_s": round(tokens / self.seconds, 1) if self.seconds else None,
+                "seconds": round(self.seconds, 2),
+                "output_tok_s": round(tokens / self.seconds, 1) if self.seconds else None,
                 "finish_reasons": self.finish_reasons,
                 "errors": {str(i): e for i, e in sorted(self.failed.items())[:20]}}
 

