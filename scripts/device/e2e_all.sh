@@ -28,7 +28,10 @@ E2E=(bash "$REPO/scripts/device/e2e.sh")
 export DFLASH_KERNEL_CACHE=/tmp/dflash_kernel_cache PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m dflash_sglang.kernels build > "$OUT/kernel-build.log" 2>&1 &
 DEMO_PAIR="$REPO/dflash_sglang/data/pairs/demo"
-SOAK_BUDGET=$(( BUDGET / 4 ))
+# The demo group also runs the request checks and the soak on its live servers, inside the same wall clock:
+# it measures in BUDGET - 150 s, then checks (<= 80 s) and soaks (<= 100 s of requests, 30 s to drain).
+CHECKS_BUDGET=80
+SOAK_BUDGET=100
 
 declare -A GROUP_PID
 run_group() {
@@ -38,12 +41,15 @@ run_group() {
 }
 run_group qwen3 --arch qwen3 --port-base 30010 --budget "$BUDGET"
 run_group gemma4 --arch gemma4 --port-base 30020 --budget "$BUDGET"
-CHECKS="python3 $REPO/scripts/device/request_checks.py --port \$OURS_PORT --ref-port \$AR_PORT \
-  --out \$OUT_DIR/request_checks.json --mask-text '<|mask|>' \
-  && python3 $REPO/scripts/device/soak.py --port \$OURS_PORT --ref-port \$AR_PORT --out \$OUT_DIR/soak \
-  --requests 500 --max-concurrency 64 --abort-fraction 0.1 --time-budget $SOAK_BUDGET --log \$OUT_DIR/ours.log \
-  --gpu-mem-cmd 'bash $REPO/scripts/device/gpu_mem_of.sh '\$OURS_SESSION"
-run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 --budget $(( BUDGET - SOAK_BUDGET - 60 )) \
+# Both run (the soak also when a check fails); the group fails if either does.
+CHECKS="timeout $CHECKS_BUDGET python3 $REPO/scripts/device/request_checks.py --port \$OURS_PORT \
+  --ref-port \$AR_PORT --out \$OUT_DIR/request_checks.json --mask-text '<|mask|>'; checks=\$?; \
+  timeout $(( SOAK_BUDGET + 30 )) python3 $REPO/scripts/device/soak.py --port \$OURS_PORT --ref-port \$AR_PORT \
+  --out \$OUT_DIR/soak --requests 500 --max-concurrency 64 --abort-fraction 0.1 --time-budget $SOAK_BUDGET \
+  --log \$OUT_DIR/ours.log --gpu-mem-cmd 'bash $REPO/scripts/device/gpu_mem_of.sh '\$OURS_SESSION; soak=\$?; \
+  [ \$checks = 0 ] && [ \$soak = 0 ]"
+run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 \
+  --budget $(( BUDGET - 150 )) \
   --then "$CHECKS"
 run_group tree --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --port-base 30050 \
   --budget "$BUDGET"
@@ -63,14 +69,16 @@ for name in "${!GROUP_PID[@]}"; do
   wait "${GROUP_PID[$name]}" || STATUS=1
 done
 wait "$DEMO_PID"
-echo "================ make demo (GPU path)"
-tail -n 12 "$OUT/make-demo.log"
-echo "================ kernel build"
-tail -n 3 "$OUT/kernel-build.log"
-for name in qwen3 gemma4 demo tree fa4; do
-  [ -f "$OUT/group-$name.log" ] || continue
-  echo "================ $name"
-  grep -E "^== (then|.*failed)|dflash_sglang plugin" "$OUT/group-$name.log" || true
-  sed -n '/^pair=/,$p' "$OUT/group-$name.log"
-done
+{
+  echo "================ make demo (GPU path)"
+  tail -n 12 "$OUT/make-demo.log"
+  echo "================ kernel build"
+  tail -n 3 "$OUT/kernel-build.log"
+  for name in qwen3 gemma4 demo tree fa4; do
+    [ -f "$OUT/group-$name.log" ] || continue
+    echo "================ $name"
+    grep -E "^== (then|.*failed)|dflash_sglang plugin" "$OUT/group-$name.log" || true
+    sed -n '/^pair=/,$p' "$OUT/group-$name.log"
+  done
+} | tee "$OUT/e2e-summary.txt"
 exit "$STATUS"
