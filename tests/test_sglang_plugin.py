@@ -54,6 +54,29 @@ def test_hook_is_applied_to_create_worker(spec_algorithm):
     assert plugin.CREATE_WORKER_TARGET in HookRegistry._patched
 
 
+def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkeypatch):
+    """After load_plugins(), SGLang's parser takes our tree flags and from_cli_args relays them before it resolves
+    the speculative arguments (SGLang's own resolution then stops: no accelerator here, no model "m" anywhere)."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.speculative import dflash_utils
+
+    from dflash_sglang.sglang import tree_mode
+
+    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
+                              "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4"])
+    with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
+        ServerArgs.from_cli_args(args)
+    assert args.speculative_num_draft_tokens == 32
+    assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
+    assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
+
+
 def test_dflash_is_served_by_our_worker(spec_algorithm, monkeypatch, caplog):
     from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
