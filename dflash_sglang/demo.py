@@ -109,7 +109,7 @@ def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, start
             time.sleep(2)
         client = OpenAI(base_url=f"{base}/v1", api_key="none")
         started = time.perf_counter()
-        reply = client.chat.completions.create(model=str(target), max_tokens=max_tokens, temperature=0.0,
+        reply = client.chat.completions.create(model=str(target), max_tokens=max_new_tokens, temperature=0.0,
                                                messages=[{"role": "user", "content": request}])
         seconds = time.perf_counter() - started
         info = _get_json(f"{base}/server_info")

@@ -133,6 +133,9 @@ CHAIN=(--speculative-num-draft-tokens "$BLOCK")
 OURS=("${CHAIN[@]}")
 # Tree mode: the plugin's flags set the verify width (budget + 1) themselves.
 [ -n "$TREE_BUDGET" ] && OURS=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-topk "$TREE_TOPK")
+# SGLang builds Gemma 4's vision tower, whose attention defaults to FA3; the box's sgl_kernel has no FA3 library.
+if python3 -c "import json,sys; sys.exit(not json.load(open('$TARGET/config.json'))['model_type'].startswith('gemma4'))"
+then COMMON+=(--mm-attention-backend triton_attn); fi
 # shellcheck disable=SC2206  # word splitting of the extra flags is the point
 EXTRA=(${EXTRA_SERVER_ARGS:-})
 

@@ -115,7 +115,8 @@ cp "$WORK/shape/drafter-b16/config.json" "$OUT/configs/drafter-b16.json"
 
 COMMON=(--model-path "$WORK/shape/target" --load-format dummy --dtype bfloat16 --attention-backend triton
         --sampling-backend pytorch --mem-fraction-static "$MEM_FRACTION" --context-length 8192
-        --cuda-graph-max-bs 4 --disable-prefill-cuda-graph --host 127.0.0.1 --port "$PORT" --log-level info)
+        --cuda-graph-max-bs 4 --disable-prefill-cuda-graph --host 127.0.0.1 --port "$PORT" --log-level info
+        --mm-attention-backend triton_attn)  # the vision tower's default, FA3, is not in the box's sgl_kernel
 # shellcheck disable=SC2206  # word splitting of the extra flags is the point
 EXTRA=(${EXTRA_SERVER_ARGS:-})
 "${HELPER[@]}" run-info --dir "$OUT" --draft-backend "$DRAFT_BACKEND" --mem-fraction "$MEM_FRACTION" \
