@@ -37,12 +37,14 @@ def embedded_pair() -> tuple[Path, Path] | None:
     return root / "target", root / "drafter"
 
 
-def demo_prompts(target: Path, count: int = 4) -> list[list[int]]:
+def demo_prompts(target: Path) -> list[list[int]]:
+    """The embedded pair's held-out prompts (all of them: the acceptance printed is the held-out figure), else
+    four random ones."""
     prompts_file = target.parent / "heldout_prompts.json"
     if prompts_file.is_file():
-        return json.loads(prompts_file.read_text())[:count]
+        return json.loads(prompts_file.read_text())
     generator = torch.Generator().manual_seed(0)
-    return [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 17, 9, 30)][:count]
+    return [torch.randint(3, 200, (n,), generator=generator).tolist() for n in (5, 17, 9, 30)]
 
 
 def demo_pair(workdir: Path, with_tokenizer: bool) -> tuple[Path, Path]:
@@ -132,6 +134,7 @@ def run_reference_demo(workdir: Path, max_new_tokens: int) -> int:
     target, drafter = demo_pair(workdir, with_tokenizer=False)
     engine = DFlashEngine.load(target, drafter, dtype=torch.float32)
     prompts = demo_prompts(target)
+    print(f"{len(prompts)} prompts, {max_new_tokens} new tokens each, block 16, float32")
     params = SamplingParams()
     rows = []
     reference = None
