@@ -947,3 +947,21 @@ def test_check_tree_names_the_flag_and_the_fix(budget, topk, width, backend, mes
         assert errors == []
     else:
         assert any(message in e for e in errors), errors
+
+
+def test_req_to_token_rows_hold_dflashs_reservation(spec_algorithm, monkeypatch):
+    """SGLang reserves committed + 2 x num_draft_tokens slots per DFLASH request; after load_plugins() the rows
+    kv_cache_configurator sizes hold that for a request one token short of the context length."""
+    from sglang.srt.mem_cache import kv_cache_configurator
+
+    monkeypatch.delenv(plugin.DISABLE_ENV, raising=False)
+    args = SimpleNamespace(speculative_algorithm="DFLASH", speculative_num_draft_tokens=16,
+                           max_speculative_num_draft_tokens=16, page_size=1)
+    context = 2048
+    extra = kv_cache_configurator.get_req_to_token_extra_context_len(args)
+    assert (context - 1) + 2 * 16 <= context + extra
+    monkeypatch.setenv(plugin.DISABLE_ENV, "1")  # the builtin keeps SGLang's own sizing
+    assert kv_cache_configurator.get_req_to_token_extra_context_len(args) == 4 + 16
+    args.speculative_algorithm = "EAGLE"
+    monkeypatch.delenv(plugin.DISABLE_ENV)
+    assert kv_cache_configurator.get_req_to_token_extra_context_len(args) == 4 + 16

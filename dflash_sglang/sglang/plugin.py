@@ -2,8 +2,9 @@
 
 `register()` runs in every SGLang process that loads plugins (the API server as well as each scheduler), so it
 only checks the SGLang version and registers AROUND hooks: one on the worker factory (the worker module is
-imported by it, in the scheduler, when SGLang asks for the DFLASH worker class), and the three that tree mode
-needs (its launch flags and the verify-mask policy of the target's CUDA graphs; see tree_mode.py). DFLASH stays SGLang's own enum member, so every other
+imported by it, in the scheduler, when SGLang asks for the DFLASH worker class), one that gives each request's
+`req_to_token` row room for DFLASH's KV reservation, and the three that tree mode needs (its launch flags and the
+verify-mask policy of the target's CUDA graphs; see tree_mode.py). DFLASH stays SGLang's own enum member, so every other
 DFLASH branch in SGLang (target feature capture, KV budget, verify CUDA graphs, request validation) still applies.
 """
 
@@ -18,6 +19,8 @@ from dflash_sglang.sglang.compat import check_sglang_version
 logger = logging.getLogger(__name__)
 
 CREATE_WORKER_TARGET = "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker"
+# The name as kv_cache_configurator imported it (a `from ... import`), which is where the pools are sized.
+ROW_HEADROOM_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.get_req_to_token_extra_context_len"
 DISABLE_ENV = "DFLASH_SGLANG_DISABLE"
 SERVING_OURS = "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 SERVING_BUILTIN = "dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2"
@@ -28,6 +31,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(CREATE_WORKER_TARGET, create_worker_hook, HookType.AROUND)
+    HookRegistry.register(ROW_HEADROOM_TARGET, row_headroom_hook, HookType.AROUND)
     HookRegistry.register(tree_mode.ADD_CLI_ARGS_TARGET, tree_mode.add_cli_args_hook, HookType.AROUND)
     HookRegistry.register(tree_mode.FROM_CLI_ARGS_TARGET, tree_mode.from_cli_args_hook, HookType.AROUND)
     HookRegistry.register(tree_mode.MASK_POLICY_TARGET, tree_mode.mask_policy_hook, HookType.AROUND)
@@ -48,6 +52,21 @@ def create_worker_hook(original, algorithm, server_args):
 
     _announce(f"{SERVING_OURS} (the dflash_sglang plugin is installed; set {DISABLE_ENV}=1 for the builtin)")
     return DFlashWorker
+
+
+def row_headroom_hook(original, server_args) -> int:
+    """AROUND SGLang's `req_to_token` row headroom past the context length.
+
+    DFLASH's spec-v2 step reserves KV slots up to committed + 2 x num_draft_tokens for each request
+    (`DFlashDraftInputV2.prepare_for_decode`), but SGLang sizes rows for context + 4 + num_draft_tokens. Near the
+    context limit the reservation ran past the row into its neighbour's and slots were lost: on the H200 a
+    2,038-token prompt at context 2,048 tripped SGLang's idle leak check, which stops the server. With our worker
+    the rows hold the whole reservation.
+    """
+    extra = original(server_args)
+    if str(server_args.speculative_algorithm).upper() != "DFLASH" or is_disabled():
+        return extra
+    return max(extra, 4 + 2 * int(server_args.speculative_num_draft_tokens or 0))
 
 
 def _announce(message: str) -> None:

@@ -231,8 +231,10 @@ class DFlashWorker(BaseSpecWorker):
                                 seq_lens, self.tree.budget)
         step.mark()
         verify_slots = req_to_token[rows, seq_lens[:, None] + self.verify_offsets].long()
-        verify_plan = planning_seq_lens(batch, state, width)
-        mask = verify_mask(tree.ancestor_mask, seq_lens, width * verify_plan[1])
+        # Host bounds of the committed lengths (the host copy may trail the device by one step's commit, at
+        # most B tokens, whatever the verify width), and of the mask: W rows of (length + W) per request.
+        verify_plan = planning_seq_lens(batch, state, max(block, width))
+        mask = verify_mask(tree.ancestor_mask, seq_lens, width * (verify_plan[1] + bs * width))
         verify = self.verify(batch, tree.tokens, tree.positions, verify_slots, verify_plan, custom_mask=mask)
         step.mark()
 
