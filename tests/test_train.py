@@ -253,8 +253,8 @@ def test_max_minutes_stops_replans_the_schedule_and_finishes_the_run(pair_and_da
     planned_at_first = 200 * 5
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     replans = [r for r in log if "planned_steps" in r]
-    assert len(replans) == 1 and replans[0]["step"] == 1 + PLAN_AFTER_STEPS
-    assert result.planned_steps == replans[0]["planned_steps"] < planned_at_first
+    assert [r["step"] for r in replans] == list(range(1 + PLAN_AFTER_STEPS, len(log) + 1, PLAN_AFTER_STEPS))
+    assert result.planned_steps == replans[-1]["planned_steps"] < planned_at_first
     assert result.stopped_by_time or result.steps == result.planned_steps
     assert result.steps < planned_at_first and len(log) == result.steps
     assert log[-1]["acceptance"] is not None and result.acceptance == log[-1]["acceptance"]
@@ -264,6 +264,30 @@ def test_max_minutes_stops_replans_the_schedule_and_finishes_the_run(pair_and_da
     assert state["scheduler"]["lr_lambdas"][0]["total"] == result.planned_steps
     # The re-planned cosine is near its end when the time is up (the plan came from the measured speed).
     assert log[-1]["lr"] < 0.35 * max(r["lr"] for r in log)
+
+
+def test_max_minutes_replans_upward_when_steps_get_faster(pair_and_data, tmp_path, monkeypatch):
+    """Slow first steps (another job on the GPU) must not fix the schedule's length: once the steps speed up, the
+    next re-plans lengthen it (never past the configured length), and the run uses the time it has."""
+    import dflash_sglang.train as train_module
+
+    target, data = pair_and_data
+    real_batch_loss = train_module.batch_loss
+    calls = []
+
+    def slow_then_fast(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.2 if len(calls) <= 1 + PLAN_AFTER_STEPS else 0.02)
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", slow_then_fast)
+    out = tmp_path / "speedup"
+    result = train(small_config(target, data, out, epochs=200, max_minutes=0.1))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    plans = [r["planned_steps"] for r in log if "planned_steps" in r]
+    assert len(plans) >= 2 and plans[-1] > plans[0], plans
+    assert result.planned_steps == plans[-1] <= 200 * 5
+    assert result.steps > plans[0]
 
 
 def test_max_minutes_cli_summary(pair_and_data, tmp_path, capsys):
