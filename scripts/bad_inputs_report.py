@@ -93,6 +93,16 @@ def sglang_only_cases(target: Path, drafter: Path, work: Path) -> list[tuple[str
         check_sglang_version("0.5.23")
     except UnsupportedSGLangVersion as e:
         rows.append(("unsupported SGLang version", str(e)))
+    from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree
+
+    # Tree-mode flags against a B=16 drafter: check_startup raises exactly these lines.
+    for name, settings, width, backend in [
+        ("tree mode on a target backend without custom verify masks", TreeSettings(31, 4), 32, "fa3"),
+        ("tree mode with a conflicting --speculative-num-draft-tokens", TreeSettings(31, 4), 16, "triton"),
+        ("tree budget beyond the nodes top-1 can hold", TreeSettings(20, 1), 21, "triton"),
+        ("tree budget too small for the drafter's block", TreeSettings(3, 4), 4, "triton"),
+    ]:
+        rows.append((name, check_tree(settings, 16, width, backend)[0]))
     return rows
 
 

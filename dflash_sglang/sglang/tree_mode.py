@@ -93,7 +93,8 @@ def check_tree(settings: TreeSettings, block_size: int, num_draft_tokens: int, a
         )
     if attention_backend not in TREE_VERIFY_BACKENDS:
         errors.append(
-            f"tree verification needs a target attention backend with custom verify masks {TREE_VERIFY_BACKENDS}; "
+            f"tree verification needs a target attention backend with custom verify masks "
+            f"({', '.join(TREE_VERIFY_BACKENDS)}); "
             f"got --attention-backend {attention_backend}: pass --attention-backend triton, or drop the tree flags"
         )
     return errors
