@@ -5,7 +5,9 @@ level (one prompt set at one concurrency): output tok/s = output tokens / wall t
 the first chunk with output; TPOT = the rest of a request's latency over its remaining tokens; tau (acceptance
 length) = completion tokens / verify steps (`meta_info.spec_verify_ct`, bonus token included), as the mean over
 requests and as the aggregate. Output ids are compared with a reference run (e.g. plain decoding) keyed by
-prompt id, max tokens and EOS handling, so a speed figure never comes without its losslessness check.
+prompt id, max tokens and EOS handling, so a speed figure never comes without its losslessness check. A reference
+run with `logprobs` also records its top-2 log-probability margin at every output position, and each mismatch
+against it carries the margin at the first differing position (the near-tie rule of docs/reliability.md).
 Client side needs the standard library only, plus transformers when prompts are chat-templated; loopback servers.
 """
 
@@ -31,6 +33,11 @@ WARMUP_PROMPTS = ["Name three colours.", "Count from one to ten in words.", "Say
                   "What is two plus two?", "Write one sentence about the sea.", "List four animals."]
 WARMUP_MAX_TOKENS = 32
 
+# A divergence is a near-tie when the reference's top-2 log-probabilities at the first divergent token differ by
+# less than this: bf16 verify- and decode-shaped kernels round differently, and only such ties may flip
+# (docs/reliability.md, "The near-tie rule"; scripts/device/e2e_client.py uses this one).
+NEAR_TIE = 0.05
+
 
 @dataclass
 class RequestResult:
@@ -41,6 +48,7 @@ class RequestResult:
     verify_ct: int | None
     finish: str | None = None
     error: str | None = None
+    margins: list[float | None] | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -69,6 +77,8 @@ class LevelResult:
     tau_aggregate: float | None = None
     mismatches: int | None = None
     unchecked: int | None = None
+    mismatch_max_margin: float | None = None
+    mismatches_above_tolerance: int | None = None
     mismatched: list[dict] = field(default_factory=list)
     skipped: str | None = None
     per_request: list[dict] = field(default_factory=list, repr=False)
@@ -130,11 +140,21 @@ def _sse_payloads(resp):
                 yield line[5:].strip()
 
 
-def send(url: str, prompt: dict, sampling: dict, timeout: float, deadline: float | None = None) -> RequestResult:
+def top2_margins(top_logprobs: list) -> list[float | None]:
+    """Per output position, log-prob of the top token minus the second's, from SGLang's `output_top_logprobs`
+    (one [[logprob, token id, text], ...] list per position, best first; None where the server had none)."""
+    return [top[0][0] - top[1][0] if top and len(top) > 1 else None for top in top_logprobs]
+
+
+def send(url: str, prompt: dict, sampling: dict, timeout: float, deadline: float | None = None,
+         logprobs: bool = False) -> RequestResult:
     """One streamed greedy request. Only the first chunk with output (TTFT) and the last one (SGLang streams
-    cumulative output_ids, meta_info complete at the end) are decoded, so the client keeps up at high concurrency."""
+    cumulative output_ids, meta_info complete at the end) are decoded, so the client keeps up at high concurrency.
+    With `logprobs`, the top-2 log-probabilities of every output position are asked for too (same sampling)."""
     body = {k: v for k, v in prompt.items() if k != "id"}
     body.update(stream=True, sampling_params=sampling)
+    if logprobs:
+        body.update(return_logprob=True, top_logprobs_num=2)
     req = urllib.request.Request(f"{url}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -168,14 +188,22 @@ def send(url: str, prompt: dict, sampling: dict, timeout: float, deadline: float
     finish = (meta.get("finish_reason") or {}).get("type")
     if finish == "abort":
         return failed(f"aborted by the server: {meta['finish_reason'].get('message')}")
-    return RequestResult(prompt["id"], ids, ttft or latency, latency, meta.get("spec_verify_ct"), finish)
+    margins = None
+    if logprobs:
+        top = meta.get("output_top_logprobs") or []
+        if len(top) != len(ids):
+            return failed(f"meta_info.output_top_logprobs has {len(top)} entries for {len(ids)} output tokens")
+        margins = top2_margins(top)
+    return RequestResult(prompt["id"], ids, ttft or latency, latency, meta.get("spec_verify_ct"), finish,
+                         margins=margins)
 
 
 def run_requests(url: str, prompts: list[dict], concurrency: int, sampling: dict, timeout: float,
-                 deadline: float | None, progress: Progress) -> tuple[list[RequestResult], float]:
+                 deadline: float | None, progress: Progress,
+                 logprobs: bool = False) -> tuple[list[RequestResult], float]:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        futures = {pool.submit(send, url, p, sampling, timeout, deadline): i for i, p in enumerate(prompts)}
+        futures = {pool.submit(send, url, p, sampling, timeout, deadline, logprobs): i for i, p in enumerate(prompts)}
         results: list[RequestResult | None] = [None] * len(prompts)
         for f in as_completed(futures):
             results[futures[f]] = f.result()
@@ -209,33 +237,49 @@ def _key(request_id: str, level: dict) -> str:
     return f"{request_id}|{level['max_tokens']}|{level['ignore_eos']}"
 
 
-def reference_outputs(reports: list[dict]) -> dict[str, list[int]]:
-    """(prompt id, max tokens, EOS handling) -> output ids, from the lowest concurrency that produced each."""
-    found: dict[str, list[int]] = {}
-    levels = [lv for rep in reports for lvs in rep["sets"].values() for lv in lvs if lv["skipped"] is None]
-    for level in sorted(levels, key=lambda lv: lv["concurrency"]):
-        for r in level["per_request"]:
-            if r["error"] is None:
-                found.setdefault(_key(r["id"], level), r["output_ids"])
+def reference_outputs(reports: list[dict]) -> dict[str, dict]:
+    """(prompt id, max tokens, EOS handling) -> {"output_ids", "margins"} of one request: from the lowest
+    concurrency that produced it, a run with top-2 margins first at the same concurrency."""
+    found: dict[str, dict] = {}
+    requests = [(level["concurrency"], r.get("margins") is None, _key(r["id"], level), r)
+                for rep in reports for lvs in rep["sets"].values() for level in lvs if level["skipped"] is None
+                for r in level["per_request"] if r["error"] is None]
+    for _, _, key, r in sorted(requests, key=lambda item: item[:2]):
+        found.setdefault(key, {"output_ids": r["output_ids"], "margins": r.get("margins")})
     return found
 
 
-def check_level(level: dict, reference: dict[str, list[int]]) -> None:
-    """Fill a level's mismatch figures: count, and per differing prompt the first differing output position."""
+def _margin_at(margins: list[float | None] | None, index: int) -> float | None:
+    """The reference's top-2 margin at `index`: None without margins, inf past its output (it has no token there
+    to be a near-tie)."""
+    if margins is None:
+        return None
+    return margins[index] if index < len(margins) else float("inf")
+
+
+def check_level(level: dict, reference: dict[str, dict]) -> None:
+    """Fill a level's mismatch figures: count, and per differing prompt the first differing output position with
+    the reference's top-2 margin there. Where the reference has margins, the level also gets the largest margin
+    and how many mismatches are not near-ties (margin >= NEAR_TIE, or unknown)."""
     if level["skipped"] is not None:
         return
-    mismatched, unchecked = [], 0
+    mismatched, unchecked, with_margins = [], 0, False
     for r in level["per_request"]:
         if r["error"] is not None:
             continue
-        want = reference.get(_key(r["id"], level))
-        if want is None:
+        ref = reference.get(_key(r["id"], level))
+        if ref is None:
             unchecked += 1
-        elif want != r["output_ids"]:
-            got = r["output_ids"]
+            continue
+        with_margins |= ref["margins"] is not None
+        want, got = ref["output_ids"], r["output_ids"]
+        if want != got:
             index = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-            mismatched.append({"id": r["id"], "index": index})
-    level.update(mismatches=len(mismatched), unchecked=unchecked, mismatched=mismatched)
+            mismatched.append({"id": r["id"], "index": index, "margin": _margin_at(ref["margins"], index)})
+    margins = [m["margin"] for m in mismatched if m["margin"] is not None]
+    above = sum(m["margin"] is None or m["margin"] >= NEAR_TIE for m in mismatched) if with_margins else None
+    level.update(mismatches=len(mismatched), unchecked=unchecked, mismatched=mismatched,
+                 mismatch_max_margin=max(margins, default=None), mismatches_above_tolerance=above)
 
 
 def overall(report: dict) -> list[dict]:
@@ -256,6 +300,10 @@ def overall(report: dict) -> list[dict]:
         if checked:
             row.mismatches = sum(lv["mismatches"] for lv in checked)
             row.unchecked = sum(lv["unchecked"] for lv in checked)
+        margins = [lv["mismatch_max_margin"] for lv in checked if lv["mismatch_max_margin"] is not None]
+        row.mismatch_max_margin = max(margins, default=None)
+        above = [lv["mismatches_above_tolerance"] for lv in checked if lv["mismatches_above_tolerance"] is not None]
+        row.mismatches_above_tolerance = sum(above) if above else None
         row.per_request = []
         rows.append(asdict(row))
     return rows
@@ -281,23 +329,25 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
               skip: int = 0, limit: int | None = None, rounds: int | None = None, min_requests: int = 1,
               tokenizer: str | None = None, reference: list[str] | None = None, ignore_eos: bool = True,
               time_limit: float | None = None, warmup: int = 0, name: str | None = None, progress: bool = True,
-              timeout: float = 600.0) -> dict:
+              timeout: float = 600.0, logprobs: bool = False) -> dict:
     """Every set at every concurrency (sets outer), after `warmup` throw-away requests; each set's prompts are
     its `limit` prompts after the first `skip`, split over levels by `level_prompts`. Levels that would start
     after `time_limit` seconds are recorded as skipped; requests still running then are stopped and counted as
-    errors. With `reference` (earlier reports), each level gets its mismatch count."""
+    errors. With `reference` (earlier reports), each level gets its mismatch count. With `logprobs` (for a
+    reference run: the server streams every position's top-2 log-probabilities, which costs it time), each
+    request records its top-2 margins."""
     started = time.perf_counter()
     deadline = started + time_limit if time_limit is not None else None
     sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
     report = {"name": name, "url": url, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "tokenizer": tokenizer,
               "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit,
-              "sets": {}}
+              "logprobs": logprobs, "sets": {}}
     if warmup:
         prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
                                   for i in range(warmup)], tokenizer)
         results, seconds = run_requests(url, prompts, min(warmup, max(concurrencies)),
                                         {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
-                                        timeout, deadline, Progress("warm-up", warmup, progress))
+                                        timeout, deadline, Progress("warm-up", warmup, progress), logprobs)
         report["warmup"] = {"requests": warmup, "errors": sum(r.error is not None for r in results),
                             "seconds": seconds, "first_error": next((r.error for r in results if r.error), None)}
     for prompt_set in sets:
@@ -311,7 +361,8 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
                 levels.append(asdict(level))
                 continue
             results, seconds = run_requests(url, batch, c, sampling, timeout, deadline,
-                                            Progress(f"{name or url} {prompt_set} c={c}", len(batch), progress))
+                                            Progress(f"{name or url} {prompt_set} c={c}", len(batch), progress),
+                                            logprobs)
             levels.append(asdict(summarize(level, results, seconds)))
     if reference:
         ref = reference_outputs([json.loads(Path(p).read_text()) for p in reference])
@@ -324,9 +375,10 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
 
 
 def strip_outputs(report: dict) -> dict:
-    """The report without per-request output ids (kept in the raw run files; the summary keeps the checks)."""
+    """The report without per-request output ids and margins (kept in the raw run files; the summary keeps the
+    checks, each mismatch with its margin)."""
     def request(r: dict) -> dict:
-        return {**{k: v for k, v in r.items() if k != "output_ids"}, "tokens": len(r["output_ids"])}
+        return {**{k: v for k, v in r.items() if k not in ("output_ids", "margins")}, "tokens": len(r["output_ids"])}
 
     sets = {s: [{**lv, "per_request": [request(r) for r in lv["per_request"]]} for lv in levels]
             for s, levels in report["sets"].items()}
@@ -337,7 +389,8 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
     """bench.json of scripts/device/bench.sh from what it left in `directory`: meta.json (settings, versions,
     GPU, contender order), `<name>.status` (first line "ok" or "<status>: <reason>") and `<name>.<stage>.json`
     run reports. Every level is checked against the reference contender's outputs (its own too: a prompt it ran
-    at several concurrencies is checked against the lowest, which shows bf16 batch-shape noise)."""
+    at several concurrencies is checked against the lowest, which shows bf16 batch-shape noise), preferring at
+    the same concurrency its runs with top-2 margins (bench.sh's `margins` stage: AR's sweep again, untimed)."""
     root = Path(directory)
     meta = json.loads((root / "meta.json").read_text())
     runs = {name: {p.name[len(name) + 1:-len(".json")]: json.loads(p.read_text())
@@ -357,7 +410,7 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
         contenders.append({"name": name, "status": status, "reason": reason or None,
                            "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()}})
     return {**{k: v for k, v in meta.items() if k != "contenders"}, "reference": reference,
-            "contenders": contenders}
+            "near_tie_tolerance": NEAR_TIE, "contenders": contenders}
 
 
 def _fmt(value, spec: str) -> str:

@@ -135,7 +135,8 @@ def cmd_bench(args) -> int:
     report = run_bench(args.url, args.sets, args.concurrency, max_tokens=args.max_tokens, skip=args.skip,
                        limit=args.limit, rounds=args.rounds, min_requests=args.min_requests, tokenizer=args.tokenizer,
                        reference=args.reference, ignore_eos=not args.stop_at_eos, time_limit=args.time_limit,
-                       warmup=args.warmup, name=args.name, progress=not args.no_progress, timeout=args.timeout)
+                       warmup=args.warmup, name=args.name, progress=not args.no_progress, timeout=args.timeout,
+                       logprobs=args.logprobs)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(format_table(report))
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="apply this tokenizer's chat template client-side")
     p.add_argument("--reference", nargs="+", default=None,
                    help="earlier --out JSONs whose outputs must be matched (same prompt, max tokens, EOS handling)")
+    p.add_argument("--logprobs", action="store_true",
+                   help="reference runs (plain decoding): record the top-2 logprob margin at every output position, "
+                        "so mismatches against this run carry it; streaming them slows the server, so not for timing")
     p.add_argument("--warmup", type=int, default=2, help="throw-away requests before measuring")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: later levels are skipped, running requests stopped")

@@ -28,7 +28,8 @@ def _levels(contender: dict, stage: str) -> list[dict]:
 
 def throughput_rows(bench: dict) -> list[dict]:
     """Per contender and concurrency of the sweep: tok/s, speedups vs AR and vs builtin at the same concurrency,
-    TPOT, TTFT, tau, mismatches vs AR (None where not measured)."""
+    TPOT, TTFT, tau, mismatches vs AR with AR's largest top-2 margin among them and how many are not near-ties
+    (None where not measured)."""
     by_name = {c["name"]: {lv["concurrency"]: lv for lv in _levels(c, "sweep") if not lv["skipped"]}
                for c in bench["contenders"]}
 
@@ -48,13 +49,15 @@ def throughput_rows(bench: dict) -> list[dict]:
                            vs_ar=ratio(level, "ar"), vs_builtin=ratio(level, "builtin"),
                            tpot_ms=level["mean_tpot_ms"], ttft_ms=level["mean_ttft_ms"], tau=level["tau"],
                            mismatches=level["mismatches"], checked=level["requests"] - level["errors"]
-                           - (level["unchecked"] or 0))
+                           - (level["unchecked"] or 0), max_margin=level.get("mismatch_max_margin"),
+                           above_tolerance=level.get("mismatches_above_tolerance"))
             rows.append(row)
     return rows
 
 
 def set_rows(bench: dict) -> list[dict]:
-    """Per contender: tau on each prompt set of the per-set stage, their unweighted mean, mismatches vs AR."""
+    """Per contender: tau on each prompt set of the per-set stage, their unweighted mean, mismatches vs AR, the
+    largest AR top-2 margin among them and how many are not near-ties (None where no set has margins)."""
     rows = []
     for contender in bench["contenders"]:
         levels = _levels(contender, "sets")
@@ -64,10 +67,14 @@ def set_rows(bench: dict) -> list[dict]:
         taus = {lv["prompt_set"]: None if lv["skipped"] else lv["tau"] for lv in levels}
         known = [t for t in taus.values() if t is not None]
         checked = [lv for lv in done if lv["mismatches"] is not None]
+        margins = [lv["mismatch_max_margin"] for lv in checked if lv.get("mismatch_max_margin") is not None]
+        above = [lv["mismatches_above_tolerance"] for lv in checked
+                 if lv.get("mismatches_above_tolerance") is not None]
         rows.append({"contender": contender["name"], "tau": taus,
                      "mean_tau": statistics.fmean(known) if len(known) == len(taus) else None,
                      "requests": sum(lv["requests"] - lv["errors"] for lv in done),
-                     "mismatches": sum(lv["mismatches"] for lv in checked) if checked else None})
+                     "mismatches": sum(lv["mismatches"] for lv in checked) if checked else None,
+                     "max_margin": max(margins, default=None), "above_tolerance": sum(above) if above else None})
     return rows
 
 
@@ -79,6 +86,19 @@ def _mismatch(bench: dict, contender: str, count: int | None, of: int) -> str:
     if contender == bench.get("reference"):
         return "reference"
     return "-" if count is None else f"{count}/{of}"
+
+
+def _margins(bench: dict, contender: str, max_margin: float | None, above: int | None) -> str:
+    """The two near-tie cells: AR's largest top-2 margin at a mismatch, and how many mismatches are not near-ties."""
+    if contender == bench.get("reference"):
+        return "reference | reference"
+    return f"{_f(max_margin, '.4f')} | {_f(above, 'd')}"
+
+
+def _where(mismatch: dict) -> str:
+    """`id@position`, with ` (margin)` where AR recorded its top-2 margins."""
+    margin = mismatch.get("margin")
+    return f"{mismatch['id']}@{mismatch['index']}" + ("" if margin is None else f" ({margin:.4f})")
 
 
 def _stage_settings(bench: dict, stage: str) -> dict:
@@ -96,22 +116,29 @@ def markdown(bench: dict) -> str:
     out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
                f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
                f"at a time. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    tolerance = bench.get("near_tie_tolerance")
     out += ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "
                 f"{sweep.get('max_tokens')} greedy tokens per request (EOS ignored)", "",
             "Speedups are tok/s ratios at the same concurrency. Mismatches: outputs that differ from AR's for the "
-            "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently).", "",
-            "| contender | conc | requests | tok/s | vs AR | vs builtin | TPOT ms | TTFT ms | tau | mismatches vs AR |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently). Max margin: "
+            "AR's top-2 logprob margin at the first differing position, the largest over the mismatches (inf: AR "
+            f"had ended there); not near-ties: mismatches whose margin is not below {_f(tolerance, 'g')} (the "
+            "near-tie tolerance of docs/reliability.md) or unknown; `-`: nothing to show (no mismatch, or AR "
+            "recorded no margins).", "",
+            "| contender | conc | requests | tok/s | vs AR | vs builtin | TPOT ms | TTFT ms | tau | mismatches vs AR "
+            "| max margin | not near-ties |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in throughput_rows(bench):
         name = TITLES.get(r["contender"], r["contender"])
         if r["skipped"]:
-            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | |")
+            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
         mismatch = _mismatch(bench, r["contender"], r["mismatches"], r["checked"])
         requests = f"{r['requests']}" + (f" ({r['errors']} failed)" if r["errors"] else "")
         out.append(f"| {name} | {r['concurrency']} | {requests} | {_f(r['tok_s'], '.1f')} | "
                    f"{_f(r['vs_ar'], '.2f', 'x')} | {_f(r['vs_builtin'], '.2f', 'x')} | {_f(r['tpot_ms'], '.2f')} | "
-                   f"{_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | {mismatch} |")
+                   f"{_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | {mismatch} | "
+                   f"{_margins(bench, r['contender'], r['max_margin'], r['above_tolerance'])} |")
     rows = set_rows(bench)
     if rows:
         names = list(dict.fromkeys(name for r in rows for name in r["tau"]))
@@ -119,13 +146,15 @@ def markdown(bench: dict) -> str:
                     f"prompts of each, up to {sets_run.get('max_tokens')} tokens, stopping at EOS", "",
                 "tau = completion tokens / verify steps (bonus token included), mean over requests; `mean` is the "
                 "unweighted mean of the sets.", "",
-                "| contender | " + " | ".join(SET_TITLES.get(n, n) for n in names) + " | mean | mismatches vs AR |",
-                "|---|" + "---:|" * (len(names) + 2)]
+                "| contender | " + " | ".join(SET_TITLES.get(n, n) for n in names)
+                + " | mean | mismatches vs AR | max margin | not near-ties |",
+                "|---|" + "---:|" * (len(names) + 4)]
         for r in rows:
             mismatch = _mismatch(bench, r["contender"], r["mismatches"], r["requests"])
             out.append(f"| {TITLES.get(r['contender'], r['contender'])} | "
                        + " | ".join(_f(r["tau"].get(n), ".2f") for n in names)
-                       + f" | {_f(r['mean_tau'], '.2f')} | {mismatch} |")
+                       + f" | {_f(r['mean_tau'], '.2f')} | {mismatch} | "
+                       f"{_margins(bench, r['contender'], r['max_margin'], r['above_tolerance'])} |")
     not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
     if not_run:
         out += ["", "## Not run", ""]
@@ -135,11 +164,12 @@ def markdown(bench: dict) -> str:
         for stage, run in c["runs"].items():
             for lv in (lv for lvs in run["sets"].values() for lv in lvs):
                 if lv.get("mismatched"):
-                    where = ", ".join(f"{m['id']}@{m['index']}" for m in lv["mismatched"])
+                    where = ", ".join(_where(m) for m in lv["mismatched"])
                     details.append(f"- {TITLES.get(c['name'], c['name'])}, {stage} {lv['prompt_set']} "
                                    f"c={lv['concurrency']}: {where}")
     if details:
-        out += ["", "## Mismatches (prompt id @ first differing output position)", ""] + details
+        out += ["", "## Mismatches (prompt id @ first differing output position; AR's top-2 logprob margin there)",
+                ""] + details
     stem = f"bench-{bench['date']}"
     out += ["", f"Raw figures: [{stem}.json]({stem}.json).", "",
             f"![output tok/s vs concurrency]({stem}-toks.png) ![speedup vs AR]({stem}-speedup.png)"]

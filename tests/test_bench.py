@@ -1,42 +1,63 @@
 """The bench client against a loopback double of SGLang's streaming /generate protocol."""
 
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from dflash_sglang.bench import assemble_suite, format_table, level_prompts, render_prompts, run_bench
+from dflash_sglang.bench import NEAR_TIE, assemble_suite, check_level, format_table, level_prompts, render_prompts, \
+    run_bench
 from dflash_sglang.cli import main
 
+DEVICE = Path(__file__).resolve().parents[1] / "scripts" / "device"
+
 VERIFY_STEPS = 3  # the double reports this many verify steps per request: tau = tokens / 3
+TOP1 = -0.125  # the double's top-1 logprob; the second is TOP1 - margin(position), all exact in binary
+
+
+def margin(position: int) -> float:
+    return 0.03125 if position % 2 else 0.5  # odd positions are near-ties, even ones are not
 
 
 class FakeSGLang(BaseHTTPRequestHandler):
-    """Cumulative output_ids per chunk (SGLang's default), meta_info complete on the last chunk. With EOS honoured,
-    prompts whose seed is odd stop at half length. Class attributes switch on faults for one test."""
+    """Cumulative output_ids per chunk (SGLang's default), meta_info complete on the last chunk; with
+    return_logprob and top_logprobs_num 2, meta_info also carries the cumulative output_top_logprobs. With EOS
+    honoured, prompts whose seed is odd stop at half length. Class attributes switch on faults for one test;
+    every request body is kept in `bodies`."""
 
     corrupt_every = 0
+    corrupt_at = -1
     chunk_delay = 0.0
     spec = True
+    top_logprobs = True
+    bodies: list[dict] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeSGLang.bodies.append(body)
         params = body["sampling_params"]
         assert body["stream"] is True and params["temperature"] == 0.0
+        logprobs = body.get("return_logprob", False)
+        assert not logprobs or body["top_logprobs_num"] == 2
         seed = len(body["text"]) if "text" in body else sum(body["input_ids"])
         n = params["max_new_tokens"]
         if not params["ignore_eos"] and seed % 2:
             n //= 2
         ids = [(seed + i) % 97 for i in range(n)]
         if FakeSGLang.corrupt_every and seed % FakeSGLang.corrupt_every == 0:
-            ids[-1] += 1
+            ids[FakeSGLang.corrupt_at] += 1
+        top = [[[TOP1, t, None], [TOP1 - margin(i), t + 1, None]] for i, t in enumerate(ids)]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for k in range(1, n + 1):
             meta = {"completion_tokens": k}
+            if logprobs and FakeSGLang.top_logprobs:
+                meta["output_top_logprobs"] = top[:k]
             if k == n:
                 meta["finish_reason"] = {"type": "length" if n == params["max_new_tokens"] else "stop"}
                 if FakeSGLang.spec:
@@ -57,7 +78,9 @@ def server():
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
-    FakeSGLang.corrupt_every, FakeSGLang.chunk_delay, FakeSGLang.spec = 0, 0.0, True
+    FakeSGLang.corrupt_every, FakeSGLang.corrupt_at, FakeSGLang.chunk_delay, FakeSGLang.spec = 0, -1, 0.0, True
+    FakeSGLang.top_logprobs = True
+    FakeSGLang.bodies.clear()
 
 
 def test_sets_levels_overall_and_figures(server):
@@ -88,7 +111,61 @@ def test_reference_check_counts_mismatches_with_position(server, tmp_path):
     level = differ["sets"]["gsm8k"][0]
     assert level["mismatches"] > 0 and level["unchecked"] == 0
     assert all(m["index"] == 7 for m in level["mismatched"])  # only the last token was changed
+    assert all(m["margin"] is None for m in level["mismatched"])  # the reference has no margins
+    assert level["mismatch_max_margin"] is None and level["mismatches_above_tolerance"] is None
     assert differ["overall"][0]["mismatches"] == level["mismatches"]
+
+
+def test_logprobs_record_top2_margins_with_the_same_sampling(server):
+    report = run_bench(server, ["gsm8k"], [2], max_tokens=8, limit=3, warmup=1, logprobs=True, progress=False)
+    level = report["sets"]["gsm8k"][0]
+    assert report["logprobs"] is True and level["errors"] == 0
+    assert all(r["margins"] == [margin(i) for i in range(8)] for r in level["per_request"])
+    plain = run_bench(server, ["gsm8k"], [2], max_tokens=8, limit=3, progress=False)["sets"]["gsm8k"][0]
+    assert all(r["margins"] is None for r in plain["per_request"])
+    measured = FakeSGLang.bodies[1:]  # after the warm-up: 3 requests with logprobs, then the same 3 without
+    for with_lp, without in zip(sorted(measured[:3], key=str), sorted(measured[3:], key=str)):
+        assert (with_lp.pop("return_logprob"), with_lp.pop("top_logprobs_num")) == (True, 2)
+        assert with_lp == without
+    FakeSGLang.top_logprobs = False
+    broken = run_bench(server, ["gsm8k"], [1], max_tokens=4, limit=1, logprobs=True, progress=False)
+    assert "output_top_logprobs" in broken["sets"]["gsm8k"][0]["per_request"][0]["error"]
+
+
+@pytest.mark.parametrize("position, near_tie", [(5, True), (4, False)])
+def test_mismatches_carry_the_reference_margin_at_the_first_difference(server, tmp_path, position, near_tie):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(run_bench(server, ["gsm8k"], [1], max_tokens=8, limit=12, logprobs=True,
+                                        progress=False)))
+    FakeSGLang.corrupt_every, FakeSGLang.corrupt_at = 2, position
+    level = run_bench(server, ["gsm8k"], [4], max_tokens=8, limit=12, reference=[str(ref)],
+                      progress=False)["sets"]["gsm8k"][0]
+    assert level["mismatches"] > 0
+    assert all((m["index"], m["margin"]) == (position, margin(position)) for m in level["mismatched"])
+    assert level["mismatch_max_margin"] == margin(position) and (margin(position) < NEAR_TIE) == near_tie
+    assert level["mismatches_above_tolerance"] == (0 if near_tie else level["mismatches"])
+
+
+def test_margin_past_the_reference_output_is_inf_and_unknown_is_not_a_near_tie():
+    reference = {"a|8|True": {"output_ids": [1, 2], "margins": [0.5, 0.01]},
+                 "b|8|True": {"output_ids": [1, 2], "margins": [0.5, 0.01]},
+                 "c|8|True": {"output_ids": [1, 2], "margins": [0.01, None]}}
+    level = {"max_tokens": 8, "ignore_eos": True, "skipped": None,
+             "per_request": [{"id": "a", "error": None, "output_ids": [1, 2, 3]},
+                             {"id": "b", "error": None, "output_ids": [1, 3]},
+                             {"id": "c", "error": None, "output_ids": [1, 3]}]}
+    check_level(level, reference)
+    assert [(m["index"], m["margin"]) for m in level["mismatched"]] == [(2, float("inf")), (1, 0.01), (1, None)]
+    assert level["mismatch_max_margin"] == float("inf") and level["mismatches_above_tolerance"] == 2
+
+
+def test_e2e_client_shares_the_near_tie_constant():
+    sys.path.insert(0, str(DEVICE))
+    try:
+        import e2e_client
+    finally:
+        sys.path.remove(str(DEVICE))
+    assert e2e_client.NEAR_TIE == NEAR_TIE
 
 
 def test_reference_is_keyed_by_eos_handling_and_length(server, tmp_path):
@@ -146,9 +223,10 @@ def test_chat_template_prompts_are_token_ids(tmp_path):
 def test_cli_writes_json_and_counts_unreachable_as_errors(capsys, tmp_path):
     out = tmp_path / "run.json"
     assert main(["bench", "--url", "http://127.0.0.1:9", "--sets", "mtbench", "gsm8k", "--limit", "2",
-                 "--concurrency", "1", "--max-tokens", "4", "--warmup", "0", "--no-progress",
+                 "--concurrency", "1", "--max-tokens", "4", "--warmup", "0", "--no-progress", "--logprobs",
                  "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["logprobs"] is True
     assert all(lv["errors"] == 2 and lv["output_tok_s"] is None for lvs in report["sets"].values() for lv in lvs)
     assert report["sets"]["mtbench"][0]["per_request"][0]["error"].startswith("URLError")
     assert capsys.readouterr().out.splitlines()[1].split()[:4] == ["mtbench", "1", "2", "2"]
@@ -167,9 +245,11 @@ def test_assemble_suite_checks_everyone_against_ar(server, tmp_path):
 
     (tmp_path / "meta.json").write_text(json.dumps({"date": "2026-12-01", "gpu": "fake", "settings": {"x": 1},
                                                    "contenders": ["ar", "ours", "ours-tree"]}))
-    run("ar", "sets", sets=["gsm8k", "mtbench"], conc=[1], limit=3, ignore_eos=False)
+    run("ar", "sets", sets=["gsm8k", "mtbench"], conc=[1], limit=3, ignore_eos=False, logprobs=True)
     run("ar", "sweep", sets=["math500"], conc=[1, 4], rounds=2, min_requests=2)
-    FakeSGLang.corrupt_every = 3
+    FakeSGLang.corrupt_every, FakeSGLang.corrupt_at = 2, 2  # the timed sweep differs from the margins stage,
+    run("ar", "margins", sets=["math500"], conc=[1, 4], rounds=2, min_requests=2, logprobs=True)  # the reference
+    FakeSGLang.corrupt_every, FakeSGLang.corrupt_at = 3, -1
     run("ours", "sets", sets=["gsm8k", "mtbench"], conc=[1], limit=3, ignore_eos=False)
     run("ours", "sweep", sets=["math500"], conc=[1, 4], rounds=2, min_requests=2)
     (tmp_path / "ar.status").write_text("ok\n")
@@ -180,11 +260,23 @@ def test_assemble_suite_checks_everyone_against_ar(server, tmp_path):
     assert suite["date"] == "2026-12-01" and suite["reference"] == "ar" and "contenders" in suite
     ar, ours, tree = suite["contenders"]
     assert (tree["status"], tree["reason"], tree["runs"]) == ("skipped", "no tree option", {})
-    assert set(ar["runs"]) == {"sets", "sweep"} and ar["status"] == "ok"
-    assert all(lv["mismatches"] == 0 for run in ar["runs"].values() for lvs in run["sets"].values() for lv in lvs)
+    assert set(ar["runs"]) == {"sets", "sweep", "margins"} and ar["status"] == "ok"
+    assert suite["near_tie_tolerance"] == NEAR_TIE
+    for stage in ("sets", "margins"):
+        assert all(lv["mismatches"] == 0 and lv["mismatches_above_tolerance"] == 0
+                   for lvs in ar["runs"][stage]["sets"].values() for lv in lvs)
+    ar_timed = [m for lv in ar["runs"]["sweep"]["sets"]["math500"] for m in lv["mismatched"]]
+    assert ar_timed and all((m["index"], m["margin"]) == (2, margin(2)) for m in ar_timed)
     sweep = ours["runs"]["sweep"]["sets"]["math500"]
     assert sum(lv["mismatches"] for lv in sweep) > 0 and all(lv["unchecked"] == 0 for lv in sweep)
+    # ours differs from the margins stage at 2 (where the timed AR sweep does) or at its last token, 7
+    assert {(m["index"], m["margin"]) for lv in sweep for m in lv["mismatched"]} <= {(2, margin(2)), (7, margin(7))}
+    assert all(lv["mismatches_above_tolerance"] == sum(m["margin"] >= NEAR_TIE for m in lv["mismatched"])
+               for lv in sweep)
     assert ours["runs"]["sweep"]["overall"][1]["mismatches"] == sweep[1]["mismatches"]
+    assert ours["runs"]["sweep"]["overall"][1]["mismatch_max_margin"] == sweep[1]["mismatch_max_margin"]
+    sets = [lv for lvs in ours["runs"]["sets"]["sets"].values() for lv in lvs]
+    assert all(m["margin"] is not None for lv in sets for m in lv["mismatched"])
     request = sweep[0]["per_request"][0]
-    assert "output_ids" not in request and request["tokens"] == 8
+    assert "output_ids" not in request and "margins" not in request and request["tokens"] == 8
     json.dumps(suite)

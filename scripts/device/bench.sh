@@ -13,9 +13,15 @@
 # whole level (tok/s compare like for like); the sets stage stops at it because past EOS the target writes text
 # no drafter is trained on (training answers end at EOS), so tau there would describe that tail, not the answers.
 # Each stage has its own time limit (the contenders share what is left equally); what does not fit is recorded
-# as skipped. Every output is checked against AR's for the same prompt (bf16: mismatches are reported as such).
-# Writes $OUT/bench/: meta.json, <name>.status, <name>.{sets,sweep}.json (with output ids), <name>.log (server),
-# bench.json (all figures + settings + versions + GPU); prints the markdown table last
+# as skipped. Every output is checked against AR's for the same prompt; each mismatch carries AR's top-2 logprob
+# margin at the first differing position (bench --logprobs), so bf16 near-ties show as such. AR's sets stage asks
+# for the logprobs itself (its speed is not reported); its sweep runs twice: timed without them (streaming every
+# position's top-2 costs the server time at high concurrency), then as the reference with them:
+#   margins  AR only: the sweep's prompts and levels again with --logprobs, in what is left of AR's share;
+#            outputs are checked against it (its levels preferred over the timed sweep's), a level it could not
+#            run falls back to the timed sweep, whose mismatches then have no margin
+# Writes $OUT/bench/: meta.json, <name>.status, <name>.{sets,sweep}.json and ar.margins.json (with output ids),
+# <name>.log (server), bench.json (all figures + settings + versions + GPU); prints the markdown table last
 # (python scripts/bench_report.py $OUT/bench/bench.json --out docs/results/ writes it with the plots).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/bench.sh --target /tmp/smol/target --drafter /tmp/smol/drafter
@@ -207,15 +213,25 @@ for i in "${!CONTENDERS[@]}"; do
   share=$(( (BUDGET - RESERVE - start) / remaining ))
   if [ "$share" -lt 30 ]; then status "$name" "skipped: time budget spent (${share}s for it)"; continue; fi
   sets_limit=$(( share * 35 / 100 ))
-  echo "== $name: measuring (${share}s: sets ${sets_limit}s, sweep the rest)"
+  REFERENCE=()
+  [ "$name" = ar ] && REFERENCE=(--logprobs)
+  echo "== $name: measuring (${share}s: sets ${sets_limit}s, sweep the rest${REFERENCE:+, then the margins stage})"
   url="http://127.0.0.1:${PORT[$name]}"
   timeout $(( sets_limit + 30 )) "${BENCH[@]}" --url "$url" --name "$name" --sets $SETS --concurrency 1 \
-    --limit "$SET_PROMPTS" --stop-at-eos --time-limit "$sets_limit" --out "$DIR/$name.sets.json" \
+    --limit "$SET_PROMPTS" --stop-at-eos --time-limit "$sets_limit" --out "$DIR/$name.sets.json" "${REFERENCE[@]}" \
     || echo "== $name: the sets stage failed"
+  SWEEP=(--url "$url" --name "$name" --sets math500 --skip "$SET_PROMPTS" --concurrency $CONCURRENCY
+         --rounds "$ROUNDS" --min-requests 8)
   sweep_limit=$(( share - (SECONDS - start) ))
-  timeout $(( sweep_limit + 30 )) "${BENCH[@]}" --url "$url" --name "$name" --sets math500 --skip "$SET_PROMPTS" \
-    --concurrency $CONCURRENCY --rounds "$ROUNDS" --min-requests 8 --time-limit "$sweep_limit" \
+  timeout $(( sweep_limit + 30 )) "${BENCH[@]}" "${SWEEP[@]}" --time-limit "$sweep_limit" \
     --out "$DIR/$name.sweep.json" || echo "== $name: the sweep stage failed"
+  margins_limit=$(( share - (SECONDS - start) ))
+  if [ "$name" = ar ] && [ "$margins_limit" -lt 10 ]; then
+    echo "== ar: no time left for the margins stage (${margins_limit}s): sweep mismatches will have no margins"
+  elif [ "$name" = ar ]; then
+    timeout $(( margins_limit + 30 )) "${BENCH[@]}" "${SWEEP[@]}" --warmup 0 --logprobs --time-limit "$margins_limit" \
+      --out "$DIR/ar.margins.json" || echo "== ar: the margins stage failed"
+  fi
   status "$name" ok
   kill -TERM -- "-${PID[$name]}" 2>/dev/null || true   # done with it: free its CPUs for the next one
 done

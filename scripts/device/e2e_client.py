@@ -1,6 +1,7 @@
 """Client half of scripts/device/e2e.sh: wait for a server, benchmark it, print the comparison table.
 
-Standard library only (the GPU box has no package registry). Subcommands:
+Standard library only (the GPU box has no package registry), plus NEAR_TIE from this repo's dflash_sglang.bench
+(the scripts put the repo on PYTHONPATH). Subcommands:
   wait   --port P --pid PID --timeout S          until /health answers, the server dies, or time runs out
   bench  --port P --name NAME --out FILE ...     greedy prompts through /v1/completions at each concurrency,
                                                  acceptance stats through /generate, a sampling smoke test
@@ -17,6 +18,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from dflash_sglang.bench import NEAR_TIE
 
 SUBJECTS = ["the harbor", "a violin", "the old map", "winter rain", "a small robot", "the library", "green tea",
             "a mountain road", "the last train", "an empty stage", "the river", "a paper boat", "the night market"]
@@ -109,11 +112,6 @@ def cmd_bench(args) -> int:
         report["startup_line_found"] = args.expect in Path(args.log).read_text(errors="replace")
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
-
-
-# A divergence is a near-tie when AR's top-2 log-probabilities at the first divergent token differ by less than
-# this: bf16 verify- and decode-shaped kernels round differently, and only such ties may flip (see the issues).
-NEAR_TIE = 0.05
 
 
 def first_divergence_margins(reference: dict, result: dict) -> list[dict]:
