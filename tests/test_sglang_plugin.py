@@ -662,9 +662,8 @@ def test_decode_steps_emit_the_targets_greedy_chain(markov_worker):
     assert batch.seq_lens.tolist() == [p + sum(step[i] for step in commits) for i, p in enumerate(prompt_lens.tolist())]
 
 
-def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
-    worker, world = markov_worker
-    prompt_lens, _, _, _, batch = run_decode(worker, world)
+def assert_context_written_once_per_committed_position(world, prompt_lens, batch):
+    """Every committed position got the drafter's context K/V exactly once, at the slot it finally holds."""
     written = {}
     for positions, slots in world.context_writes:
         for req_row, (pos_row, slot_row) in enumerate(zip(positions.view(3, -1), slots.view(3, -1))):
@@ -672,10 +671,25 @@ def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
                 if slot != 0:
                     assert (req_row, pos) not in written
                     written[(req_row, pos)] = slot
-    pools = [2, 0, 3]
-    for i, (start, end) in enumerate(zip(prompt_lens.tolist(), batch.seq_lens.tolist())):
+    for i, (pool, start, end) in enumerate(zip([2, 0, 3], prompt_lens.tolist(), batch.seq_lens.tolist())):
         assert sorted(p for r, p in written if r == i) == list(range(start, end))
-        assert all(written[(i, p)] == int(world.req_to_token[pools[i], p]) for p in range(start, end))
+        assert all(written[(i, p)] == int(world.req_to_token[pool, p]) for p in range(start, end))
+
+
+def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
+    worker, world = markov_worker
+    prompt_lens, _, _, _, batch = run_decode(worker, world)
+    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
+
+
+def one_hot_sampling_info():
+    """Sampling settings that make every verify row one-hot (top-k 1): the sampling path, greedy's outcome."""
+    return SimpleNamespace(
+        is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),
+        top_ps=torch.ones(3), min_ps=torch.zeros(3), need_top_k_sampling=True, need_top_p_sampling=False,
+        need_min_p_sampling=False, has_custom_logit_processor=False, acc_additive_penalties=None,
+        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=None,
+    )
 
 
 @pytest.mark.parametrize("rows_per_chunk", [128, 6])
@@ -684,12 +698,7 @@ def test_sampling_verification_with_greedy_rows_equals_greedy(markov_worker, mon
 
     monkeypatch.setattr(worker_module, "SAMPLING_ROWS_PER_CHUNK", rows_per_chunk)
     worker, world = markov_worker
-    sampling = SimpleNamespace(
-        is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),
-        top_ps=torch.ones(3), min_ps=torch.zeros(3), need_top_k_sampling=True, need_top_p_sampling=False,
-        need_min_p_sampling=False, has_custom_logit_processor=False, acc_additive_penalties=None,
-        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=None,
-    )
+    sampling = one_hot_sampling_info()
     _, _, greedy_emitted, _, _ = run_decode(worker, world)
     _, _, sampled_emitted, _, _ = run_decode(worker, world, sampling_info=sampling)
     assert sampled_emitted == greedy_emitted
@@ -787,26 +796,12 @@ def test_tree_steps_emit_the_targets_greedy_chain_and_accept_past_the_drafters_f
 def test_tree_steps_write_context_kv_for_the_committed_path_only(tree_worker):
     worker, world = tree_worker
     prompt_lens, _, _, _, batch = run_decode(worker, world)
-    written = {}
-    for positions, slots in world.context_writes:
-        for req_row, (pos_row, slot_row) in enumerate(zip(positions.view(3, -1), slots.view(3, -1))):
-            for pos, slot in zip(pos_row.tolist(), slot_row.tolist()):
-                if slot != 0:
-                    assert (req_row, pos) not in written
-                    written[(req_row, pos)] = slot
-    for i, (pool, start, end) in enumerate(zip([2, 0, 3], prompt_lens.tolist(), batch.seq_lens.tolist())):
-        assert sorted(p for r, p in written if r == i) == list(range(start, end))
-        assert all(written[(i, p)] == int(world.req_to_token[pool, p]) for p in range(start, end))
+    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
 
 
 def test_tree_sampling_with_greedy_rows_equals_greedy(tree_worker):
     worker, world = tree_worker
-    sampling = SimpleNamespace(
-        is_all_greedy=False, temperatures=torch.ones(3, 1), top_ks=torch.ones(3, dtype=torch.int32),
-        top_ps=torch.ones(3), min_ps=torch.zeros(3), need_top_k_sampling=True, need_top_p_sampling=False,
-        need_min_p_sampling=False, has_custom_logit_processor=False, acc_additive_penalties=None,
-        acc_scaling_penalties=None, penalizer_orchestrator=None, vocab_mask=None, logit_bias=None,
-    )
+    sampling = one_hot_sampling_info()
     greedy = run_decode(worker, world)[2]
     world.req_to_token = torch.arange(4 * 512).view(4, 512) + 1
     worker.model_runner.req_to_token_pool.req_to_token = world.req_to_token

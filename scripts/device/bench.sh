@@ -89,20 +89,8 @@ stop_all() {
 trap 'stop_all; rm -rf "$WORK"' EXIT
 status() { echo "$2" > "$DIR/$1.status"; echo "== $1: $2"; }
 
-# Our package and its SGLang entry point without pip: the repo on PYTHONPATH plus a dist-info folder generated
-# from pyproject.toml, so importlib.metadata (SGLang's plugin discovery) finds the entry point.
-python3 - "$REPO/pyproject.toml" "$WORK/dist" <<'EOF' || exit 1
-import sys, tomllib
-from pathlib import Path
-project = tomllib.loads(Path(sys.argv[1]).read_text())["project"]
-info = Path(sys.argv[2]) / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-info.mkdir(parents=True)
-(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-lines = []
-for group, entries in project["entry-points"].items():
-    lines += [f"[{group}]"] + [f"{name} = {target}" for name, target in entries.items()] + [""]
-(info / "entry_points.txt").write_text("\n".join(lines))
-EOF
+# Our package and its SGLang entry point without pip (plugin_dist.py): the repo and the dist-info on PYTHONPATH.
+python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" || exit 1
 export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config
 print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }

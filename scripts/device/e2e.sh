@@ -82,25 +82,8 @@ stop_servers() {
 }
 trap 'stop_servers; rm -rf "$WORK"' EXIT
 
-# 1. Our package and its SGLang entry point, without pip: the repo on PYTHONPATH, plus a dist-info folder
-#    generated from pyproject.toml so importlib.metadata (SGLang's plugin discovery) finds the entry point.
-python3 - "$REPO/pyproject.toml" "$WORK/dist" <<'PY'
-import sys, tomllib
-from pathlib import Path
-project = tomllib.loads(Path(sys.argv[1]).read_text())["project"]
-info = Path(sys.argv[2]) / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-info.mkdir(parents=True)
-(info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-lines = []
-for group, entries in project["entry-points"].items():
-    lines += [f"[{group}]"] + [f"{name} = {target}" for name, target in entries.items()] + [""]
-(info / "entry_points.txt").write_text("\n".join(lines))
-# The float32 harness plugin (scripts/device/native_ops_plugin.py), a distribution of its own.
-harness = Path(sys.argv[2]) / "dflash_e2e_harness-0.dist-info"
-harness.mkdir()
-(harness / "METADATA").write_text("Metadata-Version: 2.1\nName: dflash-e2e-harness\nVersion: 0\n")
-(harness / "entry_points.txt").write_text("[sglang.srt.plugins]\ndflash_e2e_native_ops = native_ops_plugin:register\n")
-PY
+# 1. Our package and its SGLang entry point, without pip (plugin_dist.py), and the float32 harness plugin.
+python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" --harness
 export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 python3 - <<'PY'
 from importlib.metadata import entry_points

@@ -2,7 +2,8 @@
 
 Standard library only (the GPU box has no package registry), plus NEAR_TIE from this repo's dflash_sglang.bench
 (the scripts put the repo on PYTHONPATH). Subcommands:
-  wait   --port P --pid PID --timeout S          until /health answers, the server dies, or time runs out
+  wait   --port P --pid PID --timeout S          until /health answers (exit 0), the server dies (1), or time
+                                                 runs out (3)
   bench  --port P --name NAME --out FILE ...     greedy prompts through /v1/completions at each concurrency,
                                                  acceptance stats through /generate, a sampling smoke test
   report --dir DIR --reference ar NAME...        the table (greedy mismatches vs AR, tok/s, acceptance length)
@@ -44,6 +45,9 @@ def get(port: int, path: str, timeout: float) -> dict:
         return json.loads(body) if body else {}
 
 
+EXIT_WAIT_TIMEOUT = 3  # `wait`: still starting when time ran out (1: the server process died)
+
+
 def cmd_wait(args) -> int:
     deadline = time.time() + args.timeout
     while time.time() < deadline:
@@ -56,8 +60,8 @@ def cmd_wait(args) -> int:
             return 0
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
             time.sleep(2)
-    print(f"server not ready after {args.timeout}s", file=sys.stderr)
-    return 1
+    print(f"server not ready after {args.timeout:.0f}s", file=sys.stderr)
+    return EXIT_WAIT_TIMEOUT
 
 
 def run_all(fn, items, concurrency: int) -> tuple[list, float]:

@@ -1,9 +1,7 @@
 """Python half of scripts/device/gemma4_shape.sh: the Gemma-4-31B-shaped pair, the client, and the summary.
 
 Standard library plus this repository (the GPU box has no package registry). Subcommands:
-  dist-info --pyproject P --out DIR            a dist-info folder so SGLang's plugin discovery finds our entry point
   prepare   --out DIR --blocks 16 32 64        target + tokenizer, one drafter config per block size, pairs checked
-  wait      --port P --pid PID --timeout S     until /health answers (0), the server dies (1), or time runs out (3)
   bench     --port P --out FILE ...            greedy c1 streaming requests: ms/token, ms/step, GPU memory in use
   run-info  --dir D --draft-backend B ...      record the run's settings (run.json)
   stage     --dir D --stage S --status ...     record how a stage went (ok / failed / skipped) and its startup time
@@ -18,8 +16,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
-import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,18 +35,6 @@ PROMPTS = ["Explain, step by step, how a harbor lock raises a ship.",
 
 
 # --------------------------------------------------------------------------------------------- setup
-
-
-def cmd_dist_info(args) -> int:
-    project = tomllib.loads(Path(args.pyproject).read_text())["project"]
-    info = Path(args.out) / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-    lines = []
-    for group, entries in project["entry-points"].items():
-        lines += [f"[{group}]"] + [f"{name} = {target}" for name, target in entries.items()] + [""]
-    (info / "entry_points.txt").write_text("\n".join(lines))
-    return 0
 
 
 def cmd_prepare(args) -> int:
@@ -77,30 +61,6 @@ def cmd_prepare(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------- client
-
-
-def get(port: int, path: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-        return response.read()
-
-
-EXIT_WAIT_TIMEOUT = 3  # `wait`: still starting when time ran out (1: the server process died)
-
-
-def cmd_wait(args) -> int:
-    deadline = time.time() + args.timeout
-    while time.time() < deadline:
-        if not Path(f"/proc/{args.pid}").exists():
-            print(f"server process {args.pid} exited before it was ready", file=sys.stderr)
-            return 1
-        try:
-            get(args.port, "/health", timeout=5)
-            get(args.port, "/v1/models", timeout=5)
-            return 0
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    print(f"server not ready after {args.timeout:.0f}s", file=sys.stderr)
-    return EXIT_WAIT_TIMEOUT
 
 
 def stream_generate(port: int, prompt: str, max_tokens: int, timeout: float) -> dict:
@@ -338,19 +298,10 @@ def cmd_summarize(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
-    p = sub.add_parser("dist-info")
-    p.add_argument("--pyproject", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_dist_info)
     p = sub.add_parser("prepare")
     p.add_argument("--out", required=True)
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("wait")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--pid", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=240)
-    p.set_defaults(func=cmd_wait)
     p = sub.add_parser("bench")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--out", required=True)

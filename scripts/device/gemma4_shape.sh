@@ -96,7 +96,7 @@ finish() {
 trap finish EXIT
 
 # 1. The dist-info folder that makes SGLang's plugin discovery find our entry point.
-"${HELPER[@]}" dist-info --pyproject "$REPO/pyproject.toml" --out "$WORK/dist"
+python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist"
 python3 - <<'EOF'
 from importlib.metadata import entry_points
 from dflash_sglang.sglang.compat import check_sglang_version
@@ -142,7 +142,8 @@ run_stage() {
     setsid python3 -m sglang.launch_server "${COMMON[@]}" "$@" "${EXTRA[@]}" > "$log" 2>&1 &
   SERVER_PID=$!
   local rc=0
-  "${HELPER[@]}" wait --port "$PORT" --pid "$SERVER_PID" --timeout $(( left - 30 )) || rc=$?
+  python3 "$REPO/scripts/device/e2e_client.py" wait --port "$PORT" --pid "$SERVER_PID" --timeout $(( left - 30 )) \
+    || rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "== $name: server did not come up; last lines of its log:"; tail -n 40 "$log"
     stop_server

@@ -32,19 +32,7 @@ stop_servers() {
 trap 'stop_servers; rm -rf "$WORK"' EXIT
 
 # Our entry point and the float32 native-ops harness, discoverable without pip (as in e2e.sh).
-python3 - "$REPO/pyproject.toml" "$WORK/dist" <<'EOF'
-import sys, tomllib
-from pathlib import Path
-project = tomllib.loads(Path(sys.argv[1]).read_text())["project"]
-for name, version, groups in ((project["name"], project["version"], project["entry-points"]),
-                              ("dflash-e2e-harness", "0", {"sglang.srt.plugins": {
-                                  "dflash_e2e_native_ops": "native_ops_plugin:register"}})):
-    info = Path(sys.argv[2]) / f"{name.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{g}]\n" + "".join(f"{k} = {v}\n" for k, v in e.items()) for g, e in groups.items()))
-EOF
+python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" --harness
 export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}" DFLASH_E2E_NATIVE_OPS=1
 
 python3 -m dflash_sglang make-tiny --arch "$ARCH" --out "$WORK/pair" > "$OUT/make-tiny.log" 2>&1 \

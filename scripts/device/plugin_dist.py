@@ -1,0 +1,43 @@
+"""Make SGLang find our plugin without pip: dist-info folders whose entry points come from pyproject.toml.
+
+    python3 scripts/device/plugin_dist.py OUT_DIR [--harness]
+
+The GPU box has no package registry: the device scripts put the repo and OUT_DIR on PYTHONPATH, and
+importlib.metadata (SGLang's plugin discovery) then sees dflash-sglang's `sglang.srt.plugins` entry point.
+--harness adds the float32 test-harness plugin (scripts/device/native_ops_plugin.py, which must be importable:
+scripts/device on PYTHONPATH) as a distribution of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS_ENTRY_POINTS = {"sglang.srt.plugins": {"dflash_e2e_native_ops": "native_ops_plugin:register"}}
+
+
+def write_dist_info(out: Path, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:
+    info = out / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = []
+    for group, entries in entry_points.items():
+        lines += [f"[{group}]"] + [f"{key} = {target}" for key, target in entries.items()] + [""]
+    (info / "entry_points.txt").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--harness", action="store_true", help="also the float32 native-ops harness plugin")
+    args = parser.parse_args()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    write_dist_info(args.out, project["name"], project["version"], project["entry-points"])
+    if args.harness:
+        write_dist_info(args.out, "dflash-e2e-harness", "0", HARNESS_ENTRY_POINTS)
+
+
+if __name__ == "__main__":
+    main()
