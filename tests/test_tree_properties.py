@@ -102,3 +102,66 @@ def test_chain_accept_is_the_leading_match_count(bs, depth, vocab, seed):
         while n < depth and drafts[b, n] == preds[b, n]:
             n += 1
         assert int(accept_len[b]) == n and int(bonus[b]) == int(preds[b, n])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(1, 4))
+def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
+    """The SGLang tree step's commit (kernels' verify result -> req_to_token reorder): every request's reserved
+    columns keep the same slots, the accepted path's come first in path order, nothing else in the table moves."""
+    from dflash_sglang.kernels import build_draft_tree, verify_tree_greedy
+    from dflash_sglang.sglang.tree_mode import commit_tree_slots
+
+    bs, depth, topk, vocab, budget, seed = shape
+    topk = min(topk, vocab)
+    g = torch.Generator().manual_seed(seed)
+    logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
+    ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
+    seq_lens = torch.randint(0, 30, (bs,), generator=g)
+    tree = build_draft_tree(torch.randint(0, vocab, (bs,), generator=g), logprobs, ids, seq_lens, budget)
+    width = tree.tokens.shape[1]
+    result = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling,
+                                torch.randint(0, vocab, tree.tokens.shape, generator=g), depth)
+    pools = torch.randperm(bs + rows, generator=g)[:bs]
+    table = torch.randperm((bs + rows) * (30 + width), generator=g).view(bs + rows, -1).int()
+    before = table.clone()
+    commit_tree_slots(table, pools, seq_lens, result.path, result.accept_len, width)
+    touched = torch.zeros_like(table, dtype=torch.bool)
+    for b in range(bs):
+        start, pool, n = int(seq_lens[b]), int(pools[b]), int(result.accept_len[b]) + 1
+        region_before = before[pool, start: start + width]
+        region_after = table[pool, start: start + width]
+        assert sorted(region_after.tolist()) == sorted(region_before.tolist())
+        assert region_after[:n].tolist() == region_before[result.path[b, :n].long()].tolist()
+        touched[pool, start: start + width] = True
+    assert torch.equal(table[~touched], before[~touched])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_tree_verify_mask_rows_see_the_context_and_their_ancestors_only(shape):
+    """Decoding the flat mask back, request by request: row i sees every committed token and exactly the
+    ancestors of node i (itself included)."""
+    from dflash_sglang.kernels import build_draft_tree
+    from dflash_sglang.sglang.tree_mode import verify_mask
+
+    bs, depth, topk, vocab, budget, seed = shape
+    topk = min(topk, vocab)
+    g = torch.Generator().manual_seed(seed)
+    logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
+    ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
+    seq_lens = torch.randint(0, 20, (bs,), generator=g)
+    tree = build_draft_tree(torch.zeros(bs, dtype=torch.long), logprobs, ids, seq_lens, budget)
+    width = tree.tokens.shape[1]
+    mask = verify_mask(tree.ancestor_mask, seq_lens, int(width * (seq_lens + width).sum()))
+    offset = 0
+    for b in range(bs):
+        rows = mask[offset: offset + width * (int(seq_lens[b]) + width)].view(width, -1)
+        assert rows[:, : int(seq_lens[b])].all()
+        for i in range(width):
+            ancestors, node = {i}, i
+            while node > 0:
+                node = int(tree.parents[b, node])
+                ancestors.add(node)
+            assert set(rows[i, int(seq_lens[b]):].nonzero().flatten().tolist()) == ancestors
+        offset += rows.numel()
