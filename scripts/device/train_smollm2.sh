@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 480):
+# A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 900):
 #   1. convert the GGUF (payloads .device-smol1..3, see scripts/prepare_smollm2.sh) to a bf16 HF checkpoint;
 #   2. serve it with SGLang (plain decoding) on 127.0.0.1:30100 and regenerate the target's greedy answers to the
 #      ~12k training prompts (chat template, up to 512 new tokens, 256 requests in flight); stop the server;
@@ -15,7 +15,9 @@
 #          (after `source .device-smol1/unpack.sh`, `... smol2 ...`, `... smol3 ...` on the same warm machine)
 #   background: source .device/unpack.sh && setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
-#   env:   SMOL_BUDGET=480   seconds for the whole script
+#   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~85 s, SGLang up ~85 s, regeneration of the
+#                            12k prompts ~235 s, the rest trains (~7 min). More than one device command allows
+#                            (600 s), so run it in the background as above; in the foreground use <= 540.
 #          SMOL_CONCURRENCY=256  regeneration requests in flight (also the server's running-request cap)
 #          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
 #          SMOL_CPU_TEST=1   plumbing check without a GPU or SGLang: a tiny random Llama target (make-tiny), the
@@ -42,7 +44,7 @@ if [ "${1:-}" = --collect ]; then
   exit 0
 fi
 
-BUDGET="${SMOL_BUDGET:-480}"
+BUDGET="${SMOL_BUDGET:-900}"
 CPU_TEST="${SMOL_CPU_TEST:-0}"
 PORT=30100
 MAX_NEW_TOKENS=512
