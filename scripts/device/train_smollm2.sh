@@ -13,7 +13,8 @@
 #
 #   usage: source .device/unpack.sh && bash scripts/device/train_smollm2.sh
 #          (after `source .device-smol1/unpack.sh`, `... smol2 ...`, `... smol3 ...` on the same warm machine)
-#   background: source .device/unpack.sh && (OUT= setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &)
+#   background: source .device/unpack.sh &&
+#            (OUT= setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &)
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
 #   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~85 s, SGLang up ~85 s, regeneration of the
