@@ -13,7 +13,7 @@
 #
 #   usage: source .device/unpack.sh && bash scripts/device/e2e_all.sh [--budget S]
 set -uo pipefail
-BUDGET=480
+BUDGET=520
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET="$2"; shift 2 ;;
