@@ -29,7 +29,8 @@ export DFLASH_KERNEL_CACHE=/tmp/dflash_kernel_cache PYTHONPATH="$REPO${PYTHONPAT
 python3 -m dflash_sglang.kernels build > "$OUT/kernel-build.log" 2>&1 &
 DEMO_PAIR="$REPO/dflash_sglang/data/pairs/demo"
 # The demo group also runs the request checks and the soak on its live servers, inside the same wall clock:
-# it measures in BUDGET - 150 s, then checks (<= 80 s) and soaks (<= 100 s of requests, 30 s to drain).
+# it measures in BUDGET - 230 s, then checks (<= 80 s) and soaks (<= 100 s of requests, 30 s to drain), so
+# that with 30 s to stop its servers it ends with the other groups.
 CHECKS_BUDGET=80
 SOAK_BUDGET=100
 
@@ -49,7 +50,7 @@ CHECKS="timeout $CHECKS_BUDGET python3 $REPO/scripts/device/request_checks.py --
   --log \$OUT_DIR/ours.log --gpu-mem-cmd 'bash $REPO/scripts/device/gpu_mem_of.sh '\$OURS_SESSION; soak=\$?; \
   [ \$checks = 0 ] && [ \$soak = 0 ]"
 run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 \
-  --budget $(( BUDGET - 150 )) \
+  --budget $(( BUDGET - 230 )) \
   --then "$CHECKS"
 run_group tree --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --port-base 30050 \
   --budget "$BUDGET"
