@@ -385,12 +385,46 @@ def strip_outputs(report: dict) -> dict:
     return {**report, "sets": sets}
 
 
+def fastest_contender(directory: str, names: list[str], concurrency: int = 1) -> str | None:
+    """Of `names`, the one whose `<name>.sweep.json` in `directory` has the highest output tok/s at `concurrency`
+    (bench.sh profiles that tree contender); None when none of them measured that level."""
+    rates = {}
+    for name in names:
+        path = Path(directory) / f"{name}.sweep.json"
+        if not path.exists():
+            continue
+        levels = [lv for lvs in json.loads(path.read_text())["sets"].values() for lv in lvs
+                  if lv["concurrency"] == concurrency and not lv["skipped"] and lv["output_tok_s"] is not None]
+        if levels:
+            rates[name] = max(lv["output_tok_s"] for lv in levels)
+    return max(rates, key=rates.get) if rates else None
+
+
+def profile_runs(directory: Path, order: list[str]) -> list[dict]:
+    """bench.sh's profile stage from `directory`: per `<name>-c<C>.status` (first line "ok" or "<status>: <reason>"),
+    the contender, concurrency, status and scripts/device/profile_step.py's summary where it wrote one (without
+    its trace paths: the traces are deleted once summarized). Sorted by contender order, then concurrency."""
+    runs = []
+    for path in sorted(directory.glob("*.status")) if directory.is_dir() else []:
+        name, _, c = path.name[:-len(".status")].rpartition("-c")
+        status, _, reason = path.read_text().strip().splitlines()[0].partition(": ")
+        summary_path = path.with_name(f"{name}-c{c}.summary.json")
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if summary is not None:
+            summary.pop("traces", None)
+        runs.append({"contender": name, "concurrency": int(c), "status": status, "reason": reason or None,
+                     "summary": summary})
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(runs, key=lambda r: (rank.get(r["contender"], len(rank)), r["concurrency"]))
+
+
 def assemble_suite(directory: str, reference: str = "ar") -> dict:
     """bench.json of scripts/device/bench.sh from what it left in `directory`: meta.json (settings, versions,
     GPU, contender order), `<name>.status` (first line "ok" or "<status>: <reason>") and `<name>.<stage>.json`
-    run reports. Every level is checked against the reference contender's outputs (its own too: a prompt it ran
-    at several concurrencies is checked against the lowest, which shows bf16 batch-shape noise), preferring at
-    the same concurrency its runs with top-2 margins (bench.sh's `margins` stage: AR's sweep again, untimed)."""
+    run reports, and `profile/` (`profile_runs`). Every level is checked against the reference contender's outputs
+    (its own too: a prompt it ran at several concurrencies is checked against the lowest, which shows bf16
+    batch-shape noise), preferring at the same concurrency its runs with top-2 margins (bench.sh's `margins`
+    stage: AR's sweep again, untimed)."""
     root = Path(directory)
     meta = json.loads((root / "meta.json").read_text())
     runs = {name: {p.name[len(name) + 1:-len(".json")]: json.loads(p.read_text())
@@ -410,7 +444,8 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
         contenders.append({"name": name, "status": status, "reason": reason or None,
                            "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()}})
     return {**{k: v for k, v in meta.items() if k != "contenders"}, "reference": reference,
-            "near_tie_tolerance": NEAR_TIE, "contenders": contenders}
+            "near_tie_tolerance": NEAR_TIE, "contenders": contenders,
+            "profiles": profile_runs(root / "profile", meta["contenders"])}
 
 
 def _fmt(value, spec: str) -> str:

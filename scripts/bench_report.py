@@ -1,11 +1,13 @@
-"""bench.json of scripts/device/bench.sh -> bench-<date>.{json,md} and two plots, for docs/results/.
+"""bench.json of scripts/device/bench.sh -> bench-<date>.{json,md} and its plots, for docs/results/.
 
     python scripts/bench_report.py out/bench/bench.json --out docs/results/
     python scripts/bench_report.py out/bench/bench.json --no-plots      # the markdown to stdout only (the GPU box)
 
-Every number in the markdown and the plots is read from the JSON by `throughput_rows` / `set_rows`, so they
-match it (tests/test_bench_report.py checks the markdown against the JSON). The plots need matplotlib, which the
-project does not depend on: install it anywhere outside the shared venv, e.g.
+Every number in the markdown and the plots is read from the JSON by `throughput_rows` / `set_rows` /
+`tree_sweep_rows` / `profile_rows`, so they match it (tests/test_bench_report.py checks the markdown against the
+JSON). Plots: tok/s and speedup vs AR against concurrency, and with a tree budget sweep, tau and c1 tok/s
+against the budget. The plots need matplotlib, which the project does not depend on: install it anywhere outside
+the shared venv, e.g.
     python -m pip install --target /tmp/dflash-mpl matplotlib && PYTHONPATH=/tmp/dflash-mpl python scripts/...
 """
 
@@ -19,6 +21,17 @@ from pathlib import Path
 
 SET_TITLES = {"math500": "MATH-500", "humaneval": "HumanEval", "mtbench": "MT-Bench", "gsm8k": "GSM8K"}
 TITLES = {"ar": "AR", "builtin": "builtin DFLASH", "ours": "ours (chain)", "ours-tree": "ours (tree)"}
+PROFILE_COLUMNS = (("steps", "d"), ("host_ms_per_step_mean", ".3f"), ("host_ms_per_step_median", ".3f"),
+                   ("kernel_launches_per_step", ".1f"), ("graph_launches_per_step", ".1f"),
+                   ("host_syncs_per_step", ".2f"))
+
+
+def title(bench: dict, name: str) -> str:
+    """A contender's name in the tables: one of TITLES, or a budget sweep's tree with its node count."""
+    budget = bench.get("settings", {}).get("tree_contenders", {}).get(name)
+    if name not in TITLES and budget is not None:
+        return f"ours (tree, {budget} nodes)"
+    return TITLES.get(name, name)
 
 
 def _levels(contender: dict, stage: str) -> list[dict]:
@@ -78,6 +91,41 @@ def set_rows(bench: dict) -> list[dict]:
     return rows
 
 
+def tree_sweep_rows(bench: dict) -> list[dict]:
+    """With several tree contenders (bench.sh --tree-budget "8 16 ..."), one row per budget N in increasing order
+    and a last one for the chain (N None): tau per prompt set and their mean (`set_rows`), c1 tok/s of the sweep and
+    its ratios to the chain's and AR's c1 tok/s. Empty with fewer than two tree contenders or when none ran."""
+    trees = bench.get("settings", {}).get("tree_contenders", {})
+    if len(trees) < 2 or not any(c["runs"] for c in bench["contenders"] if c["name"] in trees):
+        return []
+    taus = {r["contender"]: r for r in set_rows(bench)}
+    c1 = {r["contender"]: r["tok_s"] for r in throughput_rows(bench) if r["concurrency"] == 1 and not r["skipped"]}
+
+    def ratio(name: str, base: str) -> float | None:
+        if c1.get(name) is None or not c1.get(base):
+            return None
+        return c1[name] / c1[base]
+
+    rows = []
+    for name, budget in [*sorted(trees.items(), key=lambda item: item[1]), ("ours", None)]:
+        sets = taus.get(name, {})
+        rows.append({"contender": name, "budget": budget, "tau": sets.get("tau", {}),
+                     "mean_tau": sets.get("mean_tau"), "c1_tok_s": c1.get(name), "vs_chain": ratio(name, "ours"),
+                     "vs_ar": ratio(name, "ar")})
+    return rows
+
+
+def profile_rows(bench: dict) -> list[dict]:
+    """bench.sh --profile: per contender and concurrency, the status and profile_step.py's per-step figures
+    (PROFILE_COLUMNS; None where the run left no summary)."""
+    rows = []
+    for run in bench.get("profiles", []):
+        summary = run["summary"] or {}
+        rows.append({"contender": run["contender"], "concurrency": run["concurrency"], "status": run["status"],
+                     "reason": run["reason"], **{key: summary.get(key) for key, _ in PROFILE_COLUMNS}})
+    return rows
+
+
 def _f(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{format(value, spec)}{suffix}"
 
@@ -129,7 +177,7 @@ def markdown(bench: dict) -> str:
             "| max margin | not near-ties |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in throughput_rows(bench):
-        name = TITLES.get(r["contender"], r["contender"])
+        name = title(bench, r["contender"])
         if r["skipped"]:
             out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
@@ -151,28 +199,61 @@ def markdown(bench: dict) -> str:
                 "|---|" + "---:|" * (len(names) + 4)]
         for r in rows:
             mismatch = _mismatch(bench, r["contender"], r["mismatches"], r["requests"])
-            out.append(f"| {TITLES.get(r['contender'], r['contender'])} | "
+            out.append(f"| {title(bench, r['contender'])} | "
                        + " | ".join(_f(r["tau"].get(n), ".2f") for n in names)
                        + f" | {_f(r['mean_tau'], '.2f')} | {mismatch} | "
                        f"{_margins(bench, r['contender'], r['max_margin'], r['above_tolerance'])} |")
+    sweep_rows = tree_sweep_rows(bench)
+    if sweep_rows:
+        names = list(dict.fromkeys(name for r in sweep_rows for name in r["tau"])) or s.get("sets", [])
+        topk = s.get("tree_topk")
+        out += ["", f"## Tree budget sweep: N draft nodes (top-k {topk}), tau per prompt set and c1 tok/s", "",
+                "tau as in the per-set table (concurrency 1, stopping at EOS); c1 tok/s from the throughput sweep's "
+                "concurrency-1 level (same prompts for every contender); speedups are c1 tok/s ratios to ours "
+                "(chain) and AR. The last row is the chain itself.", "",
+                "| N | " + " | ".join(SET_TITLES.get(n, n) for n in names)
+                + " | mean tau | c1 tok/s | vs chain | vs AR |",
+                "|---:|" + "---:|" * (len(names) + 4)]
+        for r in sweep_rows:
+            out.append(f"| {'chain' if r['budget'] is None else r['budget']} | "
+                       + " | ".join(_f(r["tau"].get(n), ".2f") for n in names)
+                       + f" | {_f(r['mean_tau'], '.2f')} | {_f(r['c1_tok_s'], '.1f')} | "
+                       f"{_f(r['vs_chain'], '.2f', 'x')} | {_f(r['vs_ar'], '.2f', 'x')} |")
+    prof_rows = profile_rows(bench)
+    if prof_rows:
+        out += ["", "## Per-step host cost (scripts/device/profile_step.py inside the server)", "",
+                "Inside each `dflash_sglang.decode` range of SGLang's torch profiler trace (CPU + GPU activities, "
+                "no Python stacks, no shapes): host time per step, CUDA kernel launches, CUDA graph replays and "
+                "host synchronizations (stream/device/event synchronize, blocking memcpy). Profiled: ours (chain) "
+                "and the tree contender with the best c1 tok/s.", "",
+                "| contender | conc | steps | host ms/step (mean) | host ms/step (median) | kernel launches/step "
+                "| graph replays/step | host syncs/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in prof_rows:
+            name = title(bench, r["contender"])
+            if r["status"] != "ok":
+                out.append(f"| {name} | {r['concurrency']} | {r['status']}: {r['reason']} | | | | | |")
+                continue
+            out.append(f"| {name} | {r['concurrency']} | "
+                       + " | ".join(_f(r[key], spec) for key, spec in PROFILE_COLUMNS) + " |")
     not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
     if not_run:
         out += ["", "## Not run", ""]
-        out += [f"- {TITLES.get(c['name'], c['name'])}: {c['status']}: {c['reason']}" for c in not_run]
+        out += [f"- {title(bench, c['name'])}: {c['status']}: {c['reason']}" for c in not_run]
     details = []
     for c in bench["contenders"]:
         for stage, run in c["runs"].items():
             for lv in (lv for lvs in run["sets"].values() for lv in lvs):
                 if lv.get("mismatched"):
                     where = ", ".join(_where(m) for m in lv["mismatched"])
-                    details.append(f"- {TITLES.get(c['name'], c['name'])}, {stage} {lv['prompt_set']} "
+                    details.append(f"- {title(bench, c['name'])}, {stage} {lv['prompt_set']} "
                                    f"c={lv['concurrency']}: {where}")
     if details:
         out += ["", "## Mismatches (prompt id @ first differing output position; AR's top-2 logprob margin there)",
                 ""] + details
     stem = f"bench-{bench['date']}"
     out += ["", f"Raw figures: [{stem}.json]({stem}.json).", "",
-            f"![output tok/s vs concurrency]({stem}-toks.png) ![speedup vs AR]({stem}-speedup.png)"]
+            f"![output tok/s vs concurrency]({stem}-toks.png) ![speedup vs AR]({stem}-speedup.png)"
+            + (f" ![tau and c1 tok/s vs tree budget]({stem}-tree-budget.png)" if sweep_rows else "")]
     return "\n".join(out) + "\n"
 
 
@@ -191,7 +272,7 @@ def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
         for contender in dict.fromkeys(r["contender"] for r in rows):
             points = [(r["concurrency"], r[key]) for r in rows if r["contender"] == contender and r[key] is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=TITLES.get(contender, contender))
+                ax.plot(*zip(*points), marker="o", label=title(bench, contender))
         if key == "vs_ar":
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         concurrencies = sorted({r["concurrency"] for r in rows})
@@ -207,13 +288,47 @@ def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
+    sweep = tree_sweep_rows(bench)
+    if sweep:
+        paths.append(_plot_tree_sweep(plt, bench, sweep, out_dir / f"{stem}-tree-budget.png"))
     return paths
+
+
+def _plot_tree_sweep(plt, bench: dict, rows: list[dict], path: Path) -> Path:
+    """Mean tau and c1 tok/s against the tree budget N, the chain (and AR for tok/s) as dashed lines."""
+    trees = [r for r in rows if r["budget"] is not None]
+    chain = next(r for r in rows if r["budget"] is None)
+    ar_c1 = next((r["tok_s"] for r in throughput_rows(bench)
+                  if r["contender"] == "ar" and r["concurrency"] == 1 and not r["skipped"]), None)
+    fig, (tau_ax, toks_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = ((tau_ax, "mean_tau", "mean tau over the prompt sets", [("chain", chain["mean_tau"])]),
+              (toks_ax, "c1_tok_s", "output tok/s at concurrency 1", [("chain", chain["c1_tok_s"]), ("AR", ar_c1)]))
+    for ax, key, ylabel, lines in panels:
+        points = [(r["budget"], r[key]) for r in trees if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label="ours (tree)")
+        for (label, value), color in zip(lines, ("tab:green", "grey")):
+            if value is not None:
+                ax.axhline(value, color=color, linewidth=0.8, linestyle="--", label=label)
+        budgets = [r["budget"] for r in trees]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.set_xlabel("tree budget N (draft nodes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"tree budget sweep, {bench.get('gpu', '')} {bench['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench_json")
-    parser.add_argument("--out", default=None, help="folder for bench-<date>.{json,md,-toks.png,-speedup.png}")
+    parser.add_argument("--out", default=None,
+                        help="folder for bench-<date>.{json,md,-toks.png,-speedup.png,-tree-budget.png}")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     bench = json.loads(Path(args.bench_json).read_text())

@@ -1,6 +1,7 @@
 """The bench client against a loopback double of SGLang's streaming /generate protocol."""
 
 import json
+import shutil
 import sys
 import threading
 import time
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dflash_sglang.bench import NEAR_TIE, assemble_suite, check_level, format_table, level_prompts, render_prompts, \
-    run_bench
+from dflash_sglang.bench import NEAR_TIE, assemble_suite, check_level, fastest_contender, format_table, level_prompts, \
+    render_prompts, run_bench
 from dflash_sglang.cli import main
 
 DEVICE = Path(__file__).resolve().parents[1] / "scripts" / "device"
@@ -280,3 +281,40 @@ def test_assemble_suite_checks_everyone_against_ar(server, tmp_path):
     request = sweep[0]["per_request"][0]
     assert "output_ids" not in request and "margins" not in request and request["tokens"] == 8
     json.dumps(suite)
+
+
+def test_fastest_contender_is_the_best_measured_c1(tmp_path):
+    def sweep(name, rates, skipped=()):
+        levels = [{"concurrency": c, "skipped": "time limit" if c in skipped else None, "output_tok_s": rate}
+                  for c, rate in rates.items()]
+        (tmp_path / f"{name}.sweep.json").write_text(json.dumps({"sets": {"math500": levels}}))
+
+    sweep("ours-tree-8", {1: 900.0, 8: 5000.0})
+    sweep("ours-tree-16", {1: 1000.0})
+    sweep("ours-tree-32", {1: 2000.0}, skipped=(1,))
+    sweep("ours-tree-64", {1: None})  # every request failed
+    names = ["ours-tree-8", "ours-tree-16", "ours-tree-32", "ours-tree-64", "ours-tree-128"]  # 128: no sweep file
+    assert fastest_contender(str(tmp_path), names) == "ours-tree-16"
+    assert fastest_contender(str(tmp_path), names, concurrency=8) == "ours-tree-8"
+    assert fastest_contender(str(tmp_path), ["ours-tree-32", "ours-tree-64", "ours-tree-128"]) is None
+
+
+def test_assemble_suite_carries_the_profile_summaries(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"date": "2026-12-01", "settings": {},
+                                                   "contenders": ["ar", "ours", "ours-tree-16"]}))
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    summary = {"traces": ["/tmp/x/trace.json.gz"], "concurrency": 32, "steps": 40, "host_ms_per_step_mean": 1.5}
+    (profile / "ours-tree-16-c1.status").write_text("failed: profile_step.py exited with 1: no trace found\n")
+    (profile / "ours-c32.status").write_text("ok\n")
+    (profile / "ours-c32.summary.json").write_text(json.dumps(summary))
+    (profile / "ours-c1.status").write_text("skipped: time budget spent (12s for it)\n")
+    (profile / "ours-c1.txt").write_text("whatever profile_step printed\n")
+    suite = assemble_suite(str(tmp_path))
+    assert [(p["contender"], p["concurrency"], p["status"]) for p in suite["profiles"]] == [
+        ("ours", 1, "skipped"), ("ours", 32, "ok"), ("ours-tree-16", 1, "failed")]
+    assert (suite["profiles"][0]["reason"], suite["profiles"][0]["summary"]) == ("time budget spent (12s for it)", None)
+    assert suite["profiles"][1]["summary"] == {k: v for k, v in summary.items() if k != "traces"}
+    assert suite["profiles"][2]["reason"] == "profile_step.py exited with 1: no trace found"
+    shutil.rmtree(profile)
+    assert assemble_suite(str(tmp_path))["profiles"] == []

@@ -170,3 +170,108 @@ def test_a_set_skipped_for_one_contender_keeps_its_column():
     rows = {r[0]: r[1:] for r in table(md, "| contender | MATH-500 |")}
     assert rows["ours (chain)"][3:5] == ["-", "-"] and rows["builtin DFLASH"][3] != "-"
     assert rows["ours (chain)"][5:] == ["0/24", "-", "0"]
+
+
+BUDGETS = {"ours-tree-8": 8, "ours-tree-16": 16, "ours-tree-32": 32, "ours-tree-64": 64}
+TREE_C1 = {"ours-tree-8": 1100.25, "ours-tree-16": 1203.5, "ours-tree-32": None, "ours-tree-64": 950.75}
+TREE_TAU = {"ours-tree-8": 3.61, "ours-tree-16": 3.95, "ours-tree-32": 4.4, "ours-tree-64": 4.62}
+PROFILE_SUMMARY = {"steps": 41, "host_ms_per_step_mean": 1.23456, "host_ms_per_step_median": 1.2,
+                   "copies_per_step": 3.0, "kernel_launches_per_step": 12.25, "graph_launches_per_step": 2.0,
+                   "host_syncs_per_step": 0.0, "host_syncs": {}, "top_ops_by_host_time": [], "concurrency": 1}
+
+
+def sweep_bench() -> dict:
+    """synthetic_bench with a tree budget sweep (bench.sh --tree-budget "8 16 32 64"): every tree contender ran the
+    sets stage and the sweep's c1 level only (ours-tree-32's c1 ran out of time), plus the profile stage."""
+    bench = synthetic_bench()
+    bench["contenders"] = [c for c in bench["contenders"] if c["name"] != "ours-tree"]
+    for name, rate in TREE_C1.items():
+        sets = {s: [level(s, 1, 280.0 + i, TREE_TAU[name] - i / 9, 0, False, requests=8, margin=0.5)]
+                for i, s in enumerate(SETS)}
+        sweep = [level("math500", 1, rate, TREE_TAU[name] + 0.1, 0, True, margin=0.5)]
+        bench["contenders"].append({"name": name, "status": "ok", "reason": None,
+                                    "runs": {"sets": {"limit": 8, "max_tokens": 256, "sets": sets},
+                                             "sweep": {"limit": None, "max_tokens": 256, "sets": {"math500": sweep}}}})
+    bench["settings"].update(tree_contenders=BUDGETS, tree_topk="plugin default")
+    bench["profiles"] = [
+        {"contender": "ours", "concurrency": 1, "status": "ok", "reason": None, "summary": PROFILE_SUMMARY},
+        {"contender": "ours", "concurrency": 32, "status": "ok", "reason": None,
+         "summary": {**PROFILE_SUMMARY, "steps": 40, "host_ms_per_step_mean": 2.5, "host_syncs_per_step": 0.125}},
+        {"contender": "ours-tree-16", "concurrency": 1, "status": "failed", "reason": "not done within 60s",
+         "summary": None}]
+    return bench
+
+
+def test_tree_budget_sweep_table_is_the_json():
+    bench = sweep_bench()
+    md = bench_report.markdown(bench)
+    rows = table(md, "| N | MATH-500 |")
+    assert [r[0] for r in rows] == ["8", "16", "32", "64", "chain"]
+    by_name = {c["name"]: c for c in bench["contenders"]}
+    ours_c1 = by_name["ours"]["runs"]["sweep"]["sets"]["math500"][0]["output_tok_s"]
+    ar_c1 = by_name["ar"]["runs"]["sweep"]["sets"]["math500"][0]["output_tok_s"]
+    for cells, name in zip(rows, [*BUDGETS, "ours"]):
+        taus = [by_name[name]["runs"]["sets"]["sets"][s][0]["tau"] for s in SETS]
+        assert cells[1:5] == [f"{t:.2f}" for t in taus]
+        assert cells[5] == f"{sum(taus) / len(taus):.2f}"
+        c1 = by_name[name]["runs"]["sweep"]["sets"]["math500"][0]["output_tok_s"]
+        assert cells[6:] == (["-"] * 3 if c1 is None else
+                             [f"{c1:.1f}", f"{c1 / ours_c1:.2f}x", f"{c1 / ar_c1:.2f}x"])
+    assert rows[-1][7] == "1.00x" and rows[2][6:] == ["-", "-", "-"]
+    assert "| ours (tree, 16 nodes) | 1 |" in md  # the tree contenders in the throughput table, by node count
+    assert "tree-budget.png" in md
+
+
+def test_single_tree_budget_has_no_sweep_table():
+    bench = synthetic_bench()
+    bench["settings"]["tree_contenders"] = {"ours-tree": 32}
+    assert bench_report.tree_sweep_rows(bench) == []
+    md = bench_report.markdown(bench)
+    assert "Tree budget sweep" not in md and "tree-budget.png" not in md and "Per-step host cost" not in md
+
+
+def test_tree_budget_sweep_where_no_tree_ran_has_no_table():
+    bench = sweep_bench()
+    for contender in bench["contenders"]:
+        if contender["name"] in BUDGETS:
+            contender.update(status="skipped", reason="no tree flag", runs={})
+    assert bench_report.tree_sweep_rows(bench) == []
+    md = bench_report.markdown(bench)
+    assert "Tree budget sweep" not in md and "- ours (tree, 64 nodes): skipped: no tree flag" in md
+
+
+def test_profile_table_is_the_json():
+    bench = sweep_bench()
+    rows = table(bench_report.markdown(bench), "| contender | conc | steps |")
+    assert len(rows) == len(bench["profiles"])
+    for cells, run in zip(rows, bench["profiles"]):
+        assert cells[:2] == [bench_report.title(bench, run["contender"]), str(run["concurrency"])]
+        if run["status"] != "ok":
+            assert cells[2] == f"{run['status']}: {run['reason']}" and set(cells[3:]) == {""}
+            continue
+        summary = run["summary"]
+        assert int(cells[2]) == summary["steps"]
+        assert cells[3:] == [f"{summary['host_ms_per_step_mean']:.3f}", f"{summary['host_ms_per_step_median']:.3f}",
+                             f"{summary['kernel_launches_per_step']:.1f}", f"{summary['graph_launches_per_step']:.1f}",
+                             f"{summary['host_syncs_per_step']:.2f}"]
+    assert rows[2][:3] == ["ours (tree, 16 nodes)", "1", "failed: not done within 60s"]
+
+
+def test_tree_budget_plot_carries_the_json(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    drawn, lines = [], []
+    original_plot, original_axhline = Axes.plot, Axes.axhline
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append((kw.get("label"), a)) or original_plot(
+        self, *a, **kw))
+    monkeypatch.setattr(Axes, "axhline", lambda self, y, **kw: lines.append((kw.get("label"), y)) or original_axhline(
+        self, y, **kw))
+    paths = bench_report.plot(sweep_bench(), tmp_path, "bench-2026-12-01")
+    assert [p.name for p in paths][-1] == "bench-2026-12-01-tree-budget.png" and paths[-1].stat().st_size > 0
+    tau, toks = drawn[-2:]
+    rows = {r["contender"]: r for r in bench_report.set_rows(sweep_bench())}
+    assert tau[0] == "ours (tree)" and list(zip(*tau[1])) == [(BUDGETS[n], rows[n]["mean_tau"]) for n in BUDGETS]
+    assert list(zip(*toks[1])) == [(BUDGETS[n], r) for n, r in TREE_C1.items() if r is not None]
+    assert lines[-3:] == [("chain", rows["ours"]["mean_tau"]), ("chain", TOK_S["ours"][0]), ("AR", TOK_S["ar"][0])]

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark in one device command (< 10 min): one target/drafter pair served by SGLang 0.5.16 as
-#   ar         plain decoding, the greedy reference                                           :30000
-#   builtin    --speculative-algorithm DFLASH with DFLASH_SGLANG_DISABLE=1 (SGLang's own)      :30001
-#   ours       --speculative-algorithm DFLASH through the dflash_sglang plugin (chain)        :30002
-#   ours-tree  the same in tree mode, --speculative-dflash-tree-budget N                      :30003
-#              (run only when the installed plugin adds that flag to SGLang's parser; else skipped with the reason)
+#   ar           plain decoding, the greedy reference                                         :30000
+#   builtin      --speculative-algorithm DFLASH with DFLASH_SGLANG_DISABLE=1 (SGLang's own)    :30001
+#   ours         --speculative-algorithm DFLASH through the dflash_sglang plugin (chain)      :30002
+#   ours-tree    the same in tree mode, --speculative-dflash-tree-budget N                    :30003
+#   ours-tree-N  with a list of budgets (--tree-budget "8 16 32 64"): one tree contender per N :30003, :30004, ...
+#                (trees run only when the installed plugin adds that flag to SGLang's parser; else skipped with
+#                the reason)
 # Every server starts at once (startup is most of the cost), then each is measured alone while the others idle:
 #   sets   each prompt set at concurrency 1, first --set-prompts prompts, stopping at EOS -> tau per set
 #   sweep  MATH-500 at each --concurrency, max(--rounds x c, 8) requests, EOS ignored -> tok/s, TPOT, TTFT, tau;
@@ -20,14 +22,33 @@
 #   margins  AR only: the sweep's prompts and levels again with --logprobs, in what is left of AR's share;
 #            outputs are checked against it (its levels preferred over the timed sweep's), a level it could not
 #            run falls back to the timed sweep, whose mismatches then have no margin
+# Tree budget sweep (several --tree-budget values): the tree contenders sweep only --tree-concurrency (default 1
+# with several budgets, --concurrency with one): the sets stage gives tau per set and c1 gives tok/s, which is
+# what the sweep compares, and seven servers' full sweeps would not fit the command's 10 minutes. A contender
+# whose sweep is a single level gives its sets stage 70% of its share (35% otherwise). Each server captures CUDA
+# graphs up to the largest concurrency it will see (--cuda-graph-max-bs; SGLang captures 27 batch sizes for 64
+# under speculative decoding, 1 for 1), so the c1-only trees start faster; KV pools stay capped at --kv-tokens.
+# Profile stage (--profile): right after ours' measurement, while its server is up, and after the last tree's, on
+# the tree contender with the best c1 tok/s (the tree servers stay up until then), scripts/device/profile_step.py
+# at each --profile-concurrency (default "1 32"), each run under --profile-limit seconds (default 60; each run
+# is expected to take ~25 s, kept out of the contenders' shares). SGLang's /start_profile needs nothing at
+# launch; the profiled servers start with SGLANG_PROFILE_WITH_STACK=false and SGLANG_PROFILE_RECORD_SHAPES=false
+# (both default to true in 0.5.16: Python stacks and shapes would slow the host side being measured and swell
+# the trace). The raw traces go to a temporary folder and are deleted once summarized; only the summaries stay.
+# Time: four servers started in ~95 s on the H200 (2026-11-29) and each then took 60-85 s at --set-prompts 8
+# (undertrained SmolLM2 drafter, tau ~1.1). Seven servers with --profile leave each contender ~40 s of a 540 s
+# budget: pass --set-prompts 4 with a four-budget sweep and --profile, or the sets stages get cut short.
 # Writes $OUT/bench/: meta.json, <name>.status, <name>.{sets,sweep}.json and ar.margins.json (with output ids),
-# <name>.log (server), bench.json (all figures + settings + versions + GPU); prints the markdown table last
+# <name>.log (server), profile/<name>-c<C>.{status,summary.json,txt} (--profile), bench.json (all figures +
+# settings + versions + GPU + profile summaries); prints the markdown table last
 # (python scripts/bench_report.py $OUT/bench/bench.json --out docs/results/ writes it with the plots).
 #
-#   usage: source .device/unpack.sh && bash scripts/device/bench.sh --target /tmp/smol/target --drafter /tmp/smol/drafter
+#   usage: source .device/unpack.sh &&
+#          bash scripts/device/bench.sh --target /tmp/smol/target --drafter /tmp/smol/drafter
 #            [--draft-backend triton|fa4] [--concurrency "1 8 32 64"] [--sets "math500 humaneval mtbench gsm8k"]
-#            [--budget S] [--max-tokens N] [--set-prompts N] [--rounds R] [--tree-budget N] [--tree-topk K]
-#            [--kv-tokens N]
+#            [--budget S] [--max-tokens N] [--set-prompts N] [--rounds R] [--kv-tokens N]
+#            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
+#            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 set -uo pipefail
 
 TARGET=""
@@ -41,7 +62,11 @@ SET_PROMPTS=8
 ROUNDS=2
 TREE_BUDGET=32
 TREE_TOPK=""
+TREE_CONCURRENCY=""
 KV_TOKENS=131072
+PROFILE=0
+PROFILE_CONCURRENCY="1 32"
+PROFILE_LIMIT=60
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -55,7 +80,11 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
     --tree-topk) TREE_TOPK="$2"; shift 2 ;;
+    --tree-concurrency) TREE_CONCURRENCY="$2"; shift 2 ;;
     --kv-tokens) KV_TOKENS="$2"; shift 2 ;;
+    --profile) PROFILE=1; shift ;;
+    --profile-concurrency) PROFILE_CONCURRENCY="$2"; shift 2 ;;
+    --profile-limit) PROFILE_LIMIT="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -64,25 +93,68 @@ for dir in "$TARGET" "$DRAFTER"; do
     echo "error: --target and --drafter must be model folders with a config.json (got '${dir}')" >&2; exit 2
   fi
 done
+positive_ints() {  # option, value: one or more distinct positive integers
+  local n seen=" "
+  [ -n "${2// /}" ] || { echo "error: $1 needs at least one positive integer" >&2; exit 2; }
+  for n in $2; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: $1 takes positive integers (got '$2')" >&2; exit 2; }
+    [[ "$seen" != *" $n "* ]] || { echo "error: $1 lists $n twice (got '$2')" >&2; exit 2; }
+    seen+="$n "
+  done
+}
+read -ra TREE_BUDGETS <<< "$TREE_BUDGET"
+positive_ints --tree-budget "$TREE_BUDGET"
+positive_ints --concurrency "$CONCURRENCY"
+positive_ints --profile-concurrency "$PROFILE_CONCURRENCY"
+positive_ints --profile-limit "$PROFILE_LIMIT"
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 DIR="${OUT:-$REPO/out}/bench"
 WORK="$(mktemp -d /tmp/dflash-bench.XXXXXX)"
 mkdir -p "$DIR"
 rm -f "$DIR"/*.json "$DIR"/*.status "$DIR"/*.log
-CONTENDERS=(ar builtin ours ours-tree)
-declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002 [ours-tree]=30003)
+rm -rf "$DIR/profile"
+
+# One tree contender keeps today's name and the whole sweep; several are a budget sweep: one per N, c1 only.
+declare -A TREE_OF=()
+if [ "${#TREE_BUDGETS[@]}" = 1 ]; then
+  TREES=(ours-tree)
+  TREE_OF[ours-tree]=${TREE_BUDGETS[0]}
+  TREE_CONCURRENCY="${TREE_CONCURRENCY:-$CONCURRENCY}"
+else
+  TREES=()
+  for n in "${TREE_BUDGETS[@]}"; do TREES+=("ours-tree-$n"); TREE_OF[ours-tree-$n]=$n; done
+  TREE_CONCURRENCY="${TREE_CONCURRENCY:-1}"
+fi
+positive_ints --tree-concurrency "$TREE_CONCURRENCY"
+CONTENDERS=(ar builtin ours "${TREES[@]}")
+declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002)
+declare -A LEVELS=([ar]="$CONCURRENCY" [builtin]="$CONCURRENCY" [ours]="$CONCURRENCY")
+declare -A PROFILED=()
+for i in "${!TREES[@]}"; do
+  PORT[${TREES[$i]}]=$(( 30003 + i ))
+  LEVELS[${TREES[$i]}]="$TREE_CONCURRENCY"
+done
+if [ "$PROFILE" = 1 ]; then
+  for name in ours "${TREES[@]}"; do PROFILED[$name]=1; done
+fi
 declare -A PID=()
 SERVING_OURS="dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 SERVING_BUILTIN="dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2"
-declare -A EXPECT=([builtin]="$SERVING_BUILTIN" [ours]="$SERVING_OURS" [ours-tree]="$SERVING_OURS")
+declare -A EXPECT=([builtin]="$SERVING_BUILTIN" [ours]="$SERVING_OURS")
+for name in "${TREES[@]}"; do EXPECT[$name]="$SERVING_OURS"; done
 
+stop() {  # names...
+  local name
+  for name in "$@"; do
+    # Each server runs in its own session: its scheduler and detokenizer go with it.
+    [ -n "${PID[$name]:-}" ] && kill -TERM -- "-${PID[$name]}" 2>/dev/null
+  done
+  return 0
+}
 stop_all() {
   local name
-  for name in "${!PID[@]}"; do
-    # Each server runs in its own session: its scheduler and detokenizer go with it.
-    kill -TERM -- "-${PID[$name]}" 2>/dev/null || true
-  done
+  stop "${!PID[@]}"
   sleep 3
   for name in "${!PID[@]}"; do kill -KILL -- "-${PID[$name]}" 2>/dev/null || true; done
 }
@@ -93,28 +165,46 @@ status() { echo "$2" > "$DIR/$1.status"; echo "== $1: $2"; }
 python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" || exit 1
 export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config
-print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }
+print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") \
+  || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }
 
 # Several servers on one GPU. SGLang 0.5.16 sizes a server's KV pool (mem_cache/kv_cache_configurator.py,
 # _profile_available_bytes) as the GPU memory free after its weights load minus pre_model_load_memory x
 # (1 - mem_fraction_static), pre_model_load_memory being what was free when that server started, then clamps
 # it to --max-total-tokens (_apply_token_constraints). With 0.85 each server keeps 15% of what it saw free as
 # slack and the cap keeps its pool small (SmolLM2-135M: ~23 KiB per token in bf16, 131072 tokens ~3 GiB), so
-# the pools fit side by side whatever order the servers allocate in. A low fraction (e.g. 0.3) would not: each
-# server's slack would be 70% of the memory it saw free at start, and once an earlier server has taken its
-# pool, a later one's budget goes negative. (Post-capture KV resizing, which measures after CUDA-graph capture,
-# is off: it is opt-in and needs prefill graphs, disabled here.) --sleep-on-idle: an idle scheduler waits on
-# its socket instead of spinning, so the idle servers leave the CPUs to the one being measured.
+# the pools fit side by side whatever order the servers allocate in (seven SmolLM2 servers: ~21 GiB of pools,
+# ~35 GiB with weights, graphs and workspaces, so each budget stays far above its capped pool). A low fraction
+# (e.g. 0.3) would not: each server's slack would be 70% of the memory it saw free at start, and once an earlier
+# server has taken its pool, a later one's budget goes negative. (Post-capture KV resizing, which measures after
+# CUDA-graph capture, is off: it is opt-in and needs prefill graphs, disabled here.) --sleep-on-idle: an idle
+# scheduler waits on its socket instead of spinning, so the idle servers leave the CPUs to the one being measured.
 COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
-        --disable-prefill-cuda-graph --cuda-graph-max-bs 64 --mem-fraction-static 0.85
+        --disable-prefill-cuda-graph --mem-fraction-static 0.85
         --max-total-tokens "$KV_TOKENS" --sleep-on-idle --host 127.0.0.1 --log-level info)
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER"
       --speculative-draft-attention-backend "$DRAFT_BACKEND")
+PROFILE_ENV=(SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false)
+PROFILE_EXPECTED=25  # seconds one profile run is expected to take, kept out of the contenders' shares
+# Tokens per profiled request: SGLang's profiler stops itself after profile_step.py's 40 forward steps only if the
+# requests last that long, which at tau 8 (a deep tree, a good drafter) takes 320 tokens; otherwise no trace.
+PROFILE_TOKENS=512
+
+graph_bs() {  # name: the largest batch it will run (its sweep levels, its profiles)
+  local most=1 c
+  for c in ${LEVELS[$1]} ${PROFILED[$1]:+$PROFILE_CONCURRENCY}; do [ "$c" -gt "$most" ] && most=$c; done
+  echo "$most"
+}
+declare -A GRAPH_BS=()
+for name in "${CONTENDERS[@]}"; do GRAPH_BS[$name]=$(graph_bs "$name"); done
 
 launch() {  # name, env setting, flags...
   local name="$1" env_setting="$2"; shift 2
-  env "$env_setting" setsid python3 -m sglang.launch_server "${COMMON[@]}" --port "${PORT[$name]}" \
-    --nccl-port $(( PORT[$name] + 100 )) "$@" > "$DIR/$name.log" 2>&1 &
+  local extra_env=()
+  [ -n "${PROFILED[$name]:-}" ] && extra_env=("${PROFILE_ENV[@]}")
+  env "$env_setting" "${extra_env[@]}" setsid python3 -m sglang.launch_server "${COMMON[@]}" \
+    --cuda-graph-max-bs "${GRAPH_BS[$name]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
+    > "$DIR/$name.log" 2>&1 &
   PID[$name]=$!
   echo "== $name: starting on :${PORT[$name]} (log: $DIR/$name.log)"
 }
@@ -124,16 +214,29 @@ launch ours DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" --speculative-num-draft-tokens 
 # Tree mode is detected by its flag in SGLang's parser (the plugin adds it), so it runs the day it lands.
 TREE_FLAG=--speculative-dflash-tree-budget
 if python3 -m sglang.launch_server --help 2>/dev/null | grep -q -- "$TREE_FLAG"; then
-  launch ours-tree DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "$TREE_BUDGET" \
-    ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"}
+  for name in "${TREES[@]}"; do
+    launch "$name" DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "${TREE_OF[$name]}" \
+      ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"}
+  done
 else
-  status ours-tree "skipped: 'python -m sglang.launch_server --help' lists no $TREE_FLAG \
+  for name in "${TREES[@]}"; do
+    status "$name" "skipped: 'python -m sglang.launch_server --help' lists no $TREE_FLAG \
 (the dflash_sglang plugin does not serve trees yet)"
+  done
 fi
 
+pairs() {  # assoc array name, keys...: "key:value key:value"
+  local -n map="$1"; shift
+  local key out=()
+  for key in "$@"; do out+=("$key:${map[$key]}"); done
+  echo "${out[*]}"
+}
 BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=$BLOCK" "draft_backend=$DRAFT_BACKEND" \
   "dtype=bfloat16" "max_tokens=$MAX_TOKENS" "concurrency=$CONCURRENCY" "sets=$SETS" "set_prompts=$SET_PROMPTS" \
   "rounds=$ROUNDS" "min_requests=8" "tree_budget=$TREE_BUDGET" "tree_topk=${TREE_TOPK:-plugin default}" \
+  "tree_concurrency=$TREE_CONCURRENCY" "tree_contenders=$(pairs TREE_OF "${TREES[@]}")" \
+  "cuda_graph_max_bs=$(pairs GRAPH_BS "${CONTENDERS[@]}")" "profile=$PROFILE" \
+  "profile_concurrency=$PROFILE_CONCURRENCY" "profile_limit_s=$PROFILE_LIMIT" "profile_max_tokens=$PROFILE_TOKENS" \
   "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
@@ -146,9 +249,14 @@ for dist in ("sglang", "torch", "transformers", "triton", "dflash-sglang"):
     except PackageNotFoundError:
         versions[dist] = "unknown"
 settings = dict(line.split("=", 1) for line in os.environ["BENCH_SETTINGS"].splitlines())
-for key in ("block_size", "max_tokens", "set_prompts", "rounds", "min_requests", "kv_tokens", "budget_s"):
+for key in ("block_size", "max_tokens", "set_prompts", "rounds", "min_requests", "kv_tokens", "budget_s",
+            "profile_limit_s", "profile_max_tokens"):
     settings[key] = int(settings[key])
-settings["concurrency"] = [int(c) for c in settings["concurrency"].split()]
+for key in ("concurrency", "tree_budget", "tree_concurrency", "profile_concurrency"):
+    settings[key] = [int(c) for c in settings[key].split()]
+for key in ("tree_contenders", "cuda_graph_max_bs"):
+    settings[key] = {name: int(n) for name, n in (pair.rsplit(":", 1) for pair in settings[key].split())}
+settings["profile"] = settings["profile"] == "1"
 settings["sets"] = settings["sets"].split()
 git = subprocess.run(["git", "-C", sys.argv[2], "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
 settings["commit"] = git.stdout.strip() or "unknown (no git on the box)"
@@ -180,11 +288,62 @@ while :; do
   sleep 2
 done
 
-# Measure each ready server alone, in order (AR first: it is the reference).
 RESERVE=25          # seconds kept for bench.json, the table and stopping the servers
+read -ra PROFILE_LEVELS <<< "$PROFILE_CONCURRENCY"
+PROFILE_DIR="$DIR/profile"
+OURS_PROFILED=""
+measured_ok() { [ ! -f "$DIR/$1.status" ] || [ "$(head -n 1 "$DIR/$1.status")" = ok ]; }
+profile_runs_left() {  # runs still to come: ours' and the best tree's (after the last one), while they can run
+  local runs=0 name
+  if [ "$PROFILE" = 1 ]; then
+    [ -z "$OURS_PROFILED" ] && [ "${UP[ours]:-}" = up ] && measured_ok ours && runs=${#PROFILE_LEVELS[@]}
+    for name in "${TREES[@]}"; do
+      if [ "${UP[$name]:-}" = up ] && measured_ok "$name"; then
+        runs=$(( runs + ${#PROFILE_LEVELS[@]} )); break
+      fi
+    done
+  fi
+  echo "$runs"
+}
+unmeasured_up() {  # servers up and not measured yet
+  local count=0 name
+  for name in "${CONTENDERS[@]}"; do
+    [ "${UP[$name]:-}" = up ] && [ ! -f "$DIR/$name.status" ] && count=$(( count + 1 ))
+  done
+  echo "$count"
+}
+profile_server() {  # name: scripts/device/profile_step.py at each --profile-concurrency on its server
+  local name="$1" c tag folder left limit code state
+  mkdir -p "$PROFILE_DIR"
+  for c in "${PROFILE_LEVELS[@]}"; do
+    tag="$name-c$c"
+    folder="$WORK/profile/$tag"    # raw traces: outside $OUT, deleted once summarized
+    left=$(( BUDGET - RESERVE - SECONDS - 30 * $(unmeasured_up) ))
+    limit=$(( left < PROFILE_LIMIT ? left : PROFILE_LIMIT ))
+    if [ "$limit" -lt 20 ]; then
+      state="skipped: time budget spent (${limit}s for it)"
+    else
+      echo "== $name: profiling at concurrency $c (at most ${limit}s)"
+      timeout "$limit" python3 "$REPO/scripts/device/profile_step.py" --port "${PORT[$name]}" --out "$folder" \
+        --concurrency "$c" --max-tokens "$PROFILE_TOKENS" --timeout $(( limit - 5 )) > "$PROFILE_DIR/$tag.txt" 2>&1
+      code=$?
+      [ -f "$folder/profile-summary.json" ] && cp "$folder/profile-summary.json" "$PROFILE_DIR/$tag.summary.json"
+      case "$code" in
+        0) state=ok ;;
+        124) state="failed: not done within ${limit}s" ;;
+        *) state="failed: profile_step.py exited with $code: $(tail -n 1 "$PROFILE_DIR/$tag.txt")" ;;
+      esac
+      rm -rf "$folder"
+      cat "$PROFILE_DIR/$tag.txt"
+    fi
+    echo "$state" > "$PROFILE_DIR/$tag.status"
+    echo "== $name: profile at concurrency $c: $state"
+  done
+}
+
+# Measure each ready server alone, in order (AR first: it is the reference).
 BENCH=(python3 -m dflash_sglang bench --tokenizer "$TARGET" --max-tokens "$MAX_TOKENS" --warmup 8)
-for i in "${!CONTENDERS[@]}"; do
-  name="${CONTENDERS[$i]}"
+for name in "${CONTENDERS[@]}"; do
   [ -n "${PID[$name]:-}" ] || continue
   case "${UP[$name]:-}" in
     up) ;;
@@ -195,12 +354,11 @@ for i in "${!CONTENDERS[@]}"; do
   if [ -n "${EXPECT[$name]:-}" ] && ! grep -qF "${EXPECT[$name]}" "$DIR/$name.log"; then
     status "$name" "failed: its log lacks '${EXPECT[$name]}' (wrong worker serving DFLASH)"; continue
   fi
-  remaining=0
-  for later in "${CONTENDERS[@]:$i}"; do [ "${UP[$later]:-}" = up ] && remaining=$(( remaining + 1 )); done
   start=$SECONDS
-  share=$(( (BUDGET - RESERVE - start) / remaining ))
+  share=$(( (BUDGET - RESERVE - start - PROFILE_EXPECTED * $(profile_runs_left)) / $(unmeasured_up) ))
   if [ "$share" -lt 30 ]; then status "$name" "skipped: time budget spent (${share}s for it)"; continue; fi
-  sets_limit=$(( share * 35 / 100 ))
+  read -ra levels <<< "${LEVELS[$name]}"
+  sets_limit=$(( share * (${#levels[@]} == 1 ? 70 : 35) / 100 ))
   REFERENCE=()
   [ "$name" = ar ] && REFERENCE=(--logprobs)
   echo "== $name: measuring (${share}s: sets ${sets_limit}s, sweep the rest${REFERENCE:+, then the margins stage})"
@@ -208,7 +366,7 @@ for i in "${!CONTENDERS[@]}"; do
   timeout $(( sets_limit + 30 )) "${BENCH[@]}" --url "$url" --name "$name" --sets $SETS --concurrency 1 \
     --limit "$SET_PROMPTS" --stop-at-eos --time-limit "$sets_limit" --out "$DIR/$name.sets.json" "${REFERENCE[@]}" \
     || echo "== $name: the sets stage failed"
-  SWEEP=(--url "$url" --name "$name" --sets math500 --skip "$SET_PROMPTS" --concurrency $CONCURRENCY
+  SWEEP=(--url "$url" --name "$name" --sets math500 --skip "$SET_PROMPTS" --concurrency "${levels[@]}"
          --rounds "$ROUNDS" --min-requests 8)
   sweep_limit=$(( share - (SECONDS - start) ))
   timeout $(( sweep_limit + 30 )) "${BENCH[@]}" "${SWEEP[@]}" --time-limit "$sweep_limit" \
@@ -221,8 +379,30 @@ for i in "${!CONTENDERS[@]}"; do
       --out "$DIR/ar.margins.json" || echo "== ar: the margins stage failed"
   fi
   status "$name" ok
-  kill -TERM -- "-${PID[$name]}" 2>/dev/null || true   # done with it: free its CPUs for the next one
+  if [ "$name" = ours ] && [ "$PROFILE" = 1 ]; then
+    profile_server ours
+    OURS_PROFILED=1
+  fi
+  # Done with it: free its CPUs for the next one (a profiled tree stays up until the best one is known).
+  [ -n "${TREE_OF[$name]:-}" ] && [ "$PROFILE" = 1 ] || stop "$name"
 done
+
+if [ "$PROFILE" = 1 ]; then
+  measured=()
+  for name in "${TREES[@]}"; do [ -f "$DIR/$name.status" ] && measured_ok "$name" && measured+=("$name"); done
+  best=""
+  if [ "${#measured[@]}" -gt 0 ]; then
+    best=$(python3 -c "import sys; from dflash_sglang.bench import fastest_contender
+print(fastest_contender(sys.argv[1], sys.argv[2:]) or '')" "$DIR" "${measured[@]}")
+  fi
+  if [ -n "$best" ]; then
+    echo "== profiling $best: the tree contender with the best c1 tok/s"
+    profile_server "$best"
+  else
+    echo "== no tree contender measured at c1: no tree profile"
+  fi
+  stop "${TREES[@]}"
+fi
 
 python3 -c "import json, sys; from dflash_sglang.bench import assemble_suite
 json.dump(assemble_suite(sys.argv[1]), open(sys.argv[1] + '/bench.json', 'w'), indent=1)" "$DIR" \

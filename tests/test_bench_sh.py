@@ -1,0 +1,183 @@
+"""scripts/device/bench.sh end to end on CPU, against a stand-in for `python -m sglang.launch_server`: a tree budget
+sweep with the profile stage, checked through bench.json, the server logs and the files left in $OUT."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dflash_sglang.bench import fastest_contender
+from dflash_sglang.tiny import TOKENIZERS, install_tokenizer, make_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The stand-in: /health, a streaming (or not) /generate whose output ids depend on the prompt only (so every
+# contender matches AR), top-2 logprobs when asked, a speculative server's verify steps (tau grows with the tree
+# budget, and so does the step time), and /start_profile, which writes a chrome trace of `num_steps` decode
+# ranges into the requested folder as SGLang's profiler does.
+FAKE_SERVER = r'''
+import gzip, json, math, os, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+argv = sys.argv[1:]
+TREE_FLAG = "--speculative-dflash-tree-budget"
+if "--help" in argv:
+    print("--model-path --port " + TREE_FLAG)
+    sys.exit(0)
+port = int(argv[argv.index("--port") + 1])
+spec = "--speculative-algorithm" in argv
+budget = int(argv[argv.index(TREE_FLAG) + 1]) if TREE_FLAG in argv else 0
+print("argv " + " ".join(argv))
+print("env SGLANG_PROFILE_WITH_STACK=%s SGLANG_PROFILE_RECORD_SHAPES=%s" % (
+    os.environ.get("SGLANG_PROFILE_WITH_STACK"), os.environ.get("SGLANG_PROFILE_RECORD_SHAPES")))
+if spec:
+    if os.environ.get("DFLASH_SGLANG_DISABLE") == "1":
+        print("dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2 because DFLASH_SGLANG_DISABLE=1")
+    else:
+        print("dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker")
+sys.stdout.flush()
+accept = 1 + (2 + math.log2(budget) / 2 if budget else 2) * spec
+step_s = 0.001 * (1 + budget / 16)
+
+
+def trace(folder, steps):
+    time.sleep(0.2)
+    events = []
+    for i in range(steps):
+        ts = 1000 * i
+        events += [{"ph": "X", "name": "dflash_sglang.decode", "ts": ts, "dur": 400 + budget, "cat": "user_annotation",
+                    "pid": 1, "tid": 1},
+                   {"ph": "X", "name": "cudaGraphLaunch", "ts": ts + 10, "dur": 5, "cat": "cuda_runtime", "pid": 1,
+                    "tid": 1}]
+        events += [{"ph": "X", "name": "cudaLaunchKernel", "ts": ts + 20 + k, "dur": 1, "cat": "cuda_runtime",
+                    "pid": 1, "tid": 1} for k in range(3 + (budget > 0))]
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, "%s-TP-0.trace.json.gz" % time.time()), "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/start_profile":
+            threading.Thread(target=trace, args=(body["output_dir"], body["num_steps"])).start()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"Start profiling.\n")
+            return
+        params = body["sampling_params"]
+        seed = len(body["text"]) if "text" in body else sum(body["input_ids"])
+        n = params["max_new_tokens"] if params.get("ignore_eos") or seed % 2 == 0 else params["max_new_tokens"] // 2
+        ids = [(seed + i) % 1000 for i in range(n)]
+        top = [[[-0.125, t, None], [-0.625, t + 1, None]] for t in ids]
+        steps = math.ceil(n / accept)
+        meta = {"completion_tokens": n, "finish_reason": {"type": "length"}}
+        if spec:
+            meta["spec_verify_ct"] = steps
+        if body.get("return_logprob"):
+            meta["output_top_logprobs"] = top
+        if not body.get("stream"):
+            time.sleep(steps * step_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps({"text": "x", "output_ids": ids, "meta_info": meta}).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for k in range(1, steps + 1):
+            time.sleep(step_s)
+            done = min(n, round(k * accept))
+            chunk = {"output_ids": ids[:done], "meta_info": meta if k == steps else {"completion_tokens": done}}
+            self.wfile.write(("data: %s\n\n" % json.dumps(chunk)).encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_sglang(tmp_path):
+    package = tmp_path / "fake" / "sglang"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('__version__ = "0.5.16"\n')
+    (package / "launch_server.py").write_text(FAKE_SERVER)
+    return tmp_path / "fake"
+
+
+def server_lines(log: Path, prefix: str) -> str:
+    return next(line for line in log.read_text().splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
+    target, drafter = make_tiny("qwen3", tmp_path / "pair", vocab_size=512, block_size=16)
+    install_tokenizer(TOKENIZERS["qwen3"], target)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(fake_sglang),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = ["bash", str(REPO / "scripts" / "device" / "bench.sh"), "--target", str(target), "--drafter", str(drafter),
+           "--sets", "gsm8k mtbench", "--set-prompts", "2", "--concurrency", "1 4", "--max-tokens", "16",
+           "--budget", "300", "--tree-budget", "8 16", "--tree-topk", "3", "--profile", "--profile-concurrency", "2"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    bench_dir = out / "bench"
+    bench = json.loads((bench_dir / "bench.json").read_text())
+
+    names = ["ar", "builtin", "ours", "ours-tree-8", "ours-tree-16"]
+    assert [c["name"] for c in bench["contenders"]] == names
+    assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
+    settings = bench["settings"]
+    assert settings["tree_budget"] == [8, 16] and settings["tree_concurrency"] == [1] and settings["profile"]
+    assert settings["tree_contenders"] == {"ours-tree-8": 8, "ours-tree-16": 16}
+    # Graphs up to the largest batch each server sees: its sweep levels, and the profile's for the profiled ones.
+    assert settings["cuda_graph_max_bs"] == {"ar": 4, "builtin": 4, "ours": 4, "ours-tree-8": 2, "ours-tree-16": 2}
+    by_name = {c["name"]: c for c in bench["contenders"]}
+    for name in names:
+        sweep = by_name[name]["runs"]["sweep"]["sets"]["math500"]
+        assert [lv["concurrency"] for lv in sweep] == ([1] if "tree" in name else [1, 4])
+        assert all(lv["mismatches"] == 0 and not lv["skipped"] for lv in sweep)
+        sets = by_name[name]["runs"]["sets"]["sets"]
+        assert set(sets) == {"gsm8k", "mtbench"} and all(not lv["skipped"] for lvs in sets.values() for lv in lvs)
+
+    # The tree servers got their budget and top-k; only the profiled servers got the profiler settings.
+    for name, port in (("ours-tree-8", 30003), ("ours-tree-16", 30004)):
+        argv = server_lines(bench_dir / f"{name}.log", "argv ").split()
+        assert argv[argv.index("--speculative-dflash-tree-budget") + 1] == str(settings["tree_contenders"][name])
+        assert argv[argv.index("--speculative-dflash-topk") + 1] == "3"
+        assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--cuda-graph-max-bs") + 1] == "2"
+    for name in names:
+        profiled = name not in ("ar", "builtin")
+        expected = "false" if profiled else "None"
+        assert server_lines(bench_dir / f"{name}.log", "env ") == (
+            f"env SGLANG_PROFILE_WITH_STACK={expected} SGLANG_PROFILE_RECORD_SHAPES={expected}")
+
+    # Profiles: ours and the tree with the best c1 tok/s, at each concurrency; summaries kept, traces gone.
+    best = fastest_contender(str(bench_dir), ["ours-tree-8", "ours-tree-16"])
+    profiles = bench["profiles"]
+    assert [(p["contender"], p["concurrency"], p["status"]) for p in profiles] == [
+        ("ours", 2, "ok"), (best, 2, "ok")]
+    for p in profiles:
+        assert p["summary"]["steps"] == 40 and p["summary"]["graph_launches_per_step"] == 1.0
+        assert p["summary"]["kernel_launches_per_step"] == (4.0 if "tree" in p["contender"] else 3.0)
+        assert "traces" not in p["summary"]
+    assert not [p for p in out.rglob("*") if ".trace.json" in p.name]
+    assert sorted(p.name for p in (bench_dir / "profile").iterdir()) == sorted(
+        f"{p['contender']}-c{p['concurrency']}.{ext}" for p in profiles for ext in ("status", "summary.json", "txt"))
+
+    # The printed report has the sweep and the profile tables.
+    assert "## Tree budget sweep" in run.stdout and "## Per-step host cost" in run.stdout
+    assert "| ours (tree, 16 nodes) | 1 |" in run.stdout
