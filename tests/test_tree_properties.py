@@ -104,21 +104,30 @@ def test_chain_accept_is_the_leading_match_count(bs, depth, vocab, seed):
         assert int(accept_len[b]) == n and int(bonus[b]) == int(preds[b, n])
 
 
-@settings(max_examples=60, deadline=None)
-@given(shapes, st.integers(1, 4))
-def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
-    """The SGLang tree step's commit (kernels' verify result -> req_to_token reorder): every request's reserved
-    columns keep the same slots, the accepted path's come first in path order, nothing else in the table moves."""
-    from dflash_sglang.kernels import build_draft_tree, verify_tree_greedy
-    from dflash_sglang.sglang.tree_mode import commit_tree_slots
+def kernel_tree(shape, max_seq_len):
+    """A batch of trees as the SGLang step builds them (the kernels' op, CPU reference here) over random sorted
+    top-k log-probs, at random committed lengths; returns (tree, seq_lens, generator)."""
+    from dflash_sglang.kernels import build_draft_tree
 
     bs, depth, topk, vocab, budget, seed = shape
     topk = min(topk, vocab)
     g = torch.Generator().manual_seed(seed)
     logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
     ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
-    seq_lens = torch.randint(0, 30, (bs,), generator=g)
-    tree = build_draft_tree(torch.randint(0, vocab, (bs,), generator=g), logprobs, ids, seq_lens, budget)
+    seq_lens = torch.randint(0, max_seq_len, (bs,), generator=g)
+    return build_draft_tree(torch.randint(0, vocab, (bs,), generator=g), logprobs, ids, seq_lens, budget), seq_lens, g
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes, st.integers(1, 4))
+def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
+    """The SGLang tree step's commit (kernels' verify result -> req_to_token reorder): every request's reserved
+    columns keep the same slots, the accepted path's come first in path order, nothing else in the table moves."""
+    from dflash_sglang.kernels import verify_tree_greedy
+    from dflash_sglang.sglang.tree_mode import commit_tree_slots
+
+    bs, depth, _, vocab, _, _ = shape
+    tree, seq_lens, g = kernel_tree(shape, max_seq_len=30)
     width = tree.tokens.shape[1]
     result = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling,
                                 torch.randint(0, vocab, tree.tokens.shape, generator=g), depth)
@@ -142,16 +151,10 @@ def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
 def test_tree_verify_mask_rows_see_the_context_and_their_ancestors_only(shape):
     """Decoding the flat mask back, request by request: row i sees every committed token and exactly the
     ancestors of node i (itself included)."""
-    from dflash_sglang.kernels import build_draft_tree
     from dflash_sglang.sglang.tree_mode import verify_mask
 
-    bs, depth, topk, vocab, budget, seed = shape
-    topk = min(topk, vocab)
-    g = torch.Generator().manual_seed(seed)
-    logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
-    ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
-    seq_lens = torch.randint(0, 20, (bs,), generator=g)
-    tree = build_draft_tree(torch.zeros(bs, dtype=torch.long), logprobs, ids, seq_lens, budget)
+    bs = shape[0]
+    tree, seq_lens, _ = kernel_tree(shape, max_seq_len=20)
     width = tree.tokens.shape[1]
     mask = verify_mask(tree.ancestor_mask, seq_lens, int(width * (seq_lens + width).sum()))
     offset = 0
