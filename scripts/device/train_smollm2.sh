@@ -12,7 +12,8 @@
 # travels as a tar in parts; `cat drafter.tar.part* | tar -x` gives drafter/).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/train_smollm2.sh
-#          (after `source .device-smol1/unpack.sh`, `... smol2 ...`, `... smol3 ...` on the same warm machine)
+#          (after `source .device-smol1/unpack.sh` .. `smol3` in earlier commands on the same warm machine, and
+#          `source .device-smol4/unpack.sh` in this one: see scripts/prepare_smollm2.sh for the carries)
 #   background: source .device/unpack.sh &&
 #            (OUT= setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &)
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
@@ -98,8 +99,8 @@ if [ "$CPU_TEST" = 1 ]; then
             --num-eval-prompts 2 --eval-max-new-tokens 8)
 else
   if [ ! -e "$SMOL/.ready" ]; then
-    echo "error: $SMOL is not ready on this machine: source .device-smol1/unpack.sh, .device-smol2/unpack.sh," \
-      ".device-smol3/unpack.sh in back-to-back commands first" >&2
+    echo "error: $SMOL is not ready on this machine: source .device-smol1/unpack.sh .. .device-smol4/unpack.sh" \
+      "in back-to-back commands first (scripts/prepare_smollm2.sh says which folder travels with which)" >&2
     exit 1
   fi
   if ! python3 -c "import sglang" 2>/dev/null; then
