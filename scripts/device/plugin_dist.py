@@ -5,13 +5,16 @@
 The GPU box has no package registry: the device scripts put the repo and OUT_DIR on PYTHONPATH, and
 importlib.metadata (SGLang's plugin discovery) then sees dflash-sglang's `sglang.srt.plugins` entry point.
 --harness adds the float32 test-harness plugin (scripts/device/native_ops_plugin.py, which must be importable:
-scripts/device on PYTHONPATH) as a distribution of its own.
+scripts/device on PYTHONPATH) as a distribution of its own. Before exiting it checks what a server will need: the
+installed SGLang is the supported one and the entry point is discoverable from OUT_DIR (exit 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +40,16 @@ def main() -> None:
     write_dist_info(args.out, project["name"], project["version"], project["entry-points"])
     if args.harness:
         write_dist_info(args.out, "dflash-e2e-harness", "0", HARNESS_ENTRY_POINTS)
+
+    sys.path[:0] = [str(REPO), str(args.out)]
+    from dflash_sglang.sglang.compat import check_sglang_version
+
+    check_sglang_version()
+    expected = project["entry-points"]["sglang.srt.plugins"]["dflash_sglang"]
+    found = [ep.value for ep in entry_points(group="sglang.srt.plugins") if ep.name == "dflash_sglang"]
+    if found != [expected]:
+        sys.exit(f"dflash_sglang's entry point is not discoverable from {args.out}: found {found}")
+    print("dflash_sglang plugin discoverable:", found[0])
 
 
 if __name__ == "__main__":
