@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dflash_sglang.prompts import load_prompt_set
+from dflash_sglang.prompts import load_prompt_set, prompt_ids
 
 # Warm-up prompts (the first requests compile kernels); none of them is in a prompt set, so they leave nothing in
 # the radix cache that a measured prompt could hit.
@@ -119,12 +119,7 @@ def render_prompts(rows: list[dict], tokenizer_dir: str | None) -> list[dict]:
     if tokenizer_dir is None:
         return [{"id": r["id"], "text": r["prompt"]} for r in rows]
     tok = _tokenizer(tokenizer_dir)
-    out = []
-    for r in rows:
-        text = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                       tokenize=False)
-        out.append({"id": r["id"], "input_ids": tok(text, add_special_tokens=False)["input_ids"]})
-    return out
+    return [{"id": r["id"], "input_ids": prompt_ids(tok, r["prompt"], chat=True)} for r in rows]
 
 
 def _sse_payloads(resp):

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from dflash_sglang.config import DFlashConfigError
+from dflash_sglang.prompts import prompt_ids
 
 EXIT_USAGE = 2
 
@@ -74,12 +75,7 @@ def _tokenize(target: str, prompt: str, chat: bool):
     if not (Path(target) / "tokenizer.json").is_file() and not (Path(target) / "tokenizer_config.json").is_file():
         return None, None
     tok = AutoTokenizer.from_pretrained(target)
-    if chat:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tok(prompt)["input_ids"]
-    return tok, list(ids)
+    return tok, prompt_ids(tok, prompt, chat)
 
 
 def cmd_generate(args) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.prompts import prompt_ids
 
 
 def read_prompts(path: str | Path) -> list[list[int] | str]:
@@ -49,17 +50,7 @@ def tokenize_prompts(prompts: list[list[int] | str], target: str | Path, chat: b
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target))
-    texts = [i for i, p in enumerate(prompts) if not isinstance(p, list)]
-    if chat:
-        rendered = [tok.apply_chat_template([{"role": "user", "content": prompts[i]}], add_generation_prompt=True,
-                                            tokenize=False) for i in texts]
-        encoded = tok(rendered, add_special_tokens=False)["input_ids"] if rendered else []
-    else:
-        encoded = tok([prompts[i] for i in texts])["input_ids"] if texts else []
-    ids = [list(p) if isinstance(p, list) else None for p in prompts]
-    for i, e in zip(texts, encoded):
-        ids[i] = list(e)
-    return ids
+    return [list(p) if isinstance(p, list) else prompt_ids(tok, p, chat) for p in prompts]
 
 
 def target_eos(target: str | Path) -> int | None:
