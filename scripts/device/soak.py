@@ -1,6 +1,7 @@
 """Soak: waves of streaming requests against our DFLASH server, every greedy output checked against a plain server.
 
-Standard library only (the GPU box has no package registry); loopback only; bounded in count and time.
+Standard library only (the GPU box has no package registry), plus NEAR_TIE from this repo's dflash_sglang.bench;
+loopback only; bounded in count and time.
 
   python3 scripts/device/soak.py --port 30000 --ref-port 30001 --out DIR [--requests 500] [--max-concurrency 64]
       [--waves 1 8 32 64 64] [--abort-fraction 0.1] [--sampled-fraction 0.1] [--seed 0] [--time-budget 300]
@@ -40,9 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# A divergence is a near-tie when AR's top-2 log-probabilities at the first divergent token differ by less than this
-# (the same constant as scripts/device/e2e_client.py; docs/reliability.md says why this value).
-NEAR_TIE = 0.05
+# The near-tie tolerance of every GPU check (docs/reliability.md says why this value); the device scripts run with
+# the repo on PYTHONPATH.
+from dflash_sglang.bench import NEAR_TIE
+
 LEAK_LINE = "memory leak detected"  # SGLang's idle self-check (scheduler on_idle)
 TRACEBACK_LINE = "Traceback (most recent call last)"
 WORDS = ("river", "stone", "lamp", "window", "garden", "engine", "paper", "cloud", "number", "return", "value",
