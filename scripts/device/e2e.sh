@@ -65,8 +65,10 @@ WORK="$(mktemp -d /tmp/dflash-e2e.XXXXXX)"
 CLIENT=(python3 "$REPO/scripts/device/e2e_client.py")
 mkdir -p "$OUT"
 rm -f "$OUT"/{ar,builtin,ours}.json "$OUT/summary.json"
-# sgl_kernel's fused ops are fp16/bf16 only: float32 runs use SGLang's native ops (harness plugin, all contenders)
-if [ "$DTYPE" = float32 ]; then export DFLASH_E2E_NATIVE_OPS=1; fi
+# sgl_kernel's fused ops are fp16/bf16 only: float32 runs use SGLang's native ops (harness plugin, all contenders);
+# and Triton rounds float32 dots as TF32 unless told otherwise, which SGLang's triton attention kernels would do
+# (scripts/device/triton_fp32_probe.py): float32 means IEEE float32 here, for every contender.
+if [ "$DTYPE" = float32 ]; then export DFLASH_E2E_NATIVE_OPS=1 TRITON_F32_DEFAULT=ieee; fi
 declare -A SERVER_PID PORT
 stop_servers() {
   local pid

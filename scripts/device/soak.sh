@@ -33,7 +33,8 @@ trap 'stop_servers; rm -rf "$WORK"' EXIT
 
 # Our entry point and the float32 native-ops harness, discoverable without pip (as in e2e.sh).
 python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" --harness
-export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}" DFLASH_E2E_NATIVE_OPS=1
+export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}" DFLASH_E2E_NATIVE_OPS=1 \
+  TRITON_F32_DEFAULT=ieee  # float32 as IEEE float32 in Triton dots too (triton_fp32_probe.py)
 
 python3 -m dflash_sglang make-tiny --arch "$ARCH" --out "$WORK/pair" > "$OUT/make-tiny.log" 2>&1 \
   || { cat "$OUT/make-tiny.log"; exit 1; }
