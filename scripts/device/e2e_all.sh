@@ -9,7 +9,7 @@
 #   demo    the embedded trained pair (acceptance well above 1), float32, triton; then the request-level checks
 #           and the soak against its live servers
 #   fa4     tiny Qwen3 pair, bfloat16, ours with fa4 draft attention against AR (when the FA4 site is unpacked)
-#   tree    the embedded pair, float32, ours in tree mode (31 draft nodes, top-4) against AR
+#   tree    the embedded pair, float32, ours in tree mode (31 draft nodes, top-4) against AR, 200 prompts
 # Speed figures of concurrent groups share the GPU and CPUs with each other: read them as smoke figures; the
 # side-by-side speed comparison is scripts/device/bench.sh, run alone. Prints every group's table last.
 #
@@ -57,7 +57,7 @@ run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 \
   --budget $(( BUDGET - 230 )) \
   --then "$CHECKS"
 run_group tree --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --port-base 30050 \
-  --budget "$BUDGET"
+  --prompts 200 --budget "$BUDGET"
 if python3 -c "import cutlass, flash_attn.cute" 2>/dev/null; then
   run_group fa4 --arch qwen3 --name qwen3 --dtype bfloat16 --draft-backend fa4 --skip-builtin --port-base 30040 \
     --budget "$BUDGET"
