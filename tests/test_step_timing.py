@@ -18,9 +18,9 @@ from dflash_sglang.sglang.step_timing import (
 )
 
 try:  # the decode-step harness of the plugin tests, reused (it needs sglang)
-    from test_sglang_plugin import markov_worker, run_decode  # noqa: F401
+    from test_sglang_plugin import markov_worker, run_decode, tree_worker  # noqa: F401
 except pytest.skip.Exception:
-    markov_worker = run_decode = None
+    markov_worker = run_decode = tree_worker = None
 
 
 class FakeGPU:
@@ -166,49 +166,15 @@ def test_worker_decode_records_start_three_marks_per_step(request):
     assert [(p["bs"], p["steps"]) for p in map(parse_line, lines)] == [(3, 4), (3, 4)]
 
 
-def test_shape_run_summary_from_sglang_log_lines(tmp_path):
-    """scripts/device/gemma4_shape.py reads SGLang 0.5.16's startup lines and our timing lines into the bound."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "device" / "gemma4_shape.py"
-    spec = importlib.util.spec_from_file_location("gemma4_shape", path)
-    shape = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(shape)
-
-    prefix = "[2026-11-30 10:00:00 TP0] "
-    startup = [
-        "Load weight end. elapsed=0.31 s, type=Gemma4ForConditionalGeneration, avail mem=80.90 GB, mem usage=58.30 GB.",
-        "KV Cache is allocated. dtype: torch.bfloat16, #tokens: 50000, K size: 10.00 GB, V size: 10.00 GB",
-        "KV Cache is allocated. dtype: torch.bfloat16, #tokens: 200000, K size: 5.00 GB, V size: 5.00 GB",
-        "SWAKVPool mem usage: 30.00 GB, swa size: 50000, full size: 200000",
-    ]
-    ours = [
-        shape.SERVED_BY_OURS,
-        "Load weight end. elapsed=0.02 s, type=DFlashSGLangDrafter, avail mem=47.90 GB, mem usage=2.96 GB.",
-        "KV Cache is allocated. dtype: torch.bfloat16, #tokens: 200000, KV size: 4.00 GB",
-        "Capture target verify CUDA graph end. elapsed=12.50 s, mem usage=1.20 GB, avail mem=40.00 GB.",
-        "Capture draft verify CUDA graph end. elapsed=3.10 s, mem usage=0.40 GB, avail mem=39.60 GB.",
-        "max_total_num_tokens=200000, chunked_prefill_size=8192, max_running_requests=48, available_gpu_mem=39.50 GB",
-        format_line(1, [32, 320.0, 640.0, 32.0, 992.0]),  # warm-up window: dropped
-        format_line(1, [32, 64.0, 480.0, 16.0, 560.0]),
-        format_line(1, [16, 32.0, 240.0, 8.0, 280.0]),
-        format_line(2, [4, 8.0, 80.0, 4.0, 92.0]),  # not batch size 1: ignored
-    ]
-    (tmp_path / "ar.log").write_text("\n".join(prefix + line for line in startup))
-    (tmp_path / "b16.log").write_text("\n".join(prefix + line for line in startup + ours))
-    for name, client in (("ar", {"ms_per_token": 15.0}), ("b16", {"ms_per_token": 20.0, "ms_per_step": 20.0})):
-        (tmp_path / f"{name}.json").write_text(json.dumps(client))
-        (tmp_path / f"{name}.stage.json").write_text(json.dumps({"status": "ok", "startup_s": 90}))
-
-    stages = shape.summarize(tmp_path)["stages"]
-    b16 = stages["b16"]
-    assert b16["memory"]["weights_gb"] == {"target": 58.30, "draft": 2.96}
-    assert b16["memory"]["kv_total_gb"] == 34.0 and b16["memory"]["graph_gb"] == {"target": 1.2, "draft": 0.4}
-    assert b16["memory"]["available_after_startup_gb"] == 39.5 and stages["ar"]["memory"]["kv_total_gb"] == 30.0
-    assert b16["served_by_ours"] and b16["step_timing"] == {
-        "lines": 2, "steps": 48, "draft_ms": 2.0, "verify_ms": 15.0, "rest_ms": 0.5, "step_ms": 17.5}
-    assert b16["bounds"]["math500"]["gpu"] == pytest.approx(8.59 * 15.0 / 17.0)
-    assert b16["bounds"]["math500"]["e2e"] == pytest.approx(8.59 * 15.0 / 20.0)
-    assert stages["b32"]["status"] == "not run"
+def test_worker_tree_step_records_the_same_phases(request):
+    """Tree mode logs the chain's line format (draft = drafter + tree build), so shape.sh reads both alike."""
+    if run_decode is None:
+        pytest.skip("sglang is not installed")
+    worker, world = request.getfixturevalue("tree_worker")
+    gpu, lines = FakeGPU(), []
+    worker.step_timer = StepTimer(gpu.event, every=4, emit=lines.append)
+    run_decode(worker, world, steps=8)
+    assert gpu.recorded == 8 * 4
+    gpu.finish_all()
+    worker.step_timer.poll()
+    assert [(p["bs"], p["steps"]) for p in parse_log("\n".join(lines))] == [(3, 4), (3, 4)]

@@ -1,17 +1,23 @@
-"""Python half of scripts/device/gemma4_shape.sh: the Gemma-4-31B-shaped pair, the client, and the summary.
+"""Python half of scripts/device/shape.sh: a published-shape pair (Gemma-4-31B or Qwen3-32B, configs only), the
+client, and the summary.
 
 Standard library plus this repository (the GPU box has no package registry). Subcommands:
-  prepare   --out DIR --blocks 16 32 64        target + tokenizer, one drafter config per block size, pairs checked
-  bench     --port P --out FILE ...            greedy c1 streaming requests: ms/token, ms/step, GPU memory in use
-  run-info  --dir D --draft-backend B ...      record the run's settings (run.json)
-  stage     --dir D --stage S --status ...     record how a stage went (ok / failed / skipped) and its startup time
-  summarize --dir D [--print]                  server logs + bench JSON -> summary.json (and the table)
+  prepare   --shape S --out DIR --blocks 16 32 64  target + tokenizer, one drafter config per block size, checked
+  bench     --port P --out FILE ...                greedy c1 streaming requests: ms/token, ms/step, GPU memory in use
+  run-info  --dir D --shape S --stages ... ...     record the run's settings (run.json)
+  stage     --dir D --stage S --status ...         record how a stage went (ok / failed / skipped), its startup time
+  summarize --dir D [--print]                      server logs + bench JSON -> summary.json (and the table)
+
+Stages: `ar` (plain decoding), `bN` (ours, chain, block N), `tN` (ours in tree mode: N draft nodes, top-4 per
+position, over the drafter's block of 16). Each DFLASH stage's step is set against the AR decode step (AR ms/token
+at concurrency 1): our worker's whole GPU step (DFLASH_SGLANG_STEP_TIMING=1), and the client's end-to-end step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,12 +28,26 @@ from pathlib import Path
 
 from dflash_sglang.sglang.step_timing import parse_log
 
-STAGES = {"ar": None, "b16": 16, "b32": 32, "b64": 64}
-# Acceptance lengths published for z-lab/gemma-4-31B-it-DFlash (B = 16); notes/dflash.md §4.2: Math500 c1,
-# vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.
-PUBLISHED_TAU_B16 = {"math500": 8.59}
+SHAPES = ("gemma-4-31b", "qwen3-32b")
+DEFAULT_SHAPE = "gemma-4-31b"
+TREE_BLOCK = 16  # the tree stages draft with the published block
+TREE_TOPK = 4
+# name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed.
+STAGES = {
+    "ar": {"mode": "ar", "block": None, "tree_budget": None},
+    **{f"b{b}": {"mode": "chain", "block": b, "tree_budget": None} for b in (16, 32, 64)},
+    **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in (16, 32, 64)},
+}
+# Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
+# Math500 c1, vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.
+PUBLISHED_TAU_B16 = {"gemma-4-31b": {"math500": 8.59}, "qwen3-32b": {}}
+# Step-cost bars (our step / one AR decode step), from the issues: issue 8 for the 32B dense shape at tau ~1 (the
+# tree bar holds for N <= 64).
+BARS = {"qwen3-32b": {"source": "issue 8", "chain": 1.10, "tree": 1.20, "tree_max_budget": 64}}
 SERVED_BY_OURS = "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 TIMING_ON = "dflash_sglang: step timing on"
+# DFlashWorker's startup line in tree mode (worker.py).
+TREE_ON = re.compile(r"dflash_sglang: tree mode, (\d+) draft nodes \(top-(\d+) per position\)")
 PROMPTS = ["Explain, step by step, how a harbor lock raises a ship.",
            "Write a long story about a violin found in an attic.",
            "Describe the history of the old map room in detail.",
@@ -41,7 +61,7 @@ def cmd_prepare(args) -> int:
     from dflash_sglang.config import DFlashConfigError, TargetInfo, load_drafter_config, validate_pair
     from dflash_sglang.shapes import write_shape
 
-    target, drafter = write_shape("gemma-4-31b", args.out)
+    target, drafter = write_shape(args.shape, args.out)
     base = json.loads((drafter / "config.json").read_text())
     info = TargetInfo.from_path(target)
     problems = []
@@ -56,7 +76,7 @@ def cmd_prepare(args) -> int:
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
     drafters = {block: str(Path(args.out) / f"drafter-b{block}") for block in args.blocks}
-    print(json.dumps({"target": str(target), "drafters": drafters}))
+    print(json.dumps({"shape": args.shape, "target": str(target), "drafters": drafters}))
     return 1 if problems else 0
 
 
@@ -88,14 +108,22 @@ def stream_generate(port: int, prompt: str, max_tokens: int, timeout: float) -> 
             "verify_steps": meta.get("spec_verify_ct"), "e2e_ms": (last - start) * 1e3}
 
 
+def visible_gpu(environ=os.environ) -> str:
+    """The GPU the servers run on, as nvidia-smi -i takes it: the first entry of CUDA_VISIBLE_DEVICES (an index or
+    a UUID), else 0. nvidia-smi itself ignores CUDA_VISIBLE_DEVICES and numbers GPUs in PCI bus order."""
+    first = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return first or "0"
+
+
 def gpu_memory_mib() -> dict | None:
     try:
-        query = ["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv,noheader,nounits"]
+        query = ["nvidia-smi", "-i", visible_gpu(), "--query-gpu=name,memory.used,memory.total",
+                 "--format=csv,noheader,nounits"]
         out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        name, used, total = (field.strip() for field in out.splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         return None
-    name, used, total = (field.strip() for field in out.splitlines()[0].split(","))
-    return {"gpu": name, "used_mib": int(used), "total_mib": int(total)}
+    return {"gpu": name, "index": visible_gpu(), "used_mib": int(used), "total_mib": int(total)}
 
 
 def cmd_bench(args) -> int:
@@ -118,9 +146,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run_info(args) -> int:
-    record = {"started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gpu": gpu_memory_mib(),
-              "draft_backend": args.draft_backend, "mem_fraction_static": args.mem_fraction, "prompts": args.prompts,
-              "max_tokens": args.max_tokens, "budget_s": args.budget, "common_flags": args.flags}
+    record = {"started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
+              "stages": args.stages, "gpu": gpu_memory_mib(), "draft_backend": args.draft_backend,
+              "tree_topk": TREE_TOPK, "mem_fraction_static": args.mem_fraction, "prompts": args.prompts,
+              "max_tokens": args.max_tokens, "budget_s": args.budget, "port": args.port,
+              "common_flags": args.flags}
     Path(args.dir, "run.json").write_text(json.dumps(record, indent=1))
     return 0
 
@@ -170,7 +200,10 @@ def parse_memory(log: str) -> dict:
 
 
 def step_timing_means(log: str, skip_first: bool = True) -> dict | None:
-    """Step-weighted means of the bs=1 timing lines; the first line (warm-up steps) dropped when others exist."""
+    """Step-weighted means of the bs=1 timing lines; the first line (warm-up steps) dropped when others exist.
+
+    The lines have the same fields in both modes; in tree mode `draft` ends after the tree build (drafter forward
+    + top-k head + build_draft_tree) and `rest` is acceptance, slot reorder, feature gather and context write."""
     lines = [p for p in parse_log(log) if p["bs"] == 1]
     if skip_first and len(lines) > 1:
         lines = lines[1:]
@@ -182,81 +215,163 @@ def step_timing_means(log: str, skip_first: bool = True) -> dict | None:
     return {"lines": len(lines), "steps": steps, **means}
 
 
+def tree_mode_seen(log: str) -> dict | None:
+    """What the worker said it serves in tree mode ({budget, topk}), None for a chain."""
+    m = TREE_ON.search(log)
+    return {"budget": int(m.group(1)), "topk": int(m.group(2))} if m else None
+
+
+def stage_names(out: Path, run: dict) -> list[str]:
+    """The stages the run asked for, plus any other stage with files in `out`, in STAGES order."""
+    asked = set(run.get("stages") or STAGES)
+    return [name for name in STAGES
+            if name in asked or any((out / f"{name}{ext}").exists() for ext in (".stage.json", ".log", ".json"))]
+
+
 def summarize(out: Path) -> dict:
+    config_path = out / "run.json"
+    run = json.loads(config_path.read_text()) if config_path.exists() else {}
+    shape = run.get("shape", DEFAULT_SHAPE)
     stages = {}
-    for name, block in STAGES.items():
+    for name in stage_names(out, run):
         record_path = out / f"{name}.stage.json"
         stage = json.loads(record_path.read_text()) if record_path.exists() else {"status": "not run"}
-        stage["block"] = block
+        stage.update(STAGES[name])
+        if stage["mode"] == "tree":
+            stage["tree_topk"] = TREE_TOPK
         log_path = out / f"{name}.log"
         if log_path.exists():
             log = log_path.read_text(errors="replace")
             stage["memory"] = parse_memory(log)
-            if block is not None:
+            if stage["mode"] != "ar":
                 stage["served_by_ours"] = SERVED_BY_OURS in log
                 stage["step_timing_on"] = TIMING_ON in log
+                stage["tree_mode_seen"] = tree_mode_seen(log)
                 stage["step_timing"] = step_timing_means(log)
         bench_path = out / f"{name}.json"
         if bench_path.exists():
             stage["client"] = json.loads(bench_path.read_text())
         stages[name] = stage
-    derive(stages)
-    config_path = out / "run.json"
-    run = json.loads(config_path.read_text()) if config_path.exists() else {}
+    derive(stages, shape)
     date = run.get("started_utc", datetime.now(timezone.utc).isoformat())[:10]
-    return {"date": date, "published_tau_b16": PUBLISHED_TAU_B16, "run": run, "stages": stages}
+    return {"date": date, "shape": shape, "published_tau_b16": PUBLISHED_TAU_B16.get(shape, {}),
+            "bars": BARS.get(shape), "run": run, "stages": stages}
 
 
-def derive(stages: dict) -> None:
-    """Per DFLASH stage: break-even acceptance length vs AR; at B = 16 the bound at each published tau."""
-    t_ar = stages["ar"].get("client", {}).get("ms_per_token")
+def stage_bar(stage: dict, shape: str) -> float | None:
+    bars = BARS.get(shape)
+    if not bars or stage["mode"] == "ar":
+        return None
+    if stage["mode"] == "tree":
+        return bars["tree"] if stage["tree_budget"] <= bars["tree_max_budget"] else None
+    return bars["chain"]
+
+
+def derive(stages: dict, shape: str = DEFAULT_SHAPE) -> None:
+    """Per DFLASH stage, against t_AR (AR ms/token at c1): our GPU step / t_AR and the client's end-to-end step /
+    t_AR (each the acceptance length at which the step breaks even with AR), the shape's bar on them, the
+    break-even acceptance of draft + verify alone, and at B = 16 the bound at each published tau."""
+    ar = stages.get("ar", {})
+    t_ar = ar.get("client", {}).get("ms_per_token") if ar.get("status") == "ok" else None
+    published = PUBLISHED_TAU_B16.get(shape, {})
     for stage in stages.values():
-        for key in ("break_even_tau_gpu", "break_even_tau_e2e", "bounds"):
+        for key in ("step_ratio_gpu", "step_ratio_e2e", "break_even_tau_gpu", "break_even_tau_e2e", "bar",
+                    "bar_met_gpu", "bar_met_e2e", "bounds"):
             stage.pop(key, None)
+        if stage["mode"] == "ar":
+            continue
+        bar = stage_bar(stage, shape)
+        if bar is not None:
+            stage["bar"] = bar
         timing, client = stage.get("step_timing"), stage.get("client", {})
-        if stage["block"] is None or not t_ar:
+        if not t_ar:
             continue
         if timing:
-            gpu_cost = timing["draft_ms"] + timing["verify_ms"]
-            stage["break_even_tau_gpu"] = gpu_cost / t_ar
+            stage["step_ratio_gpu"] = timing["step_ms"] / t_ar
+            stage["break_even_tau_gpu"] = (timing["draft_ms"] + timing["verify_ms"]) / t_ar
         if client.get("ms_per_step"):
-            stage["break_even_tau_e2e"] = client["ms_per_step"] / t_ar
-        if stage["block"] == 16:
+            stage["step_ratio_e2e"] = client["ms_per_step"] / t_ar
+        if bar is not None:
+            for kind in ("gpu", "e2e"):
+                if f"step_ratio_{kind}" in stage:
+                    stage[f"bar_met_{kind}"] = stage[f"step_ratio_{kind}"] <= bar
+        if stage["mode"] == "chain" and stage["block"] == 16 and published:
             stage["bounds"] = {
                 name: {"tau": tau,
                        "gpu": tau * t_ar / (timing["draft_ms"] + timing["verify_ms"]) if timing else None,
                        "e2e": tau * t_ar / client["ms_per_step"] if client.get("ms_per_step") else None}
-                for name, tau in PUBLISHED_TAU_B16.items()}
+                for name, tau in published.items()}
 
 
 def fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def mode_label(stage: dict) -> str:
+    if stage["mode"] == "ar":
+        return "AR"
+    if stage["mode"] == "tree":
+        return f"tree N={stage['tree_budget']} top-{stage.get('tree_topk', TREE_TOPK)} B={stage['block']}"
+    return f"chain B={stage['block']}"
+
+
+def verdict(met) -> str:
+    return "-" if met is None else ("met" if met else "NOT met")
+
+
 def table_rows(summary: dict) -> list[tuple]:
-    rows = [("stage", "status", "startup s", "weights GB (target+draft)", "KV GB", "graphs GB", "smi used GiB",
-             "ms/token", "e2e ms/step", "draft ms", "verify ms", "rest ms", "step ms", "break-even tau", "note")]
+    rows = [("stage", "mode", "status", "startup s", "weights GB (target+draft)", "KV GB", "graphs GB",
+             "smi used GiB", "ms/token", "e2e ms/step", "tokens/step", "draft ms", "verify ms", "rest ms",
+             "step ms", "step/AR (GPU)", "step/AR (e2e)", "bar")]
     for name, stage in summary["stages"].items():
         memory, client, timing = stage.get("memory", {}), stage.get("client", {}), stage.get("step_timing") or {}
         weights = memory.get("weights_gb", {})
         smi = (client.get("gpu_memory_serving") or {}).get("used_mib")
         status = stage["status"] + (f" ({stage['reason']})" if stage.get("reason") else "")
-        note = "AR reference" if stage["block"] is None else ("published tau" if stage["block"] == 16 else "cost only")
+        bar = stage.get("bar")
         rows.append((
-            name, status, fmt(stage.get("startup_s"), 0),
+            name, mode_label(stage), status, fmt(stage.get("startup_s"), 0),
             "+".join(fmt(weights.get(k)) for k in ("target", "draft") if k in weights) or "-",
             fmt(memory.get("kv_total_gb") if memory.get("kv_pools") else None),
             fmt(sum(memory.get("graph_gb", {}).values()) if memory.get("graph_gb") else None),
             fmt(smi / 1024 if smi else None, 1), fmt(client.get("ms_per_token")), fmt(client.get("ms_per_step")),
-            fmt(timing.get("draft_ms")), fmt(timing.get("verify_ms")), fmt(timing.get("rest_ms")),
-            fmt(timing.get("step_ms")), fmt(stage.get("break_even_tau_gpu")), note,
+            fmt(client.get("accept_length")), fmt(timing.get("draft_ms")), fmt(timing.get("verify_ms")),
+            fmt(timing.get("rest_ms")), fmt(timing.get("step_ms")), fmt(stage.get("step_ratio_gpu"), 3),
+            fmt(stage.get("step_ratio_e2e"), 3), "-" if bar is None else f"<= {bar:.2f}x",
         ))
     return rows
 
 
+def bar_lines(summary: dict) -> list[str]:
+    """One line per DFLASH stage with a bar: our step against the AR step, both clocks, and whether it holds."""
+    bars = summary.get("bars")
+    if not bars:
+        return []
+    ar = summary["stages"].get("ar", {})
+    t_ar = ar.get("client", {}).get("ms_per_token") if ar.get("status") == "ok" else None
+    lines = [f"{summary['shape']} bars ({bars['source']}): chain step <= {bars['chain']:.2f}x an AR decode step, "
+             f"tree (N <= {bars['tree_max_budget']}) <= {bars['tree']:.2f}x; t_AR = AR ms/token at c1 = {fmt(t_ar)}"]
+    for name, stage in summary["stages"].items():
+        if "bar" not in stage:
+            continue
+        timing, client = stage.get("step_timing") or {}, stage.get("client", {})
+        if not t_ar or not (timing or client.get("ms_per_step")):
+            lines.append(f"  {name} ({mode_label(stage)}): not measured ({stage['status']}"
+                         f"{', no AR reference' if not t_ar else ''})")
+            continue
+        lines.append(
+            f"  {name} ({mode_label(stage)}): GPU step {fmt(timing.get('step_ms'))} ms / {fmt(t_ar)} = "
+            f"{fmt(stage.get('step_ratio_gpu'), 3)}x [{verdict(stage.get('bar_met_gpu'))}]; end-to-end step "
+            f"{fmt(client.get('ms_per_step'))} ms / {fmt(t_ar)} = {fmt(stage.get('step_ratio_e2e'), 3)}x "
+            f"[{verdict(stage.get('bar_met_e2e'))}]; bar <= {stage['bar']:.2f}x")
+    return lines
+
+
 def bound_lines(summary: dict) -> list[str]:
-    stage = summary["stages"]["b16"]
-    ar = summary["stages"]["ar"].get("client", {}).get("ms_per_token")
+    if not summary.get("published_tau_b16"):
+        return []
+    stage = summary["stages"].get("b16", {})
+    ar = summary["stages"].get("ar", {}).get("client", {}).get("ms_per_token")
     if "bounds" not in stage:
         return ["bound: needs the ar and b16 stages measured"]
     timing = stage.get("step_timing") or {}
@@ -267,6 +382,23 @@ def bound_lines(summary: dict) -> list[str]:
             f"({fmt(timing.get('verify_ms'))} + {fmt(timing.get('draft_ms'))}) = {fmt(bound['gpu'])}x; "
             f"with our end-to-end step: {fmt(bound['e2e'])}x")
     return lines
+
+
+def warnings(summary: dict) -> list[str]:
+    """Served stages whose log lacks what the numbers rest on: our worker, its timing lines, tree mode as asked."""
+    found = []
+    for name, stage in summary["stages"].items():
+        if stage["mode"] == "ar" or stage["status"] != "ok":
+            continue
+        if not stage.get("served_by_ours"):
+            found.append(f"warning: {name} served but our worker line is missing from {name}.log")
+        elif not stage.get("step_timing"):
+            found.append(f"warning: {name} served but no bs=1 step timing line is in {name}.log")
+        if stage["mode"] == "tree":
+            seen, asked = stage.get("tree_mode_seen"), {"budget": stage["tree_budget"], "topk": stage["tree_topk"]}
+            if seen != asked:
+                found.append(f"warning: {name} asked for tree mode {asked}, its log says {seen}")
+    return found
 
 
 def cmd_summarize(args) -> int:
@@ -280,14 +412,12 @@ def cmd_summarize(args) -> int:
         for row in rows:
             print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
         print()
-        for line in bound_lines(summary):
+        for line in bar_lines(summary) + bound_lines(summary):
             print(line)
-        print("B=32 / B=64 rows are cost only: no acceptance length is published for them.")
-        for name in ("b16", "b32", "b64"):
-            stage = summary["stages"][name]
-            if stage["status"] == "ok" and not (stage.get("served_by_ours") and stage.get("step_timing")):
-                missing = "our worker line" if not stage.get("served_by_ours") else "any step timing line"
-                print(f"warning: {name} served but {missing} is missing from {name}.log")
+        print("step/AR: our step over one AR decode step (AR ms/token at c1), GPU = our worker's CUDA-event step,"
+              " e2e = the client's ms/step; either is the acceptance length at which the step breaks even with AR.")
+        for line in warnings(summary):
+            print(line)
         failed = [name for name, stage in summary["stages"].items() if stage["status"] == "failed"]
         if failed:
             print(f"failed stages: {', '.join(failed)} (see their logs)")
@@ -299,6 +429,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
     p = sub.add_parser("prepare")
+    p.add_argument("--shape", choices=SHAPES, default=DEFAULT_SHAPE)
     p.add_argument("--out", required=True)
     p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64])
     p.set_defaults(func=cmd_prepare)
@@ -312,11 +443,14 @@ def main() -> int:
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("run-info")
     p.add_argument("--dir", required=True)
+    p.add_argument("--shape", choices=SHAPES, default=DEFAULT_SHAPE)
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     p.add_argument("--draft-backend", required=True)
     p.add_argument("--mem-fraction", type=float, required=True)
     p.add_argument("--prompts", type=int, required=True)
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--budget", type=int, required=True)
+    p.add_argument("--port", type=int)
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[])
     p.set_defaults(func=cmd_run_info)
     p = sub.add_parser("stage")
@@ -329,7 +463,7 @@ def main() -> int:
     p.set_defaults(func=cmd_stage)
     p = sub.add_parser("summarize")
     p.add_argument("--dir", required=True)
-    p.add_argument("--print", action="store_true", help="print the table and the bound")
+    p.add_argument("--print", action="store_true", help="print the table, the bars and the bound")
     p.set_defaults(func=cmd_summarize)
     args = parser.parse_args()
     return args.func(args)
