@@ -20,6 +20,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# The two groups' servers share the GPUs (capped KV pools), so free memory differs between the two ranks at
+# startup; SGLang refuses that by default ("memory capacity is unbalanced"), a guard for dedicated GPUs.
+export SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK=false
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -lt 2 ]; then
   echo "error: tensor parallelism needs two GPUs, this machine has $GPUS (ask the device tool for nvidia-h200-x2)" >&2
