@@ -29,6 +29,7 @@ if [ "$GPUS" -lt 2 ]; then
   exit 2
 fi
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # e2e_client.py imports dflash_sglang
 OUT="${OUT:-$REPO/out}"
 mkdir -p "$OUT"
 E2E=(bash "$REPO/scripts/device/e2e.sh" --pair "$REPO/dflash_sglang/data/pairs/demo" --prompts "$NUM_PROMPTS"
@@ -60,8 +61,8 @@ done
     sed -n '/^pair=/,$p' "$OUT/group-tp$tp.log"
   done
   echo "================ ours at TP=2 against ours at TP=1 (and AR at TP=2 against AR at TP=1)"
-  python3 "$REPO/scripts/device/e2e_client.py" report --dir "$CMP/ours" --reference ours-tp1 --must-pass ours-tp2 \
-    ours-tp2 || STATUS=1
+  python3 "$REPO/scripts/device/e2e_client.py" report --dir "$CMP/ours" --reference ours-tp1 ours-tp2 \
+    --must-pass ours-tp2 || STATUS=1
   python3 "$REPO/scripts/device/e2e_client.py" report --dir "$CMP/ar" --reference ar-tp1 ar-tp2 \
     | sed -n '/^contender/,/^$/p'
 } | tee "$OUT/tp2-summary.txt"
