@@ -15,15 +15,19 @@ import sys
 import time
 import urllib.request
 from importlib import resources
+from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
 from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.sglang.plugin import SERVING_OURS
 from dflash_sglang.verify import SamplingParams
 
 EMBEDDED_PAIR = "data/pairs/demo"
+PLUGIN_GROUP = "sglang.srt.plugins"
+PLUGIN_ENTRY_POINT = "dflash_sglang"
 # The embedded target is a small code model whose chat template turns the user's words into a comment to continue.
 EMBEDDED_REQUEST = "Return the names of the files in a directory, sorted by size."
 RANDOM_PAIR_REQUEST = "Write a short poem about rivers."
@@ -77,10 +81,20 @@ def _get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def plugin_installed() -> bool:
+    """SGLang finds plugins through importlib.metadata: without our entry point its builtin would serve DFLASH."""
+    return any(ep.name == PLUGIN_ENTRY_POINT for ep in entry_points(group=PLUGIN_GROUP))
+
+
 def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, startup_timeout: float = 600.0) -> int:
     """`python -m sglang.launch_server ... --speculative-algorithm DFLASH` with our plugin, one chat request."""
     from openai import OpenAI
 
+    if not plugin_installed():
+        print(f"error: no `{PLUGIN_ENTRY_POINT}` entry point in group `{PLUGIN_GROUP}` in this environment, so SGLang "
+              "would serve DFLASH with its builtin worker; install this package (`pip install -e .`, which "
+              "`make demo` does) and run the demo again")
+        return 2
     target, drafter = demo_pair(workdir, with_tokenizer=True)
     request = EMBEDDED_REQUEST if embedded_pair() is not None else RANDOM_PAIR_REQUEST
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(target),
@@ -120,7 +134,11 @@ def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, start
         print(reply.choices[0].message.content)
         print(f"{reply.usage.completion_tokens} tokens in {seconds:.2f}s = "
               f"{reply.usage.completion_tokens / seconds:.1f} tok/s; acceptance length {accept}")
-        print(served_by[0] if served_by else "WARNING: the server log does not name dflash_sglang's worker")
+        if not any(SERVING_OURS in line for line in served_by):
+            print(f"error: the server log does not say that dflash_sglang's worker served DFLASH (expected "
+                  f"{SERVING_OURS!r}); see {workdir / 'server.log'}")
+            return 1
+        print(served_by[0])
         return 0
     finally:
         server.terminate()
