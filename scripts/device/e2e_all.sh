@@ -64,9 +64,12 @@ if python3 -c "import cutlass, flash_attn.cute" 2>/dev/null; then
 else
   echo "fa4 group skipped: the FA4 site is not unpacked (see the device README)"
 fi
-# `make demo` on a GPU machine: its own server on :30000, one chat request through the openai client.
-( cd "$REPO" && timeout "$BUDGET" python3 -m dflash_sglang demo > "$OUT/make-demo.log" 2>&1; \
-  echo "make demo exit $?" >> "$OUT/make-demo.log" ) &
+# `make demo` on a GPU machine: its own server on :30000, one chat request through the openai client. The box
+# has no pip install of this package, so the demo gets our entry point the way e2e.sh does (plugin_dist.py).
+DEMO_DIST="$(mktemp -d /tmp/dflash-demo-dist.XXXXXX)"
+python3 "$REPO/scripts/device/plugin_dist.py" "$DEMO_DIST" > /dev/null
+( cd "$REPO" && PYTHONPATH="$DEMO_DIST:$PYTHONPATH" timeout "$BUDGET" python3 -m dflash_sglang demo \
+  > "$OUT/make-demo.log" 2>&1; echo "make demo exit $?" >> "$OUT/make-demo.log" ) &
 DEMO_PID=$!
 
 STATUS=0
