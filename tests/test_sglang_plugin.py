@@ -54,6 +54,42 @@ def test_hook_is_applied_to_create_worker(spec_algorithm):
     assert plugin.CREATE_WORKER_TARGET in HookRegistry._patched
 
 
+@pytest.mark.parametrize("algorithm, disabled, expected", [("DFLASH", "", 4 + 2 * 16), ("DFLASH", "1", 4 + 16),
+                                                          ("EAGLE", "", 4 + 16)])
+def test_dflash_rows_hold_the_whole_kv_reservation(spec_algorithm, monkeypatch, algorithm, disabled, expected):
+    from sglang.srt.mem_cache import kv_cache_configurator
+
+    monkeypatch.setenv(plugin.DISABLE_ENV, disabled)
+    server_args = SimpleNamespace(speculative_algorithm=algorithm, speculative_num_draft_tokens=16,
+                                  max_speculative_num_draft_tokens=16, page_size=1)
+    assert kv_cache_configurator.get_req_to_token_extra_context_len(server_args) == expected
+
+
+def _aborted_after_an_overshooting_step(max_new_tokens: int, appended: list[int]):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req("soak-0", "a prompt", [1, 2, 3], SamplingParams(max_new_tokens=max_new_tokens))
+    req.output_ids.extend(appended)  # one verify step's accepted tokens, appended before the finish check
+    req.to_finish = FINISH_ABORT("client disconnected")
+    req.update_finish_state(len(appended))
+    return req
+
+
+@pytest.mark.parametrize("serving_ours, reported", [(True, [5, 6]), (False, [5, 6, 7])])
+def test_an_aborted_request_reports_at_most_max_new_tokens(spec_algorithm, monkeypatch, serving_ours, reported):
+    monkeypatch.setattr(plugin, "_serving_ours", serving_ours)
+    req = _aborted_after_an_overshooting_step(2, [5, 6, 7])
+    assert req.finished()
+    assert list(req.output_ids_through_stop) == reported  # SGLang's own behaviour when the builtin serves
+
+
+def test_an_aborted_request_within_its_limit_keeps_every_token(spec_algorithm, monkeypatch):
+    monkeypatch.setattr(plugin, "_serving_ours", True)
+    req = _aborted_after_an_overshooting_step(8, [5, 6, 7])
+    assert req.finished_len is None and list(req.output_ids_through_stop) == [5, 6, 7]
+
+
 def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkeypatch):
     """After load_plugins(), SGLang's parser takes our tree flags and from_cli_args relays them before it resolves
     the speculative arguments (SGLang's own resolution then stops: no accelerator here, no model "m" anywhere)."""
