@@ -712,6 +712,20 @@ def assert_context_written_once_per_committed_position(world, prompt_lens, batch
         assert all(written[(i, p)] == int(world.req_to_token[pool, p]) for p in range(start, end))
 
 
+def test_context_kv_keeps_its_positions_when_the_target_shifts_them_in_place(markov_worker):
+    worker, world = markov_worker
+    plain = world.verify_forward
+
+    def shifting(batch=None, forward_batch=None, is_verify=False):
+        out = plain(batch, forward_batch, is_verify)
+        forward_batch.positions += 1  # what SGLang's Gemma 4 forward does when it runs eagerly (gemma4_mm.py)
+        return out
+
+    worker._target_worker = SimpleNamespace(forward_batch_generation=shifting)
+    run_decode(worker, world, steps=3)  # write_context_kv checks every committed row's position
+    assert world.context_writes
+
+
 def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
     worker, world = markov_worker
     prompt_lens, _, _, _, batch = run_decode(worker, world)

@@ -310,7 +310,9 @@ class DFlashWorker(BaseSpecWorker):
         row; a chain is causal, a tree brings its mask."""
         spec = DFlashVerifyInput(
             draft_token=candidates.reshape(-1),
-            positions=positions.reshape(-1),
+            # A copy: SGLang's Gemma 4 forward shifts its positions in place when it runs eagerly (graphs off, or a
+            # batch past --cuda-graph-max-bs), and the chain writes the drafter's context K/V from these positions.
+            positions=positions.reshape(-1).clone(),
             draft_token_num=candidates.shape[1],
             custom_mask=custom_mask,
             capture_hidden_mode=CaptureHiddenMode.FULL,
