@@ -69,6 +69,9 @@ rm -f "$OUT"/{ar,builtin,ours}.json "$OUT/summary.json"
 # and Triton rounds float32 dots as TF32 unless told otherwise, which SGLang's triton attention kernels would do
 # (scripts/device/triton_fp32_probe.py): float32 means IEEE float32 here, for every contender.
 if [ "$DTYPE" = float32 ]; then export DFLASH_E2E_NATIVE_OPS=1 TRITON_F32_DEFAULT=ieee; fi
+# SGLang's triton decode reads one key too few on sliding-window layers: the AR reference of a Gemma target would
+# not be the model's greedy output (scripts/device/triton_swa_window_plugin.py); every contender gets the fix.
+export DFLASH_E2E_TRITON_SWA_FIX=1
 declare -A SERVER_PID PORT
 stop_servers() {
   local pid

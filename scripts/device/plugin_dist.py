@@ -4,8 +4,9 @@
 
 The GPU box has no package registry: the device scripts put the repo and OUT_DIR on PYTHONPATH, and
 importlib.metadata (SGLang's plugin discovery) then sees dflash-sglang's `sglang.srt.plugins` entry point.
---harness adds the float32 test-harness plugin (scripts/device/native_ops_plugin.py, which must be importable:
-scripts/device on PYTHONPATH) as a distribution of its own. Before exiting it checks what a server will need: the
+--harness adds the test-harness plugins (scripts/device/native_ops_plugin.py for float32 and
+triton_swa_window_plugin.py for the AR reference of sliding-window targets, which must be importable: scripts/device
+on PYTHONPATH) as a distribution of their own. Before exiting it checks what a server will need: the
 installed SGLang is the supported one and the entry point is discoverable from OUT_DIR (exit 1 otherwise).
 """
 
@@ -18,7 +19,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HARNESS_ENTRY_POINTS = {"sglang.srt.plugins": {"dflash_e2e_native_ops": "native_ops_plugin:register"}}
+HARNESS_ENTRY_POINTS = {"sglang.srt.plugins": {"dflash_e2e_native_ops": "native_ops_plugin:register",
+                                                "dflash_e2e_triton_swa_window": "triton_swa_window_plugin:register"}}
 
 
 def write_dist_info(out: Path, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:
@@ -34,7 +36,7 @@ def write_dist_info(out: Path, name: str, version: str, entry_points: dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--harness", action="store_true", help="also the float32 native-ops harness plugin")
+    parser.add_argument("--harness", action="store_true", help="also the test-harness plugins")
     args = parser.parse_args()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     write_dist_info(args.out, project["name"], project["version"], project["entry-points"])
