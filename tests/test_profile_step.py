@@ -11,8 +11,8 @@ profile_step = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(profile_step)
 
 
-def event(name, ts, dur, cat, tid=1):
-    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": 7, "tid": tid}
+def event(name, ts, dur, cat, tid=1, pid=7):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": pid, "tid": tid}
 
 
 def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
@@ -28,6 +28,9 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
         event("cudaMemcpyAsync", 320, 1, "cuda_runtime"),
         event("cudaStreamSynchronize", 200, 9, "cuda_runtime"),  # between steps: the scheduler's, not ours
         event("cudaLaunchKernel", 115, 2, "cuda_runtime", tid=2),  # another thread
+        # The GPU copies of the two ranges (torch's profiler with CUDA activities): not steps of their own.
+        event("dflash_sglang.decode", 140, 12, "gpu_user_annotation", tid=7, pid=0),
+        event("dflash_sglang.decode", 330, 20, "gpu_user_annotation", tid=7, pid=0),
     ]
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
@@ -39,4 +42,5 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
     assert summary["host_syncs_per_step"] == 0.5 and summary["host_syncs"] == {"cudaStreamSynchronize": 1}
     assert summary["copies_per_step"] == 0.5
     assert summary["host_ms_per_step_mean"] == 0.04
+    assert summary["gpu_span_ms_per_step_median"] == 0.02
     assert summary["top_ops_by_host_time"] == [{"op": "aten::argmax", "calls_per_step": 0.5, "us_per_step": 3.0}]

@@ -732,6 +732,57 @@ def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
     assert_context_written_once_per_committed_position(world, prompt_lens, batch)
 
 
+def draft_graph_runner(block: int, capture_bs: list[int]):
+    """SGLang's DecodeCudaGraphRunner as __init__ and capture() leave it for a DFLASH draft runner (TP1, no DP,
+    TBO, PDMux or LoRA), without capturing anything: only the state can_run_graph reads."""
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+    from sglang.srt.speculative.spec_utils import resolve_num_tokens_per_req
+
+    algorithm = SpeculativeAlgorithm.DFLASH
+    runner = DecodeCudaGraphRunner.__new__(DecodeCudaGraphRunner)
+    runner.model_runner = SimpleNamespace(spec_algorithm=algorithm, is_draft_worker=True, attn_backend=object())
+    runner.captured_req_width = resolve_num_tokens_per_req(
+        phase="target_verify", server_args=None, spec_algorithm=algorithm, is_draft_worker=True,
+        num_draft_tokens=block,
+    )
+    runner.ragged_verify_mode = False  # __init__: never for a draft runner (`and not model_runner.is_draft_worker`)
+    runner.capture_bs, runner.max_bs = capture_bs, max(capture_bs)
+    runner.disable_padding = runner.require_mlp_tp_gather = runner.require_mlp_sync = False
+    runner.enable_pdmux = runner.is_encoder_decoder = runner.enable_two_batch_overlap = False
+    # capture_prepare: the capture mode is that of the spec_info the runner captures with.
+    runner.capture_hidden_mode = runner.get_spec_info(block * runner.max_bs).capture_hidden_mode
+    return runner
+
+
+def test_the_drafter_forward_is_one_sglang_draft_graph_can_replay(markov_worker):
+    """The ForwardBatch our draft step hands the draft runner passes SGLang's own replay predicate
+    (ModelRunner._forward_raw: forward_mode.is_cuda_graph() and DecodeCudaGraphRunner.can_run_graph), with the
+    block embeddings as input_embeds, which the replay copies into the graph's input buffer for a DFLASH draft
+    runner; else the drafter would run eagerly, its head outside the graph."""
+    import inspect
+
+    from dflash_sglang.sglang.draft_model import DFlashSGLangDrafter
+    from dflash_sglang.sglang.worker import draft_block_spec
+
+    worker, world = markov_worker
+    worker.draft_block_spec = draft_block_spec(world.block, "cpu")
+    seen = []
+    plain = world.draft_forward
+    worker.draft_runner = SimpleNamespace(forward=lambda fb: seen.append(fb) or plain(fb), token_to_kv_pool=None)
+    run_decode(worker, world, steps=1)
+    (fb,) = seen
+    assert fb.forward_mode.is_cuda_graph() and fb.input_embeds is not None
+    assert fb.input_embeds.shape[0] == fb.input_ids.shape[0] == fb.batch_size * world.block
+
+    assert draft_graph_runner(world.block, [1, 2, 4, 8]).can_run_graph(fb)
+    assert not draft_graph_runner(world.block, [1, 2]).can_run_graph(fb)  # 3 requests, graphs up to 2: eager
+    assert not draft_graph_runner(world.block + 1, [1, 2, 4, 8]).can_run_graph(fb)  # another width: eager
+    # Captured with input_embeds (the drafter takes them and has no forward_embed), so a replay reads the block.
+    assert "input_embeds" in inspect.signature(DFlashSGLangDrafter.forward).parameters
+    assert not hasattr(DFlashSGLangDrafter, "forward_embed")
+
+
 def one_hot_sampling_info():
     """Sampling settings that make every verify row one-hot (top-k 1): the sampling path, greedy's outcome."""
     return SimpleNamespace(

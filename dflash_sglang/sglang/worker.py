@@ -102,13 +102,7 @@ class DFlashWorker(BaseSpecWorker):
                 "dflash_sglang: tree mode, %d draft nodes (top-%d per position) verified in one pass of %d tokens",
                 self.tree.budget, self.tree.topk, self.tree.verify_width,
             )
-        self.draft_block_spec = DFlashVerifyInput(
-            draft_token=torch.empty((0,), dtype=torch.int64, device=self.device),
-            positions=torch.empty((0,), dtype=torch.int64, device=self.device),
-            draft_token_num=self.block_size,
-            custom_mask=None,
-            capture_hidden_mode=CaptureHiddenMode.NULL,
-        )
+        self.draft_block_spec = draft_block_spec(self.block_size, self.device)
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
 
     def __getattr__(self, name):
@@ -515,6 +509,22 @@ def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_siz
     if tree is not None:
         return TopkDraftHead(weight, block_size, topk=tree.topk, **common)
     return GreedyDraftHead(weight, block_size, **common)
+
+
+def draft_block_spec(block_size: int, device) -> DFlashVerifyInput:
+    """The spec_info of every drafter forward, as the builtin's (draft_worker_common.make_draft_block_spec_info).
+
+    The draft runner's CUDA graphs replay only while it passes DecodeCudaGraphRunner.can_run_graph: its
+    num_tokens_per_req (draft_token_num) must be the runner's captured width, and its capture mode NULL, what the
+    draft graphs were captured with (tests/test_sglang_plugin.py checks this against SGLang's own predicate).
+    """
+    return DFlashVerifyInput(
+        draft_token=torch.empty((0,), dtype=torch.int64, device=device),
+        positions=torch.empty((0,), dtype=torch.int64, device=device),
+        draft_token_num=block_size,
+        custom_mask=None,
+        capture_hidden_mode=CaptureHiddenMode.NULL,
+    )
 
 
 def next_draft_state(bonus: torch.Tensor, new_seq_lens: torch.Tensor) -> DFlashDraftInputV2:

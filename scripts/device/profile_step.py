@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DECODE_RANGE = "dflash_sglang.decode"
+GPU_RANGE_CATEGORY = "gpu_user_annotation"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -70,7 +71,12 @@ def load_events(path: Path) -> list[dict]:
 def summarize(events: list[dict]) -> dict:
     """Per-step counts inside every `dflash_sglang.decode` range (same host thread, nested in time)."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in complete if e.get("name") == DECODE_RANGE]
+    # With GPU activities on, each range is in the trace twice: on its host thread, and as a gpu_user_annotation
+    # on the stream (pid = device, tid = stream) spanning the step's GPU work. The GPU copy holds no runtime calls,
+    # so counting it as a step halved every per-step figure (and mixed GPU spans into the host times).
+    ranges = [e for e in complete if e.get("name") == DECODE_RANGE]
+    steps = [e for e in ranges if e.get("cat") != GPU_RANGE_CATEGORY]
+    gpu_us = sorted(e["dur"] for e in ranges if e.get("cat") == GPU_RANGE_CATEGORY)
     by_thread = defaultdict(list)
     for e in complete:
         if e.get("name") != DECODE_RANGE and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
@@ -95,6 +101,8 @@ def summarize(events: list[dict]) -> dict:
         "steps": len(steps),
         "host_ms_per_step_mean": sum(host_us) / n / 1000,
         "host_ms_per_step_median": host_us[len(host_us) // 2] / 1000 if host_us else 0.0,
+        # the ranges' GPU copies: from the step's first to its last GPU activity on the stream
+        "gpu_span_ms_per_step_median": gpu_us[len(gpu_us) // 2] / 1000 if gpu_us else None,
         "kernel_launches_per_step": per_step(KERNEL_LAUNCHES),
         "graph_launches_per_step": per_step(GRAPH_LAUNCHES),
         "copies_per_step": per_step(COPIES),
@@ -119,6 +127,8 @@ def print_table(summary: dict) -> None:
     rows = [("steps profiled", summary["steps"]),
             ("host ms / step (mean, median)",
              f"{summary['host_ms_per_step_mean']:.3f}, {summary['host_ms_per_step_median']:.3f}"),
+            ("GPU span ms / step (median)", "-" if summary["gpu_span_ms_per_step_median"] is None
+             else f"{summary['gpu_span_ms_per_step_median']:.3f}"),
             ("kernel launches / step", f"{summary['kernel_launches_per_step']:.1f}"),
             ("CUDA graph replays / step", f"{summary['graph_launches_per_step']:.1f}"),
             ("async copies+memsets / step", f"{summary['copies_per_step']:.1f}"),
