@@ -153,28 +153,17 @@ def test_env_switch():
     off.end(NO_STEP)
 
 
-def test_worker_decode_records_start_three_marks_per_step(request):
+@pytest.mark.parametrize("fixture", ["markov_worker", "tree_worker"])
+def test_worker_step_records_start_and_three_marks(request, fixture):
+    """Chain and tree steps log the same line format (a tree's draft = drafter + tree build), so shape.sh reads
+    both alike."""
     if run_decode is None:
         pytest.skip("sglang is not installed")
-    worker, world = request.getfixturevalue("markov_worker")
+    worker, world = request.getfixturevalue(fixture)
     gpu, lines = FakeGPU(), []
     worker.step_timer = StepTimer(gpu.event, every=4, emit=lines.append)
     run_decode(worker, world, steps=8)
     assert gpu.recorded == 8 * 4 and len(worker.step_timer.pending) == 8
-    gpu.finish_all()
-    worker.step_timer.poll()
-    assert [(p["bs"], p["steps"]) for p in map(parse_line, lines)] == [(3, 4), (3, 4)]
-
-
-def test_worker_tree_step_records_the_same_phases(request):
-    """Tree mode logs the chain's line format (draft = drafter + tree build), so shape.sh reads both alike."""
-    if run_decode is None:
-        pytest.skip("sglang is not installed")
-    worker, world = request.getfixturevalue("tree_worker")
-    gpu, lines = FakeGPU(), []
-    worker.step_timer = StepTimer(gpu.event, every=4, emit=lines.append)
-    run_decode(worker, world, steps=8)
-    assert gpu.recorded == 8 * 4
     gpu.finish_all()
     worker.step_timer.poll()
     assert [(p["bs"], p["steps"]) for p in parse_log("\n".join(lines))] == [(3, 4), (3, 4)]
