@@ -243,6 +243,59 @@ void gather_accepted_hidden(const Tensor& hidden, const Tensor& path, const Tens
   C10_CUDA_CHECK(dflash::launch_gather_rows(p, c10::cuda::getCurrentCUDAStream()));
 }
 
+bool is_context_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+dflash::ElementType element_type(at::ScalarType dtype) {
+  return dtype == at::kFloat  ? dflash::ElementType::kFloat32
+         : dtype == at::kHalf ? dflash::ElementType::kFloat16
+                              : dflash::ElementType::kBFloat16;
+}
+
+void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double eps, const Tensor& positions,
+                          const Tensor& cos_sin_cache, const Tensor& keys, const Tensor& values) {
+  TORCH_CHECK(kv.dim() == 5 && kv.size(2) == 2, "kv must be [N, L, 2, H, D], got ", kv.sizes());
+  const auto device = kv.device();
+  TORCH_CHECK(device.is_cuda(), "kv must be a CUDA tensor");
+  const auto dtype = kv.scalar_type();
+  TORCH_CHECK(is_context_dtype(dtype), "kv must be float32, float16 or bfloat16, got ", dtype);
+  const int64_t tokens = kv.size(0), layers = kv.size(1), heads = kv.size(3), head_dim = kv.size(4);
+  TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0 && head_dim <= dflash::kMaxContextHeadDim,
+              "head_dim must be even and in [2, ", dflash::kMaxContextHeadDim, "], got ", head_dim);
+  TORCH_CHECK(layers <= INT32_MAX && heads <= INT32_MAX, "too many layers or heads");
+  expect(kv, "kv", device, dtype, {tokens, layers, 2, heads, head_dim});
+  expect(k_norm_scale, "k_norm_scale", device, at::kFloat, {layers, head_dim});
+  expect(positions, "positions", device, at::kLong, {tokens});
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.size(0) >= 1,
+              "cos_sin_cache must be [max_position >= 1, head_dim = ", head_dim, "], got ", cos_sin_cache.sizes());
+  TORCH_CHECK(cos_sin_cache.device() == device, "cos_sin_cache must be on ", device);
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == dtype,
+              "cos_sin_cache must be float32 or ", dtype, ", got ", cos_sin_cache.scalar_type());
+  TORCH_CHECK(cos_sin_cache.stride(1) == 1, "cos_sin_cache rows must be contiguous");
+  expect(keys, "keys", device, dtype, {layers, tokens, heads, head_dim});
+  expect(values, "values", device, dtype, {layers, tokens, heads, head_dim});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::ContextKVParams p{};
+  p.kv = kv.data_ptr();
+  p.k_norm_scale = k_norm_scale.data_ptr<float>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.cos_sin_cache = cos_sin_cache.data_ptr();
+  p.keys = keys.data_ptr();
+  p.values = values.data_ptr();
+  p.eps = float(eps);
+  p.num_tokens = tokens;
+  p.num_layers = int(layers);
+  p.num_heads = int(heads);
+  p.head_dim = int(head_dim);
+  p.max_position = cos_sin_cache.size(0);
+  p.cache_row_stride = cos_sin_cache.stride(0);
+  p.dtype = element_type(dtype);
+  p.cache_dtype = element_type(cos_sin_cache.scalar_type());
+  C10_CUDA_CHECK(dflash::launch_context_kv(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dflash_sglang, m) {
@@ -261,6 +314,9 @@ TORCH_LIBRARY(dflash_sglang, m) {
       "commit_accepted(Tensor(a!) req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor path, "
       "Tensor accept_len, Tensor(b!) freed_slots, Tensor(c!) new_seq_lens) -> ()");
   m.def("gather_accepted_hidden(Tensor hidden, Tensor path, Tensor accept_len, Tensor(a!) out) -> ()");
+  m.def(
+      "context_kv_norm_rope(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
+      "Tensor(a!) keys, Tensor(b!) values) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
@@ -269,4 +325,5 @@ TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
   m.impl("verify_tree_sampling", &verify_tree_sampling);
   m.impl("commit_accepted", &commit_accepted);
   m.impl("gather_accepted_hidden", &gather_accepted_hidden);
+  m.impl("context_kv_norm_rope", &context_kv_norm_rope);
 }

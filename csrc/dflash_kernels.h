@@ -1,4 +1,5 @@
-// Torch-free interface of the DFlash tree kernels: parameter structs (raw pointers, plain sizes) and launchers.
+// Torch-free interface of the DFlash kernels (tree build, verify, commit, the drafter's context K/V): parameter
+// structs (raw pointers, plain sizes) and launchers.
 // The bindings (dflash_binding.cpp) check every tensor, fill these structs and call the launchers on the current
 // stream. Node indices are per request: node 0 is the root, nodes [1, n) are draft tokens. "-1" pads every
 // index output. No launcher synchronizes with the host.
@@ -18,6 +19,10 @@ constexpr int kMaxTreeDepth = 1023;
 constexpr int kMaxTreeTopk = 1023;
 // Verify and commit stage per-request node arrays in shared memory.
 constexpr int kMaxVerifyNodes = 1024;
+// The context K/V kernel keeps a head's rotation pairs in registers, at most 8 per lane of a 32-lane group.
+constexpr int kMaxContextHeadDim = 512;
+
+enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct BuildTreeParams {
   const int64_t* root_tokens;      // [bs]
@@ -87,11 +92,28 @@ struct GatherRowsParams {
   int bs, num_nodes, max_depth;
 };
 
+struct ContextKVParams {
+  const void* kv;              // [N, L, 2, H, D] of `dtype`: token n's layer-l keys at [n, l, 0], values at [n, l, 1]
+  const float* k_norm_scale;   // [L, D] each layer's key RMSNorm scale (Gemma's 1 + w already applied)
+  const int64_t* positions;    // [N]
+  const void* cos_sin_cache;   // [max_position, cache_row_stride] of `cache_dtype`: cos in [0, D/2), sin in [D/2, D)
+  void* keys;                  // [L, N, H, D] of `dtype`: normed, then neox-rotated at positions[n]
+  void* values;                // [L, N, H, D] of `dtype`: copied
+  float eps;
+  int64_t num_tokens;          // N
+  int num_layers, num_heads, head_dim;  // L, H, D (D even, <= kMaxContextHeadDim)
+  int64_t max_position;        // cache rows; positions are clamped into [0, max_position)
+  int64_t cache_row_stride;    // elements
+  ElementType dtype;           // of kv, keys and values
+  ElementType cache_dtype;     // kFloat32 or `dtype`
+};
+
 cudaError_t launch_build_tree(const BuildTreeParams& params, cudaStream_t stream);
 size_t build_tree_smem_bytes(int depth, int topk, int budget);
 cudaError_t launch_verify_greedy(const VerifyGreedyParams& params, cudaStream_t stream);
 cudaError_t launch_verify_sampling(const VerifySamplingParams& params, cudaStream_t stream);
 cudaError_t launch_commit(const CommitParams& params, cudaStream_t stream);
 cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream);
+cudaError_t launch_context_kv(const ContextKVParams& params, cudaStream_t stream);
 
 }  // namespace dflash
