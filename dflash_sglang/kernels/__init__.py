@@ -1,20 +1,24 @@
-"""CUDA kernels for DDTree speculative decoding (tree build, greedy and sampling verify, commit) and their torch
-references. Each op runs its kernel for CUDA tensors when the library builds or loads (`jit.py`), else the
-reference; the choice is logged once per op. No op synchronizes with the host; outputs are fixed-size and padded.
+"""CUDA kernels for DDTree speculative decoding (tree build, greedy and sampling verify, commit) and the drafter's
+context K/V (key norm, RoPE, layer-major layout), with their torch references. Each op runs its kernel for CUDA
+tensors when the library builds or loads (`jit.py`), else the reference; the choice is logged once per op. No op
+synchronizes with the host; outputs are fixed-size and padded.
 """
 
-from dflash_sglang.kernels.buffers import CommitResult, TreeBuffers, VerifyResult
+from dflash_sglang.kernels.buffers import CommitResult, ContextKV, TreeBuffers, VerifyResult
 from dflash_sglang.kernels.commit import commit_accepted, gather_accepted_hidden
+from dflash_sglang.kernels.context_kv import context_kv_norm_rope
 from dflash_sglang.kernels.reference import tree_links
 from dflash_sglang.kernels.tree_build import build_draft_tree
 from dflash_sglang.kernels.tree_verify import draw_verify_randoms, verify_tree_greedy, verify_tree_sampling
 
 __all__ = [
     "CommitResult",
+    "ContextKV",
     "TreeBuffers",
     "VerifyResult",
     "build_draft_tree",
     "commit_accepted",
+    "context_kv_norm_rope",
     "draw_verify_randoms",
     "gather_accepted_hidden",
     "tree_links",

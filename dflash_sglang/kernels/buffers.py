@@ -1,7 +1,7 @@
-"""Fixed-size, padded outputs of the tree ops, shared by the kernels and their references.
+"""Fixed-size, padded outputs of the ops, shared by the kernels and their references.
 
-One request per row; node 0 is the root (the anchor token, already emitted), nodes 1..n-1 are drafts; -1 pads
-every index or token that does not exist.
+Tree ops: one request per row; node 0 is the root (the anchor token, already emitted), nodes 1..n-1 are drafts;
+-1 pads every index or token that does not exist. Context K/V: layer-major keys and values of the drafter.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ class CommitResult(NamedTuple):
     new_seq_lens: torch.Tensor  # [bs] int64 seq_len + accept_len + 1
 
 
+class ContextKV(NamedTuple):
+    """The drafter's context K/V, layer-major so that each layer's slice is contiguous for the KV pool's store."""
+
+    keys: torch.Tensor  # [L, N, kv_heads, head_dim], RMSNormed and rotated
+    values: torch.Tensor  # [L, N, kv_heads, head_dim]
+
+
 def empty_tree(bs: int, n: int, device) -> TreeBuffers:
     def ints(dtype):
         return torch.empty((bs, n), dtype=dtype, device=device)
@@ -54,6 +61,11 @@ def empty_verify(bs: int, max_depth: int, device) -> VerifyResult:
 def empty_commit(bs: int, num_nodes: int, device) -> CommitResult:
     return CommitResult(torch.empty((bs, num_nodes - 1), dtype=torch.int32, device=device),
                         torch.empty(bs, dtype=torch.long, device=device))
+
+
+def empty_context_kv(num_layers: int, num_tokens: int, kv_heads: int, head_dim: int, dtype, device) -> ContextKV:
+    shape = (num_layers, num_tokens, kv_heads, head_dim)
+    return ContextKV(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
 
 def fill(out, result):

@@ -7,6 +7,12 @@ and `race` [bs, V] (Exp(1) variates; the bonus is the argmax of p / race over th
 probability proportional to p). Given the same tensors a kernel and its reference agree bit for bit; the law is
 checked against `dflash_sglang.verify.sampling_verify_tree`, which draws its own randomness.
 
+The drafter's context K/V reference (`context_kv_norm_rope`) is the torch path the SGLang drafter ran before its
+kernel, unchanged: RMSNorm in float32 rounded to the kv dtype (the norm's output dtype, as in the reference
+drafter), neox RoPE from SGLang's cos/sin cache in float32 rounded once more, layer-major copies. Its kernel
+does the same float operations, except that its float32 `1 / rms` (another summation order) may differ in the
+last bit, which moves a 16-bit key by one rounding step now and then; values agree bit for bit.
+
 All but the tree build are batched tensor programs with a fixed number of steps: no host synchronization and
 fixed output shapes, on any device. The tree build replays Python's heapq exactly as `tree.build_tree` does: its
 node order (ties by insertion order, and the heap's order for NaN scores, which -inf log-probs of filtered
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dflash_sglang.kernels.buffers import CommitResult, TreeBuffers, VerifyResult
+from dflash_sglang.kernels.buffers import CommitResult, ContextKV, TreeBuffers, VerifyResult
 from dflash_sglang.tree import best_first_nodes, max_tree_nodes
 
 
@@ -211,3 +217,32 @@ def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len:
     kept = torch.arange(width, device=hidden.device)[None, :] <= accept_len.long()[:, None]
     gathered = hidden[rows.reshape(-1)].reshape(bs, width, hidden.shape[1])
     return torch.where(kept[..., None], gathered, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in float32 with an explicit (already Gemma-shifted) scale, cast back to x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * scale).to(x.dtype)
+
+
+def neox_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, d] by positions [N] with SGLang's cos/sin cache rows ([cos | sin], neox halves)."""
+    cos, sin = cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+def context_kv_norm_rope(kv: torch.Tensor, k_norm_scale: torch.Tensor, eps: float, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor) -> ContextKV:
+    """kv [N, L, 2, H, D] (the drafter's one K/V GEMM) -> layer-major keys (normed, rotated) and values."""
+    num_tokens, num_layers, _, kv_heads, head_dim = kv.shape
+    keys = rms_norm(kv[:, :, 0], k_norm_scale[None, :, None, :], eps)
+    keys = keys.reshape(num_tokens, num_layers * kv_heads, head_dim)
+    keys = neox_rope(keys, positions, cos_sin_cache)
+    keys = keys.view(num_tokens, num_layers, kv_heads, head_dim).transpose(0, 1).contiguous()
+    values = kv[:, :, 1].transpose(0, 1).contiguous()
+    return ContextKV(keys, values)

@@ -6,7 +6,7 @@ request; its queries are the block rows, its keys the committed context K/V in t
 Full layers see the whole block (ENCODER_ONLY, i.e. non-causal), sliding layers are causal and windowed unless
 the config says otherwise. Context K/V are written by `write_context_kv`, outside the forward: target features
 -> fc -> hidden_norm -> each layer's k/v projection -> k_norm -> RoPE -> draft KV pool, with one GEMM for all
-layers.
+layers and one kernel (`dflash_sglang.kernels.context_kv_norm_rope`) for the norm, RoPE and layout.
 
 SGLang picks a model class by `architectures[0]`; `use_as_dflash_draft_model()` points SGLang's
 `DFlashDraftModel` entry at this class (in the scheduler process, right before the draft runner is built).
@@ -37,6 +37,7 @@ from dflash_sglang.config import (
     parse_drafter_config,
     yarn_mscale,
 )
+from dflash_sglang.kernels import context_kv_norm_rope
 from dflash_sglang.loader import OPTIONAL_PREFIX, expected_drafter_shapes
 
 DRAFT_ARCHITECTURE = "DFlashDraftModel"
@@ -231,12 +232,9 @@ class DFlashSGLangDrafter(nn.Module):
         context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         kv = F.linear(context, self.context_kv_weight, self.context_kv_bias)
         kv = kv.view(num_tokens, num_layers, 2, kv_heads, head_dim)
-        keys = rms_norm(kv[:, :, 0], self.context_k_norm_scale[None, :, None, :], cfg.rms_norm_eps)
-        keys = keys.reshape(num_tokens, num_layers * kv_heads, head_dim)
-        keys = neox_rope(keys, positions, self.rotary_emb.cos_sin_cache)
-        # Layer-major copies so each layer's slice is contiguous for the pool's store kernel.
-        keys = keys.view(num_tokens, num_layers, kv_heads, head_dim).transpose(0, 1).contiguous()
-        values = kv[:, :, 1].transpose(0, 1).contiguous()
+        # k_norm, RoPE and layer-major copies (each layer's slice contiguous for the pool's store) in one kernel.
+        keys, values = context_kv_norm_rope(kv, self.context_k_norm_scale, cfg.rms_norm_eps, positions,
+                                            self.rotary_emb.cos_sin_cache)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):
             attn = layer.self_attn.attn
             kv_pool.set_kv_buffer(attn, cache_loc, layer_keys, layer_values, attn.k_scale, attn.v_scale)
@@ -285,19 +283,3 @@ class DFlashSGLangDrafter(nn.Module):
         scales = torch.stack([a.k_norm.weight.float() for a in attns])
         self.context_k_norm_scale = 1.0 + scales if self.cfg.use_gemma_norm else scales
 
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in float32 with an explicit (already Gemma-shifted) scale."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (normed * scale).to(x.dtype)
-
-
-def neox_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, d] by positions [N] with SGLang's cos/sin cache rows ([cos | sin], neox halves)."""
-    cos, sin = cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
-    return rotated.to(x.dtype)

@@ -1,0 +1,245 @@
+"""The drafter's context K/V op (csrc/context_kv.cu, dflash_sglang/kernels/context_kv.py) and its reference.
+
+CPU (CI): the reference is, bit for bit, the torch path `DFlashSGLangDrafter.write_context_kv` ran before the
+kernel (a frozen copy below), and means what it should (per-row float64 recomputation); the op runs the
+reference for CPU tensors. The nvcc build of csrc/ is tests/test_kernels.py's.
+
+GPU (`pytest -m gpu`, on the box through scripts/device/kernel_tests.sh): the kernel against the reference on
+fresh random inputs with NaN-poisoned outputs over N x L x H x D x dtype, odd head dims and unaligned caches (the
+per-element path), float16, and CUDA-graph capture. Values must match bit for bit; keys within the one rounding
+step the reference's float32 `1 / rms` (another summation order) can move.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dflash_sglang.kernels import ContextKV, context_kv_norm_rope, jit, reference
+from dflash_sglang.kernels.buffers import empty_context_kv
+
+EPS = 1e-6
+MAX_POSITION = 32_768
+
+
+def rope_cache(head_dim: int, max_position: int, base: float = 1e6, device="cpu") -> torch.Tensor:
+    """[max_position, head_dim] float32 in SGLang's layout: cos of every frequency, then sin (neox halves)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def context_inputs(num_tokens: int, num_layers: int, heads: int, head_dim: int, dtype, g: torch.Generator,
+                   gemma: bool, max_position: int = MAX_POSITION):
+    """kv [N, L, 2, H, D] with per-row magnitudes spread over 1e-2..1e2 (the norm must cancel them), per-layer
+    scales (Gemma's `1 + w` of weights around 0, or plain weights in [0, 2)), positions anywhere in the cache;
+    on the generator's device."""
+    device = g.device
+    magnitude = 10.0 ** (4 * torch.rand(num_tokens, num_layers, 2, heads, 1, generator=g, device=device) - 2)
+    kv = (torch.randn(num_tokens, num_layers, 2, heads, head_dim, generator=g, device=device) * magnitude).to(dtype)
+    if gemma:
+        scale = 1.0 + 0.3 * torch.randn(num_layers, head_dim, generator=g, device=device)
+    else:
+        scale = 2 * torch.rand(num_layers, head_dim, generator=g, device=device)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=g, device=device)
+    return kv, scale, positions
+
+
+def drafter_path_before_the_kernel(kv, scale, eps, positions, cos_sin_cache):
+    """`write_context_kv` between its GEMM and the pool stores, as it was before the kernel (frozen copy)."""
+    num_tokens, num_layers, _, kv_heads, head_dim = kv.shape
+    x = kv[:, :, 0]
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    keys = (normed * scale[None, :, None, :]).to(x.dtype)
+    keys = keys.reshape(num_tokens, num_layers * kv_heads, head_dim)
+    cos, sin = cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    k32 = keys.float()
+    first, second = k32.chunk(2, dim=-1)
+    keys = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(keys.dtype)
+    keys = keys.view(num_tokens, num_layers, kv_heads, head_dim).transpose(0, 1).contiguous()
+    values = kv[:, :, 1].transpose(0, 1).contiguous()
+    return keys, values
+
+
+def assert_keys_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Keys within what a last-bit change of a row's float32 `1 / rms` can do.
+
+    Such a change moves float32 keys by a few units in their last place. In a 16-bit dtype it can move a normed
+    value across a rounding boundary, rarely: one unit in the last place of that value (at most sqrt(2) x the
+    row's largest key, as rotation keeps pair norms), rotated, plus one of the result. A missing or extra rounding
+    step, a wrong half, position, scale or layout breaks these bounds.
+    """
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    sixteen_bit = got.element_size() == 2
+    spacing = torch.finfo(got.dtype).eps if sixteen_bit else 8 * torch.finfo(torch.float32).eps
+    got, expected = got.float(), expected.float()
+    assert not got.isnan().any(), "unwritten (poisoned) keys"
+    row_max = expected.abs().amax(dim=-1, keepdim=True)
+    diff = (got - expected).abs()
+    assert bool((diff <= 4 * spacing * row_max).all()), f"max diff {float(diff.max()):.3g}"
+    if sixteen_bit:
+        differing = int((diff > 0).sum())
+        assert differing <= max(4, got.numel() // 1000), f"{differing} of {got.numel()} keys differ"
+
+
+def assert_bitwise(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    assert torch.equal(got.view(bits), expected.view(bits))
+
+
+# ---------------------------------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("cache_dtype", ["float32", "kv"])
+def test_reference_is_the_drafter_path_before_the_kernel(dtype, gemma, cache_dtype):
+    g = torch.Generator().manual_seed(1)
+    for num_tokens, num_layers, heads, head_dim in [(1, 1, 1, 2), (7, 3, 2, 64), (33, 5, 4, 128), (5, 2, 3, 512)]:
+        kv, scale, positions = context_inputs(num_tokens, num_layers, heads, head_dim, dtype, g, gemma, 4096)
+        cache = rope_cache(head_dim, 4096)
+        cache = cache if cache_dtype == "float32" else cache.to(dtype)
+        got = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+        expected = drafter_path_before_the_kernel(kv, scale, EPS, positions, cache)
+        for a, b in zip(got, expected, strict=True):
+            assert a.is_contiguous() and a.dtype == dtype
+            assert_bitwise(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_normalizes_rotates_and_lays_out_each_row(dtype):
+    """Per (layer, token, head) row in float64: RMSNorm with the layer's scale, rounding to the kv dtype, then
+    [a * cos - b * sin, b * cos + a * sin] with the cache row of the token's position; values copied."""
+    g = torch.Generator().manual_seed(2)
+    num_tokens, num_layers, heads, head_dim = 5, 3, 2, 16
+    kv, scale, positions = context_inputs(num_tokens, num_layers, heads, head_dim, dtype, g, True, 1000)
+    cache = rope_cache(head_dim, 1000)
+    got = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    expected_keys = torch.empty(num_layers, num_tokens, heads, head_dim, dtype=dtype)
+    half = head_dim // 2
+    for layer, token, head in itertools.product(range(num_layers), range(num_tokens), range(heads)):
+        x = kv[token, layer, 0, head].double()
+        normed = (x / (x.pow(2).mean() + EPS).sqrt() * scale[layer].double()).to(dtype).double()
+        cos, sin = cache[positions[token]].double().split(half)
+        a, b = normed[:half], normed[half:]
+        expected_keys[layer, token, head] = torch.cat([a * cos - b * sin, b * cos + a * sin]).to(dtype)
+        assert torch.equal(got.values[layer, token, head], kv[token, layer, 1, head])
+    assert_keys_close(got.keys, expected_keys)
+
+
+def test_op_runs_the_reference_on_cpu_and_fills_out(caplog, monkeypatch):
+    monkeypatch.setattr(jit, "_logged", set())
+    g = torch.Generator().manual_seed(3)
+    kv, scale, positions = context_inputs(4, 2, 2, 8, torch.bfloat16, g, False, 64)
+    cache = rope_cache(8, 64)
+    out = empty_context_kv(2, 4, 2, 8, torch.bfloat16, "cpu")
+    with caplog.at_level("INFO", logger="dflash_sglang.kernels"):
+        got = context_kv_norm_rope(kv, scale, EPS, positions, cache, out=out)
+    assert [r.getMessage() for r in caplog.records] == ["context_kv_norm_rope: torch reference (inputs on cpu)"]
+    assert isinstance(got, ContextKV) and got.keys is out.keys and got.values is out.values
+    expected = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    assert_bitwise(got.keys, expected.keys)
+    assert_bitwise(got.values, expected.values)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """The CUDA device, with the op forced onto its kernel (an unavailable kernel fails, not falls back)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setenv("DFLASH_KERNELS", "cuda")
+    available, why = jit.kernel_status()
+    assert available, why
+    return torch.device("cuda")
+
+
+_CACHES: dict[tuple, torch.Tensor] = {}
+
+
+def cuda_cache(head_dim: int, dtype, device) -> torch.Tensor:
+    key = (head_dim, dtype)
+    if key not in _CACHES:
+        _CACHES[key] = rope_cache(head_dim, MAX_POSITION, device=device).to(dtype)
+    return _CACHES[key]
+
+
+def check_kernel(kv, scale, positions, cache, device):
+    """Kernel (outputs poisoned with NaN) == reference, both on the GPU."""
+    num_tokens, num_layers, _, heads, head_dim = kv.shape
+    expected = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    out = empty_context_kv(num_layers, num_tokens, heads, head_dim, kv.dtype, device)
+    for t in out:
+        t.fill_(float("nan"))
+    got = context_kv_norm_rope(kv, scale, EPS, positions, cache, out=out)
+    assert got.keys is out.keys and got.values is out.values
+    assert_bitwise(got.values, expected.values)
+    assert_keys_close(got.keys, expected.keys)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 512])
+@pytest.mark.parametrize("num_tokens", [1, 7, 64, 1000])
+def test_kernel_matches_reference(cuda, dtype, head_dim, num_tokens):
+    g = torch.Generator(device=cuda).manual_seed(num_tokens * 1000 + head_dim)
+    for (num_layers, heads), gemma in zip(itertools.product((1, 3, 5), (1, 2, 8)), itertools.cycle((False, True))):
+        kv, scale, positions = context_inputs(num_tokens, num_layers, heads, head_dim, dtype, g, gemma)
+        check_kernel(kv, scale, positions, cuda_cache(head_dim, torch.float32, cuda), cuda)
+    # SGLang can also hand over its cache in the model dtype.
+    kv, scale, positions = context_inputs(num_tokens, 5, 8, head_dim, dtype, g, True)
+    check_kernel(kv, scale, positions, cuda_cache(head_dim, dtype, cuda), cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [2, 16, 72, 100, 510])
+def test_kernel_matches_reference_on_odd_head_dims_and_unaligned_caches(cuda, dtype, head_dim):
+    """Head halves that no 16-byte access divides, and a cache starting one element into its buffer, take the
+    per-element path; float16 runs with a float16 cache too."""
+    g = torch.Generator(device=cuda).manual_seed(head_dim)
+    kv, scale, positions = context_inputs(37, 3, 5, head_dim, dtype, g, True)
+    check_kernel(kv, scale, positions, cuda_cache(head_dim, torch.float32, cuda), cuda)
+    check_kernel(kv, scale, positions, cuda_cache(head_dim, dtype, cuda), cuda)
+    flat = torch.empty(MAX_POSITION * head_dim + 1, dtype=torch.float32, device=cuda)
+    shifted = flat[1:].view(MAX_POSITION, head_dim)
+    shifted.copy_(cuda_cache(head_dim, torch.float32, cuda))
+    check_kernel(kv, scale, positions, shifted, cuda)
+
+
+@pytest.mark.gpu
+def test_kernel_rejects_what_it_cannot_run(cuda):
+    kv = torch.zeros(2, 1, 2, 1, 514, dtype=torch.bfloat16, device=cuda)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        context_kv_norm_rope(kv, torch.ones(1, 514, device=cuda), EPS, torch.zeros(2, dtype=torch.long, device=cuda),
+                             rope_cache(514, 8, device=cuda))
+
+
+@pytest.mark.gpu
+def test_kernel_captures_in_a_cuda_graph(cuda):
+    g = torch.Generator(device=cuda).manual_seed(5)
+    kv, scale, positions = context_inputs(64, 5, 8, 128, torch.bfloat16, g, True)
+    cache = cuda_cache(128, torch.float32, cuda)
+    out = empty_context_kv(5, 64, 8, 128, torch.bfloat16, cuda)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        context_kv_norm_rope(kv, scale, EPS, positions, cache, out=out)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        context_kv_norm_rope(kv, scale, EPS, positions, cache, out=out)
+    expected = context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    for t in out:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise(out.keys, expected.keys)
+    assert_bitwise(out.values, expected.values)
