@@ -1,10 +1,17 @@
-"""Micro-benchmark of the tree kernels against their torch references, on one GPU.
+"""Micro-benchmark of the kernels against their torch references, on one GPU.
 
-For every op and (bs, N) in {1, 8, 32, 64} x {16, 32, 64} (N draft nodes, depth 16, top-8, vocabulary 151936,
-hidden 4096 bf16): the mean time per call of the CUDA kernel launched eagerly with preallocated outputs
+Tree ops, for every (bs, N) in {1, 8, 32, 64} x {16, 32, 64} (N draft nodes, depth 16, top-8, vocabulary
+151936, hidden 4096 bf16): the mean time per call of the CUDA kernel launched eagerly with preallocated outputs
 (what a caller pays, launch included), of the same calls replayed from a CUDA graph (device time), and of the
-torch reference on the same device (the tree build reference runs its heap on the host). Writes
-bench_kernels.json and bench_kernels.md (summary and full table) under --out and prints the summary last.
+torch reference on the same device (the tree build reference runs its heap on the host).
+
+The drafter's context K/V (`context_kv_norm_rope`, bf16, float32 RoPE cache as SGLang keeps it on CUDA) for
+N in {16, 128, 1024, 4096} context tokens at L x H x D = 5 x 8 x 128 (the published Qwen3-32B / Gemma-4-31B
+drafter shapes) and 5 x 4 x 512: the same three times plus the reference replayed from a graph, whose eager
+time is what `write_context_kv` paid before the kernel, and the kernel's memory throughput.
+
+Writes bench_kernels.json and bench_kernels.md (summaries and full tables) under --out and prints the
+summaries last.
 
     python scripts/bench_kernels.py --out out/
 """
@@ -22,16 +29,20 @@ import torch
 from dflash_sglang.kernels import (
     build_draft_tree,
     commit_accepted,
+    context_kv_norm_rope,
     draw_verify_randoms,
     gather_accepted_hidden,
     reference,
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.kernels.buffers import empty_commit, empty_tree, empty_verify
+from dflash_sglang.kernels.buffers import empty_commit, empty_context_kv, empty_tree, empty_verify
 
 DEPTH, TOPK, VOCAB, FEATURES = 16, 8, 151_936, 4096
 BATCHES, BUDGETS = (1, 8, 32, 64), (16, 32, 64)
+CONTEXT_TOKENS = (16, 128, 1024, 4096)
+CONTEXT_SHAPES = ((5, 8, 128), (5, 4, 512))  # layers, kv heads, head_dim
+CONTEXT_MAX_POSITION = 40_960
 
 
 def time_eager(fn, reps: int) -> float:
@@ -110,6 +121,31 @@ def cases(bs: int, budget: int, device) -> dict[str, tuple]:
     }
 
 
+def context_case(tokens: int, layers: int, heads: int, head_dim: int, device) -> tuple:
+    """(kernel call with preallocated outputs, reference call, bytes the kernel moves)."""
+    g = torch.Generator(device=device).manual_seed(tokens * 10 + head_dim)
+    kv = torch.randn((tokens, layers, 2, heads, head_dim), generator=g, device=device).bfloat16()
+    scale = 1.0 + 0.3 * torch.randn((layers, head_dim), generator=g, device=device)
+    positions = torch.randint(0, CONTEXT_MAX_POSITION, (tokens,), generator=g, device=device)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    freqs = torch.outer(torch.arange(CONTEXT_MAX_POSITION, device=device).float(), inv_freq)
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    out = empty_context_kv(layers, tokens, heads, head_dim, kv.dtype, device)
+    moved = 2 * kv.numel() * kv.element_size() + tokens * head_dim * 4  # kv in, keys + values out, cache rows
+    return (lambda: context_kv_norm_rope(kv, scale, 1e-6, positions, cache, out=out),
+            lambda: reference.context_kv_norm_rope(kv, scale, 1e-6, positions, cache), moved)
+
+
+def context_markdown(results: list[dict]) -> str:
+    lines = ["| L x H x D | N | kernel us | kernel (graph) us | GB/s (graph) | reference us | reference (graph) us | "
+             "reference / kernel |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['layers']} x {r['heads']} x {r['head_dim']} | {r['tokens']} | {r['kernel_us']:.1f} | "
+                     f"{r['kernel_graph_us']:.1f} | {r['gb_per_s']:.0f} | {r['reference_us']:.1f} | "
+                     f"{r['reference_graph_us']:.1f} | {r['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| op | bs | N | kernel us | kernel (graph) us | reference us | reference / kernel |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -153,12 +189,27 @@ def main() -> None:
                                 "kernel_graph_us": graph_us, "reference_us": reference_us,
                                 "speedup": reference_us / kernel_us})
             torch.cuda.empty_cache()
+    context_results = []
+    for layers, heads, head_dim in CONTEXT_SHAPES:
+        for tokens in CONTEXT_TOKENS:
+            kernel, ref, moved = context_case(tokens, layers, heads, head_dim, device)
+            kernel_us, graph_us = time_eager(kernel, args.reps), time_graph(kernel)
+            reference_us, reference_graph_us = time_eager(ref, args.reps), time_graph(ref)
+            context_results.append({"op": "context_kv_norm_rope", "tokens": tokens, "layers": layers, "heads": heads,
+                                    "head_dim": head_dim, "kernel_us": kernel_us, "kernel_graph_us": graph_us,
+                                    "gb_per_s": moved / graph_us / 1e3, "reference_us": reference_us,
+                                    "reference_graph_us": reference_graph_us, "speedup": reference_us / kernel_us})
+            torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": DEPTH, "topk": TOPK,
-            "vocab": VOCAB, "features": FEATURES, "seconds": time.perf_counter() - began}
-    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+            "vocab": VOCAB, "features": FEATURES, "context_dtype": "bfloat16", "seconds": time.perf_counter() - began}
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                             "context_kv": context_results}, indent=1))
     short = summary(results)
-    (args.out / "bench_kernels.md").write_text(f"{meta}\n\n{short}\n\n{markdown(results)}\n")
+    context = context_markdown(context_results)
+    (args.out / "bench_kernels.md").write_text(f"{meta}\n\n{short}\n\n{context}\n\n{markdown(results)}\n")
     print(short)
+    print()
+    print(context)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/bin/bash
-# GPU box runner for the tree kernels: build the library, run the GPU tests, then the micro-benchmark.
+# GPU box runner for the kernels (tree ops, the drafter's context K/V): build the library, run the GPU tests, then
+# the micro-benchmark.
 # Logs, the JUnit report and the benchmark (JSON + markdown) land in $OUT (default ./out); the benchmark's summary
-# table is printed last. Exit status: the build's if it failed, else the tests', else the benchmark's.
+# tables are printed last. Exit status: the build's if it failed, else the tests', else the benchmark's.
 # Time budget (< 6 min): build <= 2 min, tests <= 3 min, benchmark <= 1.5 min, each under its own timeout.
 #
 #   bash scripts/device/kernel_tests.sh
@@ -21,13 +22,13 @@ build=$?
 tail -n 3 "$OUT/build.log"
 if [ "$build" -ne 0 ]; then echo "kernel build failed (exit $build): see $OUT/build.log"; exit "$build"; fi
 
-timeout 180 $PY -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
-  2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 180 $PY -m pytest -m gpu tests/test_kernels.py tests/test_context_kv.py -q -p no:cacheprovider \
+  --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
 tests=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
 echo "gpu tests exit $tests, benchmark exit $bench (logs in $OUT)"
-tail -n 25 "$OUT/bench.log"  # the summary table, or the benchmark's error
+tail -n 36 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"
