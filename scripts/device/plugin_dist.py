@@ -7,7 +7,8 @@ importlib.metadata (SGLang's plugin discovery) then sees dflash-sglang's `sglang
 --harness adds the test-harness plugins (scripts/device/native_ops_plugin.py for float32 and
 triton_swa_window_plugin.py for the AR reference of sliding-window targets, which must be importable: scripts/device
 on PYTHONPATH) as a distribution of their own. Before exiting it checks what a server will need: the
-installed SGLang is the supported one and the entry point is discoverable from OUT_DIR (exit 1 otherwise).
+installed SGLang is the supported one and the entry point is discoverable from OUT_DIR (exit 1 otherwise); on a
+GPU machine it then builds our CUDA kernels into the cache the servers read (DFLASH_KERNEL_CACHE, else the default).
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ def main() -> None:
     if found != [expected]:
         sys.exit(f"dflash_sglang's entry point is not discoverable from {args.out}: found {found}")
     print("dflash_sglang plugin discoverable:", found[0])
+    build_kernels()
+
+
+def build_kernels() -> None:
+    """Our CUDA library into the kernel cache before any server starts: servers then load it instead of each
+    compiling it at its first request (~10 s). A failed build is reported, not fatal: the ops fall back to their
+    torch references and say so in the server log."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from dflash_sglang.kernels.__main__ import main as kernels_main
+
+    if kernels_main(["build"]) != 0:
+        print("dflash kernels: servers will run the torch references")
 
 
 if __name__ == "__main__":
