@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.kernels import jit
 from dflash_sglang.tiny import make_tiny
 
 SMALL_VOCAB = 512
@@ -21,3 +22,15 @@ def tiny_pairs(tmp_path_factory):
 def engines(tiny_pairs):
     """Float64 engines: rounding can never flip an argmax between verify- and decode-shaped forwards."""
     return {arch: DFlashEngine.load(t, d, dtype=torch.float64) for arch, (t, d) in tiny_pairs.items()}
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """The CUDA device for the kernel tests, with every op forced onto its kernel (an unavailable kernel fails
+    instead of falling back to the reference)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setenv("DFLASH_KERNELS", "cuda")
+    available, why = jit.kernel_status()
+    assert available, why
+    return torch.device("cuda")

@@ -150,17 +150,6 @@ def test_op_runs_the_reference_on_cpu_and_fills_out(caplog, monkeypatch):
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
-@pytest.fixture
-def cuda(monkeypatch):
-    """The CUDA device, with the op forced onto its kernel (an unavailable kernel fails, not falls back)."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    monkeypatch.setenv("DFLASH_KERNELS", "cuda")
-    available, why = jit.kernel_status()
-    assert available, why
-    return torch.device("cuda")
-
-
 _CACHES: dict[tuple, torch.Tensor] = {}
 
 

@@ -358,17 +358,6 @@ def test_kernel_library_builds_for_sm90a(tmp_path):
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
-@pytest.fixture
-def cuda(monkeypatch):
-    """The CUDA device, with every op forced onto its kernel (an unavailable kernel fails, not falls back)."""
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    monkeypatch.setenv("DFLASH_KERNELS", "cuda")
-    available, why = jit.kernel_status()
-    assert available, why
-    return torch.device("cuda")
-
-
 def poisoned(buffers):
     """Fill preallocated outputs with garbage so that any entry a kernel leaves unwritten fails the comparison."""
     for t in buffers if isinstance(buffers, tuple) else (buffers,):
