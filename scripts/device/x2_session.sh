@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The evidence run on a two-GPU box (device kind nvidia-h200-x2), in three device commands on one warm machine:
+#
+#   start    (with .device carried, after the SmolLM2 payloads were unpacked by earlier commands, see
+#            docs/training.md): in the background on GPU 1 (setsid: it outlives the command) the SmolLM2 pipeline
+#            (train_smollm2.sh) followed by the side-by-side benchmark on its pair (bench.sh); in the foreground on
+#            GPU 0 every end-to-end group (e2e_all.sh). Prints e2e_all's summary.
+#   kernels  the kernel GPU tests and micro-benchmark on GPU 0 (kernel_tests.sh). If they fail, a flag file makes
+#            the benchmark (still to start on GPU 1) serve with the torch references (DFLASH_KERNELS=reference).
+#            The e2e groups of `start` ran with the kernels: a wrong context K/V kernel can only lower acceptance
+#            (it feeds the drafter), which their tables show against earlier runs.
+#   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
+#            training summary and the benchmark table.
+#
+# Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
+# The machine must stay warm between commands (30 s idle release): the background chain needs about SMOL_BUDGET
+# (1100 s) + the benchmark's budget (540 s) from `start`; spend the wait on other GPU 0 work (`kernels`, shape.sh).
+#
+#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
+#          bash scripts/device/x2_session.sh kernels
+#          source .device/unpack.sh && bash scripts/device/x2_session.sh collect [--wait S]
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+OUT="${OUT:-$REPO/out}"
+SMOL=/tmp/smol
+CHAIN_DONE="$SMOL/chain.exit"
+KERNELS_FAILED=/tmp/dflash_kernels_failed
+E2E_BUDGET=500
+WAIT=560
+BENCH_ARGS='--tree-budget "16 64" --tree-concurrency "1 8" --profile --set-prompts 4'
+COMMAND="${1:-}"; shift || true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --e2e-budget) E2E_BUDGET="$2"; shift 2 ;;
+    --bench-args) BENCH_ARGS="$2"; shift 2 ;;
+    --wait) WAIT="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+export DFLASH_KERNEL_CACHE=/tmp/dflash_kernel_cache PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+
+start() {
+  local gpus
+  gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+  [ "$gpus" -ge 2 ] || { echo "error: x2_session.sh needs two GPUs, this machine has $gpus" >&2; exit 2; }
+  rm -f "$CHAIN_DONE" "$KERNELS_FAILED"
+  # The chain's own $OUT is not this command's (it ends long after): train_smollm2.sh keeps its results under
+  # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
+  CUDA_VISIBLE_DEVICES=1 OUT= setsid bash -c "bash '$REPO/scripts/device/train_smollm2.sh' && \
+    { [ ! -e '$KERNELS_FAILED' ] || export DFLASH_KERNELS=reference; } && \
+    OUT='$SMOL/benchrun' DFLASH_SGLANG_STEP_TIMING=1 bash '$REPO/scripts/device/bench.sh' --target '$SMOL/target' \
+      --drafter '$SMOL/drafter' $BENCH_ARGS > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
+    > /dev/null 2>&1 < /dev/null &
+  echo "== SmolLM2 chain started on GPU 1 (train_smollm2.sh, then bench.sh $BENCH_ARGS)"
+  CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/e2e_all.sh" --budget "$E2E_BUDGET" > "$OUT/e2e_all.log" 2>&1
+  echo "== e2e_all exit $?"
+  cat "$OUT/e2e-summary.txt"
+}
+
+kernels() {
+  if CUDA_VISIBLE_DEVICES=0 OUT="$OUT/kernels" bash "$REPO/scripts/device/kernel_tests.sh" > "$OUT/kernel-tests.log" 2>&1
+  then echo "== kernel tests passed"
+  else touch "$KERNELS_FAILED"; echo "== kernel tests FAILED: the benchmark will use the torch references"; fi
+  tail -n 40 "$OUT/kernel-tests.log"
+  tail -n 1 "$SMOL/result/run.log" 2>/dev/null | tr '\r' '\n' | tail -n 1
+}
+
+collect() {
+  local waited=0
+  while [ ! -e "$CHAIN_DONE" ] && [ "$waited" -lt "$WAIT" ]; do
+    if [ -e "$SMOL/result/exit_code" ] && [ "$(cat "$SMOL/result/exit_code")" != 0 ]; then break; fi
+    sleep 5; waited=$((waited + 5))
+  done
+  OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
+  if [ -e "$CHAIN_DONE" ]; then echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
+  else echo "== bench not finished after waiting ${waited}s (partial results copied)"; fi
+  mkdir -p "$OUT/bench"
+  cp -r "$SMOL/benchrun/bench/." "$OUT/bench/" 2>/dev/null
+  cp "$SMOL/bench.log" "$OUT/" 2>/dev/null
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d['train']))" \
+    "$OUT/smollm2/summary.json" 2>/dev/null
+  sed -n '/^| contender | conc/,/^$/p' "$OUT/bench.log" 2>/dev/null
+}
+
+case "$COMMAND" in
+  start) start ;;
+  kernels) kernels ;;
+  collect) collect ;;
+  *) echo "usage: x2_session.sh start|kernels|collect [options]" >&2; exit 2 ;;
+esac
