@@ -331,23 +331,29 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
     errors. With `reference` (earlier reports), each level gets its mismatch count. With `logprobs` (for a
     reference run: the server streams every position's top-2 log-probabilities, which costs it time), each
     request records its top-2 margins."""
+    # Prompts are rendered (tokenizer loaded, chat template applied) before the clock starts: the time limit is for
+    # the requests, and a first tokenizer load on a busy host took most of a 16 s stage on the H200.
+    preparing = time.perf_counter()
+    rendered = {}
+    for prompt_set in sets:
+        rows = load_prompt_set(prompt_set)[skip:]
+        rendered[prompt_set] = render_prompts(rows[:limit] if limit is not None else rows, tokenizer)
+    warmup_prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
+                                     for i in range(warmup)], tokenizer) if warmup else []
     started = time.perf_counter()
     deadline = started + time_limit if time_limit is not None else None
     sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
     report = {"name": name, "url": url, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "tokenizer": tokenizer,
               "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit,
-              "logprobs": logprobs, "sets": {}}
+              "logprobs": logprobs, "prepare_seconds": started - preparing, "sets": {}}
     if warmup:
-        prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
-                                  for i in range(warmup)], tokenizer)
+        prompts = warmup_prompts
         results, seconds = run_requests(url, prompts, min(warmup, max(concurrencies)),
                                         {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
                                         timeout, deadline, Progress("warm-up", warmup, progress), logprobs)
         report["warmup"] = {"requests": warmup, "errors": sum(r.error is not None for r in results),
                             "seconds": seconds, "first_error": next((r.error for r in results if r.error), None)}
-    for prompt_set in sets:
-        rows = load_prompt_set(prompt_set)[skip:]
-        prompts = render_prompts(rows[:limit] if limit is not None else rows, tokenizer)
+    for prompt_set, prompts in rendered.items():
         levels = report["sets"][prompt_set] = []
         for c, batch in zip(concurrencies, level_prompts(prompts, concurrencies, rounds, min_requests)):
             level = LevelResult(prompt_set, c, max_tokens, ignore_eos)

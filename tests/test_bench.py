@@ -203,6 +203,22 @@ def test_time_limit_skips_later_levels_and_stops_running_requests(server):
     assert "skipped" in format_table(report)
 
 
+def test_time_limit_starts_after_the_prompts_are_rendered(server, monkeypatch):
+    import dflash_sglang.bench as bench
+
+    slow = bench.render_prompts
+
+    def render_slowly(rows, tokenizer):  # a first tokenizer load on a busy host
+        time.sleep(0.6)
+        return slow(rows, tokenizer)
+
+    monkeypatch.setattr(bench, "render_prompts", render_slowly)
+    report = run_bench(server, ["gsm8k"], [1], max_tokens=4, limit=1, warmup=1, time_limit=0.5, progress=False)
+    level = report["sets"]["gsm8k"][0]
+    assert level["skipped"] is None and level["errors"] == 0
+    assert report["prepare_seconds"] >= 1.2
+
+
 def test_plain_decoding_has_no_tau(server):
     FakeSGLang.spec = False
     level = run_bench(server, ["gsm8k"], [2], max_tokens=6, limit=2, progress=False)["sets"]["gsm8k"][0]
