@@ -14,7 +14,7 @@
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs about SMOL_BUDGET
-# (1100 s) + the benchmark's budget (540 s) from `start`; spend the wait on other GPU 0 work (`kernels`, shape.sh).
+# (~1,000 of its 1,100 s) + the benchmark (450 s) from `start`, ~25 minutes; spend the wait on other GPU 0 work (`kernels`, shape.sh).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
 #          bash scripts/device/x2_session.sh kernels
@@ -27,7 +27,7 @@ CHAIN_DONE="$SMOL/chain.exit"
 KERNELS_FAILED=/tmp/dflash_kernels_failed
 E2E_BUDGET=500
 WAIT=560
-BENCH_ARGS='--tree-budget "16 64" --tree-concurrency "1 8" --profile --set-prompts 4'
+BENCH_ARGS='--tree-budget "16 64" --tree-concurrency "1 8" --profile --set-prompts 4 --budget 450'
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
   case "$1" in
