@@ -13,8 +13,9 @@
 #            training summary and the benchmark table.
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
-# The machine must stay warm between commands (30 s idle release): the background chain needs about SMOL_BUDGET
-# (~1,000 of its 1,100 s) + the benchmark (450 s) from `start`, ~25 minutes; spend the wait on other GPU 0 work (`kernels`, shape.sh).
+# The machine must stay warm between commands (30 s idle release): the background chain needs ~1,000 s of its
+# SMOL_BUDGET (1,100 s) + the benchmark (450 s) from `start`, ~25 minutes; spend the wait on GPU 0 work (`kernels`,
+# shape.sh).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
 #          bash scripts/device/x2_session.sh kernels
