@@ -161,6 +161,10 @@ def cmd_report(args) -> int:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     summary = {"ok": ok, "passed": passed, "near_tie_tolerance": NEAR_TIE, "divergences": divergences,
                "results": {n: r and {k: v for k, v in r.items() if k != "runs"} for n, r in results.items()}}
+    if results.get("builtin") and results.get("ours"):
+        # Ours against SGLang's own DFLASH worker, whatever AR did: the two should emit the same tokens.
+        same = sum(a == b for a, b in zip(results["builtin"]["generate_ids"], results["ours"]["generate_ids"]))
+        summary["ours_equals_builtin"] = f"{same}/{len(results['ours']['generate_ids'])}"
     Path(args.dir, "summary.json").write_text(json.dumps(summary, indent=1))
     print()
     for row in rows:
@@ -171,6 +175,8 @@ def cmd_report(args) -> int:
             print(f"{name}: {len(found)} /generate outputs diverge from AR; AR top-2 logprob margin at the first "
                   f"divergent token: max {worst:.4f} ({'all near-ties' if worst < NEAR_TIE else 'NOT all near-ties'}"
                   f", tolerance {NEAR_TIE})")
+    if "ours_equals_builtin" in summary:
+        print(f"ours vs builtin: identical /generate outputs on {summary['ours_equals_builtin']} prompts")
     verdict = ", ".join(f"{name}: {'pass' if passed.get(name) else 'FAIL'}" for name in args.contenders)
     print(f"\n{'PASS' if ok else 'FAIL'} ({verdict}; pass = served, logged its worker, matched AR greedily)")
     return 0 if ok else 1
