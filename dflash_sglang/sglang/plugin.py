@@ -26,6 +26,7 @@ FINISH_STATE_TARGET = "sglang.srt.managers.schedule_batch.Req.update_finish_stat
 DISABLE_ENV = "DFLASH_SGLANG_DISABLE"
 SERVING_OURS = "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 SERVING_BUILTIN = "dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2"
+_serving_ours = False  # set in the scheduler process once our worker class is handed out
 
 
 def register() -> None:
@@ -72,9 +73,6 @@ def row_headroom_hook(original, server_args) -> int:
     if str(server_args.speculative_algorithm).upper() != "DFLASH" or is_disabled():
         return extra
     return max(extra, 4 + 2 * int(server_args.speculative_num_draft_tokens or 0))
-
-
-_serving_ours = False  # set in the scheduler process once our worker class is handed out
 
 
 def finish_state_hook(original, req, new_accepted_len: int = 1) -> None:
