@@ -11,21 +11,22 @@
 # each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
-# Training prompts (~17,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
-# deduplicated; up to 40% of them code requests (1,772 pass the filters), since code ability must come from
-# here: HumanEval is an eval set)
-# and GSM8K-style problems from reasoning-gym's gsm_symbolic generator with a seed other than the eval set's
-# 2026. Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the evaluation sets) is excluded, as is
-# any ShareGPT prompt that contains one of them.
+# Training prompts (~22,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
+# deduplicated, 1,772 of them code requests), GSM8K-style problems from reasoning-gym's gsm_symbolic generator with
+# a seed other than the eval set's 2026, symbolic math from 16 other reasoning-gym generators, and HumanEval-shaped
+# stubs (signature + docstring) of the standard library's public functions and methods. Every prompt that appears
+# in dflash_sglang/data/prompts/*.jsonl (the evaluation sets) is excluded, as is any prompt that contains one.
 #
 #   usage: bash scripts/prepare_smollm2.sh     (env: SMOL_WORK=/tmp/smollm2-prep, a download/scratch folder)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SMOL_WORK:-/tmp/smollm2-prep}"
-NUM_SHAREGPT=9000       # of which up to CODE_SHARE are code requests
+NUM_SHAREGPT=9000       # of which up to CODE_SHARE are code requests (8,078 pass the filters: all of them)
 CODE_SHARE=0.4
-NUM_MATH=9000
+NUM_MATH=5000           # GSM8K-style word problems (gsm_symbolic)
+NUM_MATH_MIX=5000       # spread over reasoning-gym's algebra / number theory / geometry / calculus generators
+NUM_CODE_STUBS=4000     # HumanEval-style stubs (signature + docstring) of CPython standard-library functions
 MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
 SAMPLE_SEED=7
 PART_BYTES="21000000 21000000 50000000"   # the GGUF's first three parts; the fourth is the rest (see above)
@@ -67,13 +68,14 @@ fi
 
 # 3. The prompt file.
 "$RG_PY" - "$WORK" "$REPO/dflash_sglang/data/prompts" "$NUM_SHAREGPT" "$CODE_SHARE" "$NUM_MATH" "$MATH_SEED" \
-  "$SAMPLE_SEED" <<'EOF'
-import json, random, re, sys
+  "$SAMPLE_SEED" "$NUM_MATH_MIX" "$NUM_CODE_STUBS" <<'EOF'
+import ast, json, random, re, sys, sysconfig
 from pathlib import Path
 
 work, eval_dir = Path(sys.argv[1]), Path(sys.argv[2])
 num_sharegpt, code_share, num_math, math_seed, sample_seed = (int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]),
                                                                int(sys.argv[6]), int(sys.argv[7]))
+num_math_mix, num_code_stubs = int(sys.argv[8]), int(sys.argv[9])
 if math_seed == 2026:
     sys.exit("error: MATH_SEED 2026 generates the gsm8k evaluation set; pick another")
 
@@ -152,13 +154,63 @@ for i, item in enumerate(reasoning_gym.create_dataset("gsm_symbolic", size=2 * n
     if len(math_rows) == num_math:
         break
 
-rows = code_rows + chat_rows + math_rows
+# MATH-500 is competition math, not word problems: a spread of reasoning-gym's symbolic generators as well.
+MATH_MIX = ["simple_equations", "polynomial_equations", "polynomial_multiplication", "prime_factorization", "gcd",
+            "lcm", "fraction_simplification", "complex_arithmetic", "simple_geometry", "advanced_geometry",
+            "simple_integration", "intermediate_integration", "power_function", "base_conversion", "count_primes",
+            "decimal_arithmetic"]
+mix_rows = []
+for g, generator in enumerate(MATH_MIX):
+    want, picked = num_math_mix // len(MATH_MIX) + (g < num_math_mix % len(MATH_MIX)), []
+    for i, item in enumerate(reasoning_gym.create_dataset(generator, size=2 * want, seed=math_seed + 1 + g)):
+        if len(picked) == want:
+            break
+        q = item["question"].strip()
+        if norm(q) in math_seen or is_eval(q):
+            continue
+        math_seen.add(norm(q))
+        picked.append({"id": f"{generator}-{i}", "prompt": q, "source": "math_mix"})
+    mix_rows += picked
+
+# HumanEval prompts are a function's signature and docstring to complete: the same shape from the standard library
+# of the Python running this (its sources differ between versions, so the stubs do too), test suites excluded.
+stubs, stub_seen = [], set()
+stdlib = Path(sysconfig.get_paths()["stdlib"])
+for path in sorted(stdlib.rglob("*.py")):
+    if any(part in ("test", "tests", "idle_test", "site-packages") for part in path.relative_to(stdlib).parts):
+        continue
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        continue
+    # Top-level functions and the public methods of top-level classes.
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    nodes += [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body if isinstance(m, ast.FunctionDef)]
+    for node in nodes:
+        if node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if doc is None or not 40 <= len(doc) <= 800 or not doc.isascii():
+            continue
+        header = f"def {node.name}({ast.unparse(node.args)})" + (f" -> {ast.unparse(node.returns)}" if node.returns
+                                                                   else "") + ":"
+        stub = header + '\n    """' + doc.replace("\n", "\n    ") + '\n    """\n'
+        if len(header) > 200 or norm(stub) in stub_seen or is_eval(stub):
+            continue
+        stub_seen.add(norm(stub))
+        stubs.append({"id": f"stdlib-{path.relative_to(stdlib).with_suffix('')}-{node.name}", "prompt": stub,
+                      "source": "stdlib_stub"})
+random.Random(sample_seed + 2).shuffle(stubs)
+stub_rows = stubs[:num_code_stubs]
+
+rows = code_rows + chat_rows + math_rows + mix_rows + stub_rows
 random.Random(sample_seed + 1).shuffle(rows)
 assert not any(is_eval(r["prompt"]) for r in rows)
 with open(work / "smollm2_prompts.jsonl", "w") as f:
     for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
-counts = {s: sum(r["source"] == s for r in rows) for s in ("sharegpt-code", "sharegpt", "gsm_symbolic")}
+counts = {s: sum(r["source"] == s for r in rows)
+          for s in ("sharegpt-code", "sharegpt", "gsm_symbolic", "math_mix", "stdlib_stub")}
 print(json.dumps({"sharegpt_conversations_recovered": len(conversations), "prompts": len(rows), **counts}))
 EOF
 

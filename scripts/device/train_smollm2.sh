@@ -19,7 +19,7 @@
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
 #   env:   SMOL_BUDGET=1100  seconds for the whole script: conversion ~75 s, SGLang up ~75 s, regeneration of the
-#                            ~18k prompts ~290 s, the rest trains (~9 min, capped by the 4-epoch plan). More than
+#                            ~22k prompts ~350 s, the rest trains (~8 min, capped by the 3-epoch plan). More than
 #                            one device command allows (600 s), so run it in the background as above.
 #          SMOL_CONCURRENCY=256  regeneration requests in flight (also the server's running-request cap)
 #          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
@@ -162,11 +162,11 @@ EOF
   # - lr 1e-3 (recipe: 6e-4 for 8B drafters over 6 epochs): a short run of a small drafter whose layers start
   #   from the target's own; the demo pair was trained the same way at 1e-3.
   # - max-seq-len 1024: prompts are <= 1200 characters (~300 tokens) + 512 answer tokens.
-  # - epochs 4 over ~18k answers (4,500 steps of 16, ~9 minutes at the 8.6 steps/s of the second run, which
+  # - epochs 3 over ~22k answers (~4,100 steps of 16, ~8 minutes at the 8.6 steps/s of the second run, which
   #   finished 4 epochs of 12k in 7 minutes with the loss still falling; on the demo pair more prompts beat more
   #   epochs); --max-minutes re-plans the cosine to the steps that fit if the budget is shorter.
   # - 16 held-out records, 256 tokens each, for the final acceptance estimate (the real engine's greedy chain).
-  TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 16 --num-anchors 128 --max-seq-len 1024 --epochs 4
+  TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 16 --num-anchors 128 --max-seq-len 1024 --epochs 3
             --num-eval-prompts 16 --eval-max-new-tokens 256)
 fi
 
