@@ -65,5 +65,6 @@ done
     --must-pass ours-tp2 || STATUS=1
   python3 "$REPO/scripts/device/e2e_client.py" report --dir "$CMP/ar" --reference ar-tp1 ar-tp2 \
     | sed -n '/^contender/,/^$/p'
-} | tee "$OUT/tp2-summary.txt"
+} > "$OUT/tp2-summary.txt"  # a redirect, not a pipe: STATUS set inside must survive
+cat "$OUT/tp2-summary.txt"
 exit "$STATUS"
