@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
+from e2e_client import completion_mismatches  # noqa: E402  (scripts/device is not a package)
 
 CONTENDERS = ("ar", "builtin", "ours")
 
@@ -31,9 +35,7 @@ def group_result(run_dir: Path) -> dict:
             "startup_line_found": result.get("startup_line_found"),
         }
         if reference is not None:  # AR too: its concurrency-16 texts against its own concurrency-1 ones
-            expected = reference["runs"]["1"]["texts"]
-            entry["completion_mismatches_vs_ar_c1"] = {
-                c: sum(a != b for a, b in zip(run["texts"], expected)) for c, run in result["runs"].items()}
+            entry["completion_mismatches_vs_ar_c1"] = completion_mismatches(reference, result)
         contenders[name] = entry
     failed = sorted(set(summary["passed"]) - set(results))
     return {"passed": summary["passed"], "near_tie_tolerance": summary["near_tie_tolerance"],

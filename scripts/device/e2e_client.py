@@ -130,6 +130,12 @@ def first_divergence_margins(reference: dict, result: dict) -> list[dict]:
     return found
 
 
+def completion_mismatches(reference: dict, result: dict) -> dict[str, int]:
+    """Per concurrency: how many of the result's /v1/completions texts differ from the reference's at concurrency 1."""
+    expected = reference["runs"]["1"]["texts"]
+    return {c: sum(a != b for a, b in zip(run["texts"], expected)) for c, run in result["runs"].items()}
+
+
 def cmd_report(args) -> int:
     results = {}
     for name in [args.reference, *args.contenders]:
@@ -146,12 +152,12 @@ def cmd_report(args) -> int:
         accept = f"{result['accept_length']:.2f}" if "accept_length" in result else "-"
         line = {True: "found", False: "MISSING"}.get(result.get("startup_line_found"), "-")
         passed[name] = reference is not None and result.get("startup_line_found") is not False
+        counts = completion_mismatches(reference, result) if reference is not None else {}
         for concurrency, run in result["runs"].items():
             mismatches = "-"
             if reference is not None:
-                expected = reference["runs"]["1"]["texts"]
-                count = sum(a != b for a, b in zip(run["texts"], expected))
-                mismatches = f"{count}/{len(expected)}"
+                count = counts[concurrency]
+                mismatches = f"{count}/{len(reference['runs']['1']['texts'])}"
                 passed[name] &= count == 0 or name == args.reference
             rows.append((name, concurrency, mismatches, f"{run['tok_per_s']:.1f}", accept, line,
                          result.get("sampling_smoke", "-")))
