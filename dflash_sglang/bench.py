@@ -347,8 +347,7 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
               "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit,
               "logprobs": logprobs, "prepare_seconds": started - preparing, "sets": {}}
     if warmup:
-        prompts = warmup_prompts
-        results, seconds = run_requests(url, prompts, min(warmup, max(concurrencies)),
+        results, seconds = run_requests(url, warmup_prompts, min(warmup, max(concurrencies)),
                                         {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
                                         timeout, deadline, Progress("warm-up", warmup, progress), logprobs)
         report["warmup"] = {"requests": warmup, "errors": sum(r.error is not None for r in results),
