@@ -41,7 +41,7 @@ QWEN_STARTUP = [
 
 
 def ours_lines(*timing, tree: tuple[int, int] | None = None) -> list[str]:
-    lines = [shape.SERVED_BY_OURS,
+    lines = [shape.SERVING_OURS,
              "Load weight end. elapsed=0.02 s, type=DFlashSGLangDrafter, avail mem=47.90 GB, mem usage=2.96 GB.",
              "KV Cache is allocated. dtype: torch.bfloat16, #tokens: 200000, KV size: 4.00 GB",
              "Capture target verify CUDA graph end. elapsed=12.50 s, mem usage=1.20 GB, avail mem=40.00 GB.",

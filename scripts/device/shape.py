@@ -26,6 +26,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dflash_sglang.sglang.plugin import SERVING_OURS
 from dflash_sglang.sglang.step_timing import parse_log
 
 SHAPES = ("gemma-4-31b", "qwen3-32b")
@@ -44,7 +45,6 @@ PUBLISHED_TAU_B16 = {"gemma-4-31b": {"math500": 8.59}, "qwen3-32b": {}}
 # Step-cost bars (our step / one AR decode step), from the issues: issue 8 for the 32B dense shape at tau ~1 (the
 # tree bar holds for N <= 64).
 BARS = {"qwen3-32b": {"source": "issue 8", "chain": 1.10, "tree": 1.20, "tree_max_budget": 64}}
-SERVED_BY_OURS = "dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 TIMING_ON = "dflash_sglang: step timing on"
 # DFlashWorker's startup line in tree mode (worker.py).
 TREE_ON = re.compile(r"dflash_sglang: tree mode, (\d+) draft nodes \(top-(\d+) per position\)")
@@ -244,7 +244,7 @@ def summarize(out: Path) -> dict:
             log = log_path.read_text(errors="replace")
             stage["memory"] = parse_memory(log)
             if stage["mode"] != "ar":
-                stage["served_by_ours"] = SERVED_BY_OURS in log
+                stage["served_by_ours"] = SERVING_OURS in log
                 stage["step_timing_on"] = TIMING_ON in log
                 stage["tree_mode_seen"] = tree_mode_seen(log)
                 stage["step_timing"] = step_timing_means(log)
