@@ -19,7 +19,6 @@ layers, `norm`.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import os
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, check_pair, default_softcap,
                                   parse_drafter_config)
@@ -231,22 +229,64 @@ def packed_drafter_forward(drafter: DFlashDrafter, block_embeds: torch.Tensor, b
     return drafter.norm(x)
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(head(h_i), t_i) over rows h [R, H], with the gradient wrt h computed in the forward pass.
+
+    The head is frozen, so the only gradient is dL/dh = w * (softmax - onehot) * softcap' * multiplier @ W, which
+    the forward can finish chunk by chunk while each chunk's logits exist. Against autograd through checkpointed
+    chunks this saves one of the three vocab-sized matmuls per row and the float copies of the recomputed
+    logits: the head's matmuls are most of a training step for a small target's drafter (49k-row vocab, 30k
+    rows per step). Logits are computed in `compute_dtype` and reduced in float32, as autocast's head would.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, weights, multiplier, softcap, chunk_rows, compute_dtype):
+        head = weight.detach().to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        with torch.autocast(rows.device.type, enabled=False):
+            for lo in range(0, rows.shape[0], chunk_rows):
+                hi = min(lo + chunk_rows, rows.shape[0])
+                logits = (rows[lo:hi].detach().to(compute_dtype) @ head.T).float() * multiplier
+                capped = None
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = softcap * capped
+                target = targets[lo:hi, None]
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                w = weights[lo:hi, None].float()
+                total += ((lse - logits.gather(1, target)) * w).sum()
+                if grad is None:
+                    continue
+                dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                dlogits.scatter_add_(1, target, torch.full_like(w, -1.0))
+                dlogits.mul_(w * multiplier)
+                if capped is not None:
+                    dlogits.mul_(1.0 - capped * capped)
+                grad[lo:hi] = (dlogits.to(compute_dtype) @ head).to(rows.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None, None, None
+
+
 def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, drafter: DFlashDrafter,
                            lm_head: torch.nn.Module, softcap: float | None, chunk_rows: int) -> torch.Tensor:
-    """sum(w * CE) / sum(w) over rows with w > 0. Logits are recomputed chunk by chunk in the backward pass, so
-    at most `chunk_rows` x vocab of them exist at once (for a 150k vocab they would dwarf everything else)."""
+    """sum(w * CE) / sum(w) over rows with w > 0, through `HeadCrossEntropy`: at most `chunk_rows` x vocab
+    logits exist at once (for a 150k vocab they would dwarf everything else). The head must be bias-free, as every
+    LM head DFlash targets have."""
+    if getattr(lm_head, "bias", None) is not None:
+        raise ValueError("training needs a target LM head without bias")
     keep = weights.flatten() > 0
     rows = hidden.flatten(0, -2)[keep]
     targets, weights = targets.flatten()[keep], weights.flatten()[keep]
-
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = drafter.logits(h, lm_head, softcap)
-        return (F.cross_entropy(logits.float(), t, reduction="none") * w).sum()
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for lo in range(0, rows.shape[0], chunk_rows):
-        hi = lo + chunk_rows
-        total = total + checkpoint(chunk_loss, rows[lo:hi], targets[lo:hi], weights[lo:hi], use_reentrant=False)
+    dev = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else rows.dtype
+    total = HeadCrossEntropy.apply(rows, lm_head.weight, targets, weights, float(drafter.cfg.output_multiplier),
+                                   softcap, chunk_rows, compute_dtype)
     return total / weights.sum().clamp(min=1e-6)
 
 
@@ -455,10 +495,26 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_sequences: int, seed: int, epoch: int) -> list[int]:
-    """The sequence order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
-    return torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+# Micro-batches whose sequences are drawn together and sorted by length (see epoch_order).
+BUCKET_BATCHES = 32
+
+
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """The sequence order of an epoch, a function of (lengths, batch size, seed, epoch) only, so a resumed run
+    sees the same order. Consecutive `batch_size` entries form a micro-batch of similar lengths: the sequences
+    are shuffled, each window of BUCKET_BATCHES micro-batches is sorted by length and cut into micro-batches,
+    and the micro-batches are shuffled (a short final one stays last). A batch pads to its longest sequence,
+    and random batches of chat answers padded ~2x: the target forward and the drafter's context attention paid
+    for the padding."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    shuffled = torch.randperm(len(lengths), generator=g).tolist()
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for lo in range(0, len(shuffled), window):
+        part = sorted(shuffled[lo: lo + window], key=lengths.__getitem__)
+        batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+    tail = batches.pop() if len(batches[-1]) < batch_size else []
+    return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]] + tail
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -575,9 +631,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     session_first, timing_start, timing_step, timed_out = step, None, step, False
     schedule_limit = total_steps  # a re-plan may shorten the schedule to fit the time, never lengthen it past this
     last = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
+    lengths, ordered_epoch, epoch_sequences = [len(s.ids) for s in sequences], None, []
     while step < last:
         epoch, index = divmod(step, steps_per_epoch)
-        order = epoch_order(len(sequences), cfg.seed, epoch)[index * per_step: (index + 1) * per_step]
+        if epoch != ordered_epoch:
+            ordered_epoch, epoch_sequences = epoch, epoch_order(lengths, cfg.batch_size, cfg.seed, epoch)
+        order = epoch_sequences[index * per_step: (index + 1) * per_step]
         micro_batches = [order[lo: lo + cfg.batch_size] for lo in range(0, len(order), cfg.batch_size)]
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0

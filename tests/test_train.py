@@ -1,6 +1,7 @@
 """Drafter training: packed block mask and forward vs inference, loss weights, loss goes down, resume is exact,
 the output is a loadable z-lab drafter that runs in the engine."""
 
+import dataclasses
 import json
 import math
 import time
@@ -15,9 +16,9 @@ from dflash_sglang.engine import DFlashEngine
 from dflash_sglang.loader import load_drafter_state_dict
 from dflash_sglang.regenerate import regenerate
 from dflash_sglang.tiny import drafter_config_dict, make_tiny, random_drafter_state
-from dflash_sglang.train import (PLAN_AFTER_STEPS, TrainConfig, block_targets, default_gamma, load_sequences,
-                                 loss_weights, packed_block_mask, packed_drafter_forward, plan_steps_in_time,
-                                 sample_anchors, train, weighted_cross_entropy)
+from dflash_sglang.train import (PLAN_AFTER_STEPS, TrainConfig, block_targets, default_gamma, epoch_order,
+                                 load_sequences, loss_weights, packed_block_mask, packed_drafter_forward,
+                                 plan_steps_in_time, sample_anchors, train, weighted_cross_entropy)
 
 VOCAB, BLOCK = 512, 8
 
@@ -112,16 +113,45 @@ def test_loss_weights_and_targets():
     assert weights[0, 2].sum() == 0
 
 
-def test_weighted_cross_entropy_is_the_normalized_weighted_mean():
+@pytest.mark.parametrize("softcap,multiplier", [(None, 1.0), (5.0, 0.7)])
+def test_weighted_cross_entropy_value_and_gradient_equal_plain_autograd(softcap, multiplier):
     drafter = make_drafter(["full_attention"]).float()
+    drafter.cfg = dataclasses.replace(drafter.cfg, output_multiplier=multiplier)
     head = torch.nn.Linear(32, 64, bias=False)
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 5, 32, generator=g)
+    hidden = torch.randn(2, 5, 32, generator=g, requires_grad=True)
     targets = torch.randint(0, 64, (2, 5), generator=g)
     weights = torch.rand(2, 5, generator=g) * (torch.rand(2, 5, generator=g) > 0.3)
-    got = weighted_cross_entropy(hidden, targets, weights, drafter, head, None, chunk_rows=3)
-    ce = torch.nn.functional.cross_entropy(head(hidden).flatten(0, 1), targets.flatten(), reduction="none")
-    assert torch.allclose(got, (ce * weights.flatten()).sum() / weights.sum())
+    got = weighted_cross_entropy(hidden, targets, weights, drafter, head, softcap, chunk_rows=3)
+    (got_grad,) = torch.autograd.grad(2.0 * got, hidden)
+
+    logits = drafter.logits(hidden, head, softcap).flatten(0, 1)
+    ce = torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="none")
+    want = (ce * weights.flatten()).sum() / weights.sum()
+    (want_grad,) = torch.autograd.grad(2.0 * want, hidden)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6)
+    assert (got_grad.flatten(0, 1)[weights.flatten() == 0] == 0).all()
+
+
+def test_weighted_cross_entropy_under_bf16_autocast_follows_autocast_head():
+    drafter = make_drafter(["full_attention"]).float()
+    head = torch.nn.Linear(32, 64, bias=False)
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 4, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 64, (3, 4), generator=g)
+    weights = torch.rand(3, 4, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = weighted_cross_entropy(hidden, targets, weights, drafter, head, None, chunk_rows=5)
+        (got_grad,) = torch.autograd.grad(got, hidden)
+        ce = torch.nn.functional.cross_entropy(drafter.logits(hidden, head, None).flatten(0, 1), targets.flatten(),
+                                               reduction="none")
+        want = (ce * weights.flatten()).sum() / weights.sum()
+        (want_grad,) = torch.autograd.grad(want, hidden)
+    assert got.dtype == torch.float32 and got_grad.dtype == hidden.dtype
+    assert torch.allclose(got, want, rtol=1e-5)
+    # bf16 rounds the two gradient matmuls alike; what differs is summation order inside them.
+    assert torch.allclose(got_grad, want_grad, rtol=2e-2, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +331,24 @@ def test_max_minutes_cli_summary(pair_and_data, tmp_path, capsys):
     assert summary["steps"] <= summary["planned_steps"] <= 5000
     assert summary["stopped_by_time"] or summary["steps"] == summary["planned_steps"]
     assert (tmp_path / "d" / "model.safetensors").is_file()
+
+
+def test_epoch_order_is_a_permutation_of_length_sorted_batches():
+    g = torch.Generator().manual_seed(0)
+    all_lengths = torch.randint(5, 900, (1003,), generator=g).tolist()
+    lengths, batch = all_lengths[:1000], 8
+    order = epoch_order(lengths, batch, seed=1, epoch=2)
+    assert sorted(order) == list(range(1000)) and order == epoch_order(lengths, batch, seed=1, epoch=2)
+    assert order != epoch_order(lengths, batch, seed=1, epoch=3)
+    batches = [order[i: i + batch] for i in range(0, 1000, batch)]
+    assert all(len(b) == batch for b in batches)
+    padded = sum(batch * max(lengths[i] for i in b) for b in batches)
+    random = [list(range(1000))[i: i + batch] for i in range(0, 1000, batch)]
+    random_padded = sum(batch * max(lengths[i] for i in b) for b in random)
+    # Sorted windows of 32 batches leave little padding; random batches of uniform lengths pad ~1.6x.
+    assert padded < 1.1 * sum(lengths) < 0.75 * random_padded
+    # A short last batch stays last, so every step's micro-batches stay whole.
+    odd = epoch_order(all_lengths, batch, seed=1, epoch=0)
+    assert sorted(odd) == list(range(1003)) and all(
+        max(all_lengths[i] for i in odd[k: k + batch]) - min(all_lengths[i] for i in odd[k: k + batch]) < 200
+        for k in range(0, 1000, batch))
