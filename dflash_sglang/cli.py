@@ -281,10 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default=None)
-    p.add_argument("--server", default=None,
-                   help="URL of a running SGLang server of --target (e.g. http://127.0.0.1:30100): answers come from "
-                        "its /generate; --target then only gives the tokenizer")
-    p.add_argument("--concurrency", type=int, default=64, help="with --server: requests in flight")
+    p.add_argument("--server", default=None, type=lambda text: [url for url in text.split(",") if url],
+                   help="URL of a running SGLang server of --target (e.g. http://127.0.0.1:30100), or several, "
+                        "comma-separated, that share the prompts: answers come from their /generate; --target then "
+                        "only gives the tokenizer")
+    p.add_argument("--concurrency", type=int, default=64, help="with --server: requests in flight, over all servers")
     p.add_argument("--timeout", type=float, default=600.0, help="with --server: seconds per request")
     p.add_argument("--deadline-seconds", type=float, default=None,
                    help="with --server: prompts not sent after this many seconds are skipped (and counted)")

@@ -128,12 +128,15 @@ def generate_once(url: str, prompt_ids: list[int], max_new_tokens: int, eos_toke
     return output, reason
 
 
-def regenerate_server(url: str, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
+def regenerate_server(urls: str | list[str], prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None,
                       concurrency: int, timeout: float = 600.0, deadline_seconds: float | None = None,
                       progress: bool = True, progress_every: float = 10.0) -> ServerRun:
-    """Greedy answers from a running SGLang server, `concurrency` requests in flight. A failed request is retried
-    once, then reported in `failed`; prompts not yet sent when `deadline_seconds` have passed are reported in
-    `skipped`. A progress line goes to stderr every `progress_every` seconds."""
+    """Greedy answers from running SGLang servers of the same target, `concurrency` requests in flight over all of
+    them (prompt i goes to server i mod n: a small target's decode is bound by its scheduler's host time, so
+    several servers on one GPU answer faster than one). A failed request is retried once, then reported in
+    `failed`; prompts not yet sent when `deadline_seconds` have passed are reported in `skipped`. A progress
+    line goes to stderr every `progress_every` seconds."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
     started = time.perf_counter()
     records: list[dict | None] = [None] * len(prompts)
     run = ServerRun(records)
@@ -148,7 +151,8 @@ def regenerate_server(url: str, prompts: list[list[int]], max_new_tokens: int, e
         error = None
         for _ in range(2):
             try:
-                output, reason = generate_once(url, prompts[index], max_new_tokens, eos_token_id, timeout)
+                output, reason = generate_once(urls[index % len(urls)], prompts[index], max_new_tokens, eos_token_id,
+                                               timeout)
                 break
             except (OSError, ValueError, http.client.HTTPException) as e:
                 error = f"{type(e).__name__}: {e}"
@@ -189,10 +193,11 @@ def _write_records(out: str | Path, records: list[dict | None]) -> int:
 
 def regenerate_file(target: str | Path, prompts_path: str | Path, out: str | Path, max_new_tokens: int,
                     batch_size: int, chat: bool = False, ignore_eos: bool = False, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu", progress: bool = True, server: str | None = None, concurrency: int = 64,
+                    device: str = "cpu", progress: bool = True, server: list[str] | None = None, concurrency: int = 64,
                     timeout: float = 600.0, deadline_seconds: float | None = None) -> dict:
     """Write one JSONL record per answered prompt (all of them with the reference engine); returns the stats.
-    With `server`, the answers come from that SGLang server of `target` (which then only gives the tokenizer)."""
+    With `server` (one URL or several), the answers come from SGLang servers of `target` (which then only gives the
+    tokenizer)."""
     prompts = tokenize_prompts(read_prompts(prompts_path), target, chat)
     empty = [n for n, p in enumerate(prompts) if not p]
     if empty:

@@ -156,3 +156,16 @@ def test_cli_writes_records_and_stats_and_fails_loudly(serve, tmp_path, capsys):
     assert figures["records"] == 2 and figures["failed"] == 1 and figures["output_tokens"] == 4
     prompts.write_text(json.dumps([[1, 2], [3]]))
     assert main(args) == 0
+
+
+def test_several_servers_share_the_prompts(serve, tmp_path):
+    first = serve(lambda ids, sp: ([ids[0], 1], {"type": "length", "length": 2}))
+    second = serve(lambda ids, sp: ([ids[0], 2], {"type": "length", "length": 2}))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([[n + 10] for n in range(6)]))
+    out = tmp_path / "d.jsonl"
+    assert main(["regenerate", "--target", str(tmp_path), "--prompts", str(prompts), "--out", str(out), "--server",
+                 f"{first.url},{second.url}", "--max-new-tokens", "2", "--concurrency", "3"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["output_ids"] for r in rows] == [[n + 10, 1 + n % 2] for n in range(6)]
+    assert len(first.requests) == len(second.requests) == 3

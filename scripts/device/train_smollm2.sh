@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 1100):
+# A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 900):
 #   1. convert the GGUF (payloads .device-smol1..4, see scripts/prepare_smollm2.sh) to a bf16 HF checkpoint;
-#   2. serve it with SGLang (plain decoding) on 127.0.0.1:30100 and regenerate the target's greedy answers to the
-#      ~12k training prompts (chat template, up to 512 new tokens, 256 requests in flight); stop the server;
+#   2. serve it with SGLang (plain decoding, SMOL_SERVERS servers on 127.0.0.1:30100..) and regenerate the
+#      target's greedy answers to the ~22k training prompts (chat template, up to 512 new tokens, 384 requests in
+#      flight); stop the servers;
 #   3. pick the mask token (a special token no prompt or answer contains) and train a 3-layer drafter, B=16,
 #      initialised from the target's last 3 layers, under a wall-clock cap that leaves time for the final
 #      acceptance estimate on held-out records.
-# Results: /tmp/smol/drafter (z-lab layout) and /tmp/smol/result/{run.log, server.log, train_log.jsonl,
+# Results: /tmp/smol/drafter (z-lab layout) and /tmp/smol/result/{run.log, server*.log, train_log.jsonl,
 # summary.json (regen stats, timings, train summary), exit_code, DONE, drafter.tar.partNN}; copied to
 # "$OUT/smollm2/" when OUT is set (the device runner brings back at most 8 files of 16 MiB: the drafter, ~23 MB,
 # travels as a tar in parts; `cat drafter.tar.part* | tar -x` gives drafter/).
@@ -18,10 +19,13 @@
 #            (OUT= setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &)
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
-#   env:   SMOL_BUDGET=1100  seconds for the whole script: conversion ~75 s, SGLang up ~75 s, regeneration of the
-#                            ~22k prompts ~350 s, the rest trains (~8 min, capped by the 3-epoch plan). More than
+#   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~75 s, SGLang up ~80 s, regeneration of the
+#                            ~22k prompts (~350 s with one server), the rest trains (at least 7 minutes). More than
 #                            one device command allows (600 s), so run it in the background as above.
-#          SMOL_CONCURRENCY=256  regeneration requests in flight (also the server's running-request cap)
+#          SMOL_SERVERS=3    SGLang servers of the target on the GPU that share the regeneration prompts (a
+#                            135M model's decode is bound by each scheduler's host time, not by the GPU)
+#          SMOL_CONCURRENCY=384  regeneration requests in flight over all servers (each caps its running requests
+#                            at its share)
 #          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
 #          SMOL_CPU_TEST=1   plumbing check without a GPU or SGLang: a tiny random Llama target (make-tiny), the
 #                            reference regenerate path on SMOL_CPU_PROMPTS (default 12) prompts, a few CPU steps
@@ -47,11 +51,12 @@ if [ "${1:-}" = --collect ]; then
   exit 0
 fi
 
-BUDGET="${SMOL_BUDGET:-1100}"
+BUDGET="${SMOL_BUDGET:-900}"
 CPU_TEST="${SMOL_CPU_TEST:-0}"
-PORT=30100
+PORT=30100                    # first server; the others take the next ports
+SERVERS="${SMOL_SERVERS:-3}"
 MAX_NEW_TOKENS=512
-CONCURRENCY="${SMOL_CONCURRENCY:-256}"
+CONCURRENCY="${SMOL_CONCURRENCY:-384}"
 TARGET="$SMOL/target"
 DRAFTER="$SMOL/drafter"
 DATA="$SMOL/data.jsonl"
@@ -62,14 +67,17 @@ RESERVE_FINAL=70              # seconds kept after training: imports, final esti
 rm -rf "$RESULT" "$DRAFTER" "$DATA"
 mkdir -p "$RESULT"
 exec > >(tee -a "$RESULT/run.log") 2>&1
-SERVER_PID=""
+SERVER_PIDS=()
 stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM -- "-$SERVER_PID" 2>/dev/null || true   # its own session: scheduler and detokenizer go too
-    for _ in $(seq 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true   # its own session: scheduler and detokenizer go too
+  done
+  for pid in "${SERVER_PIDS[@]}"; do
+    for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+  SERVER_PIDS=()
 }
 finish() {
   local rc=$?
@@ -114,25 +122,35 @@ else
     --dtype bfloat16
   mark "converted"
 
-  # 2. Plain decoding on :30100. The KV pool is capped (--max-total-tokens 400000: 256 requests x (prompt + 512)
-  #    fit with room; SmolLM2's KV is 23 KB/token, so ~9 GB) instead of taking a fraction of the whole card, so
-  #    other servers can share the GPU at the same time. --mem-fraction-static 0.85 only relaxes SGLang's
-  #    startup check (it then needs 15% of the card free beyond what it takes), it does not size the pool here.
-  setsid python3 -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 --attention-backend triton \
-    --sampling-backend pytorch --disable-prefill-cuda-graph --mem-fraction-static 0.85 --max-total-tokens 400000 \
-    --max-running-requests "$CONCURRENCY" --cuda-graph-max-bs "$CONCURRENCY" --host 127.0.0.1 --port "$PORT" \
-    --log-level warning > "$RESULT/server.log" 2>&1 &
-  SERVER_PID=$!
-  if ! python3 "$REPO/scripts/device/e2e_client.py" wait --port "$PORT" --pid "$SERVER_PID" --timeout 180; then
-    echo "error: the SGLang server did not come up; last lines of its log:" >&2
-    tail -n 40 "$RESULT/server.log" >&2
-    exit 1
-  fi
+  # 2. Plain decoding: SERVERS servers on ports PORT.. sharing the GPU, each with its share of the requests. The
+  #    KV pools are capped (--max-total-tokens: each server's requests x (prompt + 512) fit with room; SmolLM2's
+  #    KV is 23 KB/token) instead of taking a fraction of the whole card. --mem-fraction-static 0.85 only relaxes
+  #    SGLang's startup check (it then needs 15% of the card free beyond what it takes), it does not size a pool.
+  #    Fixed NCCL ports: servers starting together could draw the same free port.
+  PER_SERVER=$(( (CONCURRENCY + SERVERS - 1) / SERVERS ))
+  URLS=""
+  for i in $(seq 0 $((SERVERS - 1))); do
+    setsid python3 -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 --attention-backend triton \
+      --sampling-backend pytorch --disable-prefill-cuda-graph --mem-fraction-static 0.85 \
+      --max-total-tokens $(( PER_SERVER * 1536 )) --max-running-requests "$PER_SERVER" \
+      --cuda-graph-max-bs "$PER_SERVER" --host 127.0.0.1 --port $((PORT + i)) --nccl-port $((PORT + 50 + i)) \
+      --log-level warning > "$RESULT/server$i.log" 2>&1 &
+    SERVER_PIDS+=($!)
+    URLS="$URLS${URLS:+,}http://127.0.0.1:$((PORT + i))"
+  done
+  for i in $(seq 0 $((SERVERS - 1))); do
+    if ! python3 "$REPO/scripts/device/e2e_client.py" wait --port $((PORT + i)) --pid "${SERVER_PIDS[$i]}" \
+        --timeout 240; then
+      echo "error: SGLang server $i did not come up; last lines of its log:" >&2
+      tail -n 40 "$RESULT/server$i.log" >&2
+      exit 1
+    fi
+  done
   mark "server up"
 
   # 3. Answers. Requests still unsent when the deadline passes are skipped (and counted in the stats), so that
   #    at least TRAIN_MIN seconds are left for training whatever the regeneration speed turns out to be.
-  TRAIN_MIN=150
+  TRAIN_MIN=420
   REGEN_DEADLINE=$(( BUDGET - SECONDS - TRAIN_MIN - RESERVE_FINAL - 20 ))
   if [ "$REGEN_DEADLINE" -lt 30 ]; then
     echo "error: only $((BUDGET - SECONDS))s of the ${BUDGET}s budget left before regeneration" >&2
@@ -140,7 +158,7 @@ else
   fi
   REGEN_RC=0
   "${DFLASH[@]}" regenerate --target "$TARGET" --prompts "$PROMPTS" --chat --out "$DATA" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --server "http://127.0.0.1:$PORT" --concurrency "$CONCURRENCY" --timeout 120 \
+    --max-new-tokens "$MAX_NEW_TOKENS" --server "$URLS" --concurrency "$CONCURRENCY" --timeout 120 \
     --deadline-seconds "$REGEN_DEADLINE" --stats "$RESULT/regen_stats.json" || REGEN_RC=$?
   stop_server
   mark "regenerated (SGLang)"
@@ -162,11 +180,11 @@ EOF
   # - lr 1e-3 (recipe: 6e-4 for 8B drafters over 6 epochs): a short run of a small drafter whose layers start
   #   from the target's own; the demo pair was trained the same way at 1e-3.
   # - max-seq-len 1024: prompts are <= 1200 characters (~300 tokens) + 512 answer tokens.
-  # - epochs 3 over ~22k answers (~4,100 steps of 16, ~8 minutes at the 8.6 steps/s of the second run, which
-  #   finished 4 epochs of 12k in 7 minutes with the loss still falling; on the demo pair more prompts beat more
-  #   epochs); --max-minutes re-plans the cosine to the steps that fit if the budget is shorter.
+  # - up to 6 epochs over ~22k answers: the second run finished 4 epochs of 12k in 7 minutes (7 steps/s, before
+  #   length-bucketed batches and the fused head loss) with the loss still falling, so time, not data, ends the
+  #   run; --max-minutes re-plans the cosine to the steps that fit.
   # - 16 held-out records, 256 tokens each, for the final acceptance estimate (the real engine's greedy chain).
-  TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 16 --num-anchors 128 --max-seq-len 1024 --epochs 3
+  TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 16 --num-anchors 128 --max-seq-len 1024 --epochs 6
             --num-eval-prompts 16 --eval-max-new-tokens 256)
 fi
 
