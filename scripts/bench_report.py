@@ -115,14 +115,25 @@ def tree_sweep_rows(bench: dict) -> list[dict]:
     return rows
 
 
+PROFILE_RANGES = (("scheduler_step", "scheduler step"), (None, "our decode step"))
+
+
 def profile_rows(bench: dict) -> list[dict]:
-    """bench.sh --profile: per contender and concurrency, the status and profile_step.py's per-step figures
-    (PROFILE_COLUMNS; None where the run left no summary)."""
+    """bench.sh --profile: per contender, concurrency and profiled range (SGLang's scheduler step, which every server
+    has, then our worker's decode step inside it, where there is one), the status and profile_step.py's per-step
+    figures (PROFILE_COLUMNS); a run that left no summary is one row of None."""
     rows = []
     for run in bench.get("profiles", []):
-        summary = run["summary"] or {}
-        rows.append({"contender": run["contender"], "concurrency": run["concurrency"], "status": run["status"],
-                     "reason": run["reason"], **{key: summary.get(key) for key, _ in PROFILE_COLUMNS}})
+        head = {"contender": run["contender"], "concurrency": run["concurrency"], "status": run["status"],
+                "reason": run["reason"]}
+        summary = run["summary"]
+        if not summary:
+            rows.append({**head, "range": None, **{key: None for key, _ in PROFILE_COLUMNS}})
+            continue
+        for key, name in PROFILE_RANGES:
+            figures = summary.get(key) if key else summary
+            if figures and figures.get("steps"):
+                rows.append({**head, "range": name, **{k: figures.get(k) for k, _ in PROFILE_COLUMNS}})
     return rows
 
 
@@ -222,18 +233,21 @@ def markdown(bench: dict) -> str:
     prof_rows = profile_rows(bench)
     if prof_rows:
         out += ["", "## Per-step host cost (scripts/device/profile_step.py inside the server)", "",
-                "Inside each `dflash_sglang.decode` range of SGLang's torch profiler trace (CPU + GPU activities, "
-                "no Python stacks, no shapes): host time per step, CUDA kernel launches, CUDA graph replays and "
-                "host synchronizations (stream/device/event synchronize, blocking memcpy). Profiled: ours (chain) "
-                "and the tree contender with the best c1 tok/s.", "",
-                "| contender | conc | steps | host ms/step (mean) | host ms/step (median) | kernel launches/step "
-                "| graph replays/step | host syncs/step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "Inside each `scheduler.run_batch` range (SGLang's scheduler step: every server has it) and each "
+                "`dflash_sglang.decode` range (our worker's step, inside the former) of SGLang's torch profiler "
+                "trace (CPU + GPU activities, no Python stacks, no shapes): host time per step, CUDA kernel "
+                "launches, CUDA graph replays and host synchronizations (stream/device/event synchronize, blocking "
+                "memcpy). Profiled: AR and the builtin (first profile concurrency), ours (chain) and the tree "
+                "contender with the best c1 tok/s.", "",
+                "| contender | conc | range | steps | host ms/step (mean) | host ms/step (median) "
+                "| kernel launches/step | graph replays/step | host syncs/step |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in prof_rows:
             name = title(bench, r["contender"])
-            if r["status"] != "ok":
-                out.append(f"| {name} | {r['concurrency']} | {r['status']}: {r['reason']} | | | | | |")
+            if r["status"] != "ok" or r["range"] is None:
+                out.append(f"| {name} | {r['concurrency']} | {r['status']}: {r['reason']} | | | | | | |")
                 continue
-            out.append(f"| {name} | {r['concurrency']} | "
+            out.append(f"| {name} | {r['concurrency']} | {r['range']} | "
                        + " | ".join(_f(r[key], spec) for key, spec in PROFILE_COLUMNS) + " |")
     not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
     if not_run:

@@ -194,7 +194,10 @@ def sweep_bench() -> dict:
                                              "sweep": {"limit": None, "max_tokens": 256, "sets": {"math500": sweep}}}})
     bench["settings"].update(tree_contenders=BUDGETS, tree_topk="plugin default")
     bench["profiles"] = [
-        {"contender": "ours", "concurrency": 1, "status": "ok", "reason": None, "summary": PROFILE_SUMMARY},
+        {"contender": "builtin", "concurrency": 1, "status": "ok", "reason": None,
+         "summary": {**PROFILE_SUMMARY, "steps": 0, "scheduler_step": {**PROFILE_SUMMARY, "steps": 40}}},
+        {"contender": "ours", "concurrency": 1, "status": "ok", "reason": None,
+         "summary": {**PROFILE_SUMMARY, "scheduler_step": {**PROFILE_SUMMARY, "host_ms_per_step_mean": 3.5}}},
         {"contender": "ours", "concurrency": 32, "status": "ok", "reason": None,
          "summary": {**PROFILE_SUMMARY, "steps": 40, "host_ms_per_step_mean": 2.5, "host_syncs_per_step": 0.125}},
         {"contender": "ours-tree-16", "concurrency": 1, "status": "failed", "reason": "not done within 60s",
@@ -242,19 +245,28 @@ def test_tree_budget_sweep_where_no_tree_ran_has_no_table():
 
 def test_profile_table_is_the_json():
     bench = sweep_bench()
-    rows = table(bench_report.markdown(bench), "| contender | conc | steps |")
-    assert len(rows) == len(bench["profiles"])
-    for cells, run in zip(rows, bench["profiles"]):
+    rows = table(bench_report.markdown(bench), "| contender | conc | range |")
+    expected = []  # (run, range key) in table order: each run's scheduler step, then its decode step if it has one
+    for run in bench["profiles"]:
+        summary = run["summary"] or {}
+        keys = [key for key in ("scheduler_step", None) if ((summary.get(key) if key else summary) or {}).get("steps")]
+        expected += [(run, key) for key in keys] or [(run, "none")]
+    assert len(rows) == len(expected) == 5
+    for cells, (run, key) in zip(rows, expected):
         assert cells[:2] == [bench_report.title(bench, run["contender"]), str(run["concurrency"])]
         if run["status"] != "ok":
             assert cells[2] == f"{run['status']}: {run['reason']}" and set(cells[3:]) == {""}
             continue
-        summary = run["summary"]
-        assert int(cells[2]) == summary["steps"]
-        assert cells[3:] == [f"{summary['host_ms_per_step_mean']:.3f}", f"{summary['host_ms_per_step_median']:.3f}",
-                             f"{summary['kernel_launches_per_step']:.1f}", f"{summary['graph_launches_per_step']:.1f}",
-                             f"{summary['host_syncs_per_step']:.2f}"]
-    assert rows[2][:3] == ["ours (tree, 16 nodes)", "1", "failed: not done within 60s"]
+        figures = run["summary"][key] if key else run["summary"]
+        assert cells[2] == ("scheduler step" if key else "our decode step")
+        assert int(cells[3]) == figures["steps"]
+        assert cells[4:] == [f"{figures['host_ms_per_step_mean']:.3f}", f"{figures['host_ms_per_step_median']:.3f}",
+                             f"{figures['kernel_launches_per_step']:.1f}", f"{figures['graph_launches_per_step']:.1f}",
+                             f"{figures['host_syncs_per_step']:.2f}"]
+    assert [r[:3] for r in rows[:3]] == [["builtin DFLASH", "1", "scheduler step"],
+                                         ["ours (chain)", "1", "scheduler step"], ["ours (chain)", "1", "our decode step"]]
+    assert rows[1][4] == "3.500" and rows[3][2] == "our decode step"  # an old summary: the decode range only
+    assert rows[4][:3] == ["ours (tree, 16 nodes)", "1", "failed: not done within 60s"]
 
 
 def test_tree_budget_plot_carries_the_json(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The stand-in: /health, a streaming (or not) /generate whose output ids depend on the prompt only (so every
 # contender matches AR), top-2 logprobs when asked, a speculative server's verify steps (tau grows with the tree
-# budget, and so does the step time), and /start_profile, which writes a chrome trace of `num_steps` decode
-# ranges into the requested folder as SGLang's profiler does.
+# budget, and so does the step time), and /start_profile, which writes a chrome trace of `num_steps` scheduler steps
+# (with our decode range inside on our worker's servers) into the requested folder as SGLang's profiler does.
 FAKE_SERVER = r'''
 import gzip, json, math, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,8 +33,9 @@ budget = int(argv[argv.index(TREE_FLAG) + 1]) if TREE_FLAG in argv else 0
 print("argv " + " ".join(argv))
 print("env SGLANG_PROFILE_WITH_STACK=%s SGLANG_PROFILE_RECORD_SHAPES=%s" % (
     os.environ.get("SGLANG_PROFILE_WITH_STACK"), os.environ.get("SGLANG_PROFILE_RECORD_SHAPES")))
+ours = spec and os.environ.get("DFLASH_SGLANG_DISABLE") != "1"
 if spec:
-    if os.environ.get("DFLASH_SGLANG_DISABLE") == "1":
+    if not ours:
         print("dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2 because DFLASH_SGLANG_DISABLE=1")
     else:
         print("dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker")
@@ -48,10 +49,13 @@ def trace(folder, steps):
     events = []
     for i in range(steps):
         ts = 1000 * i
-        events += [{"ph": "X", "name": "dflash_sglang.decode", "ts": ts, "dur": 400 + budget, "cat": "user_annotation",
-                    "pid": 1, "tid": 1},
+        events += [{"ph": "X", "name": "scheduler.run_batch", "ts": ts - 100, "dur": 600 + budget,
+                    "cat": "user_annotation", "pid": 1, "tid": 1},
                    {"ph": "X", "name": "cudaGraphLaunch", "ts": ts + 10, "dur": 5, "cat": "cuda_runtime", "pid": 1,
                     "tid": 1}]
+        if ours:
+            events.append({"ph": "X", "name": "dflash_sglang.decode", "ts": ts, "dur": 400 + budget,
+                           "cat": "user_annotation", "pid": 1, "tid": 1})
         events += [{"ph": "X", "name": "cudaLaunchKernel", "ts": ts + 20 + k, "dur": 1, "cat": "cuda_runtime",
                     "pid": 1, "tid": 1} for k in range(3 + (budget > 0))]
     os.makedirs(folder, exist_ok=True)
@@ -160,19 +164,25 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
         assert argv[argv.index("--speculative-dflash-topk") + 1] == "3"
         assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--cuda-graph-max-bs") + 1] == "2"
     for name in names:
-        profiled = name not in ("ar", "builtin")
-        expected = "false" if profiled else "None"
         assert server_lines(bench_dir / f"{name}.log", "env ") == (
-            f"env SGLANG_PROFILE_WITH_STACK={expected} SGLANG_PROFILE_RECORD_SHAPES={expected}")
+            "env SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false")
 
-    # Profiles: ours and the tree with the best c1 tok/s, at each concurrency; summaries kept, traces gone.
+    # Profiles: AR, the builtin, ours and the tree with the best c1 tok/s, at each concurrency (AR and the builtin at
+    # the first); summaries kept, traces gone. Every server has scheduler steps, only ours decode ranges.
     best = fastest_contender(str(bench_dir), ["ours-tree-8", "ours-tree-16"])
     profiles = bench["profiles"]
     assert [(p["contender"], p["concurrency"], p["status"]) for p in profiles] == [
-        ("ours", 2, "ok"), (best, 2, "ok")]
+        ("ar", 2, "ok"), ("builtin", 2, "ok"), ("ours", 2, "ok"), (best, 2, "ok")]
     for p in profiles:
-        assert p["summary"]["steps"] == 40 and p["summary"]["graph_launches_per_step"] == 1.0
-        assert p["summary"]["kernel_launches_per_step"] == (4.0 if "tree" in p["contender"] else 3.0)
+        ours = p["contender"] not in ("ar", "builtin")
+        launches = 4.0 if "tree" in p["contender"] else 3.0
+        assert p["summary"]["steps"] == (40 if ours else 0)
+        scheduler = p["summary"]["scheduler_step"]
+        assert scheduler["steps"] == 40 and scheduler["graph_launches_per_step"] == 1.0
+        assert scheduler["kernel_launches_per_step"] == launches
+        if ours:
+            assert p["summary"]["graph_launches_per_step"] == 1.0
+            assert p["summary"]["kernel_launches_per_step"] == launches
         assert "traces" not in p["summary"]
     assert not [p for p in out.rglob("*") if ".trace.json" in p.name]
     assert sorted(p.name for p in (bench_dir / "profile").iterdir()) == sorted(
@@ -180,4 +190,5 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
 
     # The printed report has the sweep and the profile tables.
     assert "## Tree budget sweep" in run.stdout and "## Per-step host cost" in run.stdout
+    assert "| AR | 2 | scheduler step | 40 |" in run.stdout
     assert "| ours (tree, 16 nodes) | 1 |" in run.stdout

@@ -44,3 +44,24 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
     assert summary["host_ms_per_step_mean"] == 0.04
     assert summary["gpu_span_ms_per_step_median"] == 0.02
     assert summary["top_ops_by_host_time"] == [{"op": "aten::argmax", "calls_per_step": 0.5, "us_per_step": 3.0}]
+
+
+def test_scheduler_steps_are_summarized_for_any_server(tmp_path):
+    """SGLang's scheduler.run_batch ranges: present in every server's trace (AR and the builtin have no decode
+    range of ours); a decode range nests inside one."""
+    events = [
+        event("scheduler.run_batch", 90, 80, "user_annotation"),
+        event("dflash_sglang.decode", 100, 50, "user_annotation"),
+        event("cudaLaunchKernel", 95, 2, "cuda_runtime"),
+        event("cudaLaunchKernel", 110, 2, "cuda_runtime"),
+        event("cudaGraphLaunch", 160, 5, "cuda_runtime"),
+        event("scheduler.run_batch", 300, 20, "user_annotation"),
+        event("cudaGraphLaunch", 305, 5, "cuda_runtime"),
+        event("scheduler.run_batch", 150, 30, "gpu_user_annotation", tid=7, pid=0),
+    ]
+    scheduler = profile_step.summarize(events, profile_step.SCHEDULER_RANGE)
+    assert scheduler["steps"] == 2 and scheduler["host_ms_per_step_mean"] == 0.05
+    assert scheduler["kernel_launches_per_step"] == 1.0 and scheduler["graph_launches_per_step"] == 1.0
+    assert scheduler["gpu_span_ms_per_step_median"] == 0.03
+    decode = profile_step.summarize(events)
+    assert decode["steps"] == 1 and decode["kernel_launches_per_step"] == 1.0 and decode["graph_launches_per_step"] == 0

@@ -28,13 +28,15 @@
 # whose sweep is a single level gives its sets stage 70% of its share (35% otherwise). Each server captures CUDA
 # graphs up to the largest concurrency it will see (--cuda-graph-max-bs; SGLang captures 27 batch sizes for 64
 # under speculative decoding, 1 for 1), so the c1-only trees start faster; KV pools stay capped at --kv-tokens.
-# Profile stage (--profile): right after ours' measurement, while its server is up, and after the last tree's, on
-# the tree contender with the best c1 tok/s (the tree servers stay up until then), scripts/device/profile_step.py
-# at each --profile-concurrency (default "1 32"), each run under --profile-limit seconds (default 60; each run
-# is expected to take ~25 s, kept out of the contenders' shares). SGLang's /start_profile needs nothing at
-# launch; the profiled servers start with SGLANG_PROFILE_WITH_STACK=false and SGLANG_PROFILE_RECORD_SHAPES=false
-# (both default to true in 0.5.16: Python stacks and shapes would slow the host side being measured and swell
-# the trace). The raw traces go to a temporary folder and are deleted once summarized; only the summaries stay.
+# Profile stage (--profile): right after the measurement of AR, the builtin and ours, while each server is up, and
+# after the last tree's, on the tree contender with the best c1 tok/s (the tree servers stay up until then),
+# scripts/device/profile_step.py at each --profile-concurrency (default "1 32"; AR and the builtin at the first
+# only: their scheduler steps are the baseline ours is compared with), each run under --profile-limit seconds
+# (default 60; each run is expected to take ~25 s, kept out of the contenders' shares). SGLang's /start_profile
+# needs nothing at launch; the profiled servers start with SGLANG_PROFILE_WITH_STACK=false and
+# SGLANG_PROFILE_RECORD_SHAPES=false (both default to true in 0.5.16: Python stacks and shapes would slow the
+# host side being measured and swell the trace). The raw traces go to a temporary folder and are deleted once
+# summarized; only the summaries stay.
 # Time: four servers started in ~95 s on the H200 (2026-11-29) and each then took 60-85 s at --set-prompts 8
 # (undertrained SmolLM2 drafter, tau ~1.1). Seven servers with --profile leave each contender ~40 s of a 540 s
 # budget: pass --set-prompts 4 with a four-budget sweep and --profile, or the sets stages get cut short.
@@ -136,7 +138,7 @@ for i in "${!TREES[@]}"; do
   LEVELS[${TREES[$i]}]="$TREE_CONCURRENCY"
 done
 if [ "$PROFILE" = 1 ]; then
-  for name in ours "${TREES[@]}"; do PROFILED[$name]=1; done
+  for name in ar builtin ours "${TREES[@]}"; do PROFILED[$name]=1; done
 fi
 declare -A PID=()
 SERVING_OURS="dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
@@ -291,12 +293,19 @@ done
 RESERVE=25          # seconds kept for bench.json, the table and stopping the servers
 read -ra PROFILE_LEVELS <<< "$PROFILE_CONCURRENCY"
 PROFILE_DIR="$DIR/profile"
-OURS_PROFILED=""
+declare -A PROFILE_DONE=()
 measured_ok() { [ ! -f "$DIR/$1.status" ] || [ "$(head -n 1 "$DIR/$1.status")" = ok ]; }
-profile_runs_left() {  # runs still to come: ours' and the best tree's (after the last one), while they can run
-  local runs=0 name
+profile_levels() {  # name: the concurrencies it is profiled at
+  case "$1" in ar|builtin) echo "${PROFILE_LEVELS[0]}" ;; *) echo "${PROFILE_LEVELS[*]}" ;; esac
+}
+profile_runs_left() {  # runs still to come: AR's, the builtin's, ours' and the best tree's, while they can run
+  local runs=0 name levels
   if [ "$PROFILE" = 1 ]; then
-    [ -z "$OURS_PROFILED" ] && [ "${UP[ours]:-}" = up ] && measured_ok ours && runs=${#PROFILE_LEVELS[@]}
+    for name in ar builtin ours; do
+      if [ -z "${PROFILE_DONE[$name]:-}" ] && [ "${UP[$name]:-}" = up ] && measured_ok "$name"; then
+        read -ra levels <<< "$(profile_levels "$name")"; runs=$(( runs + ${#levels[@]} ))
+      fi
+    done
     for name in "${TREES[@]}"; do
       if [ "${UP[$name]:-}" = up ] && measured_ok "$name"; then
         runs=$(( runs + ${#PROFILE_LEVELS[@]} )); break
@@ -315,7 +324,7 @@ unmeasured_up() {  # servers up and not measured yet
 profile_server() {  # name: scripts/device/profile_step.py at each --profile-concurrency on its server
   local name="$1" c tag folder left limit code state
   mkdir -p "$PROFILE_DIR"
-  for c in "${PROFILE_LEVELS[@]}"; do
+  for c in $(profile_levels "$name"); do
     tag="$name-c$c"
     folder="$WORK/profile/$tag"    # raw traces: outside $OUT, deleted once summarized
     left=$(( BUDGET - RESERVE - SECONDS - 30 * $(unmeasured_up) ))
@@ -379,9 +388,9 @@ for name in "${CONTENDERS[@]}"; do
       --out "$DIR/ar.margins.json" || echo "== ar: the margins stage failed"
   fi
   status "$name" ok
-  if [ "$name" = ours ] && [ "$PROFILE" = 1 ]; then
-    profile_server ours
-    OURS_PROFILED=1
+  if [ -n "${PROFILED[$name]:-}" ] && [ -z "${TREE_OF[$name]:-}" ]; then
+    profile_server "$name"
+    PROFILE_DONE[$name]=1
   fi
   # Done with it: free its CPUs for the next one (a profiled tree stays up until the best one is known).
   [ -n "${TREE_OF[$name]:-}" ] && [ "$PROFILE" = 1 ] || stop "$name"

@@ -5,10 +5,13 @@
 
 Starts SGLang's torch profiler (POST /start_profile: CPU + GPU activities, `num_steps` scheduler steps), drives
 `concurrency` greedy requests through /generate while it records, waits for the trace, and reads the
-`dflash_sglang.decode` ranges our worker marks (worker.DECODE_RANGE). Per step: host time, CUDA kernel launches,
-CUDA graph replays, memory copies, and host synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize /
-cudaEventSynchronize / blocking cudaMemcpy) inside the step -- a step that overlaps with the next one must have
-none; plus the host-heaviest operators. Writes DIR/profile-summary.json and prints a table last.
+`dflash_sglang.decode` ranges our worker marks (worker.DECODE_RANGE), and SGLang's own `scheduler.run_batch`
+ranges, which every server has (plain decoding and the builtin DFLASH worker too), so the scheduler steps of all
+contenders compare side by side. Per step: host time, CUDA kernel launches, CUDA graph replays, memory copies,
+and host synchronizations (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize / blocking
+cudaMemcpy) inside the step -- a step that overlaps with the next one must have none; plus the host-heaviest
+operators. Writes DIR/profile-summary.json (the decode ranges' figures at the top level, the scheduler steps'
+under `scheduler_step`) and prints a table last.
 Standard library only (the GPU box has no package registry).
 """
 
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DECODE_RANGE = "dflash_sglang.decode"
+SCHEDULER_RANGE = "scheduler.run_batch"  # SGLang's record_function span around each batch it runs
 GPU_RANGE_CATEGORY = "gpu_user_annotation"
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
@@ -68,18 +72,18 @@ def load_events(path: Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def summarize(events: list[dict]) -> dict:
-    """Per-step counts inside every `dflash_sglang.decode` range (same host thread, nested in time)."""
+def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
+    """Per-step counts inside every `range_name` range (same host thread, nested in time)."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     # With GPU activities on, each range is in the trace twice: on its host thread, and as a gpu_user_annotation
     # on the stream (pid = device, tid = stream) spanning the step's GPU work. The GPU copy holds no runtime calls,
     # so counting it as a step halved every per-step figure (and mixed GPU spans into the host times).
-    ranges = [e for e in complete if e.get("name") == DECODE_RANGE]
+    ranges = [e for e in complete if e.get("name") == range_name]
     steps = [e for e in ranges if e.get("cat") != GPU_RANGE_CATEGORY]
     gpu_us = sorted(e["dur"] for e in ranges if e.get("cat") == GPU_RANGE_CATEGORY)
     by_thread = defaultdict(list)
     for e in complete:
-        if e.get("name") != DECODE_RANGE and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
+        if e.get("name") != range_name and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
     runtime, ops, op_time = Counter(), Counter(), Counter()
     for step in steps:
@@ -123,7 +127,8 @@ def drive(port: int, concurrency: int, max_tokens: int, timeout: float) -> None:
         list(pool.map(lambda p: post(port, "/generate", {"text": p, **body}, timeout), prompts))
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, title: str) -> None:
+    print(title)
     rows = [("steps profiled", summary["steps"]),
             ("host ms / step (mean, median)",
              f"{summary['host_ms_per_step_mean']:.3f}, {summary['host_ms_per_step_median']:.3f}"),
@@ -168,10 +173,13 @@ def main() -> int:
         print(f"no trace found under {folder}", file=sys.stderr)
         return 1
     events = [e for path in files for e in load_events(path)]
-    summary = {"traces": [str(p) for p in files], "concurrency": args.concurrency, **summarize(events)}
+    summary = {"traces": [str(p) for p in files], "concurrency": args.concurrency, **summarize(events),
+               "scheduler_step": summarize(events, SCHEDULER_RANGE)}
     (folder / "profile-summary.json").write_text(json.dumps(summary, indent=1))
-    print_table(summary)
-    return 0 if summary["steps"] else 1
+    if summary["steps"]:
+        print_table(summary, f"== {DECODE_RANGE} (our worker's decode step)")
+    print_table(summary["scheduler_step"], f"== {SCHEDULER_RANGE} (every server's scheduler step)")
+    return 0 if summary["scheduler_step"]["steps"] else 1
 
 
 if __name__ == "__main__":
