@@ -4,8 +4,6 @@
 # measures them one at a time), so startup -- most of the cost -- is paid once for all of them:
 #   qwen3   tiny random Qwen3 pair, float32, triton draft attention
 #   gemma4  tiny random Gemma-4 pair (real Gemma-4 tokenizer), float32, triton
-#   gemma4-noswa  the same, AR and ours with --disable-hybrid-swa-memory: on 2026-11-29 Gemma 4 verify diverged
-#           from AR (builtin and ours alike); this isolates SGLang's hybrid sliding-window KV pool
 #   demo    the embedded trained pair (acceptance well above 1), float32, triton; then the request-level checks
 #           and the soak against its live servers
 #   fa4     tiny Qwen3 pair, bfloat16, ours with fa4 draft attention against AR (when the FA4 site is unpacked)
@@ -44,8 +42,6 @@ run_group() {
 }
 run_group qwen3 --arch qwen3 --port-base 30010 --budget "$BUDGET"
 run_group gemma4 --arch gemma4 --port-base 30020 --budget "$BUDGET"
-EXTRA_SERVER_ARGS="--disable-hybrid-swa-memory" run_group gemma4-noswa --arch gemma4 --name gemma4-noswa \
-  --skip-builtin --port-base 30060 --budget "$BUDGET"
 # Both run (the soak also when a check fails); the group fails if either does.
 CHECKS="timeout $CHECKS_BUDGET python3 $REPO/scripts/device/request_checks.py --port \$OURS_PORT \
   --ref-port \$AR_PORT --out \$OUT_DIR/request_checks.json --mask-text '<|mask|>'; checks=\$?; \
@@ -82,7 +78,7 @@ wait "$DEMO_PID"
   tail -n 12 "$OUT/make-demo.log"
   echo "================ kernel build"
   tail -n 3 "$OUT/kernel-build.log"
-  for name in qwen3 gemma4 gemma4-noswa demo tree fa4; do
+  for name in qwen3 gemma4 demo tree fa4; do
     [ -f "$OUT/group-$name.log" ] || continue
     echo "================ $name"
     grep -E "^== (then|.*failed)|dflash_sglang plugin" "$OUT/group-$name.log" || true

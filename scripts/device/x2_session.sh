@@ -13,9 +13,10 @@
 #            training summary and the benchmark table.
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
-# The machine must stay warm between commands (30 s idle release): the background chain needs ~1,000 s of its
-# SMOL_BUDGET (1,100 s) + the benchmark (450 s) from `start`, ~25 minutes; spend the wait on GPU 0 work (`kernels`,
-# shape.sh).
+# The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
+# (900 s here) + the benchmark (520 s) from `start`, ~24 minutes; spend the wait on GPU 0 work (`kernels`,
+# shape.sh) and copy the training results as soon as they exist (`train_smollm2.sh --collect`), so a machine that
+# is taken back before `collect` still leaves the drafter's figures.
 #
 #   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
 #          bash scripts/device/x2_session.sh kernels
@@ -28,7 +29,10 @@ CHAIN_DONE="$SMOL/chain.exit"
 KERNELS_FAILED=/tmp/dflash_kernels_failed
 E2E_BUDGET=500
 WAIT=560
-BENCH_ARGS='--tree-budget "16 64" --tree-concurrency "1 8" --profile --set-prompts 4 --budget 450'
+SMOL_BUDGET="${SMOL_BUDGET:-900}"
+# One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29), swept over every concurrency like the chain;
+# profiles: AR and the builtin at c1, ours and the tree at c1 and c32.
+BENCH_ARGS='--tree-budget 64 --profile --profile-concurrency "1 32" --set-prompts 4 --budget 520'
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,7 +52,7 @@ start() {
   rm -f "$CHAIN_DONE" "$KERNELS_FAILED"
   # The chain's own $OUT is not this command's (it ends long after): train_smollm2.sh keeps its results under
   # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
-  CUDA_VISIBLE_DEVICES=1 OUT= setsid bash -c "bash '$REPO/scripts/device/train_smollm2.sh' && \
+  CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET setsid bash -c "bash '$REPO/scripts/device/train_smollm2.sh' && \
     { [ ! -e '$KERNELS_FAILED' ] || export DFLASH_KERNELS=reference; } && \
     OUT='$SMOL/benchrun' DFLASH_SGLANG_STEP_TIMING=1 bash '$REPO/scripts/device/bench.sh' --target '$SMOL/target' \
       --drafter '$SMOL/drafter' $BENCH_ARGS > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
