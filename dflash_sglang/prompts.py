@@ -8,12 +8,19 @@ from importlib import resources
 PROMPT_SETS = ("math500", "humaneval", "mtbench", "gsm8k")
 
 
+def parse_jsonl(text: str) -> list:
+    """One JSON value per non-blank line. Lines end at "\\n" only: str.splitlines() also breaks at U+2028, U+0085
+    and other separators that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them
+    so), which cut a ShareGPT prompt in two on the H200 on 2026-11-29."""
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
 def load_prompt_set(name: str, limit: int | None = None) -> list[dict]:
     """[{"id", "prompt"}, ...] in a fixed order; `limit` takes the first N."""
     if name not in PROMPT_SETS:
         raise ValueError(f"prompt set must be one of {PROMPT_SETS}, got {name!r}")
     text = (resources.files("dflash_sglang") / "data" / "prompts" / f"{name}.jsonl").read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = parse_jsonl(text)
     return rows[:limit] if limit is not None else rows
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dflash_sglang.engine import DFlashEngine
-from dflash_sglang.prompts import prompt_ids
+from dflash_sglang.prompts import parse_jsonl, prompt_ids
 
 
 def read_prompts(path: str | Path) -> list[list[int] | str]:
@@ -30,7 +30,7 @@ def read_prompts(path: str | Path) -> list[list[int] | str]:
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = parse_jsonl(text)
         prompts = []
         for n, row in enumerate(rows):
             if "prompt_ids" not in row and "prompt" not in row:

@@ -34,6 +34,7 @@ from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, chec
 from dflash_sglang.drafter import DFlashDrafter
 from dflash_sglang.engine import DFlashEngine
 from dflash_sglang.loader import save_drafter
+from dflash_sglang.prompts import parse_jsonl
 from dflash_sglang.target import TargetModel
 from dflash_sglang.tiny import tiny_target_layer_ids
 
@@ -104,10 +105,7 @@ def load_sequences(path: str | Path, max_seq_len: int) -> list[Sequence]:
     """JSONL records: `{"prompt_ids", "output_ids"}` (what `regenerate` writes; loss on the output) or
     `{"input_ids", "loss_mask"}` (multi-turn data: loss where the mask is 1). Truncated to `max_seq_len`."""
     sequences = []
-    for n, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in enumerate(parse_jsonl(Path(path).read_text())):
         if "output_ids" in row:
             ids = list(row["prompt_ids"]) + list(row["output_ids"])
             mask = [False] * len(row["prompt_ids"]) + [True] * len(row["output_ids"])
