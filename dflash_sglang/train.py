@@ -18,6 +18,7 @@ layers, `norm`.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -288,9 +289,15 @@ def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights:
     return total / weights.sum().clamp(min=1e-6)
 
 
+# Batches pad to a multiple of this many tokens: length-bucketed batches otherwise bring a new tensor shape nearly
+# every step. (The first run with them, 2026-11-29 on the H200, spent its first minute at a third of its later
+# speed; new shapes for the caching allocator are the likely cause, not yet confirmed.)
+PAD_MULTIPLE = 64
+
+
 def pad_batch(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [bs, S] (right-padded with 0), loss_mask [bs, S], real [bs, S]."""
-    width = max(len(s.ids) for s in sequences)
+    """ids [bs, S] (right-padded with 0 to a multiple of PAD_MULTIPLE), loss_mask [bs, S], real [bs, S]."""
+    width = -(-max(len(s.ids) for s in sequences) // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)
     real = torch.zeros(len(sequences), width, dtype=torch.bool)
@@ -521,11 +528,13 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-# Under --max-minutes, the cosine schedule is re-planned every this many steps (the first step, which pays for
-# warm-up, is not timed) from the speed of the last window, so that it reaches its end when the time does. Once
-# was not enough: on the H200 the first steps ran while another job shared the GPU, the plan came out at 199
-# steps, and the run ended in 97 of its 170 seconds.
+# Under --max-minutes, the cosine schedule is re-planned every PLAN_AFTER_STEPS steps (the first step, which pays
+# for warm-up, is not timed) from the speed of the last PLAN_WINDOW_STEPS steps, so that it reaches its end when the
+# time does. Once was not enough: on the H200 the first steps ran while another job shared the GPU, the plan came
+# out at 199 steps, and the run ended in 97 of its 170 seconds. A 10-step window was too short: length-bucketed
+# batches differ several-fold in cost, and plans swung between 1,800 and 2,750 steps (the learning rate with them).
 PLAN_AFTER_STEPS = 10
+PLAN_WINDOW_STEPS = 200
 
 
 def plan_steps_in_time(step: int, seconds_per_step: float, seconds_left: float, total_steps: int) -> int:
@@ -626,7 +635,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     log = open(out / LOG_FILE, "a")
     loss_value, acceptance = float("nan"), None
     deadline = started + 60.0 * cfg.max_minutes if cfg.max_minutes is not None else None
-    session_first, timing_start, timing_step, timed_out = step, None, step, False
+    session_first, timed_out = step, False
+    step_times: collections.deque[tuple[int, float]] = collections.deque(maxlen=PLAN_WINDOW_STEPS + 1)
     schedule_limit = total_steps  # a re-plan may shorten the schedule to fit the time, never lengthen it past this
     last = min(total_steps, cfg.stop_after) if cfg.stop_after is not None else total_steps
     lengths, ordered_epoch, epoch_sequences = [len(s.ids) for s in sequences], None, []
@@ -651,10 +661,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
         if deadline is not None:
             now = time.perf_counter()
-            if step == session_first + 1:
-                timing_start, timing_step = now, step
-            elif timing_start is not None and step - timing_step == PLAN_AFTER_STEPS:
-                speed = (now - timing_start) / PLAN_AFTER_STEPS
+            step_times.append((step, now))
+            if step > session_first + 1 and (step - session_first - 1) % PLAN_AFTER_STEPS == 0:
+                oldest_step, oldest_time = step_times[0]
+                speed = (now - oldest_time) / (step - oldest_step)
                 planned = plan_steps_in_time(step, speed, deadline - now, schedule_limit)
                 if planned != total_steps:
                     total_steps = planned
@@ -663,7 +673,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                     last = min(planned, cfg.stop_after) if cfg.stop_after is not None else planned
                     bar.total = planned
                 record["planned_steps"] = total_steps
-                timing_start, timing_step = now, step
             timed_out = now >= deadline and step < last
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps or timed_out:
             acceptance = evaluate()

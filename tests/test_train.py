@@ -352,3 +352,30 @@ def test_epoch_order_is_a_permutation_of_length_sorted_batches():
     assert sorted(odd) == list(range(1003)) and all(
         max(all_lengths[i] for i in odd[k: k + batch]) - min(all_lengths[i] for i in odd[k: k + batch]) < 200
         for k in range(0, 1000, batch))
+
+
+def test_batch_loss_does_not_depend_on_the_padding(pair_and_data, monkeypatch):
+    """Padding to PAD_MULTIPLE adds positions that are neither context, anchors nor targets: the loss and its
+    gradient are those of the unpadded batch."""
+    import dflash_sglang.train as train_module
+    from dflash_sglang.target import TargetModel
+    from dflash_sglang.train import init_drafter
+
+    target_path, data = pair_and_data
+    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 1, BLOCK, VOCAB - 1, 8)
+    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).double()
+    target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
+    sequences = load_sequences(data, 64)[:3]
+    weights = train_module.loss_weights(BLOCK, 3.0)
+
+    def loss_and_grad(multiple):
+        monkeypatch.setattr(train_module, "PAD_MULTIPLE", multiple)
+        drafter.zero_grad()
+        loss = train_module.batch_loss(drafter, target, None, sequences, 6, weights, torch.Generator().manual_seed(1),
+                                       64, None)
+        loss.backward()
+        return loss.detach(), drafter.fc.weight.grad.clone()
+
+    unpadded, padded = loss_and_grad(1), loss_and_grad(64)
+    assert max(len(s.ids) for s in sequences) % 64 != 0
+    assert torch.allclose(unpadded[0], padded[0], atol=1e-12) and torch.allclose(unpadded[1], padded[1], atol=1e-12)

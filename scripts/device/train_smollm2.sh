@@ -216,7 +216,9 @@ mark "mask token checked"
 # 5. Training under the cap; the final checkpoint, drafter and acceptance estimate come after it.
 MAX_MINUTES=$(python3 -c "print(round(max(0.2, ($BUDGET - $SECONDS - $RESERVE_FINAL) / 60), 2))")
 echo "training for at most $MAX_MINUTES minutes"
-"${DFLASH[@]}" train --target "$TARGET" --data "$DATA" --out "$DRAFTER" --draft-layers 3 --init-from-target \
+# Expandable segments: batches of many lengths would otherwise fragment the caching allocator's fixed segments.
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+  "${DFLASH[@]}" train --target "$TARGET" --data "$DATA" --out "$DRAFTER" --draft-layers 3 --init-from-target \
   --block-size 16 --mask-token-id "$MASK_ID" --lr 1e-3 --eval-every 0 --save-every 0 \
   --max-minutes "$MAX_MINUTES" "${TRAIN_HW[@]}" | tee "$RESULT/train_summary.json"
 mark "trained"
