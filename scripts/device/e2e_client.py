@@ -146,7 +146,7 @@ def cmd_report(args) -> int:
     rows = [("contender", "conc", "greedy mismatches vs AR", "tok/s", "accept len", "startup line", "sampling")]
     for name, result in results.items():
         if result is None:
-            rows.append((name, "-", "server failed (see its log)", "-", "-", "-", "-"))
+            rows.append((name, "-", "no results (see the group log)", "-", "-", "-", "-"))
             passed[name] = False
             continue
         accept = f"{result['accept_length']:.2f}" if "accept_length" in result else "-"
