@@ -13,6 +13,10 @@ step the reference's float32 `1 / rms` (another summation order) can move.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import textwrap
+import types
 
 import pytest
 import torch
@@ -204,11 +208,40 @@ def test_kernel_matches_reference_on_odd_head_dims_and_unaligned_caches(cuda, dt
 
 
 @pytest.mark.gpu
-def test_kernel_rejects_what_it_cannot_run(cuda):
-    kv = torch.zeros(2, 1, 2, 1, 514, dtype=torch.bfloat16, device=cuda)
-    with pytest.raises(RuntimeError, match="head_dim"):
-        context_kv_norm_rope(kv, torch.ones(1, 514, device=cuda), EPS, torch.zeros(2, dtype=torch.long, device=cuda),
-                             rope_cache(514, 8, device=cuda))
+def test_head_dims_the_kernel_cannot_run_take_the_reference(cuda, monkeypatch):
+    """Past MAX_HEAD_DIM the op runs the reference (logged once); with DFLASH_KERNELS=cuda it refuses instead, in
+    Python, before the library sees the inputs."""
+    g = torch.Generator(device=cuda).manual_seed(11)
+    kv, scale, positions = context_inputs(3, 1, 1, 514, torch.bfloat16, g, True, max_position=8)
+    cache = rope_cache(514, 8, device=cuda)
+    with pytest.raises(RuntimeError, match="head_dim 514"):
+        context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    monkeypatch.setenv("DFLASH_KERNELS", "auto")
+    got = context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    want = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+def test_library_errors_reach_python_as_exceptions(cuda):
+    """The op's own input checks raise RuntimeError: called past the wrapper with a head dim it cannot run, in a
+    child process, because on the H200 on 2026-11-29 this call killed the pytest process with a segfault."""
+    code = textwrap.dedent("""
+        import torch
+        from dflash_sglang.kernels import jit
+        assert jit.kernel_status()[0]
+        kv = torch.zeros(2, 1, 2, 1, 514, dtype=torch.bfloat16, device="cuda")
+        keys = torch.empty(1, 2, 1, 514, dtype=torch.bfloat16, device="cuda")
+        try:
+            torch.ops.dflash_sglang.context_kv_norm_rope(
+                kv, torch.ones(1, 514, device="cuda"), 1e-6, torch.zeros(2, dtype=torch.long, device="cuda"),
+                torch.zeros(8, 514, device="cuda"), keys, torch.empty_like(keys))
+        except RuntimeError as e:
+            print("raised:", str(e).splitlines()[0])
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    assert "raised: head_dim must be even" in run.stdout
 
 
 @pytest.mark.gpu
@@ -232,3 +265,16 @@ def test_kernel_captures_in_a_cuda_graph(cuda):
     torch.cuda.synchronize()
     assert_bitwise(out.keys, expected.keys)
     assert_bitwise(out.values, expected.values)
+
+
+def test_inputs_the_kernel_does_not_take_run_the_reference(monkeypatch):
+    """use_kernel's `unsupported`: with the library available, such inputs take the reference (auto) or are refused
+    (DFLASH_KERNELS=cuda) with the reason."""
+    monkeypatch.setattr(jit, "kernel_status", lambda: (True, "built"))
+    on_gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"))
+    monkeypatch.setenv("DFLASH_KERNELS", "auto")
+    assert jit.use_kernel("op_under_test", on_gpu) is True
+    assert jit.use_kernel("op_under_test", on_gpu, "head_dim 514: too wide") is False
+    monkeypatch.setenv("DFLASH_KERNELS", "cuda")
+    with pytest.raises(RuntimeError, match="head_dim 514: too wide"):
+        jit.use_kernel("op_under_test", on_gpu, "head_dim 514: too wide")

@@ -139,8 +139,9 @@ def kernel_status() -> tuple[bool, str]:
 _logged: set[tuple[str, bool]] = set()
 
 
-def use_kernel(op: str, tensor: torch.Tensor) -> bool:
-    """Whether `op` runs its CUDA kernel on inputs living where `tensor` does; logs the choice once per op."""
+def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> bool:
+    """Whether `op` runs its CUDA kernel on inputs living where `tensor` does; logs the choice once per op.
+    `unsupported`: why these inputs are outside what the kernel takes (they then run the reference)."""
     mode = os.environ.get("DFLASH_KERNELS", "auto")
     if mode not in ("auto", "reference", "cuda"):
         raise ValueError(f"DFLASH_KERNELS must be auto, reference or cuda, got {mode!r}")
@@ -148,6 +149,8 @@ def use_kernel(op: str, tensor: torch.Tensor) -> bool:
         available, why = kernel_status()
     else:
         available, why = False, f"inputs on {tensor.device.type}"
+    if available and unsupported is not None:
+        available, why = False, unsupported
     if mode == "cuda" and not available:
         raise RuntimeError(f"{op}: DFLASH_KERNELS=cuda but the CUDA kernel cannot run: {why}")
     if (op, available) not in _logged:
