@@ -129,11 +129,13 @@ def run_server_demo(workdir: Path, max_new_tokens: int, port: int = 30000, start
                                                messages=[{"role": "user", "content": request}])
         seconds = time.perf_counter() - started
         info = _get_json(f"{base}/server_info")
+        # One entry per data-parallel rank; this server has one.
         accept = [s.get("avg_spec_accept_length") for s in info.get("internal_states", [])]
+        accept_text = ", ".join("?" if a is None else f"{a:.2f}" for a in accept) or "not reported"
         served_by = [line for line in (workdir / "server.log").read_text().splitlines() if "dflash_sglang:" in line]
         print(reply.choices[0].message.content)
         print(f"{reply.usage.completion_tokens} tokens in {seconds:.2f}s = "
-              f"{reply.usage.completion_tokens / seconds:.1f} tok/s; acceptance length {accept}")
+              f"{reply.usage.completion_tokens / seconds:.1f} tok/s; acceptance length {accept_text}")
         if not any(SERVING_OURS in line for line in served_by):
             print(f"error: the server log does not say that dflash_sglang's worker served DFLASH (expected "
                   f"{SERVING_OURS!r}); see {workdir / 'server.log'}")
