@@ -296,6 +296,78 @@ void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double e
   C10_CUDA_CHECK(dflash::launch_context_kv(p, c10::cuda::getCurrentCUDAStream()));
 }
 
+void chain_block(const Tensor& bonus, const Tensor& seq_lens, const Tensor& req_pool_indices,
+                 const Tensor& req_to_token, int64_t mask_token_id, const Tensor& block_ids, const Tensor& positions,
+                 const Tensor& slots) {
+  TORCH_CHECK(block_ids.dim() == 2, "block_ids must be [bs, B], got ", block_ids.sizes());
+  const auto device = block_ids.device();
+  TORCH_CHECK(device.is_cuda(), "block_ids must be a CUDA tensor");
+  const int64_t bs = block_ids.size(0), block = block_ids.size(1);
+  TORCH_CHECK(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
+  expect(bonus, "bonus", device, at::kLong, {bs});
+  expect(seq_lens, "seq_lens", device, at::kLong, {bs});
+  expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
+  TORCH_CHECK(req_to_token.dim() == 2 && req_to_token.device() == device && req_to_token.scalar_type() == at::kInt &&
+                  req_to_token.stride(1) == 1,
+              "req_to_token must be an int32 [R, max_len] table with contiguous rows on ", device);
+  expect(block_ids, "block_ids", device, at::kLong, {bs, block});
+  expect(positions, "positions", device, at::kLong, {bs, block});
+  expect(slots, "slots", device, at::kLong, {bs, block});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::ChainBlockParams p{};
+  p.bonus = bonus.data_ptr<int64_t>();
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.req_pool_indices = req_pool_indices.data_ptr<int64_t>();
+  p.req_to_token = req_to_token.data_ptr<int32_t>();
+  p.row_stride = req_to_token.stride(0);
+  p.mask_token_id = mask_token_id;
+  p.block_ids = block_ids.data_ptr<int64_t>();
+  p.positions = positions.data_ptr<int64_t>();
+  p.slots = slots.data_ptr<int64_t>();
+  p.bs = int(bs);
+  p.block_size = int(block);
+  C10_CUDA_CHECK(dflash::launch_chain_block(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void chain_accept_greedy(const Tensor& candidates, const Tensor& predicted, const Tensor& seq_lens,
+                         const Tensor& slots, const Tensor& accept_len, const Tensor& commit_lens,
+                         const Tensor& bonus, const Tensor& new_seq_lens, const Tensor& emitted,
+                         const Tensor& context_slots) {
+  TORCH_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be [bs, B >= 1], got ",
+              candidates.sizes());
+  const auto device = candidates.device();
+  TORCH_CHECK(device.is_cuda(), "candidates must be a CUDA tensor");
+  const int64_t bs = candidates.size(0), block = candidates.size(1);
+  TORCH_CHECK(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
+  expect(candidates, "candidates", device, at::kLong, {bs, block});
+  expect(predicted, "predicted", device, at::kLong, {bs, block});
+  expect(seq_lens, "seq_lens", device, at::kLong, {bs});
+  expect(slots, "slots", device, at::kLong, {bs, block});
+  expect(accept_len, "accept_len", device, at::kInt, {bs});
+  expect(commit_lens, "commit_lens", device, at::kInt, {bs});
+  expect(bonus, "bonus", device, at::kLong, {bs});
+  expect(new_seq_lens, "new_seq_lens", device, at::kLong, {bs});
+  expect(emitted, "emitted", device, at::kLong, {bs, block});
+  expect(context_slots, "context_slots", device, at::kLong, {bs, block});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::ChainAcceptParams p{};
+  p.candidates = candidates.data_ptr<int64_t>();
+  p.predicted = predicted.data_ptr<int64_t>();
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.slots = slots.data_ptr<int64_t>();
+  p.accept_len = accept_len.data_ptr<int32_t>();
+  p.commit_lens = commit_lens.data_ptr<int32_t>();
+  p.bonus = bonus.data_ptr<int64_t>();
+  p.new_seq_lens = new_seq_lens.data_ptr<int64_t>();
+  p.emitted = emitted.data_ptr<int64_t>();
+  p.context_slots = context_slots.data_ptr<int64_t>();
+  p.bs = int(bs);
+  p.block_size = int(block);
+  C10_CUDA_CHECK(dflash::launch_chain_accept(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dflash_sglang, m) {
@@ -317,6 +389,13 @@ TORCH_LIBRARY(dflash_sglang, m) {
   m.def(
       "context_kv_norm_rope(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
       "Tensor(a!) keys, Tensor(b!) values) -> ()");
+  m.def(
+      "chain_block(Tensor bonus, Tensor seq_lens, Tensor req_pool_indices, Tensor req_to_token, int mask_token_id, "
+      "Tensor(a!) block_ids, Tensor(b!) positions, Tensor(c!) slots) -> ()");
+  m.def(
+      "chain_accept_greedy(Tensor candidates, Tensor predicted, Tensor seq_lens, Tensor slots, "
+      "Tensor(a!) accept_len, Tensor(b!) commit_lens, Tensor(c!) bonus, Tensor(d!) new_seq_lens, "
+      "Tensor(e!) emitted, Tensor(f!) context_slots) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
@@ -326,4 +405,6 @@ TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
   m.impl("commit_accepted", &commit_accepted);
   m.impl("gather_accepted_hidden", &gather_accepted_hidden);
   m.impl("context_kv_norm_rope", &context_kv_norm_rope);
+  m.impl("chain_block", &chain_block);
+  m.impl("chain_accept_greedy", &chain_accept_greedy);
 }

@@ -1,4 +1,5 @@
-// Torch-free interface of the DFlash kernels (tree build, verify, commit, the drafter's context K/V): parameter
+// Torch-free interface of the DFlash kernels (tree build, verify, commit, the drafter's context K/V, the chain
+// step's block and acceptance): parameter
 // structs (raw pointers, plain sizes) and launchers.
 // The bindings (dflash_binding.cpp) check every tensor, fill these structs and call the launchers on the current
 // stream. Node indices are per request: node 0 is the root, nodes [1, n) are draft tokens. "-1" pads every
@@ -108,6 +109,33 @@ struct ContextKVParams {
   ElementType cache_dtype;     // kFloat32 or `dtype`
 };
 
+struct ChainBlockParams {
+  const int64_t* bonus;             // [bs] last step's bonus token: the block's anchor
+  const int64_t* seq_lens;          // [bs] committed lengths: the anchor's position
+  const int64_t* req_pool_indices;  // [bs]
+  const int32_t* req_to_token;      // [R, row_stride] slot table
+  int64_t row_stride;
+  int64_t mask_token_id;
+  int64_t* block_ids;  // [bs, B] anchor, then mask ids
+  int64_t* positions;  // [bs, B] seq_len + j
+  int64_t* slots;      // [bs, B] req_to_token[row, seq_len + j]
+  int bs, block_size;
+};
+
+struct ChainAcceptParams {
+  const int64_t* candidates;  // [bs, B] anchor and drafts, as verified
+  const int64_t* predicted;   // [bs, B] the target's argmax at each verify row
+  const int64_t* seq_lens;    // [bs]
+  const int64_t* slots;       // [bs, B] KV slots of the verify rows
+  int32_t* accept_len;        // [bs] leading drafts kept
+  int32_t* commit_lens;       // [bs] accept_len + 1 (the anchor and the kept drafts)
+  int64_t* bonus;             // [bs] predicted[accept_len]
+  int64_t* new_seq_lens;      // [bs] seq_len + accept_len + 1
+  int64_t* emitted;           // [bs, B] kept drafts, the bonus at accept_len, zeros after
+  int64_t* context_slots;     // [bs, B] slots[j] for j <= accept_len, else 0 (SGLang's padding slot)
+  int bs, block_size;
+};
+
 cudaError_t launch_build_tree(const BuildTreeParams& params, cudaStream_t stream);
 size_t build_tree_smem_bytes(int depth, int topk, int budget);
 cudaError_t launch_verify_greedy(const VerifyGreedyParams& params, cudaStream_t stream);
@@ -115,5 +143,7 @@ cudaError_t launch_verify_sampling(const VerifySamplingParams& params, cudaStrea
 cudaError_t launch_commit(const CommitParams& params, cudaStream_t stream);
 cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream);
 cudaError_t launch_context_kv(const ContextKVParams& params, cudaStream_t stream);
+cudaError_t launch_chain_block(const ChainBlockParams& params, cudaStream_t stream);
+cudaError_t launch_chain_accept(const ChainAcceptParams& params, cudaStream_t stream);
 
 }  // namespace dflash

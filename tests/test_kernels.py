@@ -1,9 +1,10 @@
-"""Tree kernels (csrc/) and their references (dflash_sglang/kernels/reference.py).
+"""Tree and chain-step kernels (csrc/) and their references (dflash_sglang/kernels/reference.py).
 
 CPU (CI): the references against `tree.build_tree` and `verify.greedy_verify` (identical results on random
 trees, ties and -inf log-probs included), the explicit-randomness sampling reference and
 `verify.sampling_verify_tree` against the exact law of the emitted tokens (chi-square), commit/gather against
-plain loops, and a build of csrc/ with nvcc for sm_90a.
+plain loops, the chain-step references against the torch step they replace, and a build of csrc/ with nvcc for
+sm_90a.
 
 GPU (`pytest -m gpu`, on the box through scripts/device/kernel_tests.sh): each kernel against its reference on
 fresh random inputs, exactly, with outputs pre-filled with garbage so an unwritten entry shows; the sampling
@@ -24,6 +25,8 @@ import torch
 
 from dflash_sglang.kernels import (
     build_draft_tree,
+    chain_accept_greedy,
+    chain_block,
     commit_accepted,
     draw_verify_randoms,
     gather_accepted_hidden,
@@ -33,7 +36,7 @@ from dflash_sglang.kernels import (
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.kernels.buffers import empty_commit, empty_tree, empty_verify
+from dflash_sglang.kernels.buffers import empty_chain_block, empty_chain_step, empty_commit, empty_tree, empty_verify
 from dflash_sglang.tree import DraftTree, build_tree, chain_tree
 from dflash_sglang.verify import greedy_verify, sampling_verify_tree
 
@@ -312,6 +315,50 @@ def test_gather_reference_matches_loop():
             assert torch.equal(got[b, i], row)
 
 
+def chain_inputs(bs: int, block: int, g: torch.Generator, device="cpu"):
+    """A slot table, request rows, lengths leaving room for a block, anchors, and candidates that agree with the
+    target's argmax for a random number of leading drafts (0 .. B-1, all of them included)."""
+    pool_rows, max_len = bs + 5, block + 60
+    req_to_token = torch.randperm(pool_rows * max_len, generator=g).int().reshape(pool_rows, max_len)
+    rows = torch.randperm(pool_rows, generator=g)[:bs]
+    seq_lens = torch.randint(0, max_len - block + 1, (bs,), generator=g)
+    bonus = torch.randint(0, 50, (bs,), generator=g)
+    predicted = torch.randint(0, 50, (bs, block), generator=g)
+    candidates = torch.cat([bonus[:, None], predicted[:, :-1]], dim=1)
+    keep = torch.randint(0, block, (bs,), generator=g)
+    wrong = torch.arange(block)[None, :] == keep[:, None] + 1
+    candidates = torch.where(wrong, (candidates + 1) % 50, candidates)
+    return [t.to(device) for t in (req_to_token, rows, seq_lens, bonus, candidates, predicted)]
+
+
+def test_chain_references_are_the_torch_step_they_replace():
+    """What the worker computed inline before the chain kernels (positions, slots, block ids; greedy acceptance,
+    commit lengths, emitted layout, context slots), written out here once more, on random inputs."""
+    g = torch.Generator().manual_seed(8)
+    for bs, block in [(1, 1), (1, 2), (3, 16), (17, 8), (64, 16)]:
+        req_to_token, rows, seq_lens, bonus, candidates, predicted = chain_inputs(bs, block, g)
+        got = reference.chain_block(bonus, seq_lens, rows, req_to_token, block, 77)
+        positions = seq_lens[:, None] + torch.arange(block)
+        slots = req_to_token[rows[:, None], positions].long()
+        assert torch.equal(got.positions, positions) and torch.equal(got.slots, slots)
+        assert torch.equal(got.block_ids, torch.cat([bonus[:, None], torch.full((bs, block - 1), 77)], dim=1))
+
+        step = reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)
+        accept_len = (candidates[:, 1:] == predicted[:, :-1]).int().cumprod(1).sum(1, dtype=torch.int32)
+        bonus_out = predicted.gather(1, accept_len[:, None].long()).squeeze(1)
+        commit_lens = accept_len + 1
+        emitted = torch.zeros_like(candidates)
+        emitted[:, :-1] = candidates[:, 1:]
+        emitted.scatter_(1, accept_len.long()[:, None], bonus_out[:, None])
+        emitted = emitted * (torch.arange(block)[None, :] <= accept_len[:, None])
+        committed = torch.arange(block)[None, :] < commit_lens[:, None]
+        assert step.accept_len.tolist() == accept_len.tolist() and torch.equal(step.bonus, bonus_out)
+        assert torch.equal(step.commit_lens, commit_lens) and torch.equal(step.new_seq_lens, seq_lens + commit_lens)
+        assert torch.equal(step.emitted, emitted)
+        assert torch.equal(step.context_slots, torch.where(committed, slots, torch.zeros_like(slots)))
+        assert {int(a) for a in step.accept_len} <= set(range(block))
+
+
 def test_ops_run_the_reference_without_a_gpu(caplog, monkeypatch):
     monkeypatch.setattr(jit, "_logged", set())
     g = torch.Generator().manual_seed(8)
@@ -501,6 +548,24 @@ def test_gather_kernel_matches_reference(cuda, dtype, features, row_stride):
     assert torch.equal(got.view(bits), expected.view(bits))
 
 
+CHAIN_CASES = [(1, 1), (1, 2), (1, 16), (7, 16), (64, 16), (129, 8), (300, 33)]  # bs, B
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs,block", CHAIN_CASES)
+def test_chain_kernels_match_reference(cuda, bs, block):
+    g = torch.Generator().manual_seed(bs * 1000 + block)
+    req_to_token, rows, seq_lens, bonus, candidates, predicted = chain_inputs(bs, block, g, cuda)
+    expected_block = reference.chain_block(bonus, seq_lens, rows, req_to_token, block, 49_999)
+    got_block = chain_block(bonus, seq_lens, rows, req_to_token, block, 49_999,
+                            out=poisoned(empty_chain_block(bs, block, cuda)))
+    assert_same(got_block, expected_block)
+    slots = expected_block.slots
+    expected = reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)
+    got = chain_accept_greedy(candidates, predicted, seq_lens, slots, out=poisoned(empty_chain_step(bs, block, cuda)))
+    assert_same(got, expected)
+
+
 @pytest.mark.gpu
 def test_ops_capture_in_a_cuda_graph(cuda):
     """A whole speculative step's kernels replay from a CUDA graph: no host sync, no data-dependent shapes."""
@@ -514,14 +579,18 @@ def test_ops_capture_in_a_cuda_graph(cuda):
     coins, race = draw_verify_randoms(bs, n, vocab, cuda)
     hidden = torch.randn(bs * n, features, generator=g).to(cuda)
 
+    chain_table, chain_rows, chain_lens, chain_bonus, candidates, predicted = chain_inputs(bs, 16, g, cuda)
+
     def step(table):
+        block = chain_block(chain_bonus, chain_lens, chain_rows, chain_table, 16, 7)
+        chain = chain_accept_greedy(candidates, predicted, chain_lens, block.slots)
         tree = build_draft_tree(roots, values, ids, seq_lens, budget)
         predict = probs.argmax(-1)
         greedy = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling, predict, depth)
         sampled = verify_tree_sampling(tree.tokens, tree.first_child, tree.next_sibling, probs, coins, race, depth)
         committed = commit_accepted(table, rpi, seq_lens, sampled.path, sampled.accept_len, n)
         rows = gather_accepted_hidden(hidden, sampled.path, sampled.accept_len)
-        return [*tree, *greedy, *sampled, *committed, rows]
+        return [*block, *chain, *tree, *greedy, *sampled, *committed, rows]
 
     eager_table, graph_table = req_to_token.clone(), req_to_token.clone()
     stream = torch.cuda.Stream()

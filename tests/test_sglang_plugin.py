@@ -18,6 +18,7 @@ pytest.importorskip("sglang")
 
 from dflash_sglang.config import DFlashConfigError, parse_drafter_config  # noqa: E402
 from dflash_sglang.drafter import DFlashDrafter  # noqa: E402
+from dflash_sglang import kernels  # noqa: E402
 from dflash_sglang.sglang import accept, compat, plugin  # noqa: E402
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, select_across_shards, shard_argmax  # noqa: E402
 from dflash_sglang.tiny import drafter_config_dict, make_tiny, random_drafter_state  # noqa: E402
@@ -465,10 +466,29 @@ def random_chain(seed, bs=64, block=5, vocab=7):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_greedy_accept_matches_a_plain_loop(seed):
-    candidates, predicted, _ = random_chain(seed)
-    accept_len, bonus = accept.greedy_accept(candidates, predicted)
-    assert (accept_len.tolist(), bonus.tolist()) == reference_greedy(candidates, predicted)
-    assert accept_len.dtype == torch.int32 and bonus.dtype == torch.int64
+    candidates, predicted, g = random_chain(seed)
+    seq_lens = torch.randint(0, 100, (candidates.shape[0],), generator=g)
+    slots = torch.randint(1, 10_000, candidates.shape, generator=g)
+    step = kernels.chain_accept_greedy(candidates, predicted, seq_lens, slots)
+    assert (step.accept_len.tolist(), step.bonus.tolist()) == reference_greedy(candidates, predicted)
+    assert step.accept_len.dtype == step.commit_lens.dtype == torch.int32 and step.bonus.dtype == torch.int64
+    assert torch.equal(step.commit_lens, step.accept_len + 1)
+    assert torch.equal(step.new_seq_lens, seq_lens + step.accept_len + 1)
+    for b, kept in enumerate(step.accept_len.tolist()):
+        assert step.emitted[b].tolist() == candidates[b, 1: kept + 1].tolist() + [int(step.bonus[b])] + [0] * (
+            candidates.shape[1] - kept - 1)
+        assert step.context_slots[b].tolist() == slots[b, : kept + 1].tolist() + [0] * (candidates.shape[1] - kept - 1)
+
+
+def test_chain_block_reads_each_requests_reserved_slots():
+    g = torch.Generator().manual_seed(3)
+    req_to_token = torch.randint(1, 50_000, (6, 40), generator=g, dtype=torch.int32)
+    seq_lens, rows, bonus = torch.tensor([0, 7, 20]), torch.tensor([4, 0, 2]), torch.tensor([11, 12, 13])
+    block = kernels.chain_block(bonus, seq_lens, rows, req_to_token, 5, mask_token_id=99)
+    for b in range(3):
+        assert block.block_ids[b].tolist() == [int(bonus[b])] + [99] * 4
+        assert block.positions[b].tolist() == list(range(int(seq_lens[b]), int(seq_lens[b]) + 5))
+        assert block.slots[b].tolist() == req_to_token[rows[b], seq_lens[b]: seq_lens[b] + 5].tolist()
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -486,10 +506,11 @@ def test_sampling_accept_matches_a_plain_loop(seed):
 def test_sampling_accept_with_one_hot_rows_is_greedy():
     candidates, predicted, g = random_chain(11)
     probs = torch.nn.functional.one_hot(predicted, 7).float()
-    greedy = accept.greedy_accept(candidates, predicted)
+    greedy = kernels.chain_accept_greedy(candidates, predicted, torch.zeros(len(candidates)),
+                                         torch.ones_like(candidates))
     for _ in range(3):
         sampled = accept.sampling_accept(candidates, probs, generator=g)
-        assert torch.equal(sampled[0], greedy[0]) and torch.equal(sampled[1], greedy[1])
+        assert torch.equal(sampled[0], greedy.accept_len) and torch.equal(sampled[1], greedy.bonus)
 
 
 def test_sampling_accept_emits_the_target_distribution():
@@ -501,7 +522,7 @@ def test_sampling_accept_emits_the_target_distribution():
     probs = torch.stack([p0, p1, torch.full((vocab,), 1 / vocab)])[None].expand(n, -1, -1)
     candidates = torch.tensor([[0, 1, 3]]).expand(n, -1)
     accept_len, bonus = accept.sampling_accept(candidates, probs, generator=g)
-    out = accept.emitted_tokens(candidates, accept_len, bonus)
+    out = kernels.chain_step(candidates, accept_len, bonus, torch.zeros(n), torch.ones_like(candidates)).emitted
     first = torch.bincount(out[:, 0], minlength=vocab) / n
     assert (first - p0).abs().max() < 0.006
     second = out[accept_len >= 1, 1]
@@ -535,10 +556,14 @@ def test_filtered_probs_match_a_plain_reference():
     torch.testing.assert_close(plain, torch.softmax(logits / temperatures[:, None], dim=-1))
 
 
-def test_emitted_tokens_layout():
+def test_chain_step_layout():
     candidates = torch.tensor([[9, 1, 2, 3], [9, 4, 5, 6], [9, 7, 8, 0]])
-    out = accept.emitted_tokens(candidates, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([20, 21, 22]))
-    assert out.tolist() == [[20, 0, 0, 0], [4, 5, 21, 0], [7, 8, 0, 22]]
+    slots = torch.tensor([[31, 32, 33, 34], [41, 42, 43, 44], [51, 52, 53, 54]])
+    step = kernels.chain_step(candidates, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([20, 21, 22]),
+                              torch.tensor([5, 6, 7]), slots)
+    assert step.emitted.tolist() == [[20, 0, 0, 0], [4, 5, 21, 0], [7, 8, 0, 22]]
+    assert step.context_slots.tolist() == [[31, 0, 0, 0], [41, 42, 43, 0], [51, 52, 53, 54]]
+    assert step.commit_lens.tolist() == [1, 3, 4] and step.new_seq_lens.tolist() == [6, 9, 11]
 
 
 # ------------------------------------------------------------------------------------------ draft head

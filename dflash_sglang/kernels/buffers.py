@@ -35,6 +35,25 @@ class CommitResult(NamedTuple):
     new_seq_lens: torch.Tensor  # [bs] int64 seq_len + accept_len + 1
 
 
+class ChainBlock(NamedTuple):
+    """A chain step's draft block: what the drafter reads and where its rows (and later the verify's) live."""
+
+    block_ids: torch.Tensor  # [bs, B] int64: the anchor (last step's bonus), then the mask token
+    positions: torch.Tensor  # [bs, B] int64: seq_len + j
+    slots: torch.Tensor  # [bs, B] int64: the KV slots reserved at those positions
+
+
+class ChainStep(NamedTuple):
+    """A verified chain's acceptance and what its commit needs."""
+
+    accept_len: torch.Tensor  # [bs] int32: leading drafts kept
+    commit_lens: torch.Tensor  # [bs] int32: accept_len + 1 (the anchor and the kept drafts enter the caches)
+    bonus: torch.Tensor  # [bs] int64: the target's token after them, the next anchor
+    new_seq_lens: torch.Tensor  # [bs] int64: seq_len + commit_len
+    emitted: torch.Tensor  # [bs, B] int64: kept drafts, the bonus at accept_len, zeros (SGLang's spec-v2 layout)
+    context_slots: torch.Tensor  # [bs, B] int64: the slots of committed rows, 0 (SGLang's padding slot) after
+
+
 class ContextKV(NamedTuple):
     """The drafter's context K/V, layer-major so that each layer's slice is contiguous for the KV pool's store."""
 
@@ -61,6 +80,21 @@ def empty_verify(bs: int, max_depth: int, device) -> VerifyResult:
 def empty_commit(bs: int, num_nodes: int, device) -> CommitResult:
     return CommitResult(torch.empty((bs, num_nodes - 1), dtype=torch.int32, device=device),
                         torch.empty(bs, dtype=torch.long, device=device))
+
+
+def empty_chain_block(bs: int, block_size: int, device) -> ChainBlock:
+    return ChainBlock(*(torch.empty((bs, block_size), dtype=torch.long, device=device) for _ in range(3)))
+
+
+def empty_chain_step(bs: int, block_size: int, device) -> ChainStep:
+    def per_request(dtype):
+        return torch.empty(bs, dtype=dtype, device=device)
+
+    def per_row():
+        return torch.empty((bs, block_size), dtype=torch.long, device=device)
+
+    return ChainStep(per_request(torch.int32), per_request(torch.int32), per_request(torch.long),
+                     per_request(torch.long), per_row(), per_row())
 
 
 def empty_context_kv(num_layers: int, num_tokens: int, kv_heads: int, head_dim: int, dtype, device) -> ContextKV:

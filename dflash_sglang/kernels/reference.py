@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dflash_sglang.kernels.buffers import CommitResult, ContextKV, TreeBuffers, VerifyResult
+from dflash_sglang.kernels.buffers import ChainBlock, ChainStep, CommitResult, ContextKV, TreeBuffers, VerifyResult
 from dflash_sglang.tree import best_first_nodes, max_tree_nodes
 
 
@@ -207,6 +207,39 @@ def commit_accepted(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, 
     freed = torch.full((bs, num_nodes), -1, dtype=torch.int32, device=device)
     freed.scatter_(1, rank, torch.where(free, slots, -1).int())
     return CommitResult(freed[:, : num_nodes - 1], seq_lens.long() + accept_len.long() + 1)
+
+
+def chain_block(bonus: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
+                req_to_token: torch.Tensor, block_size: int, mask_token_id: int) -> ChainBlock:
+    """The block [anchor, MASK x (B-1)] of each request at positions seq_len .. seq_len+B-1, and their slots."""
+    positions = seq_lens.long()[:, None] + torch.arange(block_size, device=seq_lens.device)
+    slots = req_to_token[req_pool_indices.long()[:, None], positions].long()
+    block_ids = torch.full_like(positions, mask_token_id)
+    block_ids[:, 0] = bonus
+    return ChainBlock(block_ids, positions, slots)
+
+
+def chain_accept_greedy(candidates: torch.Tensor, predicted: torch.Tensor, seq_lens: torch.Tensor,
+                        slots: torch.Tensor) -> ChainStep:
+    """Keep drafts while each equals the target's argmax at the row before it (`predicted` [bs, B]); the bonus is
+    the argmax at row accept_len."""
+    matches = candidates[:, 1:] == predicted[:, :-1]
+    accept_len = matches.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+    bonus = predicted.gather(1, accept_len[:, None].long()).squeeze(1)
+    return chain_step(candidates, accept_len, bonus, seq_lens, slots)
+
+
+def chain_step(candidates: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor, seq_lens: torch.Tensor,
+               slots: torch.Tensor) -> ChainStep:
+    """What the commit needs from an acceptance (greedy or sampled) of candidates [bs, B] = [anchor, drafts]."""
+    columns = torch.arange(candidates.shape[1], device=candidates.device)[None, :]
+    kept = accept_len.long()[:, None]
+    drafts = torch.cat([candidates[:, 1:], torch.zeros_like(candidates[:, :1])], dim=1)
+    emitted = torch.where(columns < kept, drafts, torch.where(columns == kept, bonus.long()[:, None], 0))
+    context_slots = torch.where(columns <= kept, slots.long(), 0)
+    commit_lens = accept_len.to(torch.int32) + 1
+    return ChainStep(accept_len.to(torch.int32), commit_lens, bonus.long(), seq_lens.long() + commit_lens, emitted,
+                     context_slots)
 
 
 def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Chain acceptance of a drafted block, in plain torch, on the GPU and without host syncs.
+"""Sampling acceptance of a drafted chain, in plain torch, on the GPU and without host syncs (greedy acceptance and
+the commit bookkeeping are `dflash_sglang.kernels.chain`'s).
 
 One verify step checks, per request, the chain `candidates = [anchor, d_1, ..., d_{B-1}]`: the anchor is the
 token emitted last step, the d_j are the drafter's deterministic guesses. Row j of the target's verify output is
@@ -12,14 +13,6 @@ Shapes: candidates [bs, B] int64; target rows [bs, B, V]; accept_len [bs] int32;
 from __future__ import annotations
 
 import torch
-
-
-def greedy_accept(candidates: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep drafts while each equals the target's argmax at the row before it; `predicted` [bs, B] = argmaxes."""
-    matches = candidates[:, 1:] == predicted[:, :-1]
-    accept_len = matches.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
-    bonus = predicted.gather(1, accept_len[:, None].long()).squeeze(1)
-    return accept_len, bonus.long()
 
 
 def sampling_accept(
@@ -92,15 +85,3 @@ def filtered_probs(
         keep &= sorted_probs >= sorted_probs[:, :1] * min_ps.float().view(-1, 1)
     kept = torch.zeros_like(probs).scatter(1, order, sorted_probs * keep)
     return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def emitted_tokens(candidates: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
-    """Per request [bs, B]: the kept drafts, then the bonus at column accept_len, then padding zeros.
-
-    This is SGLang's spec-v2 result layout: row i holds `accept_len[i] + 1` emitted tokens at stride B.
-    """
-    out = torch.zeros_like(candidates)
-    out[:, :-1] = candidates[:, 1:]
-    out.scatter_(1, accept_len.long()[:, None], bonus[:, None].to(out.dtype))
-    keep = torch.arange(candidates.shape[1], device=candidates.device)[None, :] <= accept_len[:, None]
-    return out * keep

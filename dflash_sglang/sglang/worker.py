@@ -48,14 +48,19 @@ from dflash_sglang.config import (
     validate_pair,
 )
 from dflash_sglang.kernels import (
+    ChainBlock,
+    ChainStep,
     VerifyResult,
     build_draft_tree,
+    chain_accept_greedy,
+    chain_block,
+    chain_step,
     draw_verify_randoms,
     gather_accepted_hidden,
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.sglang.accept import emitted_tokens, filtered_probs, greedy_accept, sampling_accept
+from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, commit_tree_slots, settings_from_env, verify_mask
@@ -164,41 +169,36 @@ class DFlashWorker(BaseSpecWorker):
         # In overlap mode the committed lengths were published from the previous step's stream.
         batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
         seq_lens = batch.seq_lens
-        positions = seq_lens[:, None] + self.block_offsets
-        slots = self.model_runner.req_to_token_pool.req_to_token[batch.req_pool_indices[:, None], positions].long()
+        block = self.block(batch, state)
         plan_lens = planning_seq_lens(batch, state, self.block_size)
 
-        anchors = state.bonus_tokens.view(-1, 1).long()
-        drafts = self.draft(batch, anchors, positions, slots, plan_lens).view(anchors.shape[0], -1)
+        drafts = self.draft(batch, block, plan_lens).view(seq_lens.shape[0], -1)
         step.mark()
-        candidates = torch.cat([anchors, drafts], dim=1)
-        verify = self.verify(batch, candidates, positions, slots, plan_lens)
+        candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
+        verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
         step.mark()
 
-        accept_len, bonus = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info)
-        commit_lens = accept_len + 1
-        new_seq_lens = seq_lens + commit_lens.to(seq_lens.dtype)
+        accepted = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info, seq_lens,
+                               block.slots)
         if on_publish is not None:
-            on_publish(new_seq_lens)
+            on_publish(accepted.new_seq_lens)
 
         # The anchor and the kept drafts are committed; the other rows' features are dropped into slot 0.
-        committed = self.block_offsets[None, :] < commit_lens[:, None]
-        context_slots = torch.where(committed, slots, torch.zeros_like(slots))
         self.draft_model.write_context_kv(
             verify.logits_output.hidden_states,
-            positions.reshape(-1),
-            context_slots.reshape(-1),
+            block.positions.reshape(-1),
+            accepted.context_slots.reshape(-1),
             self.draft_runner.token_to_kv_pool,
         )
         verify.logits_output.hidden_states = None
         result = GenerationBatchResult(
             logits_output=verify.logits_output,
-            next_token_ids=emitted_tokens(candidates, accept_len, bonus).reshape(-1),
-            accept_lens=commit_lens,
+            next_token_ids=accepted.emitted.reshape(-1),
+            accept_lens=accepted.commit_lens,
             can_run_cuda_graph=verify.can_run_cuda_graph,
-            next_draft_input=next_draft_state(bonus, new_seq_lens),
+            next_draft_input=next_draft_state(accepted.bonus, accepted.new_seq_lens),
             speculative_num_draft_tokens=self.block_size,
-            new_seq_lens=new_seq_lens,
+            new_seq_lens=accepted.new_seq_lens,
         )
         self.step_timer.end(step)
         return result
@@ -214,13 +214,12 @@ class DFlashWorker(BaseSpecWorker):
         seq_lens = batch.seq_lens
         req_to_token = self.model_runner.req_to_token_pool.req_to_token
         rows = batch.req_pool_indices[:, None]
-        block_positions = seq_lens[:, None] + self.block_offsets
-        block_slots = req_to_token[rows, block_positions].long()
+        draft_block = self.block(batch, state)
+        block_positions = draft_block.positions
         bs, block, width = block_positions.shape[0], self.block_size, self.tree.verify_width
 
-        anchors = state.bonus_tokens.view(-1).long()
-        logprobs, tokens = self.draft(batch, anchors[:, None], block_positions, block_slots,
-                                      planning_seq_lens(batch, state, block))
+        anchors = draft_block.block_ids[:, 0]
+        logprobs, tokens = self.draft(batch, draft_block, planning_seq_lens(batch, state, block))
         tree = build_draft_tree(anchors, logprobs.view(bs, block - 1, -1), tokens.view(bs, block - 1, -1),
                                 seq_lens, self.tree.budget)
         step.mark()
@@ -268,25 +267,31 @@ class DFlashWorker(BaseSpecWorker):
         self.step_timer.end(step)
         return result
 
-    def draft(self, batch, anchors, positions, slots, plan_lens):
-        """The drafter's forward over [anchor, MASK x (B-1)] -> what the draft head makes of rows 1..B-1: drafts
-        [bs * (B-1)] (chain), or (log-probs, tokens) [bs * (B-1), k] (tree)."""
-        bs, block = positions.shape
-        block_ids = torch.cat([anchors, anchors.new_full((bs, block - 1), self.drafter_config.mask_token_id)], dim=1)
-        embeds = self.target_embed(block_ids.reshape(-1))
+    def block(self, batch: ScheduleBatch, state: DFlashDraftInputV2) -> ChainBlock:
+        """The draft block [anchor, MASK x (B-1)] of every request at its next B positions, and their KV slots."""
+        return chain_block(state.bonus_tokens, batch.seq_lens, batch.req_pool_indices,
+                           self.model_runner.req_to_token_pool.req_to_token, self.block_size,
+                           self.drafter_config.mask_token_id)
+
+    def draft(self, batch, block: ChainBlock, plan_lens):
+        """The drafter's forward over the block -> what the draft head makes of rows 1..B-1: drafts [bs * (B-1)]
+        (chain), or (log-probs, tokens) [bs * (B-1), k] (tree)."""
+        bs = block.block_ids.shape[0]
+        block_ids = block.block_ids.reshape(-1)
+        embeds = self.target_embed(block_ids)
         if self.drafter_config.input_embedding_scale != 1.0:
             embeds = embeds * self.drafter_config.input_embedding_scale
         plan_lens_cpu, plan_lens_sum = plan_lens
         forward_batch = ForwardBatch(
             forward_mode=ForwardMode.TARGET_VERIFY,
             batch_size=bs,
-            input_ids=block_ids.reshape(-1),
+            input_ids=block_ids,
             req_pool_indices=batch.req_pool_indices,
             seq_lens=batch.seq_lens,
-            out_cache_loc=slots.reshape(-1),
+            out_cache_loc=block.slots.reshape(-1),
             seq_lens_sum=plan_lens_sum,
             seq_lens_cpu=plan_lens_cpu,
-            positions=positions.reshape(-1),
+            positions=block.positions.reshape(-1),
             input_embeds=embeds,
             spec_algorithm=SpeculativeAlgorithm.DFLASH,
             spec_info=self.draft_block_spec,
@@ -329,20 +334,21 @@ class DFlashWorker(BaseSpecWorker):
             )
         return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
 
-    def accept(self, candidates, logits, sampling_info) -> tuple[torch.Tensor, torch.Tensor]:
+    def accept(self, candidates, logits, sampling_info, seq_lens, slots) -> ChainStep:
         bs, block = candidates.shape
         if sampling_info is not None:
             apply_sampling_adjustments(logits, sampling_info, block)
         logits = logits.view(bs, block, -1)
         if sampling_info is None or sampling_info.is_all_greedy:
-            return greedy_accept(candidates, logits.argmax(dim=-1))
+            return chain_accept_greedy(candidates, logits.argmax(dim=-1), seq_lens, slots)
         # Filtering sorts every row's vocabulary; a few requests at a time bound those temporaries.
         step = max(1, SAMPLING_ROWS_PER_CHUNK // block)
         chunks = [
             sampled_accept(candidates[lo : lo + step], logits[lo : lo + step], sampling_info, slice(lo, lo + step))
             for lo in range(0, bs, step)
         ]
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        accept_len, bonus = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return chain_step(candidates, accept_len, bonus, seq_lens, slots)
 
     def accept_tree(self, tree, logits, sampling_info) -> VerifyResult:
         """Greedy or lossless sampling acceptance of the tree on the GPU (our kernels, or their references)."""
