@@ -269,7 +269,7 @@ class DFlashWorker(BaseSpecWorker):
 
     def block(self, batch: ScheduleBatch, state: DFlashDraftInputV2) -> ChainBlock:
         """The draft block [anchor, MASK x (B-1)] of every request at its next B positions, and their KV slots."""
-        return chain_block(state.bonus_tokens, batch.seq_lens, batch.req_pool_indices,
+        return chain_block(state.bonus_tokens.view(-1), batch.seq_lens, batch.req_pool_indices,
                            self.model_runner.req_to_token_pool.req_to_token, self.block_size,
                            self.drafter_config.mask_token_id)
 
