@@ -38,6 +38,9 @@ def test_a_divergence_from_ar_fails_ours_with_its_margin_and_ours_equals_builtin
           ar=result(["a", "b"], [[1, 2], [3, 4]], margins=[[2.0, 2.0], [2.0, 0.01]]),
           builtin=result(["a", "x"], [[1, 2], [3, 5]], accept=1.5),
           ours=result(["a", "x"], [[1, 2], [3, 5]], accept=1.5))
+    ours = json.loads((tmp_path / "ours.json").read_text())
+    ours["runs"]["16"]["tok_per_s"] = 100.0
+    write(tmp_path, ours=ours)
     run = report(tmp_path, "--reference", "ar", "builtin", "ours", "--must-pass", "ours")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "ours: 1 /generate outputs diverge from AR" in run.stdout and "max 0.0100 (all near-ties" in run.stdout
@@ -46,6 +49,8 @@ def test_a_divergence_from_ar_fails_ours_with_its_margin_and_ours_equals_builtin
     assert summary["passed"] == {"ar": True, "builtin": False, "ours": False}
     assert summary["divergences"]["ours"] == [{"prompt": 1, "index": 1, "margin": 0.01}]
     assert summary["ours_equals_builtin"] == "2/2"
+    assert summary["ours_over_builtin_tok_s"] == {"1": 1.0, "16": 1.25}
+    assert "ours / builtin tok/s: c1 1.00x, c16 1.25x" in run.stdout
 
 
 def test_a_reference_other_than_ar_compares_two_runs_of_ours(tmp_path):

@@ -171,6 +171,9 @@ def cmd_report(args) -> int:
         # Ours against SGLang's own DFLASH worker, whatever AR did: the two should emit the same tokens.
         same = sum(a == b for a, b in zip(results["builtin"]["generate_ids"], results["ours"]["generate_ids"]))
         summary["ours_equals_builtin"] = f"{same}/{len(results['ours']['generate_ids'])}"
+        summary["ours_over_builtin_tok_s"] = {
+            c: results["ours"]["runs"][c]["tok_per_s"] / results["builtin"]["runs"][c]["tok_per_s"]
+            for c in results["ours"]["runs"] if results["builtin"]["runs"].get(c, {}).get("tok_per_s")}
     Path(args.dir, "summary.json").write_text(json.dumps(summary, indent=1))
     print()
     for row in rows:
@@ -183,6 +186,8 @@ def cmd_report(args) -> int:
                   f", tolerance {NEAR_TIE})")
     if "ours_equals_builtin" in summary:
         print(f"ours vs builtin: identical /generate outputs on {summary['ours_equals_builtin']} prompts")
+        ratios = ", ".join(f"c{c} {r:.2f}x" for c, r in summary["ours_over_builtin_tok_s"].items())
+        print(f"ours / builtin tok/s: {ratios} (groups that share a GPU make this a smoke figure)")
     verdict = ", ".join(f"{name}: {'pass' if passed.get(name) else 'FAIL'}" for name in args.contenders)
     print(f"\n{'PASS' if ok else 'FAIL'} ({verdict}; pass = served, logged its worker, matched AR greedily)")
     return 0 if ok else 1
