@@ -9,16 +9,19 @@
 #            group (e2e_all.sh). Every server after a failed kernel test serves with the torch references
 #            (DFLASH_KERNELS=reference; a flag file tells the benchmark, which starts ~15 minutes later): a kernel
 #            that fails its test never serves. Prints the kernel tests' tail and e2e_all's summary.
+#   gpu0     GPU 0 work while the chain runs (one command, under --budget seconds, default 540): the training-step
+#            profile at SmolLM2's shape (profile_train.py, ~2 minutes), then the Qwen3-32B shape's AR and chain B=16
+#            stages (shape.sh on :30200), then a copy of the training results so far (train_smollm2.sh --collect).
 #   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
 #            training summary and the benchmark table.
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
-# (900 s here) + the benchmark (520 s) from `start`, ~24 minutes; spend the wait on GPU 0 work (shape.sh) and copy
-# the training results as soon as they exist (`train_smollm2.sh --collect`), so a machine that is taken back
-# before `collect` still leaves the drafter's figures.
+# (900 s here) + the benchmark (520 s) from `start`, ~24 minutes; `gpu0` spends the wait and copies the training
+# results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
 #
 #   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
+#          source .device/unpack.sh && bash scripts/device/x2_session.sh gpu0 [--budget S]
 #          source .device/unpack.sh && bash scripts/device/x2_session.sh collect [--wait S]
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -28,6 +31,7 @@ CHAIN_DONE="$SMOL/chain.exit"
 KERNELS_FAILED=/tmp/dflash_kernels_failed
 E2E_BUDGET=430  # with the kernel tests first, the command stays under the box's 600 s
 WAIT=560
+GPU0_BUDGET=540
 SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29), swept over every concurrency like the chain;
 # profiles: AR and the builtin at c1, ours and the tree at c1 and c32.
@@ -38,6 +42,7 @@ while [ $# -gt 0 ]; do
     --e2e-budget) E2E_BUDGET="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
     --wait) WAIT="$2"; shift 2 ;;
+    --budget) GPU0_BUDGET="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -70,6 +75,24 @@ start() {
   cat "$OUT/e2e-summary.txt"
 }
 
+gpu0() {
+  local left
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 "$REPO/scripts/device/profile_train.py" --out "$OUT/profile-train" \
+    > "$OUT/profile-train.log" 2>&1
+  echo "== profile_train exit $?"
+  tail -n 4 "$OUT/profile-train.log"
+  left=$(( GPU0_BUDGET - SECONDS - 20 ))
+  if [ "$left" -gt 200 ]; then
+    CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/shape.sh" --shape qwen3-32b --stages "ar b16" --port 30200 \
+      --budget "$left" > "$OUT/shape.log" 2>&1
+    echo "== shape exit $?"
+    tail -n 8 "$OUT/shape.log"
+  else
+    echo "== shape skipped: ${left}s left"
+  fi
+  OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
+}
+
 collect() {
   local waited=0
   while [ ! -e "$CHAIN_DONE" ] && [ "$waited" -lt "$WAIT" ]; do
@@ -89,6 +112,7 @@ collect() {
 
 case "$COMMAND" in
   start) start ;;
+  gpu0) gpu0 ;;
   collect) collect ;;
-  *) echo "usage: x2_session.sh start|collect [options]" >&2; exit 2 ;;
+  *) echo "usage: x2_session.sh start|gpu0|collect [options]" >&2; exit 2 ;;
 esac
