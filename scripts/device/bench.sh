@@ -30,8 +30,8 @@
 # under speculative decoding, 1 for 1), so the c1-only trees start faster; KV pools stay capped at --kv-tokens.
 # Profile stage (--profile): right after the measurement of AR, the builtin and ours, while each server is up, and
 # after the last tree's, on the tree contender with the best c1 tok/s (the tree servers stay up until then),
-# scripts/device/profile_step.py at each --profile-concurrency (default "1 32"; AR and the builtin at the first
-# only: their scheduler steps are the baseline ours is compared with), each run under --profile-limit seconds
+# scripts/device/profile_step.py: ours (chain) at each --profile-concurrency (default "1 32"), AR, the builtin and
+# the tree at the first (their scheduler steps are the baseline ours is compared with), each under --profile-limit seconds
 # (default 60; each run is expected to take ~25 s, kept out of the contenders' shares). SGLang's /start_profile
 # needs nothing at launch; the profiled servers start with SGLANG_PROFILE_WITH_STACK=false and
 # SGLANG_PROFILE_RECORD_SHAPES=false (both default to true in 0.5.16: Python stacks and shapes would slow the
@@ -192,9 +192,13 @@ PROFILE_EXPECTED=25  # seconds one profile run is expected to take, kept out of 
 # requests last that long, which at tau 8 (a deep tree, a good drafter) takes 320 tokens; otherwise no trace.
 PROFILE_TOKENS=512
 
+read -ra PROFILE_LEVELS <<< "$PROFILE_CONCURRENCY"
+profile_levels() {  # name: the concurrencies it is profiled at: ours (chain) at each, the others at the first
+  case "$1" in ours) echo "${PROFILE_LEVELS[*]}" ;; *) echo "${PROFILE_LEVELS[0]}" ;; esac
+}
 graph_bs() {  # name: the largest batch it will run (its sweep levels, its profiles)
   local most=1 c
-  for c in ${LEVELS[$1]} ${PROFILED[$1]:+$PROFILE_CONCURRENCY}; do [ "$c" -gt "$most" ] && most=$c; done
+  for c in ${LEVELS[$1]} ${PROFILED[$1]:+$(profile_levels "$1")}; do [ "$c" -gt "$most" ] && most=$c; done
   echo "$most"
 }
 declare -A GRAPH_BS=()
@@ -291,13 +295,9 @@ while :; do
 done
 
 RESERVE=25          # seconds kept for bench.json, the table and stopping the servers
-read -ra PROFILE_LEVELS <<< "$PROFILE_CONCURRENCY"
 PROFILE_DIR="$DIR/profile"
 declare -A PROFILE_DONE=()
 measured_ok() { [ ! -f "$DIR/$1.status" ] || [ "$(head -n 1 "$DIR/$1.status")" = ok ]; }
-profile_levels() {  # name: the concurrencies it is profiled at
-  case "$1" in ar|builtin) echo "${PROFILE_LEVELS[0]}" ;; *) echo "${PROFILE_LEVELS[*]}" ;; esac
-}
 profile_runs_left() {  # runs still to come: AR's, the builtin's, ours' and the best tree's, while they can run
   local runs=0 name levels
   if [ "$PROFILE" = 1 ]; then
@@ -308,7 +308,7 @@ profile_runs_left() {  # runs still to come: AR's, the builtin's, ours' and the 
     done
     for name in "${TREES[@]}"; do
       if [ "${UP[$name]:-}" = up ] && measured_ok "$name"; then
-        runs=$(( runs + ${#PROFILE_LEVELS[@]} )); break
+        read -ra levels <<< "$(profile_levels "$name")"; runs=$(( runs + ${#levels[@]} )); break
       fi
     done
   fi
