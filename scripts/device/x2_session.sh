@@ -35,7 +35,7 @@ GPU0_BUDGET=540
 SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29) at c1 and c8, the levels issue 8 sets bars for
 # (a 65-wide verify captured up to batch 64 would cost startup time and memory for no bar); profiles: AR and the
-# builtin at c1, ours and the tree at c1 and c32.
+# builtin and the tree at c1, ours at c1 and c32.
 BENCH_ARGS='--tree-budget 64 --tree-concurrency "1 8" --profile --profile-concurrency "1 32" --set-prompts 4 --budget 520'
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
