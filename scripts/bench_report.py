@@ -237,8 +237,8 @@ def markdown(bench: dict) -> str:
                 "`dflash_sglang.decode` range (our worker's step, inside the former) of SGLang's torch profiler "
                 "trace (CPU + GPU activities, no Python stacks, no shapes): host time per step, CUDA kernel "
                 "launches, CUDA graph replays and host synchronizations (stream/device/event synchronize, blocking "
-                "memcpy). Profiled: AR and the builtin (first profile concurrency), ours (chain) and the tree "
-                "contender with the best c1 tok/s.", "",
+                "memcpy). Profiled: ours (chain) at each profile concurrency; AR, the builtin and the tree "
+                "contender with the best c1 tok/s at the first.", "",
                 "| contender | conc | range | steps | host ms/step (mean) | host ms/step (median) "
                 "| kernel launches/step | graph replays/step | host syncs/step |",
                 "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
