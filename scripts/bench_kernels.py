@@ -10,6 +10,10 @@ N in {16, 128, 1024, 4096} context tokens at L x H x D = 5 x 8 x 128 (the publis
 drafter shapes) and 5 x 4 x 512: the same three times plus the reference replayed from a graph, whose eager
 time is what `write_context_kv` paid before the kernel, and the kernel's memory throughput.
 
+The chain step's ops (`chain_block`, `chain_accept_greedy`) at B = 16 for bs in {1, 8, 32, 64}: the kernel's
+time per eager call and replayed from a graph, and the reference's eager time, i.e. what the worker's torch path
+paid per step in launches.
+
 Writes bench_kernels.json and bench_kernels.md (summaries and full tables) under --out and prints the
 summaries last.
 
@@ -28,6 +32,8 @@ import torch
 
 from dflash_sglang.kernels import (
     build_draft_tree,
+    chain_accept_greedy,
+    chain_block,
     commit_accepted,
     context_kv_norm_rope,
     draw_verify_randoms,
@@ -36,13 +42,15 @@ from dflash_sglang.kernels import (
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.kernels.buffers import empty_commit, empty_context_kv, empty_tree, empty_verify
+from dflash_sglang.kernels.buffers import (empty_chain_block, empty_chain_step, empty_commit, empty_context_kv,
+                                          empty_tree, empty_verify)
 
 DEPTH, TOPK, VOCAB, FEATURES = 16, 8, 151_936, 4096
 BATCHES, BUDGETS = (1, 8, 32, 64), (16, 32, 64)
 CONTEXT_TOKENS = (16, 128, 1024, 4096)
 CONTEXT_SHAPES = ((5, 8, 128), (5, 4, 512))  # layers, kv heads, head_dim
 CONTEXT_MAX_POSITION = 40_960
+CHAIN_BLOCK = 16
 
 
 def time_eager(fn, reps: int) -> float:
@@ -136,6 +144,35 @@ def context_case(tokens: int, layers: int, heads: int, head_dim: int, device) ->
             lambda: reference.context_kv_norm_rope(kv, scale, 1e-6, positions, cache), moved)
 
 
+def chain_cases(bs: int, device) -> dict[str, tuple]:
+    """Per chain op: (kernel call with preallocated outputs, reference call)."""
+    g = torch.Generator(device=device).manual_seed(bs)
+    pool_rows, max_len = bs + 8, 4096
+    table = torch.randperm(pool_rows * max_len, device=device).int().reshape(pool_rows, max_len)
+    rows = torch.randperm(pool_rows, device=device)[:bs]
+    seq_lens = torch.randint(0, max_len - CHAIN_BLOCK, (bs,), generator=g, device=device)
+    bonus = torch.randint(0, VOCAB, (bs,), generator=g, device=device)
+    predicted = torch.randint(0, VOCAB, (bs, CHAIN_BLOCK), generator=g, device=device)
+    candidates = torch.cat([bonus[:, None], predicted[:, :-1]], dim=1)  # every draft kept: the longest walk
+    block_out, step_out = empty_chain_block(bs, CHAIN_BLOCK, device), empty_chain_step(bs, CHAIN_BLOCK, device)
+    slots = reference.chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7).slots
+    return {
+        "chain_block": (lambda: chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7, out=block_out),
+                        lambda: reference.chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7)),
+        "chain_accept_greedy": (lambda: chain_accept_greedy(candidates, predicted, seq_lens, slots, out=step_out),
+                                lambda: reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)),
+    }
+
+
+def chain_markdown(results: list[dict]) -> str:
+    lines = [f"| op (B = {CHAIN_BLOCK}) | bs | kernel us | kernel (graph) us | reference us | reference / kernel |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['op']} | {r['bs']} | {r['kernel_us']:.1f} | {r['kernel_graph_us']:.1f} | "
+                     f"{r['reference_us']:.1f} | {r['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
 def context_markdown(results: list[dict]) -> str:
     lines = ["| L x H x D | N | kernel us | kernel (graph) us | GB/s (graph) | reference us | reference (graph) us | "
              "reference / kernel |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -189,6 +226,13 @@ def main() -> None:
                                 "kernel_graph_us": graph_us, "reference_us": reference_us,
                                 "speedup": reference_us / kernel_us})
             torch.cuda.empty_cache()
+    chain_results = []
+    for bs in BATCHES:
+        for op, (kernel, ref) in chain_cases(bs, device).items():
+            kernel_us = time_eager(kernel, args.reps)
+            reference_us = time_eager(ref, args.reps)
+            chain_results.append({"op": op, "bs": bs, "kernel_us": kernel_us, "kernel_graph_us": time_graph(kernel),
+                                  "reference_us": reference_us, "speedup": reference_us / kernel_us})
     context_results = []
     for layers, heads, head_dim in CONTEXT_SHAPES:
         for tokens in CONTEXT_TOKENS:
@@ -202,12 +246,15 @@ def main() -> None:
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": DEPTH, "topk": TOPK,
             "vocab": VOCAB, "features": FEATURES, "context_dtype": "bfloat16", "seconds": time.perf_counter() - began}
-    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": results,
+    (args.out / "bench_kernels.json").write_text(json.dumps({"meta": meta, "results": results, "chain": chain_results,
                                                              "context_kv": context_results}, indent=1))
     short = summary(results)
+    chain = chain_markdown(chain_results)
     context = context_markdown(context_results)
-    (args.out / "bench_kernels.md").write_text(f"{meta}\n\n{short}\n\n{context}\n\n{markdown(results)}\n")
+    (args.out / "bench_kernels.md").write_text(f"{meta}\n\n{short}\n\n{chain}\n\n{context}\n\n{markdown(results)}\n")
     print(short)
+    print()
+    print(chain)
     print()
     print(context)
 

@@ -29,6 +29,6 @@ tests=${PIPESTATUS[0]}
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
 echo "gpu tests exit $tests, benchmark exit $bench (logs in $OUT)"
-tail -n 36 "$OUT/bench.log"  # the summary tables, or the benchmark's error
+tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"
