@@ -2,7 +2,8 @@
 # GPU box runner for the kernels (tree ops, the drafter's context K/V): build the library, run the GPU tests, then
 # the micro-benchmark.
 # Logs, the JUnit report and the benchmark (JSON + markdown) land in $OUT (default ./out); the benchmark's summary
-# tables are printed last. Exit status: the build's if it failed, else the tests', else the benchmark's.
+# tables are printed last. Exit status: the build's if it failed, else the tests', else 100 if the benchmark
+# failed, else 0.
 # Time budget (< 6 min): build <= 2 min, tests <= 3 min, benchmark <= 1.5 min, each under its own timeout.
 #
 #   bash scripts/device/kernel_tests.sh
@@ -31,4 +32,6 @@ bench=$?
 echo "gpu tests exit $tests, benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 [ "$tests" -ne 0 ] && exit "$tests"
-exit "$bench"
+# The kernels passed; only their timing failed: a distinct status, so callers can still serve with them.
+[ "$bench" -ne 0 ] && exit 100
+exit 0

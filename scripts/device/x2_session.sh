@@ -51,7 +51,7 @@ export DFLASH_KERNEL_CACHE=/tmp/dflash_kernel_cache PYTHONPATH="$REPO${PYTHONPAT
 mkdir -p "$OUT"
 
 start() {
-  local gpus
+  local gpus kernels
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
   [ "$gpus" -ge 2 ] || { echo "error: x2_session.sh needs two GPUs, this machine has $gpus" >&2; exit 2; }
   rm -f "$CHAIN_DONE" "$KERNELS_FAILED"
@@ -63,8 +63,11 @@ start() {
       --drafter '$SMOL/drafter' $BENCH_ARGS > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
     > /dev/null 2>&1 < /dev/null &
   echo "== SmolLM2 chain started on GPU 1 (train_smollm2.sh, then bench.sh $BENCH_ARGS)"
-  if CUDA_VISIBLE_DEVICES=0 OUT="$OUT/kernels" bash "$REPO/scripts/device/kernel_tests.sh" > "$OUT/kernel-tests.log" 2>&1
-  then echo "== kernel tests passed"
+  kernels=0
+  CUDA_VISIBLE_DEVICES=0 OUT="$OUT/kernels" bash "$REPO/scripts/device/kernel_tests.sh" > "$OUT/kernel-tests.log" 2>&1 \
+    || kernels=$?
+  if [ "$kernels" = 0 ] || [ "$kernels" = 100 ]; then
+    echo "== kernel tests passed (kernel_tests.sh exit $kernels; 100: only the micro-benchmark failed)"
   else
     touch "$KERNELS_FAILED"
     export DFLASH_KERNELS=reference
