@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, check_pair, default_softcap,
                                   parse_drafter_config)
