@@ -215,34 +215,27 @@ def main() -> None:
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
 
+    def timings(kernel, ref, reference_reps: int) -> dict:
+        kernel_us, reference_us = time_eager(kernel, args.reps), time_eager(ref, reference_reps)
+        return {"kernel_us": kernel_us, "kernel_graph_us": time_graph(kernel), "reference_us": reference_us,
+                "speedup": reference_us / kernel_us}
+
     results, began = [], time.perf_counter()
     for bs in BATCHES:
         for budget in BUDGETS:
             for op, (kernel, ref) in cases(bs, budget, device).items():
-                kernel_us = time_eager(kernel, args.reps)
-                graph_us = time_graph(kernel)
-                reference_us = time_eager(ref, args.reference_reps)
-                results.append({"op": op, "bs": bs, "budget": budget, "kernel_us": kernel_us,
-                                "kernel_graph_us": graph_us, "reference_us": reference_us,
-                                "speedup": reference_us / kernel_us})
+                results.append({"op": op, "bs": bs, "budget": budget, **timings(kernel, ref, args.reference_reps)})
             torch.cuda.empty_cache()
-    chain_results = []
-    for bs in BATCHES:
-        for op, (kernel, ref) in chain_cases(bs, device).items():
-            kernel_us = time_eager(kernel, args.reps)
-            reference_us = time_eager(ref, args.reps)
-            chain_results.append({"op": op, "bs": bs, "kernel_us": kernel_us, "kernel_graph_us": time_graph(kernel),
-                                  "reference_us": reference_us, "speedup": reference_us / kernel_us})
+    chain_results = [{"op": op, "bs": bs, **timings(kernel, ref, args.reps)}
+                     for bs in BATCHES for op, (kernel, ref) in chain_cases(bs, device).items()]
     context_results = []
     for layers, heads, head_dim in CONTEXT_SHAPES:
         for tokens in CONTEXT_TOKENS:
             kernel, ref, moved = context_case(tokens, layers, heads, head_dim, device)
-            kernel_us, graph_us = time_eager(kernel, args.reps), time_graph(kernel)
-            reference_us, reference_graph_us = time_eager(ref, args.reps), time_graph(ref)
+            timed = timings(kernel, ref, args.reps)
             context_results.append({"op": "context_kv_norm_rope", "tokens": tokens, "layers": layers, "heads": heads,
-                                    "head_dim": head_dim, "kernel_us": kernel_us, "kernel_graph_us": graph_us,
-                                    "gb_per_s": moved / graph_us / 1e3, "reference_us": reference_us,
-                                    "reference_graph_us": reference_graph_us, "speedup": reference_us / kernel_us})
+                                    "head_dim": head_dim, **timed, "gb_per_s": moved / timed["kernel_graph_us"] / 1e3,
+                                    "reference_graph_us": time_graph(ref)})
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "depth": DEPTH, "topk": TOPK,
             "vocab": VOCAB, "features": FEATURES, "context_dtype": "bfloat16", "seconds": time.perf_counter() - began}
