@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, check_pair, default_softcap,
                                   parse_drafter_config)
@@ -134,12 +135,12 @@ def valid_anchor_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask & following
 
 
-def sample_anchors(loss_mask: torch.Tensor, num_anchors: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator,
+                   multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `num_anchors` distinct anchors per row, uniform over the valid ones, sorted.
 
-    Returns anchors [bs, N] and anchor_valid [bs, N]; N = the largest count any row got (rows with fewer valid
-    positions are padded with anchor 0, invalid).
+    Returns anchors [bs, N] and anchor_valid [bs, N]; N = the largest count any row got, rounded up to a multiple
+    of `multiple` (rows with fewer valid positions are padded with anchor 0, invalid).
     """
     candidates = valid_anchor_mask(loss_mask)
     picked = []
@@ -147,7 +148,7 @@ def sample_anchors(loss_mask: torch.Tensor, num_anchors: int,
         positions = row.nonzero().flatten()
         choice = torch.randperm(len(positions), generator=generator)[:num_anchors]
         picked.append(positions[choice].sort().values)
-    width = max(1, max(len(p) for p in picked))
+    width = -(-max(1, max(len(p) for p in picked)) // multiple) * multiple
     anchors = torch.zeros(len(picked), width, dtype=torch.long)
     valid = torch.zeros(len(picked), width, dtype=torch.bool)
     for b, p in enumerate(picked):
@@ -227,14 +228,24 @@ def packed_drafter_forward(drafter: DFlashDrafter, block_embeds: torch.Tensor, b
     return drafter.norm(x)
 
 
+def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """float32 logits rows @ head.T; on CUDA a half-precision matmul writes them in float32 directly (one pass over
+    the vocab-sized result instead of a half-precision write and a float copy)."""
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(rows, head.T, out_dtype=torch.float32)
+    return (rows @ head.T).float()
+
+
 class HeadCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(head(h_i), t_i) over rows h [R, H], with the gradient wrt h computed in the forward pass.
 
-    The head is frozen, so the only gradient is dL/dh = w * (softmax - onehot) * softcap' * multiplier @ W, which
-    the forward can finish chunk by chunk while each chunk's logits exist. Against autograd through checkpointed
-    chunks this saves one of the three vocab-sized matmuls per row and the float copies of the recomputed
-    logits: the head's matmuls are most of a training step for a small target's drafter (49k-row vocab, 30k
-    rows per step). Logits are computed in `compute_dtype` and reduced in float32, as autocast's head would.
+    The head is frozen, so the only gradient is dL/dh_i = w_i * multiplier * ((softmax - onehot) * softcap') @ W,
+    which the forward can finish chunk by chunk while each chunk's logits exist. For a small target's drafter the
+    head is most of a training step (49k-row vocab, 30k rows per step) and its cost is the passes over the
+    vocab-sized chunk, so each pass counts: logits are written once in float32, one fused log-softmax gives the
+    loss, its exp (in place) the softmax, and the per-row factor w * multiplier is applied after the matmul back to
+    H (it is linear), not over the vocab. Logits are computed in `compute_dtype` and reduced in float32, as
+    autocast's head would.
     """
 
     @staticmethod
@@ -245,23 +256,26 @@ class HeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(rows.device.type, enabled=False):
             for lo in range(0, rows.shape[0], chunk_rows):
                 hi = min(lo + chunk_rows, rows.shape[0])
-                logits = (rows[lo:hi].detach().to(compute_dtype) @ head.T).float() * multiplier
+                logits = head_logits(rows[lo:hi].detach().to(compute_dtype), head)
+                if multiplier != 1.0:
+                    logits.mul_(multiplier)
                 capped = None
                 if softcap:
-                    capped = torch.tanh(logits / softcap)
-                    logits = softcap * capped
+                    capped = logits.div_(softcap).tanh_()
+                    logits = capped * softcap
                 target = targets[lo:hi, None]
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                w = weights[lo:hi, None].float()
-                total += ((lse - logits.gather(1, target)) * w).sum()
+                w = weights[lo:hi].float()
+                log_probs = torch.log_softmax(logits, dim=-1)
+                del logits
+                total -= (log_probs.gather(1, target).squeeze(1) * w).sum()
                 if grad is None:
                     continue
-                dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                dlogits.scatter_add_(1, target, torch.full_like(w, -1.0))
-                dlogits.mul_(w * multiplier)
+                dlogits = log_probs.exp_()  # the softmax, in place
+                dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
                 if capped is not None:
-                    dlogits.mul_(1.0 - capped * capped)
-                grad[lo:hi] = (dlogits.to(compute_dtype) @ head).to(rows.dtype)
+                    dlogits.mul_(capped.square_().neg_().add_(1.0))
+                rows_grad = dlogits.to(compute_dtype) @ head
+                grad[lo:hi] = (rows_grad.float() * (w * multiplier)[:, None]).to(rows.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -307,14 +321,20 @@ def pad_batch(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Te
     return ids.to(device), loss_mask.to(device), real.to(device)
 
 
-def target_features(target: TargetModel, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Features [bs, S, K*H] of every token, one causal target forward (padding sees only itself)."""
-    width = ids.shape[1]
-    positions = torch.arange(width, device=ids.device).expand(ids.shape[0], -1)
-    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
-    intra = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=ids.device)
-    _, features = target.forward(target.new_cache(ids.shape[0]), ids, positions, intra)
-    return features
+# Blocks per attention group: the packed attention gives each query the context keys plus the keys of every block in
+# its group, all but its own masked out, so one group of all N blocks (the plain layout) spends most of its work on
+# masked keys (2,048 block keys vs a few hundred context keys at 128 anchors). Groups of 8 blocks see the context
+# (repeated per group) and 128 block keys.
+ANCHORS_PER_GROUP = 8
+
+
+def attention_backends(device: torch.device) -> list:
+    """SDPA backends for the packed drafter forward on `device`. On CUDA not cuDNN's, which builds an execution plan
+    per new shape (length-bucketed batches bring a new one nearly every step; on the H200 that cost more than the
+    attention itself); the memory-efficient kernel takes the boolean mask as it is."""
+    if device.type == "cuda":
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | None, sequences: list[Sequence],
@@ -324,27 +344,36 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
     cfg = drafter.cfg
     dev = target.device
     ids, loss_mask, real = pad_batch(sequences, dev)
-    features = target_features(target, ids, real)
-    anchors, anchor_valid = sample_anchors(loss_mask, num_anchors, generator)
+    features = target.causal_features(ids)
+    anchors, anchor_valid = sample_anchors(loss_mask, num_anchors, generator, ANCHORS_PER_GROUP)
     bs, n = anchors.shape
+    groups = n // ANCHORS_PER_GROUP
     block_size = weights.shape[0]
+    # Group g of row b is a row of its own from here to the loss: its blocks, the context of row b (repeated), and
+    # masks built for its anchors alone. Rows stay in (b, anchor, depth) order, the order of the targets.
+    group_anchors = anchors.view(bs * groups, ANCHORS_PER_GROUP)
+    group_valid = anchor_valid.view(bs * groups, ANCHORS_PER_GROUP)
+    group_context = real.repeat_interleave(groups, dim=0)
     block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
     block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
-    block_positions = (anchors[:, :, None] + torch.arange(block_size, device=dev)).flatten(1)
+    block_positions = (group_anchors[:, :, None] + torch.arange(block_size, device=dev)).flatten(1)
     with torch.no_grad():
-        block_embeds = target.embed(block_ids.flatten(1)) * cfg.input_embedding_scale
+        block_embeds = target.embed(block_ids.view(bs * groups, -1)) * cfg.input_embedding_scale
     masks_by_kind: dict[tuple[bool, int | None], torch.Tensor] = {}
     masks = []
     for i in range(cfg.num_hidden_layers):
         kind = (cfg.is_layer_causal(i), cfg.layer_window(i))
         if kind not in masks_by_kind:
-            masks_by_kind[kind] = packed_block_mask(anchors, anchor_valid, real, block_size, *kind)
+            masks_by_kind[kind] = packed_block_mask(group_anchors, group_valid, group_context, block_size, *kind)
         masks.append(masks_by_kind[kind])
     targets, row_weights = block_targets(ids, loss_mask, anchors, anchor_valid, weights)
     context_positions = torch.arange(ids.shape[1], device=dev).expand(bs, -1)
     with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         keys, values = drafter.context_kv(features, context_positions)
-        hidden = packed_drafter_forward(drafter, block_embeds, block_positions, keys, values, masks)
+        keys = [k.repeat_interleave(groups, dim=0) for k in keys]
+        values = [v.repeat_interleave(groups, dim=0) for v in values]
+        with sdpa_kernel(attention_backends(dev)):
+            hidden = packed_drafter_forward(drafter, block_embeds, block_positions, keys, values, masks)
         return weighted_cross_entropy(hidden, targets, row_weights, drafter, target.lm_head, softcap, chunk_rows)
 
 

@@ -127,3 +127,22 @@ def test_features_are_decoder_layer_outputs(tiny_pairs, arch):
     feats = features.split(target.text_config.hidden_size, dim=-1)
     assert torch.allclose(feats[0], hidden[1]) and torch.allclose(feats[1], hidden[n - 1])
     assert not torch.allclose(feats[2], hidden[n]), "HF's last hidden state is normed; ours is the raw residual"
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma4"])
+def test_causal_features_equal_the_masked_forward_on_real_tokens(tiny_pairs, arch):
+    """Training's mask-free forward gives every real token of right-padded rows the features the engine's masked
+    forward gives it (Gemma 4's sliding layers included: the rows are longer than its window)."""
+    target_dir, _ = tiny_pairs[arch]
+    probe = TargetModel.load(target_dir, dtype=torch.float64)
+    n = probe.text_config.num_hidden_layers
+    target = TargetModel(probe.model, [0, n // 2, n - 1])
+    lengths = torch.tensor([23, 9, 17])
+    width = 24
+    ids = torch.randint(3, 200, (3, width), generator=torch.Generator().manual_seed(5))
+    real = torch.arange(width)[None] < lengths[:, None]
+    ids = ids * real
+    intra = (torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :]) | torch.eye(width, dtype=torch.bool)
+    _, masked = target.forward(target.new_cache(3), ids, torch.arange(width).expand(3, -1), intra)
+    causal = target.causal_features(ids)
+    assert torch.allclose(causal[real], masked[real], atol=1e-10)

@@ -134,14 +134,23 @@ def test_weighted_cross_entropy_value_and_gradient_equal_plain_autograd(softcap,
     assert (got_grad.flatten(0, 1)[weights.flatten() == 0] == 0).all()
 
 
-def test_weighted_cross_entropy_under_bf16_autocast_follows_autocast_head():
-    drafter = make_drafter(["full_attention"]).float()
-    head = torch.nn.Linear(32, 64, bias=False)
+def device_or_skip(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weighted_cross_entropy_under_bf16_autocast_follows_autocast_head(device):
+    """On CUDA the head's logits come out of the matmul in float32 directly (`head_logits`)."""
+    dev = device_or_skip(device)
+    drafter = make_drafter(["full_attention"]).float().to(dev)
+    head = torch.nn.Linear(32, 64, bias=False).to(dev)
     g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(3, 4, 32, generator=g, requires_grad=True)
-    targets = torch.randint(0, 64, (3, 4), generator=g)
-    weights = torch.rand(3, 4, generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(3, 4, 32, generator=g).to(dev).requires_grad_()
+    targets = torch.randint(0, 64, (3, 4), generator=g).to(dev)
+    weights = torch.rand(3, 4, generator=g).to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         got = weighted_cross_entropy(hidden, targets, weights, drafter, head, None, chunk_rows=5)
         (got_grad,) = torch.autograd.grad(got, hidden)
         ce = torch.nn.functional.cross_entropy(drafter.logits(hidden, head, None).flatten(0, 1), targets.flatten(),
@@ -354,9 +363,10 @@ def test_epoch_order_is_a_permutation_of_length_sorted_batches():
         for k in range(0, 1000, batch))
 
 
-def test_batch_loss_does_not_depend_on_the_padding(pair_and_data, monkeypatch):
-    """Padding to PAD_MULTIPLE adds positions that are neither context, anchors nor targets: the loss and its
-    gradient are those of the unpadded batch."""
+def test_batch_loss_does_not_depend_on_padding_or_attention_groups(pair_and_data, monkeypatch):
+    """Padding to PAD_MULTIPLE adds positions that are neither context, anchors nor targets, and attention groups
+    only regroup blocks that never see each other: the loss and its gradient are those of the unpadded batch with
+    all blocks in one group."""
     import dflash_sglang.train as train_module
     from dflash_sglang.target import TargetModel
     from dflash_sglang.train import init_drafter
@@ -367,15 +377,47 @@ def test_batch_loss_does_not_depend_on_the_padding(pair_and_data, monkeypatch):
     target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
     sequences = load_sequences(data, 64)[:3]
     weights = train_module.loss_weights(BLOCK, 3.0)
+    num_anchors = 6
 
-    def loss_and_grad(multiple):
-        monkeypatch.setattr(train_module, "PAD_MULTIPLE", multiple)
+    def loss_and_grad(pad_multiple, group):
+        monkeypatch.setattr(train_module, "PAD_MULTIPLE", pad_multiple)
+        monkeypatch.setattr(train_module, "ANCHORS_PER_GROUP", group)
         drafter.zero_grad()
-        loss = train_module.batch_loss(drafter, target, None, sequences, 6, weights, torch.Generator().manual_seed(1),
+        loss = train_module.batch_loss(drafter, target, None, sequences, num_anchors, weights,
+                                       torch.Generator().manual_seed(1), 64, None)
+        loss.backward()
+        return loss.detach(), drafter.fc.weight.grad.clone(), drafter.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    assert max(len(s.ids) for s in sequences) % 64 != 0
+    plain = loss_and_grad(1, num_anchors)
+    for pad_multiple, group in [(64, num_anchors), (1, 4), (64, 2), (64, 1)]:
+        got = loss_and_grad(pad_multiple, group)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(plain, got)), (pad_multiple, group)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_loss_and_gradient_equal_the_cpu_ones(pair_and_data):
+    """The CUDA step (mask-free causal target forward, memory-efficient attention over the grouped blocks) computes
+    the CPU float64 step's loss and gradient, in float32."""
+    import dflash_sglang.train as train_module
+    from dflash_sglang.target import TargetModel
+    from dflash_sglang.train import init_drafter
+
+    dev = device_or_skip("cuda")
+    target_path, data = pair_and_data
+    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 2, BLOCK, VOCAB - 1, 8)
+    sequences = load_sequences(data, 64)[:4]
+    weights = train_module.loss_weights(BLOCK, 3.0)
+
+    def loss_and_grads(device, dtype):
+        drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).to(device=device, dtype=dtype)
+        target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, dtype, device)
+        loss = train_module.batch_loss(drafter, target, None, sequences, 12, weights, torch.Generator().manual_seed(1),
                                        64, None)
         loss.backward()
-        return loss.detach(), drafter.fc.weight.grad.clone()
+        return [loss.detach().cpu().double()] + [p.grad.cpu().double() for p in drafter.parameters()]
 
-    unpadded, padded = loss_and_grad(1), loss_and_grad(64)
-    assert max(len(s.ids) for s in sequences) % 64 != 0
-    assert torch.allclose(unpadded[0], padded[0], atol=1e-12) and torch.allclose(unpadded[1], padded[1], atol=1e-12)
+    want = loss_and_grads("cpu", torch.float64)
+    got = loss_and_grads(dev, torch.float32)
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -84,7 +84,7 @@ def instrument(timer: PhaseTimer) -> None:
             return fn(*args, **kwargs)
         return wrapped
 
-    train_module.target_features = before("target", train_module.target_features)
+    train_module.pad_batch = before("target", train_module.pad_batch)
     train_module.packed_drafter_forward = before("drafter", train_module.packed_drafter_forward)
     train_module.weighted_cross_entropy = before("loss", train_module.weighted_cross_entropy)
 

@@ -172,8 +172,8 @@ if stats["records"] < 1000 or stats["failed"] > 0.01 * stats["prompts"]:
 EOF
 
   # Hyper-parameters for a 135M target on an H200, a run of several minutes:
-  # - 128 anchors per sequence, batch 16: answers are <= 512 tokens, so 512 anchors would make nearly every
-  #   answer token an anchor and the packed attention (N*B queries x (S + N*B) keys) ~4x dearer per anchor;
+  # - 128 anchors per sequence, batch 16: answers are <= 512 tokens (~280 on average), so 512 anchors would make
+  #   every answer token an anchor, every epoch;
   #   128 blocks x 16 rows = 2048 query rows per sequence, 32k per step -- still big enough matmuls to fill the
   #   GPU, and twice the optimizer steps of batch 32 in the same minutes (the first run, at 32, got 0.49 s a
   #   step: a short run is step-bound, not gradient-noise-bound).
