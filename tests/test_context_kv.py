@@ -239,8 +239,11 @@ def test_library_errors_reach_python_as_exceptions(cuda):
         except RuntimeError as e:
             print("raised:", str(e).splitlines()[0])
     """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    # Unbuffered, with faulthandler: if the child dies, its output says whether the call raised first (a crash at
+    # exit) and where it died.
+    run = subprocess.run([sys.executable, "-u", "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}; stdout: {run.stdout[-500:]!r}; stderr: {run.stderr[-3000:]}"
     assert "raised: head_dim must be even" in run.stdout
 
 
