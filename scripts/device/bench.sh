@@ -264,7 +264,7 @@ for key in ("tree_contenders", "cuda_graph_max_bs"):
     settings[key] = {name: int(n) for name, n in (pair.rsplit(":", 1) for pair in settings[key].split())}
 settings["profile"] = settings["profile"] == "1"
 settings["sets"] = settings["sets"].split()
-git = subprocess.run(["git", "-C", sys.argv[2], "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+git = subprocess.run(["git", "-C", sys.argv[2], "describe", "--always", "--dirty"], capture_output=True, text=True)
 settings["commit"] = git.stdout.strip() or "unknown (no git on the box)"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "versions": versions,

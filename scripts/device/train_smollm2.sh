@@ -22,8 +22,10 @@
 #   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~75 s, SGLang up ~80 s, regeneration of the
 #                            ~22k prompts (~350 s with one server), the rest trains (at least 7 minutes). More than
 #                            one device command allows (600 s), so run it in the background as above.
-#          SMOL_SERVERS=3    SGLang servers of the target on the GPU that share the regeneration prompts (a
-#                            135M model's decode is bound by each scheduler's host time, not by the GPU)
+#          SMOL_SERVERS=3    SGLang servers of the target that share the regeneration prompts (a 135M model's
+#                            decode is bound by each scheduler's host time, not by the GPU)
+#          SMOL_SERVER_GPUS="0 1"  GPUs the servers take in turn (default: the one this script sees); training
+#                            stays on the script's own GPU
 #          SMOL_CONCURRENCY=384  regeneration requests in flight over all servers (each caps its running requests
 #                            at its share)
 #          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
@@ -55,6 +57,7 @@ BUDGET="${SMOL_BUDGET:-900}"
 CPU_TEST="${SMOL_CPU_TEST:-0}"
 PORT=30100                    # first server; the others take the next ports
 SERVERS="${SMOL_SERVERS:-3}"
+read -r -a SERVER_GPUS <<< "${SMOL_SERVER_GPUS:-}"
 MAX_NEW_TOKENS=512
 CONCURRENCY="${SMOL_CONCURRENCY:-384}"
 TARGET="$SMOL/target"
@@ -130,7 +133,9 @@ else
   PER_SERVER=$(( (CONCURRENCY + SERVERS - 1) / SERVERS ))
   URLS=""
   for i in $(seq 0 $((SERVERS - 1))); do
-    setsid python3 -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 --attention-backend triton \
+    GPU_ENV=()
+    [ "${#SERVER_GPUS[@]}" -gt 0 ] && GPU_ENV=(env CUDA_VISIBLE_DEVICES="${SERVER_GPUS[$((i % ${#SERVER_GPUS[@]}))]}")
+    setsid "${GPU_ENV[@]}" python3 -m sglang.launch_server --model-path "$TARGET" --dtype bfloat16 --attention-backend triton \
       --sampling-backend pytorch --disable-prefill-cuda-graph --mem-fraction-static 0.85 \
       --max-total-tokens $(( PER_SERVER * 1536 )) --max-running-requests "$PER_SERVER" \
       --cuda-graph-max-bs "$PER_SERVER" --host 127.0.0.1 --port $((PORT + i)) --nccl-port $((PORT + 50 + i)) \

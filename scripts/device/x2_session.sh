@@ -3,15 +3,19 @@
 # GPU 0 work in between:
 #
 #   start    (with .device carried, after the SmolLM2 payloads were unpacked by earlier commands, see
-#            docs/training.md): in the background on GPU 1 (setsid: it outlives the command) the SmolLM2 pipeline
-#            (train_smollm2.sh) followed by the side-by-side benchmark on its pair (bench.sh); in the foreground on
-#            GPU 0 the kernel GPU tests and micro-benchmark (kernel_tests.sh, ~1 minute), then every end-to-end
-#            group (e2e_all.sh). Every server after a failed kernel test serves with the torch references
-#            (DFLASH_KERNELS=reference; a flag file tells the benchmark, which starts ~15 minutes later): a kernel
-#            that fails its test never serves. Prints the kernel tests' tail and e2e_all's summary.
-#   gpu0     GPU 0 work while the chain runs (one command, under --budget seconds, default 540): the training-step
-#            profile at SmolLM2's shape (profile_train.py, ~2 minutes), then the Qwen3-32B shape's AR and chain B=16
-#            stages (shape.sh on :30200), then a copy of the training results so far (train_smollm2.sh --collect).
+#            docs/training.md): in the background (setsid: it outlives the command) the SmolLM2 pipeline
+#            (train_smollm2.sh: its regeneration servers on both GPUs, training on GPU 1) followed by the
+#            side-by-side benchmark on its pair (bench.sh, GPU 1); in the foreground on GPU 0 the kernel GPU tests and
+#            micro-benchmark (kernel_tests.sh, ~1 minute), then it waits for the regeneration to end (the next
+#            command's servers would slow it down: on 2026-11-29 end-to-end groups started beside it cut it from 36k
+#            to 22k tok/s and left it half the training data). Every server after a failed kernel test serves with
+#            the torch references (DFLASH_KERNELS=reference; a flag file tells the later commands): a kernel that
+#            fails its test never serves. Prints the kernel tests' tail.
+#   gpu0     GPU 0 work while the chain trains and benchmarks (one command, under --budget seconds, default 560):
+#            every end-to-end group (e2e_all.sh), the training GPU tests, the training-step profile at SmolLM2's
+#            shape (profile_train.py, ~1 minute), then a copy of the training results so far
+#            (train_smollm2.sh --collect). --shape adds the Qwen3-32B shape's AR and chain B=16 stages (shape.sh on
+#            :30200) if time is left.
 #   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
 #            training summary and the benchmark table.
 #
@@ -20,8 +24,8 @@
 # (900 s here) + the benchmark (520 s) from `start`, ~24 minutes; `gpu0` spends the wait and copies the training
 # results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
 #
-#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--e2e-budget S] [--bench-args "..."]
-#          source .device/unpack.sh && bash scripts/device/x2_session.sh gpu0 [--budget S]
+#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--bench-args "..."]
+#          source .device/unpack.sh && bash scripts/device/x2_session.sh gpu0 [--budget S] [--e2e-budget S] [--shape]
 #          source .device/unpack.sh && bash scripts/device/x2_session.sh collect [--wait S]
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -29,9 +33,11 @@ OUT="${OUT:-$REPO/out}"
 SMOL=/tmp/smol
 CHAIN_DONE="$SMOL/chain.exit"
 KERNELS_FAILED=/tmp/dflash_kernels_failed
-E2E_BUDGET=430  # with the kernel tests first, the command stays under the box's 600 s
+E2E_BUDGET=420
 WAIT=560
-GPU0_BUDGET=540
+GPU0_BUDGET=560
+REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
+WITH_SHAPE=0
 SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29) at c1 and c8, the levels issue 8 sets bars for
 # (a 65-wide verify captured up to batch 64 would cost startup time and memory for no bar); profiles: AR and the
@@ -44,6 +50,7 @@ while [ $# -gt 0 ]; do
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
     --wait) WAIT="$2"; shift 2 ;;
     --budget) GPU0_BUDGET="$2"; shift 2 ;;
+    --shape) WITH_SHAPE=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -57,7 +64,8 @@ start() {
   rm -f "$CHAIN_DONE" "$KERNELS_FAILED"
   # The chain's own $OUT is not this command's (it ends long after): train_smollm2.sh keeps its results under
   # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
-  CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET setsid bash -c "bash '$REPO/scripts/device/train_smollm2.sh' && \
+  CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET SMOL_SERVERS=6 SMOL_SERVER_GPUS="0 1" setsid bash -c \
+    "bash '$REPO/scripts/device/train_smollm2.sh' && \
     { [ ! -e '$KERNELS_FAILED' ] || export DFLASH_KERNELS=reference; } && \
     OUT='$SMOL/benchrun' DFLASH_SGLANG_STEP_TIMING=1 bash '$REPO/scripts/device/bench.sh' --target '$SMOL/target' \
       --drafter '$SMOL/drafter' $BENCH_ARGS > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
@@ -74,19 +82,30 @@ start() {
     echo "== kernel tests FAILED: the end-to-end groups and the benchmark serve with the torch references"
   fi
   tail -n 40 "$OUT/kernel-tests.log"
-  CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/e2e_all.sh" --budget "$E2E_BUDGET" > "$OUT/e2e_all.log" 2>&1
-  echo "== e2e_all exit $?"
-  cat "$OUT/e2e-summary.txt"
+  while ! grep -qs '"regenerated' "$SMOL/result/timings.jsonl" && [ ! -e "$SMOL/result/exit_code" ] \
+      && [ "$SECONDS" -lt "$REGEN_WAIT" ]; do
+    sleep 5
+  done
+  echo "== after ${SECONDS}s: $(tail -n 1 "$SMOL/result/timings.jsonl" 2>/dev/null)"
 }
 
 gpu0() {
   local left
-  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 "$REPO/scripts/device/profile_train.py" --out "$OUT/profile-train" \
+  [ ! -e "$KERNELS_FAILED" ] || { export DFLASH_KERNELS=reference; echo "== kernel tests failed in start: torch references"; }
+  CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/e2e_all.sh" --budget "$E2E_BUDGET" > "$OUT/e2e_all.log" 2>&1
+  echo "== e2e_all exit $?"
+  cat "$OUT/e2e-summary.txt"
+  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -m gpu "$REPO/tests/test_train.py" -q -p no:cacheprovider \
+    > "$OUT/train-gpu-tests.log" 2>&1
+  echo "== training GPU tests exit $?: $(tail -n 1 "$OUT/train-gpu-tests.log")"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 "$REPO/scripts/device/profile_train.py" --out "$OUT/profile-train" \
     > "$OUT/profile-train.log" 2>&1
   echo "== profile_train exit $?"
   tail -n 4 "$OUT/profile-train.log"
   left=$(( GPU0_BUDGET - SECONDS - 20 ))
-  if [ "$left" -gt 200 ]; then
+  if [ "$WITH_SHAPE" = 0 ]; then
+    echo "== shape not asked for (--shape)"
+  elif [ "$left" -gt 200 ]; then
     CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/shape.sh" --shape qwen3-32b --stages "ar b16" --port 30200 \
       --budget "$left" > "$OUT/shape.log" 2>&1
     echo "== shape exit $?"
