@@ -289,12 +289,13 @@ def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights:
                            lm_head: torch.nn.Module, softcap: float | None, chunk_rows: int) -> torch.Tensor:
     """sum(w * CE) / sum(w) over rows with w > 0, through `HeadCrossEntropy`: at most `chunk_rows` x vocab
     logits exist at once (for a 150k vocab they would dwarf everything else). The head must be bias-free, as every
-    LM head DFlash targets have."""
+    LM head DFlash targets have. `targets` and `weights` may live on the host (as `batch_loss` passes them): the rows
+    to keep are then found there, without a device sync."""
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("training needs a target LM head without bias")
-    keep = weights.flatten() > 0
-    rows = hidden.flatten(0, -2)[keep]
-    targets, weights = targets.flatten()[keep], weights.flatten()[keep]
+    keep = (weights.flatten() > 0).nonzero().flatten()
+    targets, weights = to_device([targets.flatten()[keep], weights.flatten()[keep]], hidden.device)
+    rows = hidden.flatten(0, -2).index_select(0, to_device([keep], hidden.device)[0])
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else rows.dtype
     total = HeadCrossEntropy.apply(rows, lm_head.weight, targets, weights, float(drafter.cfg.output_multiplier),
@@ -308,8 +309,17 @@ def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights:
 PAD_MULTIPLE = 64
 
 
-def pad_batch(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [bs, S] (right-padded with 0 to a multiple of PAD_MULTIPLE), loss_mask [bs, S], real [bs, S]."""
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors to `device`; to a GPU through pinned memory without blocking, so the host goes on queuing work
+    instead of waiting for the GPU to reach the copy (a step's Python, ~30 layers of it, then overlaps the GPU)."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.to(device) if t.is_cuda else t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
+def pad_batch(sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host tensors ids [bs, S] (right-padded with 0 to a multiple of PAD_MULTIPLE), loss_mask [bs, S], real
+    [bs, S]."""
     width = -(-max(len(s.ids) for s in sequences) // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)
@@ -318,7 +328,7 @@ def pad_batch(sequences: list[Sequence], device) -> tuple[torch.Tensor, torch.Te
         ids[b, : len(s.ids)] = s.ids
         loss_mask[b, : len(s.ids)] = s.loss_mask
         real[b, : len(s.ids)] = True
-    return ids.to(device), loss_mask.to(device), real.to(device)
+    return ids, loss_mask, real
 
 
 # Blocks per attention group: the packed attention gives each query the context keys plus the keys of every block in
@@ -340,22 +350,25 @@ def attention_backends(device: torch.device) -> list:
 def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | None, sequences: list[Sequence],
                num_anchors: int, weights: torch.Tensor, generator: torch.Generator, chunk_rows: int,
                autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """The weighted block loss of one micro-batch (steps 1-4 of the module docstring)."""
+    """The weighted block loss of one micro-batch (steps 1-4 of the module docstring). Anchors, block ids and
+    targets are drawn on the host from the host batch, so nothing in the step waits for the device."""
     cfg = drafter.cfg
     dev = target.device
-    ids, loss_mask, real = pad_batch(sequences, dev)
-    features = target.causal_features(ids)
+    ids, loss_mask, real = pad_batch(sequences)
     anchors, anchor_valid = sample_anchors(loss_mask, num_anchors, generator, ANCHORS_PER_GROUP)
+    targets, row_weights = block_targets(ids, loss_mask, anchors, anchor_valid, weights)
     bs, n = anchors.shape
     groups = n // ANCHORS_PER_GROUP
     block_size = weights.shape[0]
+    block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long)
+    block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
+    ids, real, anchors, anchor_valid, block_ids = to_device([ids, real, anchors, anchor_valid, block_ids], dev)
+    features = target.causal_features(ids)
     # Group g of row b is a row of its own from here to the loss: its blocks, the context of row b (repeated), and
     # masks built for its anchors alone. Rows stay in (b, anchor, depth) order, the order of the targets.
     group_anchors = anchors.view(bs * groups, ANCHORS_PER_GROUP)
     group_valid = anchor_valid.view(bs * groups, ANCHORS_PER_GROUP)
     group_context = real.repeat_interleave(groups, dim=0)
-    block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long, device=dev)
-    block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
     block_positions = (group_anchors[:, :, None] + torch.arange(block_size, device=dev)).flatten(1)
     with torch.no_grad():
         block_embeds = target.embed(block_ids.view(bs * groups, -1)) * cfg.input_embedding_scale
@@ -366,7 +379,6 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
         if kind not in masks_by_kind:
             masks_by_kind[kind] = packed_block_mask(group_anchors, group_valid, group_context, block_size, *kind)
         masks.append(masks_by_kind[kind])
-    targets, row_weights = block_targets(ids, loss_mask, anchors, anchor_valid, weights)
     context_positions = torch.arange(ids.shape[1], device=dev).expand(bs, -1)
     with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         keys, values = drafter.context_kv(features, context_positions)
