@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the tokenizer's mask token, else the first embedding row past the tokenizer")
     p.add_argument("--num-anchors", type=int, default=512, help="blocks per sequence (capped by its answer tokens)")
     p.add_argument("--gamma", type=float, default=None, help="loss decay (default: 7 for B=16, 5 for 10, 4 for 8)")
+    p.add_argument("--soft-labels", type=float, default=0.0,
+                   help="weight in [0, 1] of the target's own next-token distribution in each row's label (0: its "
+                        "greedy token alone)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--max-steps", type=int, default=None, help="default: --epochs over the data")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")

@@ -127,14 +127,15 @@ class TargetModel:
         return out.logits.float(), features
 
     @torch.no_grad()
-    def causal_features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Features [bs, S, K*H] of every token of right-padded rows: one plain causal forward of the decoder, no
-        cache, no explicit mask, no head (training). Padding follows every real token, so causal attention alone
-        keeps it out of the real tokens' features, and attention runs its mask-free causal kernel."""
+    def causal_forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [bs, S, K*H] and final (normed) hidden states [bs, S, H] of every token of right-padded rows: one
+        plain causal forward of the decoder, no cache, no explicit mask, no head (training). Padding follows every
+        real token, so causal attention alone keeps it out of the real tokens' states, and attention runs its
+        mask-free causal kernel."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         self._captured.clear()
-        self.model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False)
-        return torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)
+        out = self.model.get_decoder()(input_ids=input_ids, position_ids=positions, use_cache=False)
+        return torch.cat([self._captured[i] for i in self.layer_ids], dim=-1), out.last_hidden_state
 
     def commit(self, cache: TargetCache, keep: torch.Tensor) -> None:
         """Mark which of the last forward's W slots stay in each sequence, then drop the others."""

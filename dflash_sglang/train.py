@@ -11,7 +11,10 @@ One optimizer micro-step on a batch of sequences:
    modules are the reference drafter's, so training computes exactly what inference runs;
 4. block row k (1..B-1) predicts x_{a+k}: cross-entropy weighted by exp(-(k-1)/gamma) (early rows matter most:
    a draft is only useful up to its first miss), normalized by the weight sum; rows past the sequence end or
-   outside the loss mask weigh 0.
+   outside the loss mask weigh 0. The label is x_{a+k}, or with `soft_labels` = s, (1 - s) x_{a+k} + s times the
+   target's own distribution for that token (its head at position a+k-1, from the same forward as the features):
+   the answers are the target's greedy tokens, so both agree on the argmax, and the distribution carries what the
+   target thinks of every other token.
 The target's embedding and LM head are the drafter's too, frozen. Trained: `fc`, `hidden_norm`, the draft
 layers, `norm`.
 """
@@ -64,6 +67,7 @@ class TrainConfig:
     mask_token_id: int | None = None  # default: the tokenizer's mask token, else the first unused embedding row
     num_anchors: int = 512
     gamma: float | None = None  # default: default_gamma(block_size)
+    soft_labels: float = 0.0  # weight of the target's own next-token distribution in each row's label (see loss)
     epochs: int = 6
     max_steps: int | None = None  # default: epochs over the data
     batch_size: int = 8  # sequences per micro-batch
@@ -237,7 +241,10 @@ def head_logits(rows: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """sum_i w_i * CE(head(h_i), t_i) over rows h [R, H], with the gradient wrt h computed in the forward pass.
+    """sum_i w_i * CE(head(h_i), y_i) over rows h [R, H], with the gradient wrt h computed in the forward pass.
+
+    y_i is the one-hot label t_i, or with `soft` > 0 and teacher rows g [R, H] (the target's final hidden states),
+    (1 - soft) * onehot(t_i) + soft * softmax(head(g_i)) (the target's softcap applied to its own logits).
 
     The head is frozen, so the only gradient is dL/dh_i = w_i * multiplier * ((softmax - onehot) * softcap') @ W,
     which the forward can finish chunk by chunk while each chunk's logits exist. For a small target's drafter the
@@ -249,7 +256,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, targets, weights, multiplier, softcap, chunk_rows, compute_dtype):
+    def forward(ctx, rows, weight, targets, weights, multiplier, softcap, chunk_rows, compute_dtype, teacher=None,
+                soft=0.0, teacher_softcap=None):
         head = weight.detach().to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
@@ -267,11 +275,19 @@ class HeadCrossEntropy(torch.autograd.Function):
                 w = weights[lo:hi].float()
                 log_probs = torch.log_softmax(logits, dim=-1)
                 del logits
-                total -= (log_probs.gather(1, target).squeeze(1) * w).sum()
+                label = None
+                if soft:
+                    label = soft_label(teacher[lo:hi].to(compute_dtype), head, target, soft, teacher_softcap)
+                    total -= (torch.linalg.vecdot(label, log_probs) * w).sum()
+                else:
+                    total -= (log_probs.gather(1, target).squeeze(1) * w).sum()
                 if grad is None:
                     continue
                 dlogits = log_probs.exp_()  # the softmax, in place
-                dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
+                if label is None:
+                    dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
+                else:
+                    dlogits.sub_(label)
                 if capped is not None:
                     dlogits.mul_(capped.square_().neg_().add_(1.0))
                 rows_grad = dlogits.to(compute_dtype) @ head
@@ -282,24 +298,39 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None, None, None, None
+        return grad * grad_total, None, None, None, None, None, None, None, None, None, None
+
+
+def soft_label(teacher: torch.Tensor, head: torch.Tensor, target: torch.Tensor, soft: float,
+               softcap: float | None) -> torch.Tensor:
+    """[R, V] float32 label rows (1 - soft) * onehot(target) + soft * softmax(teacher @ head.T), softcapped."""
+    logits = head_logits(teacher, head)
+    if softcap:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    label = torch.softmax(logits, dim=-1).mul_(soft)
+    return label.scatter_add_(1, target, torch.full_like(target, 1.0 - soft, dtype=label.dtype))
 
 
 def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, drafter: DFlashDrafter,
-                           lm_head: torch.nn.Module, softcap: float | None, chunk_rows: int) -> torch.Tensor:
+                           lm_head: torch.nn.Module, softcap: float | None, chunk_rows: int,
+                           teacher: torch.Tensor | None = None, soft: float = 0.0,
+                           teacher_softcap: float | None = None) -> torch.Tensor:
     """sum(w * CE) / sum(w) over rows with w > 0, through `HeadCrossEntropy`: at most `chunk_rows` x vocab
     logits exist at once (for a 150k vocab they would dwarf everything else). The head must be bias-free, as every
     LM head DFlash targets have. `targets` and `weights` may live on the host (as `batch_loss` passes them): the rows
-    to keep are then found there, without a device sync."""
+    to keep are then found there, without a device sync. With `soft` > 0, `teacher` [..., H] holds the target's
+    final hidden state for every row (shaped like `hidden`): the labels mix in its distribution (HeadCrossEntropy)."""
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("training needs a target LM head without bias")
     keep = (weights.flatten() > 0).nonzero().flatten()
     targets, weights = to_device([targets.flatten()[keep], weights.flatten()[keep]], hidden.device)
-    rows = hidden.flatten(0, -2).index_select(0, to_device([keep], hidden.device)[0])
+    keep = to_device([keep], hidden.device)[0]
+    rows = hidden.flatten(0, -2).index_select(0, keep)
+    teacher_rows = teacher.flatten(0, -2).index_select(0, keep) if soft else None
     dev = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else rows.dtype
     total = HeadCrossEntropy.apply(rows, lm_head.weight, targets, weights, float(drafter.cfg.output_multiplier),
-                                   softcap, chunk_rows, compute_dtype)
+                                   softcap, chunk_rows, compute_dtype, teacher_rows, float(soft), teacher_softcap)
     return total / weights.sum().clamp(min=1e-6)
 
 
@@ -349,7 +380,7 @@ def attention_backends(device: torch.device) -> list:
 
 def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | None, sequences: list[Sequence],
                num_anchors: int, weights: torch.Tensor, generator: torch.Generator, chunk_rows: int,
-               autocast_dtype: torch.dtype | None) -> torch.Tensor:
+               autocast_dtype: torch.dtype | None, soft_labels: float = 0.0) -> torch.Tensor:
     """The weighted block loss of one micro-batch (steps 1-4 of the module docstring). Anchors, block ids and
     targets are drawn on the host from the host batch, so nothing in the step waits for the device."""
     cfg = drafter.cfg
@@ -363,7 +394,12 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
     block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long)
     block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
     ids, real, anchors, anchor_valid, block_ids = to_device([ids, real, anchors, anchor_valid, block_ids], dev)
-    features = target.causal_features(ids)
+    features, final_hidden = target.causal_forward(ids)
+    teacher = None
+    if soft_labels:
+        # Row k of the block at a is labelled by the target's output at position a+k-1 (row 0 weighs 0).
+        before = (anchors[:, :, None] + torch.arange(block_size, device=dev) - 1).clamp(min=0).flatten(1)
+        teacher = torch.gather(final_hidden, 1, before[:, :, None].expand(-1, -1, final_hidden.shape[-1]))
     # Group g of row b is a row of its own from here to the loss: its blocks, the context of row b (repeated), and
     # masks built for its anchors alone. Rows stay in (b, anchor, depth) order, the order of the targets.
     group_anchors = anchors.view(bs * groups, ANCHORS_PER_GROUP)
@@ -386,7 +422,8 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
         values = [v.repeat_interleave(groups, dim=0) for v in values]
         with sdpa_kernel(attention_backends(dev)):
             hidden = packed_drafter_forward(drafter, block_embeds, block_positions, keys, values, masks)
-        return weighted_cross_entropy(hidden, targets, row_weights, drafter, target.lm_head, softcap, chunk_rows)
+        return weighted_cross_entropy(hidden, targets, row_weights, drafter, target.lm_head, softcap, chunk_rows,
+                                      teacher, soft_labels, target.softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,7 +622,7 @@ def plan_steps_in_time(step: int, seconds_per_step: float, seconds_left: float, 
 
 # Settings a resumed run must share with the run that wrote the checkpoint (others, e.g. eval or stop_after,
 # may change between sessions).
-RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "epochs", "max_steps", "batch_size",
+RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "soft_labels", "epochs", "max_steps", "batch_size",
                      "grad_accum", "max_seq_len", "lr", "weight_decay", "warmup_ratio", "seed")
 
 
@@ -690,7 +727,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss_sum = 0.0
         for micro in micro_batches:
             loss = batch_loss(drafter, target, softcap, [sequences[i] for i in micro], cfg.num_anchors, weights,
-                              anchor_rng, cfg.loss_chunk_rows, autocast_dtype)
+                              anchor_rng, cfg.loss_chunk_rows, autocast_dtype, cfg.soft_labels)
             (loss / len(micro_batches)).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)

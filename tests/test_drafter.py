@@ -130,9 +130,10 @@ def test_features_are_decoder_layer_outputs(tiny_pairs, arch):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma4"])
-def test_causal_features_equal_the_masked_forward_on_real_tokens(tiny_pairs, arch):
+def test_causal_forward_features_equal_the_masked_forward_on_real_tokens(tiny_pairs, arch):
     """Training's mask-free forward gives every real token of right-padded rows the features the engine's masked
-    forward gives it (Gemma 4's sliding layers included: the rows are longer than its window)."""
+    forward gives it, and final states whose head logits are the engine's (Gemma 4's sliding layers included: the
+    rows are longer than its window)."""
     target_dir, _ = tiny_pairs[arch]
     probe = TargetModel.load(target_dir, dtype=torch.float64)
     n = probe.text_config.num_hidden_layers
@@ -143,6 +144,10 @@ def test_causal_features_equal_the_masked_forward_on_real_tokens(tiny_pairs, arc
     real = torch.arange(width)[None] < lengths[:, None]
     ids = ids * real
     intra = (torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :]) | torch.eye(width, dtype=torch.bool)
-    _, masked = target.forward(target.new_cache(3), ids, torch.arange(width).expand(3, -1), intra)
-    causal = target.causal_features(ids)
+    logits, masked = target.forward(target.new_cache(3), ids, torch.arange(width).expand(3, -1), intra)
+    causal, final_hidden = target.causal_forward(ids)
     assert torch.allclose(causal[real], masked[real], atol=1e-10)
+    head_logits = target.lm_head(final_hidden)
+    if target.softcap:
+        head_logits = target.softcap * torch.tanh(head_logits / target.softcap)
+    assert torch.allclose(head_logits[real].float(), logits[real], atol=1e-5)  # the engine returns float32 logits

@@ -134,6 +134,57 @@ def test_weighted_cross_entropy_value_and_gradient_equal_plain_autograd(softcap,
     assert (got_grad.flatten(0, 1)[weights.flatten() == 0] == 0).all()
 
 
+@pytest.mark.parametrize("softcap,teacher_softcap", [(None, None), (5.0, 4.0)])
+def test_soft_labels_value_and_gradient_equal_plain_autograd(softcap, teacher_softcap):
+    """With soft labels the row's label is (1 - s) onehot + s softmax(target head on the teacher rows)."""
+    drafter = make_drafter(["full_attention"]).float()
+    head = torch.nn.Linear(32, 64, bias=False)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 32, generator=g)
+    targets = torch.randint(0, 64, (2, 5), generator=g)
+    weights = torch.rand(2, 5, generator=g) * (torch.rand(2, 5, generator=g) > 0.3)
+    soft = 0.6
+    got = weighted_cross_entropy(hidden, targets, weights, drafter, head, softcap, 3, teacher, soft, teacher_softcap)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+
+    log_q = torch.log_softmax(drafter.logits(hidden, head, softcap), dim=-1)
+    teacher_logits = head(teacher).detach()
+    if teacher_softcap:
+        teacher_logits = teacher_softcap * torch.tanh(teacher_logits / teacher_softcap)
+    label = (1 - soft) * torch.nn.functional.one_hot(targets, 64) + soft * torch.softmax(teacher_logits, dim=-1)
+    want = (-(label * log_q).sum(-1) * weights).sum() / weights.sum()
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6)
+
+
+def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, monkeypatch):
+    """batch_loss labels row k of the block at a with the target's output at position a+k-1, the one that chose
+    x_{a+k}: on the target's own greedy answers, every kept row's teacher distribution has its label as argmax."""
+    import dflash_sglang.train as train_module
+    from dflash_sglang.target import TargetModel
+    from dflash_sglang.train import init_drafter
+
+    target_path, data = pair_and_data
+    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 1, BLOCK, VOCAB - 1, 8)
+    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).double()
+    target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
+    seen = {}
+    plain_apply = train_module.HeadCrossEntropy.apply
+
+    def spy(rows, weight, targets, weights, *rest):
+        seen.update(teacher=rest[4], targets=targets)
+        return plain_apply(rows, weight, targets, weights, *rest)
+
+    monkeypatch.setattr(train_module.HeadCrossEntropy, "apply", spy)
+    loss = train_module.batch_loss(drafter, target, None, load_sequences(data, 64)[:3], 6,
+                                   train_module.loss_weights(BLOCK, 3.0), torch.Generator().manual_seed(1), 64, None,
+                                   1.0)
+    assert torch.isfinite(loss) and len(seen["targets"]) > 20
+    assert torch.equal(target.lm_head(seen["teacher"]).argmax(-1), seen["targets"])
+
+
 def device_or_skip(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")

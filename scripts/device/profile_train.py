@@ -96,7 +96,8 @@ def run(order_name: str, batches: list[list[Sequence]], drafter, target, weights
 
     def step(batch) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(drafter, target, None, batch, args.num_anchors, weights, generator, 8192, autocast)
+        loss = batch_loss(drafter, target, None, batch, args.num_anchors, weights, generator, 8192, autocast,
+                          args.soft_labels)
         timer.mark("backward")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -146,6 +147,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-anchors", type=int, default=128)
     parser.add_argument("--draft-layers", type=int, default=3)
+    parser.add_argument("--soft-labels", type=float, default=0.0, help="as `train --soft-labels` (its cost)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a small random target instead of SmolLM2's shape")
     args = parser.parse_args()
