@@ -118,6 +118,9 @@ def tree_sweep_rows(bench: dict) -> list[dict]:
 PROFILE_RANGES = (("scheduler_step", "scheduler step"), (None, "our decode step"))
 
 
+KERNELS_LISTED = 10  # per profiled run, in the kernels-per-step list under the profile table
+
+
 def profile_rows(bench: dict) -> list[dict]:
     """bench.sh --profile: per contender, concurrency and profiled range (SGLang's scheduler step, which every server
     has, then our worker's decode step inside it, where there is one), the status and profile_step.py's per-step
@@ -249,6 +252,14 @@ def markdown(bench: dict) -> str:
                 continue
             out.append(f"| {name} | {r['concurrency']} | {r['range']} | "
                        + " | ".join(_f(r[key], spec) for key, spec in PROFILE_COLUMNS) + " |")
+        kernel_lines = [
+            f"- {title(bench, run['contender'])}, c{run['concurrency']}: "
+            + ", ".join(f"`{k['kernel'][:60]}` x{k['launches_per_step']:.1f}" for k in kernels[:KERNELS_LISTED])
+            for run in bench.get("profiles", [])
+            if (kernels := ((run["summary"] or {}).get("scheduler_step") or {}).get("top_kernels_by_launches"))]
+        if kernel_lines:
+            out += ["", f"Kernels launched per scheduler step, most launched first (top {KERNELS_LISTED}):", ""]
+            out += kernel_lines
     not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
     if not_run:
         out += ["", "## Not run", ""]

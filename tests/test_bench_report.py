@@ -180,6 +180,9 @@ PROFILE_SUMMARY = {"steps": 41, "host_ms_per_step_mean": 1.23456, "host_ms_per_s
                    "host_syncs_per_step": 0.0, "host_syncs": {}, "top_ops_by_host_time": [], "concurrency": 1}
 
 
+KERNELS = [{"kernel": f"kernel_{i}", "launches_per_step": 12.0 - i} for i in range(12)]
+
+
 def sweep_bench() -> dict:
     """synthetic_bench with a tree budget sweep (bench.sh --tree-budget "8 16 32 64"): every tree contender ran the
     sets stage and the sweep's c1 level only (ours-tree-32's c1 ran out of time), plus the profile stage."""
@@ -197,7 +200,8 @@ def sweep_bench() -> dict:
         {"contender": "builtin", "concurrency": 1, "status": "ok", "reason": None,
          "summary": {**PROFILE_SUMMARY, "steps": 0, "scheduler_step": {**PROFILE_SUMMARY, "steps": 40}}},
         {"contender": "ours", "concurrency": 1, "status": "ok", "reason": None,
-         "summary": {**PROFILE_SUMMARY, "scheduler_step": {**PROFILE_SUMMARY, "host_ms_per_step_mean": 3.5}}},
+         "summary": {**PROFILE_SUMMARY, "scheduler_step": {**PROFILE_SUMMARY, "host_ms_per_step_mean": 3.5,
+                                                           "top_kernels_by_launches": KERNELS}}},
         {"contender": "ours", "concurrency": 32, "status": "ok", "reason": None,
          "summary": {**PROFILE_SUMMARY, "steps": 40, "host_ms_per_step_mean": 2.5, "host_syncs_per_step": 0.125}},
         {"contender": "ours-tree-16", "concurrency": 1, "status": "failed", "reason": "not done within 60s",
@@ -287,3 +291,10 @@ def test_tree_budget_plot_carries_the_json(tmp_path, monkeypatch):
     assert tau[0] == "ours (tree)" and list(zip(*tau[1])) == [(BUDGETS[n], rows[n]["mean_tau"]) for n in BUDGETS]
     assert list(zip(*toks[1])) == [(BUDGETS[n], r) for n, r in TREE_C1.items() if r is not None]
     assert lines[-3:] == [("chain", rows["ours"]["mean_tau"]), ("chain", TOK_S["ours"][0]), ("AR", TOK_S["ar"][0])]
+
+
+def test_kernels_per_step_list_is_the_json():
+    md = bench_report.markdown(sweep_bench())
+    lines = [line for line in md.splitlines() if line.startswith("- ours (chain), c1: ")]
+    assert lines == ["- ours (chain), c1: " + ", ".join(f"`kernel_{i}` x{12.0 - i:.1f}" for i in range(10))]
+    assert "- builtin DFLASH, c1:" not in md  # its summary lists no kernels (an older profile_step)

@@ -15,19 +15,31 @@ def event(name, ts, dur, cat, tid=1, pid=7):
     return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": pid, "tid": tid}
 
 
+def launch(ts, correlation, tid=1):
+    return {**event("cudaLaunchKernel", ts, 2, "cuda_runtime", tid=tid), "args": {"correlation": correlation}}
+
+
+def kernel(name, ts, correlation):
+    return {**event(name, ts, 3, "kernel", tid=7, pid=0), "args": {"correlation": correlation}}
+
+
 def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
     events = [
         event("dflash_sglang.decode", 100, 50, "user_annotation"),
-        event("cudaLaunchKernel", 110, 2, "cuda_runtime"),
-        event("cudaLaunchKernel", 120, 2, "cuda_runtime"),
+        launch(110, 1),
+        launch(120, 2),
+        kernel("argmax_kernel", 140, 1),
+        kernel("cat_kernel", 145, 2),
         event("cudaGraphLaunch", 130, 5, "cuda_runtime"),
         event("aten::argmax", 112, 6, "cpu_op"),
         event("dflash_sglang.decode", 300, 30, "user_annotation"),
-        event("cudaLaunchKernel", 305, 2, "cuda_runtime"),
+        launch(305, 3),
+        kernel("argmax_kernel", 340, 3),
         event("cudaStreamSynchronize", 310, 9, "cuda_runtime"),
         event("cudaMemcpyAsync", 320, 1, "cuda_runtime"),
         event("cudaStreamSynchronize", 200, 9, "cuda_runtime"),  # between steps: the scheduler's, not ours
-        event("cudaLaunchKernel", 115, 2, "cuda_runtime", tid=2),  # another thread
+        launch(115, 4, tid=2),  # another thread
+        kernel("other_kernel", 150, 4),
         # The GPU copies of the two ranges (torch's profiler with CUDA activities): not steps of their own.
         event("dflash_sglang.decode", 140, 12, "gpu_user_annotation", tid=7, pid=0),
         event("dflash_sglang.decode", 330, 20, "gpu_user_annotation", tid=7, pid=0),
@@ -44,6 +56,8 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
     assert summary["host_ms_per_step_mean"] == 0.04
     assert summary["gpu_span_ms_per_step_median"] == 0.02
     assert summary["top_ops_by_host_time"] == [{"op": "aten::argmax", "calls_per_step": 0.5, "us_per_step": 3.0}]
+    assert summary["top_kernels_by_launches"] == [{"kernel": "argmax_kernel", "launches_per_step": 1.0},
+                                                  {"kernel": "cat_kernel", "launches_per_step": 0.5}]
 
 
 def test_scheduler_steps_are_summarized_for_any_server(tmp_path):

@@ -81,11 +81,14 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
     ranges = [e for e in complete if e.get("name") == range_name]
     steps = [e for e in ranges if e.get("cat") != GPU_RANGE_CATEGORY]
     gpu_us = sorted(e["dur"] for e in ranges if e.get("cat") == GPU_RANGE_CATEGORY)
+    # A launch's kernel: the GPU event with the same correlation id (what the launch ran, not who asked for it).
+    kernel_of = {e["args"]["correlation"]: e["name"] for e in complete
+                 if e.get("cat") == "kernel" and "correlation" in e.get("args", {})}
     by_thread = defaultdict(list)
     for e in complete:
         if e.get("name") != range_name and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
-    runtime, ops, op_time = Counter(), Counter(), Counter()
+    runtime, ops, op_time, kernels = Counter(), Counter(), Counter(), Counter()
     for step in steps:
         start, end = step["ts"], step["ts"] + step["dur"]
         for e in by_thread[(step.get("pid"), step.get("tid"))]:
@@ -95,6 +98,8 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
                     op_time[e["name"]] += e["dur"]
                 else:
                     runtime[e["name"]] += 1
+                    if e["name"] in KERNEL_LAUNCHES:
+                        kernels[kernel_of.get(e.get("args", {}).get("correlation"), "(no kernel event)")] += 1
     n = max(len(steps), 1)
 
     def per_step(names) -> float:
@@ -115,6 +120,9 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
         "top_ops_by_host_time": [
             {"op": name, "calls_per_step": ops[name] / n, "us_per_step": op_time[name] / n}
             for name, _ in op_time.most_common(15)
+        ],
+        "top_kernels_by_launches": [
+            {"kernel": name[:120], "launches_per_step": count / n} for name, count in kernels.most_common(25)
         ],
     }
 
@@ -143,6 +151,9 @@ def print_table(summary: dict, title: str) -> None:
     print("top operators inside the step (inclusive host us / step, calls / step):")
     for op in summary["top_ops_by_host_time"][:10]:
         print(f"  {op['op'][:60]:<60} {op['us_per_step']:9.1f} {op['calls_per_step']:6.1f}")
+    print("kernels launched inside the step (launches / step):")
+    for kernel in summary["top_kernels_by_launches"][:15]:
+        print(f"  {kernel['kernel'][:80]:<80} {kernel['launches_per_step']:6.1f}")
 
 
 def main() -> int:
