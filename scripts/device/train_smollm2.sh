@@ -188,9 +188,12 @@ EOF
   # - up to 6 epochs over ~22k answers: the second run finished 4 epochs of 12k in 7 minutes (7 steps/s, before
   #   length-bucketed batches and the fused head loss) with the loss still falling, so time, not data, ends the
   #   run; --max-minutes re-plans the cosine to the steps that fit.
+  # - soft labels 1.0: each row learns the target's whole next-token distribution, not only its greedy token; on
+  #   the demo target with 800 answers it raised held-out acceptance in 4 of 4 seeds (1.35 -> 1.43,
+  #   docs/results/ablation-2026-11-29e/), and this run is as short of data.
   # - 16 held-out records, 256 tokens each, for the final acceptance estimate (the real engine's greedy chain).
   TRAIN_HW=(--device cuda --dtype bfloat16 --batch-size 16 --num-anchors 128 --max-seq-len 1024 --epochs 6
-            --num-eval-prompts 16 --eval-max-new-tokens 256)
+            --soft-labels 1 --num-eval-prompts 16 --eval-max-new-tokens 256)
 fi
 
 # 4. Mask token: a special token of the tokenizer that no prompt and no answer contains.
