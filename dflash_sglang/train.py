@@ -638,6 +638,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    if not 0.0 <= cfg.soft_labels <= 1.0:
+        raise ValueError(f"--soft-labels is a weight in [0, 1] (the target distribution's share of each label), "
+                         f"got {cfg.soft_labels}")
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

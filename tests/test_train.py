@@ -473,3 +473,9 @@ def test_cuda_batch_loss_and_gradient_equal_the_cpu_ones(pair_and_data):
     got = loss_and_grads(dev, torch.float32)
     for a, b in zip(want, got):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_soft_labels_outside_zero_one_are_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"--soft-labels is a weight in \[0, 1\]"):
+        train(TrainConfig(target=str(tmp_path / "missing"), data=str(tmp_path / "missing.jsonl"), out=str(tmp_path),
+                          soft_labels=1.5))
