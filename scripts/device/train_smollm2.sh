@@ -2,7 +2,7 @@
 # A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 900):
 #   1. convert the GGUF (payloads .device-smol1..4, see scripts/prepare_smollm2.sh) to a bf16 HF checkpoint;
 #   2. serve it with SGLang (plain decoding, SMOL_SERVERS servers on 127.0.0.1:30100..) and regenerate the
-#      target's greedy answers to the ~22k training prompts (chat template, up to 512 new tokens, 384 requests in
+#      target's greedy answers to the ~44k training prompts (chat template, up to 512 new tokens, 384 requests in
 #      flight); stop the servers;
 #   3. pick the mask token (a special token no prompt or answer contains) and train a 3-layer drafter, B=16,
 #      initialised from the target's last 3 layers, under a wall-clock cap that leaves time for the final
@@ -19,8 +19,9 @@
 #            (OUT= setsid bash scripts/device/train_smollm2.sh >/dev/null 2>&1 </dev/null &)
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
-#   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~75 s, SGLang up ~80 s, regeneration of the
-#                            ~22k prompts (~350 s with one server), the rest trains (at least 7 minutes). More than
+#   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~60 s, SGLang up ~60 s, regeneration of the
+#                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 7
+#                            minutes; answers still unsent when regeneration must stop are skipped). More than
 #                            one device command allows (600 s), so run it in the background as above.
 #          SMOL_SERVERS=3    SGLang servers of the target that share the regeneration prompts (a 135M model's
 #                            decode is bound by each scheduler's host time, not by the GPU)
@@ -185,9 +186,9 @@ EOF
   # - lr 1e-3 (recipe: 6e-4 for 8B drafters over 6 epochs): a short run of a small drafter whose layers start
   #   from the target's own; the demo pair was trained the same way at 1e-3.
   # - max-seq-len 1024: prompts are <= 1200 characters (~300 tokens) + 512 answer tokens.
-  # - up to 6 epochs over ~22k answers: the second run finished 4 epochs of 12k in 7 minutes (7 steps/s, before
-  #   length-bucketed batches and the fused head loss) with the loss still falling, so time, not data, ends the
-  #   run; --max-minutes re-plans the cosine to the steps that fit.
+  # - up to 6 epochs over ~44k answers: at the fifth session's ~10 steps/s the ~7 minutes of training cover ~1.5
+  #   of them, so time ends the run (--max-minutes re-plans the cosine to the steps that fit); that session's 6
+  #   epochs over 7.6k answers did no better than 2.5 over 15k, so distinct answers beat passes.
   # - soft labels 1.0: each row learns the target's whole next-token distribution, not only its greedy token; on
   #   the demo target with 800 answers it raised held-out acceptance in 4 of 4 seeds (1.35 -> 1.43,
   #   docs/results/ablation-2026-11-29e/), and this run is as short of data.
