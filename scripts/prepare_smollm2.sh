@@ -17,8 +17,8 @@
 # a seed other than the eval set's 2026, symbolic math from 16 other reasoning-gym generators, and HumanEval-shaped
 # stubs (signature + docstring) of the public functions and methods of the standard library and of the packages in
 # reasoning-gym's venv (sympy, numpy, ...). Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the
-# evaluation sets) is excluded, as is any prompt that contains one. More prompts, not more epochs: the fifth
-# session's drafter did no better on 6 epochs of 7.6k answers than on 2.5 epochs of 15k.
+# evaluation sets) is excluded, as is any prompt that contains one. More than one run regenerates (~22k before
+# the sixth session): train_smollm2.sh answers what fits its regeneration time and trains on those.
 #
 #   usage: bash scripts/prepare_smollm2.sh     (env: SMOL_WORK=/tmp/smollm2-prep, a download/scratch folder)
 set -euo pipefail

@@ -20,7 +20,7 @@
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
 #   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~60 s, SGLang up ~60 s, regeneration of the
-#                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 7
+#                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 8
 #                            minutes; answers still unsent when regeneration must stop are skipped). More than
 #                            one device command allows (600 s), so run it in the background as above.
 #          SMOL_SERVERS=3    SGLang servers of the target that share the regeneration prompts (a 135M model's
@@ -156,7 +156,7 @@ else
 
   # 3. Answers. Requests still unsent when the deadline passes are skipped (and counted in the stats), so that
   #    at least TRAIN_MIN seconds are left for training whatever the regeneration speed turns out to be.
-  TRAIN_MIN=420
+  TRAIN_MIN=480
   REGEN_DEADLINE=$(( BUDGET - SECONDS - TRAIN_MIN - RESERVE_FINAL - 20 ))
   if [ "$REGEN_DEADLINE" -lt 30 ]; then
     echo "error: only $((BUDGET - SECONDS))s of the ${BUDGET}s budget left before regeneration" >&2
@@ -186,9 +186,10 @@ EOF
   # - lr 1e-3 (recipe: 6e-4 for 8B drafters over 6 epochs): a short run of a small drafter whose layers start
   #   from the target's own; the demo pair was trained the same way at 1e-3.
   # - max-seq-len 1024: prompts are <= 1200 characters (~300 tokens) + 512 answer tokens.
-  # - up to 6 epochs over ~44k answers: at the fifth session's ~10 steps/s the ~7 minutes of training cover ~1.5
-  #   of them, so time ends the run (--max-minutes re-plans the cosine to the steps that fit); that session's 6
-  #   epochs over 7.6k answers did no better than 2.5 over 15k, so distinct answers beat passes.
+  # - up to 6 epochs: time ends the run (--max-minutes re-plans the cosine to the steps that fit). Training time is
+  #   worth more than answers beyond ~20k: on the demo target, at equal steps, 2,400 answers x 1 epoch did no
+  #   better than 800 x 3 (docs/results/ablation-2026-11-29e/), so TRAIN_MIN (8 minutes) comes first and the
+  #   regeneration answers what fits before it.
   # - soft labels 1.0: each row learns the target's whole next-token distribution, not only its greedy token; on
   #   the demo target with 800 answers it raised held-out acceptance in 4 of 4 seeds (1.35 -> 1.43,
   #   docs/results/ablation-2026-11-29e/), and this run is as short of data.
