@@ -246,7 +246,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     y_i is the one-hot label t_i, or with `soft` > 0 and teacher rows g [R, H] (the target's final hidden states),
     (1 - soft) * onehot(t_i) + soft * softmax(head(g_i)) (the target's softcap applied to its own logits).
 
-    The head is frozen, so the only gradient is dL/dh_i = w_i * multiplier * ((softmax - onehot) * softcap') @ W,
+    The head is frozen, so the only gradient is dL/dh_i = w_i * multiplier * ((softmax - y_i) * softcap') @ W,
     which the forward can finish chunk by chunk while each chunk's logits exist. For a small target's drafter the
     head is most of a training step (49k-row vocab, 30k rows per step) and its cost is the passes over the
     vocab-sized chunk, so each pass counts: logits are written once in float32, one fused log-softmax gives the
@@ -622,8 +622,8 @@ def plan_steps_in_time(step: int, seconds_per_step: float, seconds_left: float, 
 
 # Settings a resumed run must share with the run that wrote the checkpoint (others, e.g. eval or stop_after,
 # may change between sessions).
-RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "soft_labels", "epochs", "max_steps", "batch_size",
-                     "grad_accum", "max_seq_len", "lr", "weight_decay", "warmup_ratio", "seed")
+RESUME_INVARIANTS = ("target", "data", "block_size", "num_anchors", "gamma", "soft_labels", "epochs", "max_steps",
+                     "batch_size", "grad_accum", "max_seq_len", "lr", "weight_decay", "warmup_ratio", "seed")
 
 
 @dataclass
