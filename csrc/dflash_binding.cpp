@@ -24,15 +24,21 @@ using at::Tensor;
 // Not TORCH_CHECK's own formatting (c10::str, an std::ostringstream): the GPU box's g++ links libstdc++ statically
 // into the library, and there a check message built that way crashed the process with SIGSEGV instead of raising,
 // while a plain C-string message raised (scripts/device/extension_error_probe.py, 2026-11-29).
-[[gnu::format(printf, 2, 3)]] void check(bool ok, const char* format, ...) {
-  if (ok) return;
+[[noreturn, gnu::format(printf, 1, 2)]] void fail(const char* format, ...) {
   char message[512];
   va_list args;
   va_start(args, format);
   std::vsnprintf(message, sizeof(message), format, args);
   va_end(args);
   TORCH_CHECK(false, static_cast<const char*>(message));
+  __builtin_unreachable();
 }
+
+// The message's arguments are evaluated only when the check fails: these checks run on every op call.
+#define DFLASH_CHECK(cond, ...)                    \
+  do {                                             \
+    if (C10_UNLIKELY(!(cond))) fail(__VA_ARGS__);  \
+  } while (0)
 
 // Fixed-size text for the messages above (no std::string crosses into torch).
 struct Text {
@@ -60,25 +66,27 @@ const char* dtype_name(at::ScalarType dtype) { return c10::toString(dtype); }
 // One declarative check per tensor: CUDA on `device`, exact dtype and shape, contiguous.
 void expect(const Tensor& t, const char* name, const c10::Device& device, at::ScalarType dtype,
             std::initializer_list<int64_t> shape) {
-  check(t.device() == device, "%s must be on %s, got %s", name, device_name(device).s, device_name(t.device()).s);
-  check(t.scalar_type() == dtype, "%s must be %s, got %s", name, dtype_name(dtype), dtype_name(t.scalar_type()));
-  check(t.sizes().equals(shape), "%s must have shape %s, got %s", name, dims(shape).s, dims(t.sizes()).s);
-  check(t.is_contiguous(), "%s must be contiguous", name);
+  DFLASH_CHECK(t.device() == device, "%s must be on %s, got %s", name, device_name(device).s,
+               device_name(t.device()).s);
+  DFLASH_CHECK(t.scalar_type() == dtype, "%s must be %s, got %s", name, dtype_name(dtype), dtype_name(t.scalar_type()));
+  DFLASH_CHECK(t.sizes().equals(shape), "%s must have shape %s, got %s", name, dims(shape).s, dims(t.sizes()).s);
+  DFLASH_CHECK(t.is_contiguous(), "%s must be contiguous", name);
 }
 
 void build_tree(const Tensor& root_tokens, const Tensor& topk_logprobs, const Tensor& topk_ids,
                 const Tensor& start_positions, int64_t budget, const Tensor& tokens, const Tensor& parents,
                 const Tensor& depths, const Tensor& positions, const Tensor& first_child, const Tensor& next_sibling,
                 const Tensor& ancestor_mask) {
-  check(topk_logprobs.dim() == 3, "topk_logprobs must be [bs, depth, topk]");
+  DFLASH_CHECK(topk_logprobs.dim() == 3, "topk_logprobs must be [bs, depth, topk]");
   const auto device = topk_logprobs.device();
-  check(device.is_cuda(), "topk_logprobs must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "topk_logprobs must be a CUDA tensor");
   const int64_t bs = topk_logprobs.size(0), depth = topk_logprobs.size(1), topk = topk_logprobs.size(2);
-  check(depth >= 1 && depth <= dflash::kMaxTreeDepth, "depth must be in [1, %d]", int(dflash::kMaxTreeDepth));
-  check(topk >= 1 && topk <= dflash::kMaxTreeTopk, "topk must be in [1, %d]", int(dflash::kMaxTreeTopk));
-  check(depth * topk <= dflash::kMaxTopkTable, "depth * topk must be <= %d", int(dflash::kMaxTopkTable));
-  check(budget >= 0 && budget <= dflash::kMaxTreeBudget,
-        "budget must be in [0, %d] (clamp it to the number of distinct prefixes first)", int(dflash::kMaxTreeBudget));
+  DFLASH_CHECK(depth >= 1 && depth <= dflash::kMaxTreeDepth, "depth must be in [1, %d]", int(dflash::kMaxTreeDepth));
+  DFLASH_CHECK(topk >= 1 && topk <= dflash::kMaxTreeTopk, "topk must be in [1, %d]", int(dflash::kMaxTreeTopk));
+  DFLASH_CHECK(depth * topk <= dflash::kMaxTopkTable, "depth * topk must be <= %d", int(dflash::kMaxTopkTable));
+  DFLASH_CHECK(budget >= 0 && budget <= dflash::kMaxTreeBudget,
+               "budget must be in [0, %d] (clamp it to the number of distinct prefixes first)",
+               int(dflash::kMaxTreeBudget));
   const int64_t n = budget + 1;
   expect(topk_logprobs, "topk_logprobs", device, at::kFloat, {bs, depth, topk});
   expect(topk_ids, "topk_ids", device, at::kLong, {bs, depth, topk});
@@ -117,14 +125,14 @@ std::tuple<int64_t, int64_t, int64_t> check_verify_tree(const Tensor& tokens, co
                                                         const Tensor& next_sibling, const Tensor& path,
                                                         const Tensor& accept_len, const Tensor& bonus,
                                                         const Tensor& emitted) {
-  check(tokens.dim() == 2 && path.dim() == 2, "tokens must be [bs, n] and path [bs, max_depth + 1]");
+  DFLASH_CHECK(tokens.dim() == 2 && path.dim() == 2, "tokens must be [bs, n] and path [bs, max_depth + 1]");
   const auto device = tokens.device();
-  check(device.is_cuda(), "tokens must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "tokens must be a CUDA tensor");
   const int64_t bs = tokens.size(0), n = tokens.size(1), width = path.size(1);
-  check(n >= 1 && n <= dflash::kMaxVerifyNodes, "number of tree nodes must be in [1, %d]",
-        int(dflash::kMaxVerifyNodes));
-  check(width >= 1 && width <= dflash::kMaxVerifyNodes, "path must have max_depth + 1 in [1, %d] columns",
-        int(dflash::kMaxVerifyNodes));
+  DFLASH_CHECK(n >= 1 && n <= dflash::kMaxVerifyNodes, "number of tree nodes must be in [1, %d]",
+               int(dflash::kMaxVerifyNodes));
+  DFLASH_CHECK(width >= 1 && width <= dflash::kMaxVerifyNodes, "path must have max_depth + 1 in [1, %d] columns",
+               int(dflash::kMaxVerifyNodes));
   expect(tokens, "tokens", device, at::kLong, {bs, n});
   expect(first_child, "first_child", device, at::kInt, {bs, n});
   expect(next_sibling, "next_sibling", device, at::kInt, {bs, n});
@@ -164,16 +172,16 @@ void verify_tree_sampling(const Tensor& tokens, const Tensor& first_child, const
   const auto [bs, n, max_depth] =
       check_verify_tree(tokens, first_child, next_sibling, path, accept_len, bonus, emitted);
   const auto device = tokens.device();
-  check(target_probs.dim() == 3, "target_probs must be [bs, n, V]");
+  DFLASH_CHECK(target_probs.dim() == 3, "target_probs must be [bs, n, V]");
   const int64_t vocab = target_probs.size(2);
-  check(vocab >= 1 && vocab <= int64_t(UINT32_MAX), "vocabulary size must be in [1, 2^32)");
+  DFLASH_CHECK(vocab >= 1 && vocab <= int64_t(UINT32_MAX), "vocabulary size must be in [1, 2^32)");
   expect(target_probs, "target_probs", device, at::kFloat, {bs, n, vocab});
   expect(coins, "coins", device, at::kFloat, {bs, n});
   expect(race, "race", device, at::kFloat, {bs, vocab});
   if (vocab % 4 == 0) {
-    check(reinterpret_cast<uintptr_t>(target_probs.data_ptr()) % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(race.data_ptr()) % 16 == 0,
-          "target_probs and race must be 16-byte aligned");
+    DFLASH_CHECK(reinterpret_cast<uintptr_t>(target_probs.data_ptr()) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(race.data_ptr()) % 16 == 0,
+                 "target_probs and race must be 16-byte aligned");
   }
 
   const c10::cuda::CUDAGuard guard(device);
@@ -213,16 +221,16 @@ void verify_tree_sampling(const Tensor& tokens, const Tensor& first_child, const
 void commit_accepted(const Tensor& req_to_token, const Tensor& req_pool_indices, const Tensor& seq_lens,
                      const Tensor& path, const Tensor& accept_len, const Tensor& freed_slots,
                      const Tensor& new_seq_lens) {
-  check(req_to_token.dim() == 2 && path.dim() == 2 && freed_slots.dim() == 2,
-        "req_to_token must be [R, max_len], path [bs, max_depth + 1], freed_slots [bs, n - 1]");
+  DFLASH_CHECK(req_to_token.dim() == 2 && path.dim() == 2 && freed_slots.dim() == 2,
+               "req_to_token must be [R, max_len], path [bs, max_depth + 1], freed_slots [bs, n - 1]");
   const auto device = req_to_token.device();
-  check(device.is_cuda(), "req_to_token must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "req_to_token must be a CUDA tensor");
   const int64_t bs = path.size(0), width = path.size(1), n = freed_slots.size(1) + 1;
-  check(n <= dflash::kMaxVerifyNodes && width <= dflash::kMaxVerifyNodes,
-        "number of tree nodes and max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
-  check(req_to_token.scalar_type() == at::kInt && req_to_token.stride(1) == 1,
-        "req_to_token must be int32 with contiguous rows");
-  check(req_to_token.device() == device, "req_to_token device mismatch");
+  DFLASH_CHECK(n <= dflash::kMaxVerifyNodes && width <= dflash::kMaxVerifyNodes,
+               "number of tree nodes and max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
+  DFLASH_CHECK(req_to_token.scalar_type() == at::kInt && req_to_token.stride(1) == 1,
+               "req_to_token must be int32 with contiguous rows");
+  DFLASH_CHECK(req_to_token.device() == device, "req_to_token device mismatch");
   expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
   expect(path, "path", device, at::kInt, {bs, width});
@@ -247,15 +255,15 @@ void commit_accepted(const Tensor& req_to_token, const Tensor& req_pool_indices,
 }
 
 void gather_accepted_hidden(const Tensor& hidden, const Tensor& path, const Tensor& accept_len, const Tensor& out) {
-  check(hidden.dim() == 2 && out.dim() == 3, "hidden must be [bs * n, F] and out [bs, max_depth + 1, F]");
+  DFLASH_CHECK(hidden.dim() == 2 && out.dim() == 3, "hidden must be [bs * n, F] and out [bs, max_depth + 1, F]");
   const auto device = hidden.device();
-  check(device.is_cuda(), "hidden must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "hidden must be a CUDA tensor");
   const int64_t bs = out.size(0), width = out.size(1), features = out.size(2);
-  check(hidden.size(1) == features, "hidden and out must have the same feature size");
-  check(width <= dflash::kMaxVerifyNodes, "max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
-  check(bs > 0 ? hidden.size(0) % bs == 0 : hidden.size(0) == 0, "hidden must have bs * n rows");
-  check(hidden.stride(1) == 1 || features <= 1, "hidden rows must be contiguous");
-  check(hidden.device() == device, "hidden device mismatch");
+  DFLASH_CHECK(hidden.size(1) == features, "hidden and out must have the same feature size");
+  DFLASH_CHECK(width <= dflash::kMaxVerifyNodes, "max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
+  DFLASH_CHECK(bs > 0 ? hidden.size(0) % bs == 0 : hidden.size(0) == 0, "hidden must have bs * n rows");
+  DFLASH_CHECK(hidden.stride(1) == 1 || features <= 1, "hidden rows must be contiguous");
+  DFLASH_CHECK(hidden.device() == device, "hidden device mismatch");
   expect(path, "path", device, at::kInt, {bs, width});
   expect(accept_len, "accept_len", device, at::kInt, {bs});
   expect(out, "out", device, hidden.scalar_type(), {bs, width, features});
@@ -287,26 +295,27 @@ dflash::ElementType element_type(at::ScalarType dtype) {
 
 void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double eps, const Tensor& positions,
                           const Tensor& cos_sin_cache, const Tensor& keys, const Tensor& values) {
-  check(kv.dim() == 5 && kv.size(2) == 2, "kv must be [N, L, 2, H, D], got %s", dims(kv.sizes()).s);
+  DFLASH_CHECK(kv.dim() == 5 && kv.size(2) == 2, "kv must be [N, L, 2, H, D], got %s", dims(kv.sizes()).s);
   const auto device = kv.device();
-  check(device.is_cuda(), "kv must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "kv must be a CUDA tensor");
   const auto dtype = kv.scalar_type();
-  check(is_context_dtype(dtype), "kv must be float32, float16 or bfloat16, got %s", dtype_name(dtype));
+  DFLASH_CHECK(is_context_dtype(dtype), "kv must be float32, float16 or bfloat16, got %s", dtype_name(dtype));
   const int64_t tokens = kv.size(0), layers = kv.size(1), heads = kv.size(3), head_dim = kv.size(4);
-  check(head_dim >= 2 && head_dim % 2 == 0 && head_dim <= dflash::kMaxContextHeadDim,
-        "head_dim must be even and in [2, %d], got %lld", int(dflash::kMaxContextHeadDim),
-        static_cast<long long>(head_dim));
-  check(layers <= INT32_MAX && heads <= INT32_MAX, "too many layers or heads");
+  DFLASH_CHECK(head_dim >= 2 && head_dim % 2 == 0 && head_dim <= dflash::kMaxContextHeadDim,
+               "head_dim must be even and in [2, %d], got %lld", int(dflash::kMaxContextHeadDim),
+               static_cast<long long>(head_dim));
+  DFLASH_CHECK(layers <= INT32_MAX && heads <= INT32_MAX, "too many layers or heads");
   expect(kv, "kv", device, dtype, {tokens, layers, 2, heads, head_dim});
   expect(k_norm_scale, "k_norm_scale", device, at::kFloat, {layers, head_dim});
   expect(positions, "positions", device, at::kLong, {tokens});
-  check(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.size(0) >= 1,
-        "cos_sin_cache must be [max_position >= 1, head_dim = %lld], got %s", static_cast<long long>(head_dim),
-        dims(cos_sin_cache.sizes()).s);
-  check(cos_sin_cache.device() == device, "cos_sin_cache must be on %s", device_name(device).s);
-  check(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == dtype,
-        "cos_sin_cache must be float32 or %s, got %s", dtype_name(dtype), dtype_name(cos_sin_cache.scalar_type()));
-  check(cos_sin_cache.stride(1) == 1, "cos_sin_cache rows must be contiguous");
+  DFLASH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.size(0) >= 1,
+               "cos_sin_cache must be [max_position >= 1, head_dim = %lld], got %s", static_cast<long long>(head_dim),
+               dims(cos_sin_cache.sizes()).s);
+  DFLASH_CHECK(cos_sin_cache.device() == device, "cos_sin_cache must be on %s", device_name(device).s);
+  DFLASH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == dtype,
+               "cos_sin_cache must be float32 or %s, got %s", dtype_name(dtype),
+               dtype_name(cos_sin_cache.scalar_type()));
+  DFLASH_CHECK(cos_sin_cache.stride(1) == 1, "cos_sin_cache rows must be contiguous");
   expect(keys, "keys", device, dtype, {layers, tokens, heads, head_dim});
   expect(values, "values", device, dtype, {layers, tokens, heads, head_dim});
 
@@ -333,17 +342,17 @@ void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double e
 void chain_block(const Tensor& bonus, const Tensor& seq_lens, const Tensor& req_pool_indices,
                  const Tensor& req_to_token, int64_t mask_token_id, const Tensor& block_ids, const Tensor& positions,
                  const Tensor& slots) {
-  check(block_ids.dim() == 2, "block_ids must be [bs, B], got %s", dims(block_ids.sizes()).s);
+  DFLASH_CHECK(block_ids.dim() == 2, "block_ids must be [bs, B], got %s", dims(block_ids.sizes()).s);
   const auto device = block_ids.device();
-  check(device.is_cuda(), "block_ids must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "block_ids must be a CUDA tensor");
   const int64_t bs = block_ids.size(0), block = block_ids.size(1);
-  check(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
+  DFLASH_CHECK(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
   expect(bonus, "bonus", device, at::kLong, {bs});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
   expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
-  check(req_to_token.dim() == 2 && req_to_token.device() == device && req_to_token.scalar_type() == at::kInt &&
-            req_to_token.stride(1) == 1,
-        "req_to_token must be an int32 [R, max_len] table with contiguous rows on %s", device_name(device).s);
+  DFLASH_CHECK(req_to_token.dim() == 2 && req_to_token.device() == device && req_to_token.scalar_type() == at::kInt &&
+                   req_to_token.stride(1) == 1,
+               "req_to_token must be an int32 [R, max_len] table with contiguous rows on %s", device_name(device).s);
   expect(block_ids, "block_ids", device, at::kLong, {bs, block});
   expect(positions, "positions", device, at::kLong, {bs, block});
   expect(slots, "slots", device, at::kLong, {bs, block});
@@ -368,12 +377,12 @@ void chain_accept_greedy(const Tensor& candidates, const Tensor& predicted, cons
                          const Tensor& slots, const Tensor& accept_len, const Tensor& commit_lens,
                          const Tensor& bonus, const Tensor& new_seq_lens, const Tensor& emitted,
                          const Tensor& context_slots) {
-  check(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be [bs, B >= 1], got %s",
-        dims(candidates.sizes()).s);
+  DFLASH_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be [bs, B >= 1], got %s",
+               dims(candidates.sizes()).s);
   const auto device = candidates.device();
-  check(device.is_cuda(), "candidates must be a CUDA tensor");
+  DFLASH_CHECK(device.is_cuda(), "candidates must be a CUDA tensor");
   const int64_t bs = candidates.size(0), block = candidates.size(1);
-  check(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
+  DFLASH_CHECK(bs <= INT32_MAX && block <= INT32_MAX, "too many requests or block positions");
   expect(candidates, "candidates", device, at::kLong, {bs, block});
   expect(predicted, "predicted", device, at::kLong, {bs, block});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
