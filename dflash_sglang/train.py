@@ -323,8 +323,7 @@ def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights:
     if getattr(lm_head, "bias", None) is not None:
         raise ValueError("training needs a target LM head without bias")
     keep = (weights.flatten() > 0).nonzero().flatten()
-    targets, weights = to_device([targets.flatten()[keep], weights.flatten()[keep]], hidden.device)
-    keep = to_device([keep], hidden.device)[0]
+    targets, weights, keep = to_device([targets.flatten()[keep], weights.flatten()[keep], keep], hidden.device)
     rows = hidden.flatten(0, -2).index_select(0, keep)
     teacher_rows = teacher.flatten(0, -2).index_select(0, keep) if soft else None
     dev = hidden.device.type

@@ -163,13 +163,9 @@ def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, 
     """batch_loss labels row k of the block at a with the target's output at position a+k-1, the one that chose
     x_{a+k}: on the target's own greedy answers, every kept row's teacher distribution has its label as argmax."""
     import dflash_sglang.train as train_module
-    from dflash_sglang.target import TargetModel
-    from dflash_sglang.train import init_drafter
 
     target_path, data = pair_and_data
-    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 1, BLOCK, VOCAB - 1, 8)
-    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).double()
-    target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
+    drafter, target = float64_pair(target_path)
     seen = {}
     plain_apply = train_module.HeadCrossEntropy.apply
 
@@ -228,6 +224,16 @@ def pair_and_data(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     return target, data
+
+
+def float64_pair(target_path):
+    """A fresh 1-layer drafter for the `pair_and_data` target, and that target, both in float64 on CPU."""
+    from dflash_sglang.target import TargetModel
+    from dflash_sglang.train import init_drafter
+
+    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 1, BLOCK, VOCAB - 1, 8)
+    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).double()
+    return drafter, TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
 
 
 def small_config(target, data, out, **overrides):
@@ -420,13 +426,9 @@ def test_batch_loss_does_not_depend_on_padding_or_attention_groups(pair_and_data
     only regroup blocks that never see each other: the loss and its gradient are those of the unpadded batch with
     all blocks in one group."""
     import dflash_sglang.train as train_module
-    from dflash_sglang.target import TargetModel
-    from dflash_sglang.train import init_drafter
 
     target_path, data = pair_and_data
-    raw = drafter_config_dict("qwen3", 64, VOCAB, 4, 1, BLOCK, VOCAB - 1, 8)
-    drafter = init_drafter(parse_drafter_config(raw), seed=0, std=0.2).double()
-    target = TargetModel.load(target_path, drafter.cfg.target_layer_ids, torch.float64, "cpu")
+    drafter, target = float64_pair(target_path)
     sequences = load_sequences(data, 64)[:3]
     weights = train_module.loss_weights(BLOCK, 3.0)
     num_anchors = 6
