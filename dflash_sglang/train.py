@@ -396,8 +396,10 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
     features, final_hidden = target.causal_forward(ids)
     teacher = None
     if soft_labels:
-        # Row k of the block at a is labelled by the target's output at position a+k-1 (row 0 weighs 0).
-        before = (anchors[:, :, None] + torch.arange(block_size, device=dev) - 1).clamp(min=0).flatten(1)
+        # Row k of the block at a is labelled by the target's output at position a+k-1 (row 0 weighs 0; rows past
+        # the padded width weigh 0 too, and read the last position instead).
+        before = (anchors[:, :, None] + torch.arange(block_size, device=dev) - 1).clamp(0, ids.shape[1] - 1)
+        before = before.flatten(1)
         teacher = torch.gather(final_hidden, 1, before[:, :, None].expand(-1, -1, final_hidden.shape[-1]))
     # Group g of row b is a row of its own from here to the loss: its blocks, the context of row b (repeated), and
     # masks built for its anchors alone. Rows stay in (b, anchor, depth) order, the order of the targets.

@@ -159,7 +159,7 @@ def test_soft_labels_value_and_gradient_equal_plain_autograd(softcap, teacher_so
     assert torch.allclose(got_grad, want_grad, atol=1e-6)
 
 
-def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, monkeypatch):
+def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, monkeypatch, tmp_path):
     """batch_loss labels row k of the block at a with the target's output at position a+k-1, the one that chose
     x_{a+k}: on the target's own greedy answers, every kept row's teacher distribution has its label as argmax."""
     import dflash_sglang.train as train_module
@@ -174,7 +174,14 @@ def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, 
         return plain_apply(rows, weight, targets, weights, *rest)
 
     monkeypatch.setattr(train_module.HeadCrossEntropy, "apply", spy)
-    loss = train_module.batch_loss(drafter, target, None, load_sequences(data, 64)[:3], 6,
+    # One answer fills the padded width (64), so the last anchors' blocks reach past it (a CUDA gather read out of
+    # bounds there on 2026-11-30).
+    full = tmp_path / "full.jsonl"
+    full.write_text(json.dumps(regenerate(DFlashEngine.load(target_path, None), [[5, 6, 7, 8]], 60, 8, None,
+                                          progress=False)[0]) + "\n")
+    sequences = load_sequences(full, 64) + load_sequences(data, 64)[:2]
+    assert len(sequences[0].ids) == train_module.PAD_MULTIPLE
+    loss = train_module.batch_loss(drafter, target, None, sequences, 64,
                                    train_module.loss_weights(BLOCK, 3.0), torch.Generator().manual_seed(1), 64, None,
                                    1.0)
     assert torch.isfinite(loss) and len(seen["targets"]) > 20

@@ -23,6 +23,8 @@
 #                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 8
 #                            minutes; answers still unsent when regeneration must stop are skipped). More than
 #                            one device command allows (600 s), so run it in the background as above.
+#          SMOL_TRAIN_MIN=480  seconds of training the regeneration must leave (a shorter run when device time
+#                            is short)
 #          SMOL_SERVERS=3    SGLang servers of the target that share the regeneration prompts (a 135M model's
 #                            decode is bound by each scheduler's host time, not by the GPU)
 #          SMOL_SERVER_GPUS="0 1"  GPUs the servers take in turn (default: the one this script sees); training
@@ -156,7 +158,7 @@ else
 
   # 3. Answers. Requests still unsent when the deadline passes are skipped (and counted in the stats), so that
   #    at least TRAIN_MIN seconds are left for training whatever the regeneration speed turns out to be.
-  TRAIN_MIN=480
+  TRAIN_MIN="${SMOL_TRAIN_MIN:-480}"
   REGEN_DEADLINE=$(( BUDGET - SECONDS - TRAIN_MIN - RESERVE_FINAL - 20 ))
   if [ "$REGEN_DEADLINE" -lt 30 ]; then
     echo "error: only $((BUDGET - SECONDS))s of the ${BUDGET}s budget left before regeneration" >&2
