@@ -218,40 +218,85 @@ void verify_tree_sampling(const Tensor& tokens, const Tensor& first_child, const
   C10_CUDA_CHECK(dflash::launch_verify_sampling(p, c10::cuda::getCurrentCUDAStream()));
 }
 
-void commit_accepted(const Tensor& req_to_token, const Tensor& req_pool_indices, const Tensor& seq_lens,
-                     const Tensor& path, const Tensor& accept_len, const Tensor& freed_slots,
-                     const Tensor& new_seq_lens) {
-  DFLASH_CHECK(req_to_token.dim() == 2 && path.dim() == 2 && freed_slots.dim() == 2,
-               "req_to_token must be [R, max_len], path [bs, max_depth + 1], freed_slots [bs, n - 1]");
-  const auto device = req_to_token.device();
-  DFLASH_CHECK(device.is_cuda(), "req_to_token must be a CUDA tensor");
-  const int64_t bs = path.size(0), width = path.size(1), n = freed_slots.size(1) + 1;
-  DFLASH_CHECK(n <= dflash::kMaxVerifyNodes && width <= dflash::kMaxVerifyNodes,
-               "number of tree nodes and max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
-  DFLASH_CHECK(req_to_token.scalar_type() == at::kInt && req_to_token.stride(1) == 1,
-               "req_to_token must be int32 with contiguous rows");
-  DFLASH_CHECK(req_to_token.device() == device, "req_to_token device mismatch");
+void check_slot_table(const Tensor& req_to_token, const c10::Device& device) {
+  DFLASH_CHECK(req_to_token.dim() == 2 && req_to_token.device() == device && req_to_token.scalar_type() == at::kInt &&
+                   req_to_token.stride(1) == 1,
+               "req_to_token must be an int32 [R, max_len] table with contiguous rows on %s", device_name(device).s);
+}
+
+void tree_verify_inputs(const Tensor& ancestor_mask, const Tensor& seq_lens, const Tensor& req_pool_indices,
+                        const Tensor& req_to_token, const Tensor& verify_slots, const Tensor& mask) {
+  DFLASH_CHECK(ancestor_mask.dim() == 3 && ancestor_mask.size(1) == ancestor_mask.size(2),
+               "ancestor_mask must be [bs, W, W], got %s", dims(ancestor_mask.sizes()).s);
+  const auto device = ancestor_mask.device();
+  DFLASH_CHECK(device.is_cuda(), "ancestor_mask must be a CUDA tensor");
+  const int64_t bs = ancestor_mask.size(0), width = ancestor_mask.size(1);
+  // The grid is (bs + 1, W): CUDA's second grid dimension holds at most 65535.
+  DFLASH_CHECK(bs < INT32_MAX && width <= 65535, "too many requests or tree nodes");
+  DFLASH_CHECK(mask.dim() == 1, "mask must be flat, got %s", dims(mask.sizes()).s);
+  expect(ancestor_mask, "ancestor_mask", device, at::kBool, {bs, width, width});
+  expect(seq_lens, "seq_lens", device, at::kLong, {bs});
+  expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
+  check_slot_table(req_to_token, device);
+  expect(verify_slots, "verify_slots", device, at::kLong, {bs, width});
+  expect(mask, "mask", device, at::kBool, {mask.size(0)});
+
+  const c10::cuda::CUDAGuard guard(device);
+  dflash::VerifyInputsParams p{};
+  p.ancestor_mask = ancestor_mask.data_ptr<bool>();
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.req_pool_indices = req_pool_indices.data_ptr<int64_t>();
+  p.req_to_token = req_to_token.data_ptr<int32_t>();
+  p.row_stride = req_to_token.stride(0);
+  p.verify_slots = verify_slots.data_ptr<int64_t>();
+  p.mask = mask.data_ptr<bool>();
+  p.mask_size = mask.size(0);
+  p.bs = int(bs);
+  p.width = int(width);
+  C10_CUDA_CHECK(dflash::launch_verify_inputs(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+void commit_tree(const Tensor& req_to_token, const Tensor& req_pool_indices, const Tensor& seq_lens,
+                 const Tensor& path, const Tensor& accept_len, const Tensor& verified_emitted, int64_t num_nodes,
+                 const Tensor& commit_lens, const Tensor& new_seq_lens, const Tensor& emitted,
+                 const Tensor& context_slots) {
+  DFLASH_CHECK(path.dim() == 2, "path must be [bs, max_depth + 1], got %s", dims(path.sizes()).s);
+  const auto device = path.device();
+  DFLASH_CHECK(device.is_cuda(), "path must be a CUDA tensor");
+  const int64_t bs = path.size(0), width = path.size(1);
+  DFLASH_CHECK(num_nodes >= 1 && num_nodes <= dflash::kMaxVerifyNodes && width >= 1 &&
+                   width <= dflash::kMaxVerifyNodes,
+               "number of tree nodes (%lld) and max_depth + 1 (%lld) must be in [1, %d]",
+               static_cast<long long>(num_nodes), static_cast<long long>(width), int(dflash::kMaxVerifyNodes));
+  DFLASH_CHECK(bs <= INT32_MAX, "too many requests");
+  check_slot_table(req_to_token, device);
   expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
   expect(path, "path", device, at::kInt, {bs, width});
   expect(accept_len, "accept_len", device, at::kInt, {bs});
-  expect(freed_slots, "freed_slots", device, at::kInt, {bs, n - 1});
+  expect(verified_emitted, "verified_emitted", device, at::kLong, {bs, width});
+  expect(commit_lens, "commit_lens", device, at::kInt, {bs});
   expect(new_seq_lens, "new_seq_lens", device, at::kLong, {bs});
+  expect(emitted, "emitted", device, at::kLong, {bs, width});
+  expect(context_slots, "context_slots", device, at::kLong, {bs, width});
 
   const c10::cuda::CUDAGuard guard(device);
-  dflash::CommitParams p{};
+  dflash::CommitTreeParams p{};
   p.req_to_token = req_to_token.data_ptr<int32_t>();
   p.row_stride = req_to_token.stride(0);
   p.req_pool_indices = req_pool_indices.data_ptr<int64_t>();
   p.seq_lens = seq_lens.data_ptr<int64_t>();
   p.path = path.data_ptr<int32_t>();
   p.accept_len = accept_len.data_ptr<int32_t>();
-  p.freed_slots = freed_slots.data_ptr<int32_t>();
+  p.verified_emitted = verified_emitted.data_ptr<int64_t>();
+  p.commit_lens = commit_lens.data_ptr<int32_t>();
   p.new_seq_lens = new_seq_lens.data_ptr<int64_t>();
+  p.emitted = emitted.data_ptr<int64_t>();
+  p.context_slots = context_slots.data_ptr<int64_t>();
   p.bs = int(bs);
-  p.num_nodes = int(n);
+  p.num_nodes = int(num_nodes);
   p.max_depth = int(width - 1);
-  C10_CUDA_CHECK(dflash::launch_commit(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(dflash::launch_commit_tree(p, c10::cuda::getCurrentCUDAStream()));
 }
 
 void gather_accepted_hidden(const Tensor& hidden, const Tensor& path, const Tensor& accept_len, const Tensor& out) {
@@ -350,9 +395,7 @@ void chain_block(const Tensor& bonus, const Tensor& seq_lens, const Tensor& req_
   expect(bonus, "bonus", device, at::kLong, {bs});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
   expect(req_pool_indices, "req_pool_indices", device, at::kLong, {bs});
-  DFLASH_CHECK(req_to_token.dim() == 2 && req_to_token.device() == device && req_to_token.scalar_type() == at::kInt &&
-                   req_to_token.stride(1) == 1,
-               "req_to_token must be an int32 [R, max_len] table with contiguous rows on %s", device_name(device).s);
+  check_slot_table(req_to_token, device);
   expect(block_ids, "block_ids", device, at::kLong, {bs, block});
   expect(positions, "positions", device, at::kLong, {bs, block});
   expect(slots, "slots", device, at::kLong, {bs, block});
@@ -426,8 +469,12 @@ TORCH_LIBRARY(dflash_sglang, m) {
       "Tensor coins, Tensor race, Tensor(a!) path, Tensor(b!) accept_len, Tensor(c!) bonus, Tensor(d!) emitted) "
       "-> ()");
   m.def(
-      "commit_accepted(Tensor(a!) req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor path, "
-      "Tensor accept_len, Tensor(b!) freed_slots, Tensor(c!) new_seq_lens) -> ()");
+      "tree_verify_inputs(Tensor ancestor_mask, Tensor seq_lens, Tensor req_pool_indices, Tensor req_to_token, "
+      "Tensor(a!) verify_slots, Tensor(b!) mask) -> ()");
+  m.def(
+      "commit_tree(Tensor(a!) req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor path, "
+      "Tensor accept_len, Tensor verified_emitted, int num_nodes, Tensor(b!) commit_lens, Tensor(c!) new_seq_lens, "
+      "Tensor(d!) emitted, Tensor(e!) context_slots) -> ()");
   m.def("gather_accepted_hidden(Tensor hidden, Tensor path, Tensor accept_len, Tensor(a!) out) -> ()");
   m.def(
       "context_kv_norm_rope(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
@@ -445,7 +492,8 @@ TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
   m.impl("build_tree", &build_tree);
   m.impl("verify_tree_greedy", &verify_tree_greedy);
   m.impl("verify_tree_sampling", &verify_tree_sampling);
-  m.impl("commit_accepted", &commit_accepted);
+  m.impl("tree_verify_inputs", &tree_verify_inputs);
+  m.impl("commit_tree", &commit_tree);
   m.impl("gather_accepted_hidden", &gather_accepted_hidden);
   m.impl("context_kv_norm_rope", &context_kv_norm_rope);
   m.impl("chain_block", &chain_block);

@@ -1,6 +1,5 @@
-// Torch-free interface of the DFlash kernels (tree build, verify, commit, the drafter's context K/V, the chain
-// step's block and acceptance): parameter
-// structs (raw pointers, plain sizes) and launchers.
+// Torch-free interface of the DFlash kernels (tree build, the tree verify's inputs, verify, commit, the drafter's
+// context K/V, the chain step's block and acceptance): parameter structs (raw pointers, plain sizes) and launchers.
 // The bindings (dflash_binding.cpp) check every tensor, fill these structs and call the launchers on the current
 // stream. Node indices are per request: node 0 is the root, nodes [1, n) are draft tokens. "-1" pads every
 // index output. No launcher synchronizes with the host.
@@ -71,15 +70,30 @@ struct VerifySamplingParams {
   int num_chunks;
 };
 
-struct CommitParams {
-  int32_t* req_to_token;  // [R, row_stride] slot table, rewritten in place
+struct VerifyInputsParams {
+  const bool* ancestor_mask;        // [bs, W, W]: [b, i, j] iff node j is node i or one of its ancestors
+  const int64_t* seq_lens;          // [bs] committed lengths; the verify slots sit at [seq_len, seq_len + W)
+  const int64_t* req_pool_indices;  // [bs]
+  const int32_t* req_to_token;      // [R, row_stride] slot table
+  int64_t row_stride;
+  int64_t* verify_slots;  // [bs, W]
+  bool* mask;             // [mask_size]: request b's W rows of (seq_len + W) after the rows of the requests before it
+  int64_t mask_size;      // >= sum_b W * (seq_len_b + W); the tail is set to 1
+  int bs, width;
+};
+
+struct CommitTreeParams {
+  int32_t* req_to_token;  // [R, row_stride] slot table, its verify columns permuted in place
   int64_t row_stride;
   const int64_t* req_pool_indices;  // [bs]
   const int64_t* seq_lens;          // [bs] committed lengths; verify slots sit at [seq_len, seq_len + n)
-  const int32_t* path;              // [bs, D+1]
+  const int32_t* path;              // [bs, D+1] from a verifier
   const int32_t* accept_len;        // [bs]
-  int32_t* freed_slots;             // [bs, n-1] slots of rejected nodes in node order, -1 padded
+  const int64_t* verified_emitted;  // [bs, D+1] from the verifier: accepted drafts, bonus, -1 padded
+  int32_t* commit_lens;             // [bs] accept_len + 1
   int64_t* new_seq_lens;            // [bs] seq_len + accept_len + 1
+  int64_t* emitted;                 // [bs, D+1] verified_emitted with 0 for -1 (SGLang's spec-v2 layout)
+  int64_t* context_slots;           // [bs, D+1] slot of path node i for i <= accept_len, else 0
   int bs, num_nodes, max_depth;
 };
 
@@ -140,7 +154,8 @@ cudaError_t launch_build_tree(const BuildTreeParams& params, cudaStream_t stream
 size_t build_tree_smem_bytes(int depth, int topk, int budget);
 cudaError_t launch_verify_greedy(const VerifyGreedyParams& params, cudaStream_t stream);
 cudaError_t launch_verify_sampling(const VerifySamplingParams& params, cudaStream_t stream);
-cudaError_t launch_commit(const CommitParams& params, cudaStream_t stream);
+cudaError_t launch_verify_inputs(const VerifyInputsParams& params, cudaStream_t stream);
+cudaError_t launch_commit_tree(const CommitTreeParams& params, cudaStream_t stream);
 cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream);
 cudaError_t launch_context_kv(const ContextKVParams& params, cudaStream_t stream);
 cudaError_t launch_chain_block(const ChainBlockParams& params, cudaStream_t stream);

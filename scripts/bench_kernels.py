@@ -34,16 +34,17 @@ from dflash_sglang.kernels import (
     build_draft_tree,
     chain_accept_greedy,
     chain_block,
-    commit_accepted,
+    commit_tree,
     context_kv_norm_rope,
     draw_verify_randoms,
     gather_accepted_hidden,
     reference,
+    tree_verify_inputs,
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.kernels.buffers import (empty_chain_block, empty_chain_step, empty_commit, empty_context_kv,
-                                          empty_tree, empty_verify)
+from dflash_sglang.kernels.buffers import (empty_chain_block, empty_chain_step, empty_context_kv, empty_tree,
+                                          empty_tree_commit, empty_verify, empty_verify_inputs)
 
 DEPTH, TOPK, VOCAB, FEATURES = 16, 8, 151_936, 4096
 BATCHES, BUDGETS = (1, 8, 32, 64), (16, 32, 64)
@@ -109,10 +110,12 @@ def cases(bs: int, budget: int, device) -> dict[str, tuple]:
     table = torch.randperm(pool_rows * max_len, device=device).int().reshape(pool_rows, max_len)
     rows = torch.randperm(pool_rows, device=device)[:bs]
     seq_lens = torch.randint(0, max_len - n, (bs,), generator=g, device=device)
-    commit_out = empty_commit(bs, n, device)
+    mask_size = int(n * (seq_lens + n).sum())
+    inputs_out = empty_verify_inputs(bs, n, mask_size, device)
+    commit_out = empty_tree_commit(bs, DEPTH, device)
     hidden = torch.randn((bs * n, FEATURES), generator=g, device=device).bfloat16()
     hidden_out = hidden.new_empty((bs, DEPTH + 1, FEATURES))
-    path, accept = sampled.path, sampled.accept_len
+    path, accept, emitted = sampled.path, sampled.accept_len, sampled.emitted
 
     return {
         "build_draft_tree": (lambda: build_draft_tree(roots, values, ids, start, budget, out=tree_out),
@@ -121,9 +124,13 @@ def cases(bs: int, budget: int, device) -> dict[str, tuple]:
                                lambda: reference.verify_tree_greedy(*links, predict, DEPTH)),
         "verify_tree_sampling": (lambda: verify_tree_sampling(*links, probs, coins, race, DEPTH, out=verify_out),
                                  lambda: reference.verify_tree_sampling(*links, probs, coins, race, DEPTH)),
-        # Every call rewrites the same table entries again: the values drift, the work does not.
-        "commit_accepted": (lambda: commit_accepted(table, rows, seq_lens, path, accept, n, out=commit_out),
-                            lambda: reference.commit_accepted(table.clone(), rows, seq_lens, path, accept, n)),
+        "tree_verify_inputs": (lambda: tree_verify_inputs(tree.ancestor_mask, seq_lens, rows, table, mask_size,
+                                                          out=inputs_out),
+                               lambda: reference.tree_verify_inputs(tree.ancestor_mask, seq_lens, rows, table,
+                                                                    mask_size)),
+        # Every call permutes the same table entries again: the values drift, the work does not.
+        "commit_tree": (lambda: commit_tree(table, rows, seq_lens, path, accept, emitted, n, out=commit_out),
+                        lambda: reference.commit_tree(table.clone(), rows, seq_lens, path, accept, emitted, n)),
         "gather_accepted_hidden": (lambda: gather_accepted_hidden(hidden, path, accept, out=hidden_out),
                                    lambda: reference.gather_accepted_hidden(hidden, path, accept)),
     }

@@ -2,9 +2,9 @@
 
 CPU (CI): the references against `tree.build_tree` and `verify.greedy_verify` (identical results on random
 trees, ties and -inf log-probs included), the explicit-randomness sampling reference and
-`verify.sampling_verify_tree` against the exact law of the emitted tokens (chi-square), commit/gather against
-plain loops, the chain-step references against the torch step they replace, and a build of csrc/ with nvcc for
-sm_90a.
+`verify.sampling_verify_tree` against the exact law of the emitted tokens (chi-square), the tree verify's slots
+and mask, the commit and the gather against plain loops, the chain-step references against the torch step they
+replace, and a build of csrc/ with nvcc for sm_90a.
 
 GPU (`pytest -m gpu`, on the box through scripts/device/kernel_tests.sh): each kernel against its reference on
 fresh random inputs, exactly, with outputs pre-filled with garbage so an unwritten entry shows; the sampling
@@ -27,16 +27,18 @@ from dflash_sglang.kernels import (
     build_draft_tree,
     chain_accept_greedy,
     chain_block,
-    commit_accepted,
+    commit_tree,
     draw_verify_randoms,
     gather_accepted_hidden,
     jit,
     reference,
     tree_links,
+    tree_verify_inputs,
     verify_tree_greedy,
     verify_tree_sampling,
 )
-from dflash_sglang.kernels.buffers import empty_chain_block, empty_chain_step, empty_commit, empty_tree, empty_verify
+from dflash_sglang.kernels.buffers import (empty_chain_block, empty_chain_step, empty_tree, empty_tree_commit,
+                                          empty_verify, empty_verify_inputs)
 from dflash_sglang.tree import DraftTree, build_tree, chain_tree
 from dflash_sglang.verify import greedy_verify, sampling_verify_tree
 
@@ -282,31 +284,54 @@ def commit_inputs(bs: int, n: int, max_depth: int, g: torch.Generator, device="c
     tokens, parents, first_child, next_sibling = random_tree(bs, n, max_depth, 3, g)
     predict = follow_predictions(tokens, parents, 3, 0.9, g)
     verified = reference.verify_tree_greedy(tokens, first_child, next_sibling, predict, max_depth)
-    return [t.to(device) for t in (req_to_token, req_pool_indices, seq_lens, verified.path, verified.accept_len)]
+    return [t.to(device) for t in (req_to_token, req_pool_indices, seq_lens, verified.path, verified.accept_len,
+                                   verified.emitted)]
 
 
 def test_commit_reference_matches_loop():
+    """The reserved columns are permuted (path first, then the other nodes in node order), nothing else in the
+    table moves, and the step's outputs follow from the verifier's."""
     g = torch.Generator().manual_seed(6)
-    for bs, n, depth in [(1, 1, 1), (1, 2, 1), (4, 9, 3), (6, 20, 8), (3, 30, 4)]:
-        req_to_token, rpi, seq_lens, path, accept = commit_inputs(bs, n, depth, g)
+    for bs, n, depth in [(1, 1, 1), (1, 2, 1), (4, 9, 3), (6, 20, 8), (3, 30, 4), (2, 5, 15)]:
+        req_to_token, rpi, seq_lens, path, accept, emitted = commit_inputs(bs, n, depth, g)
         expected_table = req_to_token.clone()
-        got = reference.commit_accepted(req_to_token, rpi, seq_lens, path, accept, n)
+        got = reference.commit_tree(req_to_token, rpi, seq_lens, path, accept, emitted, n)
         for b in range(bs):
             r, s, a = int(rpi[b]), int(seq_lens[b]), int(accept[b])
             slots = expected_table[r, s : s + n].tolist()
             nodes = path[b, : a + 1].tolist()
-            for i, node in enumerate(nodes):
-                expected_table[r, s + i] = slots[node]
-            freed = [slots[j] for j in range(n) if j not in nodes]
-            assert got.freed_slots[b].tolist() == freed + [-1] * (n - 1 - len(freed))
-            assert int(got.new_seq_lens[b]) == s + a + 1
+            expected_table[r, s : s + n] = torch.tensor([slots[j] for j in nodes] +
+                                                        [slots[j] for j in range(n) if j not in nodes])
+            assert int(got.commit_lens[b]) == a + 1 and int(got.new_seq_lens[b]) == s + a + 1
+            assert got.emitted[b].tolist() == [max(int(t), 0) for t in emitted[b]]
+            assert got.context_slots[b].tolist() == [slots[j] for j in nodes] + [0] * (depth - a)
         assert torch.equal(req_to_token, expected_table)
+        assert got.commit_lens.dtype == torch.int32 and got.context_slots.dtype == torch.long
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_verify_inputs_reference_matches_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    bs, width, tail = 3, 5, 7
+    ancestor = torch.rand((bs, width, width), generator=g) < 0.5
+    seq_lens = torch.randint(0, 9, (bs,), generator=g)
+    table = torch.randperm(5 * 20, generator=g).int().view(5, 20)
+    rows = torch.tensor([4, 0, 2])
+    total = int(width * (seq_lens + width).sum()) + tail
+    got = reference.tree_verify_inputs(ancestor, seq_lens, rows, table, total)
+    expected = []
+    for b in range(bs):
+        for i in range(width):
+            expected += [True] * int(seq_lens[b]) + ancestor[b, i].tolist()
+        assert got.slots[b].tolist() == table[rows[b], int(seq_lens[b]) : int(seq_lens[b]) + width].tolist()
+    assert got.mask.tolist() == expected + [True] * tail
+    assert got.slots.dtype == torch.long
 
 
 def test_gather_reference_matches_loop():
     g = torch.Generator().manual_seed(7)
     bs, n, depth, features = 5, 9, 4, 6
-    _, _, _, path, accept = commit_inputs(bs, n, depth, g)
+    _, _, _, path, accept, _ = commit_inputs(bs, n, depth, g)
     hidden = torch.randn(bs * n, features, generator=g)
     got = reference.gather_accepted_hidden(hidden, path, accept)
     for b in range(bs):
@@ -523,13 +548,32 @@ COMMIT_CASES = [(1, 2, 1), (1, 17, 16), (17, 33, 8), (64, 65, 16), (64, 17, 16),
 @pytest.mark.parametrize("bs,n,depth", COMMIT_CASES)
 def test_commit_kernel_matches_reference(cuda, bs, n, depth):
     g = torch.Generator().manual_seed(bs * 100 + n)
-    req_to_token, rpi, seq_lens, path, accept = commit_inputs(bs, n, depth, g, cuda)
+    req_to_token, rpi, seq_lens, path, accept, emitted = commit_inputs(bs, n, depth, g, cuda)
     expected_table = req_to_token.clone()
-    expected = reference.commit_accepted(expected_table, rpi, seq_lens, path, accept, n)
-    out = poisoned(empty_commit(bs, n, cuda))
-    got = commit_accepted(req_to_token, rpi, seq_lens, path, accept, n, out=out)
+    expected = reference.commit_tree(expected_table, rpi, seq_lens, path, accept, emitted, n)
+    out = poisoned(empty_tree_commit(bs, depth, cuda))
+    got = commit_tree(req_to_token, rpi, seq_lens, path, accept, emitted, n, out=out)
     assert_same(got, expected)
     assert torch.equal(req_to_token, expected_table)  # the whole table: no stray writes
+
+
+VERIFY_INPUT_CASES = [(1, 1, 0, 0), (1, 17, 40, 3), (3, 5, 9, 7), (17, 33, 3000, 0), (64, 65, 2000, 1000),
+                      (200, 17, 500, 5)]  # bs, n, longest committed length, tail
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs,n,max_len,tail", VERIFY_INPUT_CASES)
+def test_verify_inputs_kernel_matches_reference(cuda, bs, n, max_len, tail):
+    g = torch.Generator().manual_seed(bs * 7 + n + tail)
+    ancestor = (torch.rand((bs, n, n), generator=g) < 0.5).to(cuda)
+    seq_lens = torch.randint(0, max_len + 1, (bs,), generator=g).to(cuda)
+    table = torch.randperm((bs + 3) * (max_len + n), generator=g).int().view(bs + 3, -1).to(cuda)
+    rows = torch.randperm(bs + 3, generator=g)[:bs].to(cuda)
+    size = int(n * (seq_lens + n).sum()) + tail
+    expected = reference.tree_verify_inputs(ancestor, seq_lens, rows, table, size)
+    got = tree_verify_inputs(ancestor, seq_lens, rows, table, size,
+                             out=poisoned(empty_verify_inputs(bs, n, size, cuda)))
+    assert_same(got, expected)
 
 
 @pytest.mark.gpu
@@ -538,7 +582,7 @@ def test_commit_kernel_matches_reference(cuda, bs, n, depth):
 def test_gather_kernel_matches_reference(cuda, dtype, features, row_stride):
     g = torch.Generator().manual_seed(features)
     bs, n, depth = 9, 17, 6
-    _, _, _, path, accept = commit_inputs(bs, n, depth, g, cuda)
+    _, _, _, path, accept, _ = commit_inputs(bs, n, depth, g, cuda)
     storage = torch.randn(bs * n, row_stride, generator=g).to(dtype=dtype, device=cuda)
     hidden = storage[:, :features]
     expected = reference.gather_accepted_hidden(hidden, path, accept)
@@ -574,7 +618,8 @@ def test_ops_capture_in_a_cuda_graph(cuda):
     n = budget + 1
     values, ids = (t.to(cuda) for t in draft_logprobs(bs, depth, vocab, "continuous", g).topk(topk, dim=-1))
     roots = torch.randint(0, vocab, (bs,), generator=g).to(cuda)
-    req_to_token, rpi, seq_lens, _, _ = commit_inputs(bs, n, depth, g, cuda)
+    req_to_token, rpi, seq_lens, _, _, _ = commit_inputs(bs, n, depth, g, cuda)
+    mask_size = int(n * (seq_lens + n).sum()) + 64
     probs = torch.randn(bs, n, vocab, generator=g).softmax(-1).to(cuda)
     coins, race = draw_verify_randoms(bs, n, vocab, cuda)
     hidden = torch.randn(bs * n, features, generator=g).to(cuda)
@@ -585,12 +630,13 @@ def test_ops_capture_in_a_cuda_graph(cuda):
         block = chain_block(chain_bonus, chain_lens, chain_rows, chain_table, 16, 7)
         chain = chain_accept_greedy(candidates, predicted, chain_lens, block.slots)
         tree = build_draft_tree(roots, values, ids, seq_lens, budget)
+        inputs = tree_verify_inputs(tree.ancestor_mask, seq_lens, rpi, table, mask_size)
         predict = probs.argmax(-1)
         greedy = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling, predict, depth)
         sampled = verify_tree_sampling(tree.tokens, tree.first_child, tree.next_sibling, probs, coins, race, depth)
-        committed = commit_accepted(table, rpi, seq_lens, sampled.path, sampled.accept_len, n)
+        committed = commit_tree(table, rpi, seq_lens, sampled.path, sampled.accept_len, sampled.emitted, n)
         rows = gather_accepted_hidden(hidden, sampled.path, sampled.accept_len)
-        return [*block, *chain, *tree, *greedy, *sampled, *committed, rows]
+        return [*block, *chain, *tree, *inputs, *greedy, *sampled, *committed, rows]
 
     eager_table, graph_table = req_to_token.clone(), req_to_token.clone()
     stream = torch.cuda.Stream()

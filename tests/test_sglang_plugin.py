@@ -934,52 +934,6 @@ def test_tree_sampling_with_greedy_rows_equals_greedy(tree_worker):
     assert run_decode(worker, world, sampling_info=sampling)[2] == greedy
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_verify_mask_layout_matches_a_plain_loop(seed):
-    from dflash_sglang.sglang.tree_mode import verify_mask
-
-    g = torch.Generator().manual_seed(seed)
-    bs, width = 3, 5
-    ancestor = torch.rand((bs, width, width), generator=g) < 0.5
-    seq_lens = torch.randint(0, 9, (bs,), generator=g)
-    total = int(width * (seq_lens + width).sum()) + 7
-    expected = []
-    for b in range(bs):
-        for i in range(width):
-            expected += [True] * int(seq_lens[b]) + ancestor[b, i].tolist()
-    expected += [True] * 7
-    assert verify_mask(ancestor, seq_lens, total).tolist() == expected
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_commit_tree_slots_puts_the_path_first_and_keeps_the_rest(seed):
-    from dflash_sglang.kernels import build_draft_tree, verify_tree_greedy
-    from dflash_sglang.sglang.tree_mode import commit_tree_slots
-
-    g = torch.Generator().manual_seed(seed)
-    bs, depth, topk, vocab, budget = 4, 5, 3, 6, 10
-    logprobs = torch.rand((bs, depth, topk), generator=g).sort(dim=-1, descending=True).values.log()
-    ids = torch.randint(0, vocab, (bs, depth, topk), generator=g)
-    seq_lens = torch.randint(0, 20, (bs,), generator=g)
-    tree = build_draft_tree(torch.zeros(bs, dtype=torch.long), logprobs, ids, seq_lens, budget)
-    result = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling,
-                                torch.randint(0, vocab, tree.tokens.shape, generator=g), depth)
-    table = torch.randperm(6 * 64, generator=g).view(6, 64)
-    pools = torch.tensor([5, 1, 3, 0])
-    before = table.clone()
-    commit_tree_slots(table, pools, seq_lens, result.path, result.accept_len, budget + 1)
-    for b in range(bs):
-        start, width, n = int(seq_lens[b]), budget + 1, int(result.accept_len[b]) + 1
-        region = before[pools[b], start: start + width].tolist()
-        path = result.path[b, :n].tolist()
-        rest = [region[j] for j in range(width) if j not in path]
-        assert table[pools[b], start: start + width].tolist() == [region[j] for j in path] + rest
-    untouched = torch.ones_like(table, dtype=torch.bool)
-    for b in range(bs):
-        untouched[pools[b], int(seq_lens[b]): int(seq_lens[b]) + budget + 1] = False
-    assert torch.equal(table[untouched], before[untouched])
-
-
 def test_topk_draft_head_is_the_drafters_top_k_and_shards_agree():
     from dflash_sglang.sglang.draft_head import TopkDraftHead, drafter_logits
 

@@ -123,8 +123,7 @@ def kernel_tree(shape, max_seq_len):
 def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
     """The SGLang tree step's commit (kernels' verify result -> req_to_token reorder): every request's reserved
     columns keep the same slots, the accepted path's come first in path order, nothing else in the table moves."""
-    from dflash_sglang.kernels import verify_tree_greedy
-    from dflash_sglang.sglang.tree_mode import commit_tree_slots
+    from dflash_sglang.kernels import commit_tree, verify_tree_greedy
 
     bs, depth, _, vocab, _, _ = shape
     tree, seq_lens, g = kernel_tree(shape, max_seq_len=30)
@@ -134,7 +133,7 @@ def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
     pools = torch.randperm(bs + rows, generator=g)[:bs]
     table = torch.randperm((bs + rows) * (30 + width), generator=g).view(bs + rows, -1).int()
     before = table.clone()
-    commit_tree_slots(table, pools, seq_lens, result.path, result.accept_len, width)
+    commit_tree(table, pools, seq_lens, result.path, result.accept_len, result.emitted, width)
     touched = torch.zeros_like(table, dtype=torch.bool)
     for b in range(bs):
         start, pool, n = int(seq_lens[b]), int(pools[b]), int(result.accept_len[b]) + 1
@@ -151,12 +150,14 @@ def test_tree_commit_is_a_permutation_with_the_accepted_path_first(shape, rows):
 def test_tree_verify_mask_rows_see_the_context_and_their_ancestors_only(shape):
     """Decoding the flat mask back, request by request: row i sees every committed token and exactly the
     ancestors of node i (itself included)."""
-    from dflash_sglang.sglang.tree_mode import verify_mask
+    from dflash_sglang.kernels import tree_verify_inputs
 
     bs = shape[0]
     tree, seq_lens, _ = kernel_tree(shape, max_seq_len=20)
     width = tree.tokens.shape[1]
-    mask = verify_mask(tree.ancestor_mask, seq_lens, int(width * (seq_lens + width).sum()))
+    table = torch.arange(bs * (20 + width), dtype=torch.int32).view(bs, -1)
+    mask = tree_verify_inputs(tree.ancestor_mask, seq_lens, torch.arange(bs), table,
+                              int(width * (seq_lens + width).sum())).mask
     offset = 0
     for b in range(bs):
         rows = mask[offset: offset + width * (int(seq_lens[b]) + width)].view(width, -1)

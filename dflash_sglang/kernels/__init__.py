@@ -1,33 +1,38 @@
-"""CUDA kernels for DDTree speculative decoding (tree build, greedy and sampling verify, commit), the chain step's
-block and greedy acceptance, and the drafter's context K/V (key norm, RoPE, layer-major layout), with their torch
-references. Each op runs its kernel for CUDA tensors when the library builds or loads (`jit.py`), else the
-reference; the choice is logged once per op. No op synchronizes with the host; outputs are fixed-size and padded.
+"""CUDA kernels for DDTree speculative decoding (tree build, the verify's slots and mask, greedy and sampling
+verify, commit), the chain step's block and greedy acceptance, and the drafter's context K/V (key norm, RoPE,
+layer-major layout), with their torch references. Each op runs its kernel for CUDA tensors when the library builds
+or loads (`jit.py`), else the reference; the choice is logged once per op. No op synchronizes with the host;
+outputs are fixed-size and padded.
 """
 
-from dflash_sglang.kernels.buffers import ChainBlock, ChainStep, CommitResult, ContextKV, TreeBuffers, VerifyResult
+from dflash_sglang.kernels.buffers import (ChainBlock, ChainStep, ContextKV, TreeBuffers, TreeCommit, VerifyInputs,
+                                          VerifyResult)
 from dflash_sglang.kernels.chain import chain_accept_greedy, chain_block, chain_step
-from dflash_sglang.kernels.commit import commit_accepted, gather_accepted_hidden
+from dflash_sglang.kernels.commit import commit_tree, gather_accepted_hidden
 from dflash_sglang.kernels.context_kv import context_kv_norm_rope
 from dflash_sglang.kernels.reference import tree_links
 from dflash_sglang.kernels.tree_build import build_draft_tree
-from dflash_sglang.kernels.tree_verify import draw_verify_randoms, verify_tree_greedy, verify_tree_sampling
+from dflash_sglang.kernels.tree_verify import (draw_verify_randoms, tree_verify_inputs, verify_tree_greedy,
+                                               verify_tree_sampling)
 
 __all__ = [
     "ChainBlock",
     "ChainStep",
-    "CommitResult",
     "ContextKV",
     "TreeBuffers",
+    "TreeCommit",
+    "VerifyInputs",
     "VerifyResult",
     "build_draft_tree",
     "chain_accept_greedy",
     "chain_block",
     "chain_step",
-    "commit_accepted",
+    "commit_tree",
     "context_kv_norm_rope",
     "draw_verify_randoms",
     "gather_accepted_hidden",
     "tree_links",
+    "tree_verify_inputs",
     "verify_tree_greedy",
     "verify_tree_sampling",
 ]

@@ -30,9 +30,20 @@ class VerifyResult(NamedTuple):
     emitted: torch.Tensor  # [bs, D+1] int64 accepted draft tokens, the bonus, then -1
 
 
-class CommitResult(NamedTuple):
-    freed_slots: torch.Tensor  # [bs, n-1] int32 verify slots of rejected nodes in node order, -1 padded
-    new_seq_lens: torch.Tensor  # [bs] int64 seq_len + accept_len + 1
+class VerifyInputs(NamedTuple):
+    """What a tree verify reads besides its tokens and positions."""
+
+    slots: torch.Tensor  # [bs, n] int64: the KV slots reserved at seq_len + j, where node j's KV goes
+    mask: torch.Tensor  # [size] bool: the triton backend's flat custom mask (see `tree_verify_inputs`)
+
+
+class TreeCommit(NamedTuple):
+    """A verified tree's commit: what SGLang and the drafter's context need."""
+
+    commit_lens: torch.Tensor  # [bs] int32: accept_len + 1 (the root and the accepted nodes enter the caches)
+    new_seq_lens: torch.Tensor  # [bs] int64: seq_len + commit_len
+    emitted: torch.Tensor  # [bs, D+1] int64: accepted drafts, the bonus, zeros (SGLang's spec-v2 layout)
+    context_slots: torch.Tensor  # [bs, D+1] int64: slot of path node i for i <= accept_len, else 0 (padding slot)
 
 
 class ChainBlock(NamedTuple):
@@ -77,9 +88,20 @@ def empty_verify(bs: int, max_depth: int, device) -> VerifyResult:
                         torch.empty((bs, width), dtype=torch.long, device=device))
 
 
-def empty_commit(bs: int, num_nodes: int, device) -> CommitResult:
-    return CommitResult(torch.empty((bs, num_nodes - 1), dtype=torch.int32, device=device),
-                        torch.empty(bs, dtype=torch.long, device=device))
+def empty_verify_inputs(bs: int, num_nodes: int, mask_size: int, device) -> VerifyInputs:
+    return VerifyInputs(torch.empty((bs, num_nodes), dtype=torch.long, device=device),
+                        torch.empty(mask_size, dtype=torch.bool, device=device))
+
+
+def empty_tree_commit(bs: int, max_depth: int, device) -> TreeCommit:
+    width = max_depth + 1
+    def per_request(dtype):
+        return torch.empty(bs, dtype=dtype, device=device)
+
+    def per_path_row():
+        return torch.empty((bs, width), dtype=torch.long, device=device)
+
+    return TreeCommit(per_request(torch.int32), per_request(torch.long), per_path_row(), per_path_row())
 
 
 def empty_chain_block(bs: int, block_size: int, device) -> ChainBlock:

@@ -29,7 +29,8 @@ import torch
 logger = logging.getLogger("dflash_sglang.kernels")
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("dflash_binding.cpp", "tree_build.cu", "tree_verify.cu", "commit.cu", "context_kv.cu", "chain_step.cu")
+SOURCES = ("dflash_binding.cpp", "tree_build.cu", "verify_inputs.cu", "tree_verify.cu", "commit.cu", "context_kv.cu",
+           "chain_step.cu")
 HEADERS = ("dflash_kernels.h",)
 HOST_FLAGS = ("-O3", "-std=c++17")
 CUDA_FLAGS = ("-O3", "-std=c++17")

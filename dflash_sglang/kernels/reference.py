@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from dflash_sglang.kernels.buffers import ChainBlock, ChainStep, CommitResult, ContextKV, TreeBuffers, VerifyResult
+from dflash_sglang.kernels.buffers import (ChainBlock, ChainStep, ContextKV, TreeBuffers, TreeCommit, VerifyInputs,
+                                          VerifyResult)
 from dflash_sglang.tree import best_first_nodes, max_tree_nodes
 
 
@@ -181,32 +182,50 @@ def verify_tree_sampling(tokens: torch.Tensor, first_child: torch.Tensor, next_s
     return _verify_result(tokens, walk.path, walk.length, bonus)
 
 
-def commit_accepted(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                    path: torch.Tensor, accept_len: torch.Tensor, num_nodes: int) -> CommitResult:
-    """Point positions seq_len + i (i <= accept_len) of each request at the verify slot of path node i, in place.
+def tree_verify_inputs(ancestor_mask: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
+                       req_to_token: torch.Tensor, mask_size: int) -> VerifyInputs:
+    """Each request's verify slots req_to_token[r, seq_len + j] (j < n) and the flat custom mask of SGLang's triton
+    backend: request b owns n rows of (seq_len_b + n) entries, requests back to back; row i may see every committed
+    token and tree node j iff ancestor_mask[b, i, j]. `mask_size` >= sum_b n * (seq_len_b + n) is a host-side bound
+    (the planning lengths), so the size is known without reading the device; the tail is 1."""
+    bs, width, _ = ancestor_mask.shape
+    device = ancestor_mask.device
+    seq = seq_lens.long()
+    slots = req_to_token[req_pool_indices.long()[:, None], seq[:, None] + torch.arange(width, device=device)].long()
+    row_len = seq + width
+    sizes = width * row_len
+    starts = torch.cumsum(sizes, dim=0) - sizes
+    rows = torch.arange(width, device=device)
+    # Row i of request b starts at starts[b] + i * row_len[b]; node j's column is seq_len + j.
+    index = (starts[:, None, None] + rows[None, :, None] * row_len[:, None, None]
+             + seq[:, None, None] + rows[None, None, :])
+    mask = torch.ones(mask_size, dtype=torch.bool, device=device)
+    mask[index.reshape(-1)] = ancestor_mask.reshape(-1)
+    return VerifyInputs(slots, mask)
 
-    Verify slots are req_to_token[r, seq_len + j] for node j. Returns the slots of the other nodes (node order,
-    -1 padded) and the new committed lengths.
-    """
+
+def commit_tree(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                path: torch.Tensor, accept_len: torch.Tensor, verified_emitted: torch.Tensor,
+                num_nodes: int) -> TreeCommit:
+    """Permute each request's verify columns req_to_token[r, seq_len : seq_len + n] in place: the accepted path's
+    slots first (path order), then the other nodes' (node order); and what the step hands on (`TreeCommit`)."""
     bs, width = path.shape
-    device = req_to_token.device
+    device = path.device
+    columns = seq_lens.long()[:, None] + torch.arange(num_nodes, device=device)
     rows = req_pool_indices.long()[:, None]
-    seq = seq_lens.long()[:, None]
-    slots = req_to_token[rows, seq + torch.arange(num_nodes, device=device)]  # [bs, n]
-    written = min(width, num_nodes)  # an accepted path never has more than n nodes
-    kept = torch.arange(written, device=device)[None, :] <= accept_len.long()[:, None]
-    write_cols = seq + torch.arange(written, device=device)
-    moved = slots.gather(1, path[:, :written].long().clamp(min=0))
-    req_to_token[rows, write_cols] = torch.where(kept, moved, req_to_token[rows, write_cols])
-
-    on_path = torch.zeros((bs, num_nodes), dtype=torch.long, device=device)
-    on_path.scatter_add_(1, path[:, :written].long().clamp(min=0), kept.long())
-    free = on_path == 0
-    # Column n-1 is a scratch target for path nodes: at most n-1 nodes are free, so ranks stay below it.
-    rank = torch.where(free, free.long().cumsum(dim=1) - 1, num_nodes - 1)
-    freed = torch.full((bs, num_nodes), -1, dtype=torch.int32, device=device)
-    freed.scatter_(1, rank, torch.where(free, slots, -1).int())
-    return CommitResult(freed[:, : num_nodes - 1], seq_lens.long() + accept_len.long() + 1)
+    slots = req_to_token[rows, columns]
+    steps = torch.arange(width, device=device).expand(bs, width)
+    on_path = steps <= accept_len.long()[:, None]
+    # Sort key per node: its step on the accepted path, else n + its index; a spare column takes the scatter of
+    # the path's padding.
+    keys = torch.arange(num_nodes, 2 * num_nodes + 1, device=device).repeat(bs, 1)
+    keys.scatter_(1, torch.where(on_path, path.long(), num_nodes), torch.where(on_path, steps, 2 * num_nodes))
+    order = keys[:, :num_nodes].argsort(dim=1)
+    req_to_token[rows, columns] = slots.gather(1, order)
+    commit_lens = accept_len.to(torch.int32) + 1
+    path_slots = slots.gather(1, path.long().clamp(min=0)).long()
+    return TreeCommit(commit_lens, seq_lens.long() + commit_lens, verified_emitted.long().clamp(min=0),
+                      torch.where(on_path, path_slots, 0))
 
 
 def chain_block(bonus: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,

@@ -1,12 +1,38 @@
-"""Tree verification, greedy and lossless sampling: the CUDA kernels or their references."""
+"""Tree verification, its inputs (KV slots and custom mask) and the greedy and lossless sampling verifiers: the CUDA
+kernels or their references."""
 
 from __future__ import annotations
 
 import torch
 
 from dflash_sglang.kernels import reference
-from dflash_sglang.kernels.buffers import VerifyResult, empty_verify, fill
+from dflash_sglang.kernels.buffers import VerifyInputs, VerifyResult, empty_verify, empty_verify_inputs, fill
 from dflash_sglang.kernels.jit import use_kernel
+
+
+def tree_verify_inputs(ancestor_mask: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
+                       req_to_token: torch.Tensor, mask_size: int, out: VerifyInputs | None = None) -> VerifyInputs:
+    """The KV slots and the custom attention mask of a tree verify.
+
+    Parameters:
+        ancestor_mask: [bs, n, n] bool, [b, i, j] iff node j is node i or one of its ancestors.
+        seq_lens: [bs] committed lengths (the root's position); req_pool_indices: [bs] slot-table rows.
+        req_to_token: [R, max_len] int32 slot table, rows holding seq_len + n entries.
+        mask_size: a host-side bound >= sum_b n * (seq_len_b + n) (the planning lengths).
+        out: optional preallocated `VerifyInputs` (`buffers.empty_verify_inputs`).
+
+    Returns `VerifyInputs`: slots [bs, n] int64 = req_to_token[r, seq_len + j], and mask [mask_size] bool in the
+    layout of SGLang's triton backend: request b owns n rows of (seq_len_b + n) entries, requests back to back;
+    row i sees every committed token and node j iff ancestor_mask[b, i, j]; the tail is 1.
+    """
+    if not use_kernel("tree_verify_inputs", ancestor_mask):
+        return fill(out, reference.tree_verify_inputs(ancestor_mask, seq_lens, req_pool_indices, req_to_token,
+                                                      mask_size))
+    bs, width = ancestor_mask.shape[:2]
+    out = out if out is not None else empty_verify_inputs(bs, width, mask_size, ancestor_mask.device)
+    torch.ops.dflash_sglang.tree_verify_inputs(ancestor_mask.bool().contiguous(), seq_lens.long().contiguous(),
+                                               req_pool_indices.long().contiguous(), req_to_token, *out)
+    return out
 
 
 def verify_tree_greedy(tokens: torch.Tensor, first_child: torch.Tensor, next_sibling: torch.Tensor,

@@ -1,5 +1,5 @@
-"""Tree drafting and verification (DDTree) inside SGLang's decode step: settings, launch flags, and the per-step
-tensors the target's tree verify needs.
+"""Tree drafting and verification (DDTree) inside SGLang's decode step: settings and launch flags (the per-step
+tensors come from `dflash_sglang.kernels`: `tree_verify_inputs`, `commit_tree`).
 
 The drafter's one forward gives a distribution at every block position; a best-first tree over their top-k
 (`dflash_sglang.kernels.build_draft_tree`) of `budget` nodes is verified by the target in ONE forward of
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-
-import torch
 
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.kernels.reference import tree_num_nodes
@@ -136,50 +134,3 @@ def mask_policy_hook(original, attn_backend):
     if os.environ.get(BUDGET_ENV, "").strip():
         return name, True
     return name, build_custom_mask
-
-
-# ------------------------------------------------------------------------------------------------- step tensors
-
-
-def verify_mask(ancestor_mask: torch.Tensor, seq_lens: torch.Tensor, total: int) -> torch.Tensor:
-    """The flat custom mask of a tree verify, in the layout of SGLang's triton backend.
-
-    Request b owns W rows of (seq_lens[b] + W) columns, requests back to back: row i may see every committed
-    token and tree node j iff ancestor_mask[b, i, j]. `total` >= sum_b W * (seq_lens[b] + W) is a host-side
-    bound (the planning lengths), so the size is known without reading the device; the tail is unused.
-    """
-    bs, width, _ = ancestor_mask.shape
-    row_len = seq_lens.long() + width
-    sizes = width * row_len
-    starts = torch.cumsum(sizes, dim=0) - sizes
-    rows = torch.arange(width, device=seq_lens.device)
-    index = (starts[:, None, None] + rows[None, :, None] * row_len[:, None, None]
-             + seq_lens.long()[:, None, None] + rows[None, None, :])
-    mask = torch.ones(total, dtype=torch.bool, device=ancestor_mask.device)
-    mask[index.reshape(-1)] = ancestor_mask.reshape(-1)
-    return mask
-
-
-def commit_tree_slots(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                      path: torch.Tensor, accept_len: torch.Tensor, width: int) -> None:
-    """Reorder each request's verify slots req_to_token[r, seq_len : seq_len + W] in place: the accepted path's
-    slots first (in path order), then the other nodes' in node order.
-
-    The verify pass wrote node j's K/V into the slot at column seq_len + j, at position seq_len + depth(j); after
-    the reorder, committed position seq_len + i holds the K/V of path node i, computed at exactly that position.
-    It is a permutation of slots SGLang already reserved, so nothing is copied, freed or leaked: the rejected
-    nodes' slots stay reserved past the new length and are overwritten by the next step.
-    """
-    bs, depth = path.shape
-    device = path.device
-    columns = seq_lens.long()[:, None] + torch.arange(width, device=device)
-    rows = req_pool_indices.long()[:, None]
-    slots = req_to_token[rows, columns]
-    steps = torch.arange(depth, device=device).expand(bs, depth)
-    on_path = steps <= accept_len.long()[:, None]
-    # Sort key per node: its step on the accepted path, else width + its index; a spare column takes the
-    # scatter of the path's padding.
-    keys = torch.arange(width, width + width + 1, device=device).repeat(bs, 1)
-    keys.scatter_(1, torch.where(on_path, path.long(), width), torch.where(on_path, steps, 2 * width))
-    order = keys[:, :width].argsort(dim=1)
-    req_to_token[rows, columns] = slots.gather(1, order)

@@ -55,15 +55,17 @@ from dflash_sglang.kernels import (
     chain_accept_greedy,
     chain_block,
     chain_step,
+    commit_tree,
     draw_verify_randoms,
     gather_accepted_hidden,
+    tree_verify_inputs,
     verify_tree_greedy,
     verify_tree_sampling,
 )
 from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
-from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, commit_tree_slots, settings_from_env, verify_mask
+from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
 
 logger = logging.getLogger(__name__)
@@ -100,9 +102,7 @@ class DFlashWorker(BaseSpecWorker):
         self.draft_head = make_draft_head(
             target_model.lm_head, self.drafter_config, self.target_info, self.block_size, self.tree
         )
-        self.block_offsets = torch.arange(self.block_size, device=self.device)
         if self.tree:
-            self.verify_offsets = torch.arange(self.tree.verify_width, device=self.device)
             logger.info(
                 "dflash_sglang: tree mode, %d draft nodes (top-%d per position) verified in one pass of %d tokens",
                 self.tree.budget, self.tree.topk, self.tree.verify_width,
@@ -207,13 +207,14 @@ class DFlashWorker(BaseSpecWorker):
     def decode_tree(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         """One tree step: draft the block, build the best-first tree from its top-k, verify every node in one
         target pass (custom mask, positions by depth), accept on the GPU, commit the accepted path by reordering
-        its KV slots, and give the drafter the path's features as context. No host sync."""
+        its KV slots, and give the drafter the path's features as context. No host sync; between the drafter's
+        and the target's graphs, one launch each for the tree, the verify's slots and mask, the acceptance, the
+        commit and the gather of the path's features (our kernels, or their references)."""
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
         batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
         seq_lens = batch.seq_lens
         req_to_token = self.model_runner.req_to_token_pool.req_to_token
-        rows = batch.req_pool_indices[:, None]
         draft_block = self.block(batch, state)
         block_positions = draft_block.positions
         bs, block, width = block_positions.shape[0], self.block_size, self.tree.verify_width
@@ -223,28 +224,25 @@ class DFlashWorker(BaseSpecWorker):
         tree = build_draft_tree(anchors, logprobs.view(bs, block - 1, -1), tokens.view(bs, block - 1, -1),
                                 seq_lens, self.tree.budget)
         step.mark()
-        verify_slots = req_to_token[rows, seq_lens[:, None] + self.verify_offsets].long()
         # Host bounds of the committed lengths (the host copy may trail the device by one step's commit, at
         # most B tokens, whatever the verify width), and of the mask: W rows of (length + W) per request.
         verify_plan = planning_seq_lens(batch, state, max(block, width))
-        mask = verify_mask(tree.ancestor_mask, seq_lens, width * (verify_plan[1] + bs * width))
-        verify = self.verify(batch, tree.tokens, tree.positions, verify_slots, verify_plan, custom_mask=mask)
+        inputs = tree_verify_inputs(tree.ancestor_mask, seq_lens, batch.req_pool_indices, req_to_token,
+                                    width * (verify_plan[1] + bs * width))
+        verify = self.verify(batch, tree.tokens, tree.positions, inputs.slots, verify_plan, custom_mask=inputs.mask)
         step.mark()
 
         accepted = self.accept_tree(tree, verify.logits_output.next_token_logits, batch.sampling_info)
-        commit_lens = accepted.accept_len + 1
-        new_seq_lens = seq_lens + commit_lens.to(seq_lens.dtype)
+        committed = commit_tree(req_to_token, batch.req_pool_indices, seq_lens, accepted.path, accepted.accept_len,
+                                accepted.emitted, width)
         if on_publish is not None:
-            on_publish(new_seq_lens)
+            on_publish(committed.new_seq_lens)
 
-        commit_tree_slots(req_to_token, batch.req_pool_indices, seq_lens, accepted.path, accepted.accept_len, width)
         features = gather_accepted_hidden(verify.logits_output.hidden_states, accepted.path, accepted.accept_len)
-        committed = self.block_offsets[None, :] < commit_lens[:, None]
-        committed_slots = req_to_token[rows, block_positions].long()
         self.draft_model.write_context_kv(
             features.reshape(bs * block, -1),
             block_positions.reshape(-1),
-            torch.where(committed, committed_slots, torch.zeros_like(committed_slots)).reshape(-1),
+            committed.context_slots.reshape(-1),
             self.draft_runner.token_to_kv_pool,
         )
         logits_output = verify.logits_output
@@ -254,15 +252,14 @@ class DFlashWorker(BaseSpecWorker):
             # rows of the accepted path's nodes, in path order.
             path_rows = accepted.path.long().clamp(min=0) + (torch.arange(bs, device=self.device) * width)[:, None]
             logits_output.next_token_logits = logits_output.next_token_logits[path_rows.reshape(-1)]
-        emitted = torch.where(accepted.emitted >= 0, accepted.emitted, torch.zeros_like(accepted.emitted))
         result = GenerationBatchResult(
             logits_output=logits_output,
-            next_token_ids=emitted.reshape(-1),
-            accept_lens=commit_lens,
+            next_token_ids=committed.emitted.reshape(-1),
+            accept_lens=committed.commit_lens,
             can_run_cuda_graph=verify.can_run_cuda_graph,
-            next_draft_input=next_draft_state(accepted.bonus, new_seq_lens),
+            next_draft_input=next_draft_state(accepted.bonus, committed.new_seq_lens),
             speculative_num_draft_tokens=block,
-            new_seq_lens=new_seq_lens,
+            new_seq_lens=committed.new_seq_lens,
         )
         self.step_timer.end(step)
         return result
