@@ -8,6 +8,8 @@ compiler. `python -m dflash_sglang.kernels build` does the same ahead of time (C
 Environment:
     DFLASH_KERNELS       `auto` (default): the kernels for CUDA tensors when the library loads, else the torch
                          reference; `reference`: always the reference; `cuda`: the kernels or an error.
+    DFLASH_KERNELS_REFERENCE_OPS  comma-separated op names that run their reference whatever the mode (ops whose
+                         GPU tests failed on this machine: scripts/device/kernel_gate.py names them).
     DFLASH_KERNEL_CACHE  cache directory (default `$XDG_CACHE_HOME/dflash_sglang/kernels`, else
                          `~/.cache/dflash_sglang/kernels`).
     DFLASH_CUDA_ARCH     target architecture such as `90a` or `80` (default: the current GPU's, else `90a`).
@@ -32,6 +34,9 @@ CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("dflash_binding.cpp", "tree_build.cu", "verify_inputs.cu", "tree_verify.cu", "commit.cu", "context_kv.cu",
            "chain_step.cu")
 HEADERS = ("dflash_kernels.h",)
+# Every op with a kernel, in step order (the names `use_kernel` is called with).
+OPS = ("build_draft_tree", "tree_verify_inputs", "verify_tree_greedy", "verify_tree_sampling", "commit_tree",
+       "gather_accepted_hidden", "chain_block", "chain_accept_greedy", "context_kv_norm_rope")
 HOST_FLAGS = ("-O3", "-std=c++17")
 CUDA_FLAGS = ("-O3", "-std=c++17")
 
@@ -146,6 +151,8 @@ def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) ->
     mode = os.environ.get("DFLASH_KERNELS", "auto")
     if mode not in ("auto", "reference", "cuda"):
         raise ValueError(f"DFLASH_KERNELS must be auto, reference or cuda, got {mode!r}")
+    if op in reference_ops():
+        return _log_choice(op, tensor, False, "listed in DFLASH_KERNELS_REFERENCE_OPS")
     if tensor.is_cuda:
         available, why = kernel_status()
     else:
@@ -154,6 +161,17 @@ def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) ->
         available, why = False, unsupported
     if mode == "cuda" and not available:
         raise RuntimeError(f"{op}: DFLASH_KERNELS=cuda but the CUDA kernel cannot run: {why}")
+    return _log_choice(op, tensor, available, why)
+
+
+def reference_ops() -> set[str]:
+    names = {name.strip() for name in os.environ.get("DFLASH_KERNELS_REFERENCE_OPS", "").split(",") if name.strip()}
+    if unknown := sorted(names - set(OPS)):
+        raise ValueError(f"DFLASH_KERNELS_REFERENCE_OPS names unknown ops {unknown}; the ops are {', '.join(OPS)}")
+    return names
+
+
+def _log_choice(op: str, tensor: torch.Tensor, available: bool, why: str) -> bool:
     if (op, available) not in _logged:
         _logged.add((op, available))
         if available:

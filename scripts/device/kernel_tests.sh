@@ -2,8 +2,10 @@
 # GPU box runner for the kernels (tree ops, the drafter's context K/V): build the library, run the GPU tests, then
 # the micro-benchmark.
 # Logs, the JUnit report and the benchmark (JSON + markdown) land in $OUT (default ./out); the benchmark's summary
-# tables are printed last. Exit status: the build's if it failed, else the correctness tests', else 100 if the
-# benchmark or the error-path test failed, else 0.
+# tables are printed last. Exit status: the build's if it failed; 101 if correctness tests failed and
+# scripts/device/kernel_gate.py could name the ops they condemn ($OUT/reference_ops.txt: serve with
+# DFLASH_KERNELS_REFERENCE_OPS set to its line, the other kernels stay); the tests' status if it could not; else
+# 100 if the benchmark or the error-path test failed, else 0.
 # Time budget (< 6 min): build <= 2 min, tests <= 3 min, benchmark <= 1.5 min, each under its own timeout.
 #
 #   bash scripts/device/kernel_tests.sh
@@ -36,7 +38,13 @@ timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
 echo "gpu tests exit $tests, error-path test exit $errors, benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
-[ "$tests" -ne 0 ] && exit "$tests"
+if [ "$tests" -ne 0 ]; then
+  failed=$($PY scripts/device/kernel_gate.py "$OUT/pytest_gpu.xml")
+  echo "$failed" > "$OUT/reference_ops.txt"
+  echo "kernel ops whose tests failed: ${failed:-none named}"
+  [ -n "$failed" ] && [ "$failed" != all ] && exit 101
+  exit "$tests"
+fi
 # The kernels passed; only their timing or their error reports failed: a distinct status, so callers can still
 # serve with them.
 [ "$bench" -ne 0 ] || [ "$errors" -ne 0 ] && exit 100

@@ -5,12 +5,13 @@
 #   start    (with .device carried, after the SmolLM2 payloads were unpacked by earlier commands, see
 #            docs/training.md): in the background (setsid: it outlives the command) the SmolLM2 pipeline
 #            (train_smollm2.sh: its regeneration servers on both GPUs, training on GPU 1) followed by the
-#            side-by-side benchmark on its pair (bench.sh, GPU 1); in the foreground on GPU 0 the kernel GPU tests and
-#            micro-benchmark (kernel_tests.sh, ~1 minute), then it waits for the regeneration to end (the next
-#            command's servers would slow it down: on 2026-11-29 end-to-end groups started beside it cut it from 36k
-#            to 22k tok/s and left it half the training data). Every server after a failed kernel test serves with
-#            the torch references (DFLASH_KERNELS=reference; a flag file tells the later commands): a kernel that
-#            fails its test never serves. Prints the kernel tests' tail.
+#            side-by-side benchmark on its pair (`x2_session.sh bench`: bench.sh on GPU 1); in the foreground on
+#            GPU 0 the kernel GPU tests and micro-benchmark (kernel_tests.sh, ~1 minute), then it waits for the
+#            regeneration to end (the next command's servers would slow it down: on 2026-11-29 end-to-end groups
+#            started beside it cut it from 36k to 22k tok/s and left it half the training data). A kernel that fails
+#            its test never serves: every later server runs that op's torch reference (DFLASH_KERNELS_REFERENCE_OPS,
+#            from kernel_gate.py), or every op's (DFLASH_KERNELS=reference) when the failures name no op; a file
+#            tells the later commands. Prints the kernel tests' tail.
 #   gpu0     GPU 0 work while the chain trains and benchmarks (one command, under --budget seconds, default 560):
 #            every end-to-end group (e2e_all.sh), the training GPU tests, the training-step profile at SmolLM2's
 #            shape (profile_train.py, ~1 minute), then a copy of the training results so far
@@ -32,7 +33,7 @@ REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${OUT:-$REPO/out}"
 SMOL=/tmp/smol
 CHAIN_DONE="$SMOL/chain.exit"
-KERNELS_FAILED=/tmp/dflash_kernels_failed
+REFERENCE_OPS=/tmp/dflash_reference_ops  # the kernel tests' verdict: "all", or the ops whose tests failed
 E2E_BUDGET=420
 WAIT=560
 GPU0_BUDGET=560
@@ -43,6 +44,7 @@ SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # (a 65-wide verify captured up to batch 64 would cost startup time and memory for no bar); profiles: AR and the
 # builtin and the tree at c1, ours at c1 and c32.
 BENCH_ARGS='--tree-budget 64 --tree-concurrency "1 8" --profile --profile-concurrency "1 32" --set-prompts 4 --budget 480'
+BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -61,14 +63,13 @@ start() {
   local gpus kernels
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
   [ "$gpus" -ge 2 ] || { echo "error: x2_session.sh needs two GPUs, this machine has $gpus" >&2; exit 2; }
-  rm -f "$CHAIN_DONE" "$KERNELS_FAILED"
+  rm -f "$CHAIN_DONE" "$REFERENCE_OPS"
   # The chain's own $OUT is not this command's (it ends long after): train_smollm2.sh keeps its results under
   # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
-  CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET SMOL_SERVERS=6 SMOL_SERVER_GPUS="0 1" setsid bash -c \
+  CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET SMOL_SERVERS=6 SMOL_SERVER_GPUS="0 1" \
+    X2_BENCH_ARGS="$BENCH_ARGS" setsid bash -c \
     "bash '$REPO/scripts/device/train_smollm2.sh' && \
-    { [ ! -e '$KERNELS_FAILED' ] || export DFLASH_KERNELS=reference; } && \
-    OUT='$SMOL/benchrun' DFLASH_SGLANG_STEP_TIMING=1 bash '$REPO/scripts/device/bench.sh' --target '$SMOL/target' \
-      --drafter '$SMOL/drafter' $BENCH_ARGS > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
+    bash '$REPO/scripts/device/x2_session.sh' bench > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
     > /dev/null 2>&1 < /dev/null &
   echo "== SmolLM2 chain started on GPU 1 (train_smollm2.sh, then bench.sh $BENCH_ARGS)"
   kernels=0
@@ -77,9 +78,11 @@ start() {
   if [ "$kernels" = 0 ] || [ "$kernels" = 100 ]; then
     echo "== kernel tests passed (kernel_tests.sh exit $kernels;" \
       "100: only the micro-benchmark or the error-path test failed)"
+  elif [ "$kernels" = 101 ]; then
+    cp "$OUT/kernels/reference_ops.txt" "$REFERENCE_OPS"
+    echo "== kernel tests FAILED for $(cat "$REFERENCE_OPS"): those ops serve with their torch references"
   else
-    touch "$KERNELS_FAILED"
-    export DFLASH_KERNELS=reference
+    echo all > "$REFERENCE_OPS"
     echo "== kernel tests FAILED: the end-to-end groups and the benchmark serve with the torch references"
   fi
   tail -n 40 "$OUT/kernel-tests.log"
@@ -90,12 +93,25 @@ start() {
   echo "== after ${SECONDS}s: $(tail -n 1 "$SMOL/result/timings.jsonl" 2>/dev/null)"
 }
 
+# The servers of this command serve with the kernels that passed their tests in `start`.
+use_tested_kernels() {
+  [ -e "$REFERENCE_OPS" ] || return 0
+  local ops
+  ops=$(cat "$REFERENCE_OPS")
+  if [ "$ops" = all ]; then export DFLASH_KERNELS=reference; else export DFLASH_KERNELS_REFERENCE_OPS="$ops"; fi
+  echo "== kernel tests failed in start for $ops: those ops serve with their torch references"
+}
+
+# The chain's second half (started by `start`, after the training): the side-by-side benchmark on GPU 1.
+bench() {
+  use_tested_kernels
+  OUT="$SMOL/benchrun" DFLASH_SGLANG_STEP_TIMING=1 eval bash "'$REPO/scripts/device/bench.sh'" \
+    --target "'$SMOL/target'" --drafter "'$SMOL/drafter'" "$BENCH_ARGS"
+}
+
 gpu0() {
   local left
-  if [ -e "$KERNELS_FAILED" ]; then
-    export DFLASH_KERNELS=reference
-    echo "== kernel tests failed in start: the end-to-end groups serve with the torch references"
-  fi
+  use_tested_kernels
   CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/e2e_all.sh" --budget "$E2E_BUDGET" > "$OUT/e2e_all.log" 2>&1
   echo "== e2e_all exit $?"
   cat "$OUT/e2e-summary.txt"
@@ -141,5 +157,6 @@ case "$COMMAND" in
   start) start ;;
   gpu0) gpu0 ;;
   collect) collect ;;
+  bench) bench ;;
   *) echo "usage: x2_session.sh start|gpu0|collect [options]" >&2; exit 2 ;;
 esac
