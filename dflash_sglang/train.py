@@ -2,7 +2,8 @@
 
 One optimizer micro-step on a batch of sequences:
 1. the frozen target runs once over each (padded) sequence; the hooks of `TargetModel` capture the features of
-   `target_layer_ids` for every token (computed online, never cached);
+   `target_layer_ids` for every token (computed online; on a GPU kept in device memory for later epochs, see
+   `TargetOutputCache`);
 2. per sequence, up to `num_anchors` anchor positions `a` are drawn among the answer tokens (fresh every time a
    sequence is seen); each gives a block `[x_a, MASK x (B-1)]` at positions `a .. a+B-1`;
 3. all blocks of a sequence go through the drafter in ONE forward: queries = every block row, keys = the context
@@ -90,6 +91,7 @@ class TrainConfig:
     resume: bool = False
     stop_after: int | None = None  # leave after this step (checkpoint written), e.g. for preemptible jobs
     max_minutes: float | None = None  # this session's wall-clock cap; the final estimate and export come after it
+    target_cache_gb: float | None = None  # memory for the target's outputs across epochs (TargetOutputCache)
     progress: bool = True
 
 
@@ -377,11 +379,67 @@ def attention_backends(device: torch.device) -> list:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
+class TargetOutputCache:
+    """The frozen target's outputs for each training sequence (its fused features, and its final hidden states when
+    soft labels need them), kept on the device after the sequence's first forward so that later epochs skip the
+    target, which is ~40 of a step's ~110 ms at SmolLM2's shape. Holds at most `budget_bytes`; a sequence that
+    does not fit is recomputed whenever it comes."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def lookup(self, keys: list[int], width: int,
+               with_final: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Right-padded (with zeros) [bs, width, .] features and final hidden states (None unless `with_final`),
+        or None unless every sequence is cached."""
+        if not keys or any(k not in self.entries or (with_final and self.entries[k][1] is None) for k in keys):
+            return None
+        first_features, first_final = self.entries[keys[0]]
+        features = first_features.new_zeros((len(keys), width, first_features.shape[-1]))
+        final = first_final.new_zeros((len(keys), width, first_final.shape[-1])) if with_final else None
+        for b, key in enumerate(keys):
+            row_features, row_final = self.entries[key]
+            features[b, : len(row_features)] = row_features
+            if final is not None:
+                final[b, : len(row_final)] = row_final
+        return features, final
+
+    def store(self, keys: list[int], lengths: list[int], features: torch.Tensor,
+              final_hidden: torch.Tensor | None) -> None:
+        """Keep row b's first lengths[b] positions of a batch's outputs, while the budget allows."""
+        for b, (key, length) in enumerate(zip(keys, lengths, strict=True)):
+            if key in self.entries:
+                continue
+            parts = (features[b, :length], None if final_hidden is None else final_hidden[b, :length])
+            size = sum(t.numel() * t.element_size() for t in parts if t is not None)
+            if self.used_bytes + size > self.budget_bytes:
+                continue
+            self.entries[key] = tuple(None if t is None else t.clone() for t in parts)
+            self.used_bytes += size
+
+
+def target_cache_budget(requested_gb: float | None, device: torch.device) -> int:
+    """Bytes for `TargetOutputCache`: the request, else on CUDA half of the memory still free (the step's own
+    peak at SmolLM2's shape is a few GB), else nothing (on CPU the forward is cheap next to everything else)."""
+    if requested_gb is not None:
+        if requested_gb < 0:
+            raise ValueError(f"--target-cache-gb must be >= 0 (0 turns the cache off), got {requested_gb}")
+        return int(requested_gb * 2**30)
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 2
+
+
 def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | None, sequences: list[Sequence],
                num_anchors: int, weights: torch.Tensor, generator: torch.Generator, chunk_rows: int,
-               autocast_dtype: torch.dtype | None, soft_labels: float = 0.0) -> torch.Tensor:
+               autocast_dtype: torch.dtype | None, soft_labels: float = 0.0, cache: TargetOutputCache | None = None,
+               cache_keys: list[int] | None = None) -> torch.Tensor:
     """The weighted block loss of one micro-batch (steps 1-4 of the module docstring). Anchors, block ids and
-    targets are drawn on the host from the host batch, so nothing in the step waits for the device."""
+    targets are drawn on the host from the host batch, so nothing in the step waits for the device. With a
+    `cache`, `cache_keys` name the sequences (their index in the training set) whose target outputs it keeps."""
     cfg = drafter.cfg
     dev = target.device
     ids, loss_mask, real = pad_batch(sequences)
@@ -393,7 +451,13 @@ def batch_loss(drafter: DFlashDrafter, target: TargetModel, softcap: float | Non
     block_ids = torch.full((bs, n, block_size), cfg.mask_token_id, dtype=torch.long)
     block_ids[:, :, 0] = torch.gather(ids, 1, anchors)
     ids, real, anchors, anchor_valid, block_ids = to_device([ids, real, anchors, anchor_valid, block_ids], dev)
-    features, final_hidden = target.causal_forward(ids)
+    cached = cache.lookup(cache_keys, ids.shape[1], bool(soft_labels)) if cache is not None else None
+    if cached is not None:
+        features, final_hidden = cached
+    else:
+        features, final_hidden = target.causal_forward(ids)
+        if cache is not None:
+            cache.store(cache_keys, [len(s.ids) for s in sequences], features, final_hidden if soft_labels else None)
     teacher = None
     if soft_labels:
         # Row k of the block at a is labelled by the target's output at position a+k-1 (row 0 weighs 0; rows past
@@ -636,6 +700,8 @@ class TrainResult:
     out: Path
     planned_steps: int = 0  # the schedule's length (re-planned under --max-minutes)
     stopped_by_time: bool = False
+    cached_sequences: int = 0  # training sequences whose target outputs the cache held at the end
+    cache_gb: float = 0.0
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -673,6 +739,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.init_from_target:
         copy_target_layers(drafter, target)
     drafter = drafter.to(device).train()
+    cache = TargetOutputCache(target_cache_budget(cfg.target_cache_gb, device))
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(sequences) / per_step)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -731,7 +798,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss_sum = 0.0
         for micro in micro_batches:
             loss = batch_loss(drafter, target, softcap, [sequences[i] for i in micro], cfg.num_anchors, weights,
-                              anchor_rng, cfg.loss_chunk_rows, autocast_dtype, cfg.soft_labels)
+                              anchor_rng, cfg.loss_chunk_rows, autocast_dtype, cfg.soft_labels, cache, micro)
             (loss / len(micro_batches)).backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
@@ -771,4 +838,5 @@ def train(cfg: TrainConfig) -> TrainResult:
     log.close()
     if step == total_steps or timed_out:
         export_drafter(out, raw, drafter, DTYPES[cfg.save_dtype])
-    return TrainResult(step, loss_value, acceptance, time.perf_counter() - started, out, total_steps, timed_out)
+    return TrainResult(step, loss_value, acceptance, time.perf_counter() - started, out, total_steps, timed_out,
+                       len(cache.entries), cache.used_bytes / 2**30)

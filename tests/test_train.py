@@ -188,6 +188,56 @@ def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, 
     assert torch.equal(target.lm_head(seen["teacher"]).argmax(-1), seen["targets"])
 
 
+def test_target_cache_gives_the_same_loss_and_gradient_without_the_target(pair_and_data, monkeypatch):
+    """A batch whose target outputs come from the cache (its second time round) has the loss and gradient of the
+    uncached step, soft labels included, and runs no target forward."""
+    import dflash_sglang.train as train_module
+
+    target_path, data = pair_and_data
+    drafter, target = float64_pair(target_path)
+    sequences = load_sequences(data, 64)[:4]
+    weights = train_module.loss_weights(BLOCK, 3.0)
+
+    def loss_and_grad(cache):
+        drafter.zero_grad()
+        loss = train_module.batch_loss(drafter, target, None, sequences, 6, weights, torch.Generator().manual_seed(3),
+                                       64, None, 1.0, cache, [7, 2, 9, 4])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in drafter.parameters() if p.grad is not None]
+
+    expected_loss, expected_grads = loss_and_grad(None)
+    cache = train_module.TargetOutputCache(2**30)
+    loss_and_grad(cache)
+    assert sorted(cache.entries) == [2, 4, 7, 9]
+    forwards = []
+    monkeypatch.setattr(target, "causal_forward", lambda ids: forwards.append(ids))
+    loss, grads = loss_and_grad(cache)
+    assert forwards == []
+    assert torch.allclose(loss, expected_loss, rtol=1e-12, atol=0)
+    assert all(torch.allclose(g, e, rtol=1e-10, atol=1e-14) for g, e in zip(grads, expected_grads, strict=True))
+
+
+def test_target_cache_keeps_what_fits_and_recomputes_the_rest():
+    from dflash_sglang.train import TargetOutputCache, target_cache_budget
+
+    features, final = torch.randn(3, 8, 4), torch.randn(3, 8, 2)
+    per_row = 5 * 4 * 4 + 5 * 2 * 4  # 5 float32 positions of features and final hidden states
+    cache = TargetOutputCache(2 * per_row)
+    cache.store([10, 11, 12], [5, 5, 5], features, final)
+    assert sorted(cache.entries) == [10, 11] and cache.used_bytes == 2 * per_row
+    assert cache.lookup([10, 12], 8, True) is None
+    got_features, got_final = cache.lookup([11, 10], 8, True)
+    assert torch.equal(got_features[0, :5], features[1, :5]) and got_features[:, 5:].eq(0).all()
+    assert torch.equal(got_final[1, :5], final[0, :5])
+    hard = TargetOutputCache(2**20)
+    hard.store([1], [3], features, None)
+    assert hard.lookup([1], 4, True) is None and hard.lookup([1], 4, False)[1] is None
+    cpu = torch.device("cpu")
+    assert target_cache_budget(None, cpu) == 0 and target_cache_budget(1.5, cpu) == 3 * 2**29
+    with pytest.raises(ValueError, match="--target-cache-gb must be >= 0"):
+        target_cache_budget(-1, cpu)
+
+
 def device_or_skip(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")

@@ -7,7 +7,8 @@ A random LlamaForCausalLM with SmolLM2-135M-Instruct's config (a step costs the 
 recipe's drafter (3 layers from the target's last ones, B = 16, bf16 autocast, fused AdamW), and sequences of random
 tokens whose prompt and answer lengths are drawn like the regenerated SmolLM2 data (prompts 30-250 tokens, answers
 up to 512, 40% of them cut at 512). For each batch order (length-bucketed as `train` draws it, and plain random):
-warm-up steps, then timed steps, each phase between CUDA events (target: the target forward, anchors, masks and
+warm-up steps, then timed steps (the bucketed order once more with the target's outputs cached, as `train`
+runs every epoch after the first), each phase between CUDA events (target: the target forward, anchors, masks and
 the drafter's context K/V; drafter: the packed draft layers; loss: the head loss with its gradient; backward: the
 drafter's backward and gradient clipping; optimizer), then a torch-profiler pass over a few steps whose CUDA kernels
 are summed by name. Writes DIR/profile-train.json and prints a table last. Needs no payload: run it beside
@@ -27,8 +28,9 @@ import dflash_sglang.train as train_module
 from dflash_sglang.config import parse_drafter_config
 from dflash_sglang.target import TargetModel
 from dflash_sglang.tiny import tiny_target_layer_ids
-from dflash_sglang.train import (Sequence, batch_loss, copy_target_layers, default_gamma, drafter_config_for_target,
-                                 epoch_order, init_drafter, loss_weights)
+from dflash_sglang.train import (Sequence, TargetOutputCache, batch_loss, copy_target_layers, default_gamma,
+                                 drafter_config_for_target, epoch_order, init_drafter, loss_weights,
+                                 target_cache_budget)
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -89,15 +91,16 @@ def instrument(timer: PhaseTimer) -> None:
     train_module.weighted_cross_entropy = before("loss", train_module.weighted_cross_entropy)
 
 
-def run(order_name: str, batches: list[list[Sequence]], drafter, target, weights, args, device, timer) -> dict:
+def run(order_name: str, batches: list[list[int]], sequences: list[Sequence], drafter, target, weights, args, device,
+        timer, cache: TargetOutputCache | None = None) -> dict:
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-4, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(1)
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def step(batch) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(drafter, target, None, batch, args.num_anchors, weights, generator, 8192, autocast,
-                          args.soft_labels)
+        loss = batch_loss(drafter, target, None, [sequences[i] for i in batch], args.num_anchors, weights, generator,
+                          8192, autocast, args.soft_labels, cache, batch)
         timer.mark("backward")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -108,9 +111,10 @@ def run(order_name: str, batches: list[list[Sequence]], drafter, target, weights
             torch.cuda.synchronize()
         return timer.read()
 
-    for batch in batches[: args.warmup]:
-        step(batch)
     timed = batches[args.warmup: args.warmup + args.steps]
+    # A cached run's timed steps are a later epoch's: their target outputs are in the cache already.
+    for batch in batches[: args.warmup] + (timed if cache is not None else []):
+        step(batch)
     started = time.perf_counter()
     phases = [step(batch) for batch in timed]
     seconds = time.perf_counter() - started
@@ -132,8 +136,8 @@ def run(order_name: str, batches: list[list[Sequence]], drafter, target, weights
         "steps_per_s": len(timed) / seconds,
         "ms_per_step": 1000 * seconds / len(timed),
         "phase_ms": {name: sum(p.get(name, 0.0) for p in phases) / len(phases) for name in PHASES},
-        "tokens_per_step": sum(sum(len(s.ids) for s in b) for b in timed) / len(timed),
-        "padded_tokens_per_step": sum(len(b) * max(len(s.ids) for s in b) for b in timed) / len(timed),
+        "tokens_per_step": sum(sum(len(sequences[i].ids) for i in b) for b in timed) / len(timed),
+        "padded_tokens_per_step": sum(len(b) * max(len(sequences[i].ids) for i in b) for b in timed) / len(timed),
         "top_kernels_ms_per_step": [{"name": name[:90], "ms": ms} for name, ms in top],
     }
 
@@ -176,8 +180,12 @@ def main() -> int:
     orders = {"length-bucketed": bucketed, "random": list(range(needed))}
     results = []
     for name, order in orders.items():
-        batches = [[sequences[i] for i in order[lo: lo + args.batch_size]] for lo in range(0, needed, args.batch_size)]
-        results.append(run(name, batches, drafter, target, weights, args, device, timer))
+        batches = [order[lo: lo + args.batch_size] for lo in range(0, needed, args.batch_size)]
+        results.append(run(name, batches, sequences, drafter, target, weights, args, device, timer))
+        if name == "length-bucketed":
+            cache = TargetOutputCache(target_cache_budget(None, device) if device.type == "cuda" else 2**34)
+            results.append(run("bucketed, cached", batches, sequences, drafter, target, weights, args, device, timer,
+                               cache))
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": "tiny" if args.tiny else "SmolLM2-135M", "settings": vars(args), "results": results}
     out = Path(args.out)
