@@ -8,6 +8,10 @@ requests and as the aggregate. Output ids are compared with a reference run (e.g
 prompt id, max tokens and EOS handling, so a speed figure never comes without its losslessness check. A reference
 run with `logprobs` also records its top-2 log-probability margin at every output position, and each mismatch
 against it carries the margin at the first differing position (the near-tie rule of docs/reliability.md).
+The interleaved sweep (`run_interleaved`) measures several servers in turn, level by level and repeat by repeat,
+in an order rotated each repeat, and reports per-repeat tok/s ratios to the baselines with their medians: the
+machine's speed drifts over tens of seconds, and a ratio of two runs seconds apart cancels it where a ratio of two
+sweeps minutes apart does not.
 Client side needs the standard library only, plus transformers when prompts are chat-templated; loopback servers.
 """
 
@@ -32,6 +36,12 @@ from dflash_sglang.prompts import load_prompt_set, prompt_ids
 WARMUP_PROMPTS = ["Name three colours.", "Count from one to ten in words.", "Say hello in French.",
                   "What is two plus two?", "Write one sentence about the sea.", "List four animals."]
 WARMUP_MAX_TOKENS = 32
+
+# The error of a request still running at the time limit (`send` stops it).
+STOPPED_AT_TIME_LIMIT = "stopped at the time limit"
+
+# The interleaved sweep divides every contender's tok/s by these contenders', repeat by repeat.
+BASELINES = ("ar", "builtin")
 
 # A divergence is a near-tie when the reference's top-2 log-probabilities at the first divergent token differ by
 # less than this: bf16 verify- and decode-shaped kernels round differently, and only such ties may flip
@@ -167,7 +177,7 @@ def send(url: str, prompt: dict, sampling: dict, timeout: float, deadline: float
                     ttft = time.perf_counter() - start
                 last = payload
                 if deadline is not None and time.perf_counter() > deadline:
-                    return failed("stopped at the time limit")
+                    return failed(STOPPED_AT_TIME_LIMIT)
     except urllib.error.HTTPError as e:
         return failed(f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}")
     except (OSError, http.client.HTTPException, ValueError) as e:
@@ -320,6 +330,22 @@ def level_prompts(prompts: list, concurrencies: list[int], rounds: int | None, m
     return batches
 
 
+def render_warmup_prompts(count: int, tokenizer: str | None) -> list[dict]:
+    return render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
+                           for i in range(count)], tokenizer) if count else []
+
+
+def run_warmup(url: str, prompts: list[dict], concurrency: int, sampling: dict, timeout: float,
+               deadline: float | None, progress: Progress, logprobs: bool = False) -> dict:
+    """Throw-away requests of WARMUP_MAX_TOKENS tokens (the first requests compile kernels): their count, errors,
+    seconds and first error."""
+    results, seconds = run_requests(url, prompts, concurrency,
+                                    {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
+                                    timeout, deadline, progress, logprobs)
+    return {"requests": len(prompts), "errors": sum(r.error is not None for r in results), "seconds": seconds,
+            "first_error": next((r.error for r in results if r.error), None)}
+
+
 def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens: int = 256,
               skip: int = 0, limit: int | None = None, rounds: int | None = None, min_requests: int = 1,
               tokenizer: str | None = None, reference: list[str] | None = None, ignore_eos: bool = True,
@@ -338,8 +364,7 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
     for prompt_set in sets:
         rows = load_prompt_set(prompt_set)[skip:]
         rendered[prompt_set] = render_prompts(rows[:limit] if limit is not None else rows, tokenizer)
-    warmup_prompts = render_prompts([{"id": f"warmup-{i}", "prompt": WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)]}
-                                     for i in range(warmup)], tokenizer) if warmup else []
+    warmup_prompts = render_warmup_prompts(warmup, tokenizer)
     started = time.perf_counter()
     deadline = started + time_limit if time_limit is not None else None
     sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
@@ -347,11 +372,8 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
               "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests, "time_limit": time_limit,
               "logprobs": logprobs, "prepare_seconds": started - preparing, "sets": {}}
     if warmup:
-        results, seconds = run_requests(url, warmup_prompts, min(warmup, max(concurrencies)),
-                                        {**sampling, "max_new_tokens": WARMUP_MAX_TOKENS, "ignore_eos": True},
-                                        timeout, deadline, Progress("warm-up", warmup, progress), logprobs)
-        report["warmup"] = {"requests": warmup, "errors": sum(r.error is not None for r in results),
-                            "seconds": seconds, "first_error": next((r.error for r in results if r.error), None)}
+        report["warmup"] = run_warmup(url, warmup_prompts, min(warmup, max(concurrencies)), sampling, timeout,
+                                      deadline, Progress("warm-up", warmup, progress), logprobs)
     for prompt_set, prompts in rendered.items():
         levels = report["sets"][prompt_set] = []
         for c, batch in zip(concurrencies, level_prompts(prompts, concurrencies, rounds, min_requests)):
@@ -374,15 +396,181 @@ def run_bench(url: str, sets: list[str], concurrencies: list[int], *, max_tokens
     return report
 
 
-def strip_outputs(report: dict) -> dict:
-    """The report without per-request output ids and margins (kept in the raw run files; the summary keeps the
-    checks, each mismatch with its margin)."""
+# Per-repeat figures of the interleaved sweep: its summary's key -> the level figure it is read from.
+SERIES = (("tok_s", "output_tok_s"), ("tpot_ms", "mean_tpot_ms"), ("ttft_ms", "mean_ttft_ms"), ("tau", "tau"))
+
+
+def rotated(names: list[str], repeat: int) -> list[str]:
+    """The order of the contenders at a repeat: rotated left by `repeat`, so each runs first, second, ... in turn
+    and none is always measured right after the same neighbour."""
+    shift = repeat % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
+def _median(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def paired_ratios(tok_s: list[float | None], baseline: list[float | None]) -> dict:
+    """A contender's tok/s over a baseline's, repeat by repeat (None where either has no figure), with the median,
+    min and max of those known."""
+    ratios = [a / b if a is not None and b else None for a, b in zip(tok_s, baseline)]
+    known = [r for r in ratios if r is not None]
+    return {"ratios": ratios, "median": _median(known), "min": min(known, default=None),
+            "max": max(known, default=None)}
+
+
+def interleaved_summary(runs: list[dict], names: list[str], baselines=BASELINES) -> dict[str, dict]:
+    """One level of the interleaved sweep, from its complete repeats (`runs`, each with a level dict per contender
+    in `results`): per contender, the per-repeat series of SERIES and their medians, requests, errors and
+    mismatches over the repeats, and in `vs`, for each baseline among the contenders other than itself, the
+    per-repeat tok/s ratios (`paired_ratios`)."""
+    series = {name: {key: [run["results"][name][figure] for run in runs] for key, figure in SERIES} for name in names}
+    summary = {}
+    for name in names:
+        levels = [run["results"][name] for run in runs]
+        checked = [lv for lv in levels if lv["mismatches"] is not None]
+        entry = {"requests": sum(lv["requests"] for lv in levels), "errors": sum(lv["errors"] for lv in levels),
+                 "mismatches": sum(lv["mismatches"] for lv in checked) if checked else None,
+                 "unchecked": sum(lv["unchecked"] for lv in checked) if checked else None}
+        for key, _ in SERIES:
+            entry[key] = series[name][key]
+            entry[f"median_{key}"] = _median(series[name][key])
+        entry["vs"] = {base: paired_ratios(series[name]["tok_s"], series[base]["tok_s"])
+                       for base in baselines if base in names and base != name}
+        summary[name] = entry
+    return summary
+
+
+def next_repeat_fits(now: float, deadline: float | None, level_end: float | None,
+                     last_repeat_seconds: float | None) -> bool:
+    """Whether a level starts another repeat at `now`: without a time limit, always; never at or past the
+    deadline; its first repeat whenever time is left; a later one only when a repeat as long as its last one
+    ends by `level_end`, the end of this level's share of the time."""
+    if deadline is None:
+        return True
+    if now >= deadline:
+        return False
+    return last_repeat_seconds is None or now + last_repeat_seconds <= level_end
+
+
+def run_interleaved(contenders: dict[str, str], concurrencies: list[int], repeats: int, *,
+                    contender_levels: dict[str, list[int]] | None = None, prompt_set: str = "math500",
+                    max_tokens: int = 256, skip: int = 0, limit: int | None = None, rounds: int | None = None,
+                    min_requests: int = 1, tokenizer: str | None = None, reference: list[str] | None = None,
+                    ignore_eos: bool = True, time_limit: float | None = None, warmup: int = 0, progress: bool = True,
+                    timeout: float = 600.0, reference_contender: str = "ar", baselines=BASELINES) -> dict:
+    """Several servers (`contenders`: name -> URL) measured in turn: after `warmup` throw-away requests on each,
+    for each concurrency, `repeats` times, one batch of the set's `limit` prompts after the first `skip`
+    (`level_prompts`: fresh prompts per level and repeat while they last) on every contender of the level, in the order `rotated` by the repeat, the same
+    prompts for all. A contender runs only at the concurrencies `contender_levels` lists for it (all when absent);
+    a level with fewer than two contenders is skipped. With `time_limit`, each level gets an equal share of the
+    time left when it starts (a level that ends early leaves its time to the next), starts a repeat only while
+    `next_repeat_fits`, and requests still running at the limit are stopped; a repeat that did not run on every
+    contender to the end is kept in `runs` as incomplete and left out of the summary. Outputs are checked against
+    the `reference_contender`'s for the same prompt (and against the `reference` files' runs, e.g. one with top-2
+    margins), each level summarized by `interleaved_summary`."""
+    unknown = set(contender_levels or {}) - set(contenders)
+    if unknown:
+        raise ValueError(f"levels given for {', '.join(sorted(unknown))}, which is not a contender")
+    levels_of = {name: [c for c in concurrencies if c in (contender_levels or {}).get(name, concurrencies)]
+                 for name in contenders}
+    names_at = {c: [name for name in contenders if c in levels_of[name]] for c in concurrencies}
+    runnable = [c for c in concurrencies if len(names_at[c]) >= 2]
+    # As in run_bench, prompts are rendered before the clock starts.
+    preparing = time.perf_counter()
+    rows = load_prompt_set(prompt_set)[skip:]
+    prompts = render_prompts(rows[:limit] if limit is not None else rows, tokenizer)
+    if not prompts:
+        raise ValueError(f"{prompt_set} has no prompts left after the first {skip}")
+    batches = level_prompts(prompts, [c for c in runnable for _ in range(repeats)], rounds, min_requests)
+    warmup_prompts = render_warmup_prompts(warmup, tokenizer)
+    started = time.perf_counter()
+    deadline = started + time_limit if time_limit is not None else None
+    sampling = {"temperature": 0.0, "max_new_tokens": max_tokens, "ignore_eos": ignore_eos}
+    report = {"contenders": contenders, "concurrency": concurrencies, "contender_levels": levels_of,
+              "repeats": repeats, "prompt_set": prompt_set, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
+              "tokenizer": tokenizer, "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests,
+              "time_limit": time_limit, "reference_contender": reference_contender, "baselines": list(baselines),
+              "prepare_seconds": started - preparing, "warmup": {}, "levels": []}
+    if warmup:
+        for name, url in contenders.items():
+            report["warmup"][name] = run_warmup(url, warmup_prompts, min(warmup, max(concurrencies)), sampling,
+                                                timeout, deadline, Progress(f"{name} warm-up", warmup, progress))
+    for c in concurrencies:
+        level = {"concurrency": c, "contenders": names_at[c], "repeats": 0, "skipped": None, "stopped": None,
+                 "runs": []}
+        report["levels"].append(level)
+        if c not in runnable:
+            level["skipped"] = "fewer than two contenders run at this concurrency"
+            continue
+        index = runnable.index(c)
+        now = time.perf_counter()
+        level_end = None if deadline is None else now + (deadline - now) / (len(runnable) - index)
+        for r in range(repeats):
+            now = time.perf_counter()
+            last_repeat_seconds = level["runs"][-1]["seconds"] if level["runs"] else None
+            if not next_repeat_fits(now, deadline, level_end, last_repeat_seconds):
+                if r == 0:
+                    level["skipped"] = f"time limit ({time_limit:g}s) reached before this level"
+                else:
+                    level["stopped"] = f"after {r} of {repeats} repeats: " + (
+                        f"time limit ({time_limit:g}s) reached" if now >= deadline else
+                        f"a repeat takes ~{last_repeat_seconds:.1f}s, {max(level_end - now, 0):.1f}s of this "
+                        "level's share left")
+                break
+            run = {"repeat": r + 1, "order": rotated(level["contenders"], r), "results": {}}
+            batch = batches[index * repeats + r]
+            for name in run["order"]:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                done, seconds = run_requests(contenders[name], batch, c, sampling, timeout, deadline,
+                                             Progress(f"{name} c={c} repeat {r + 1}/{repeats}", len(batch), progress))
+                run["results"][name] = asdict(summarize(LevelResult(prompt_set, c, max_tokens, ignore_eos), done,
+                                                        seconds))
+            run["seconds"] = time.perf_counter() - now
+            run["complete"] = len(run["results"]) == len(run["order"]) and not any(
+                request["error"] == STOPPED_AT_TIME_LIMIT for result in run["results"].values()
+                for request in result["per_request"])
+            level["runs"].append(run)
+    reports = [json.loads(Path(p).read_text()) for p in reference or []]
+    if reference_contender in contenders:
+        reports.append({"sets": {prompt_set: [run["results"][reference_contender] for level in report["levels"]
+                                              for run in level["runs"] if reference_contender in run["results"]]}})
+    ref = reference_outputs(reports) if reports else None
+    for level in report["levels"]:
+        for run in level["runs"]:
+            for result in run["results"].values():
+                if ref is not None:
+                    check_level(result, ref)
+        complete = [run for run in level["runs"] if run["complete"]]
+        level["repeats"] = len(complete)
+        level["summary"] = interleaved_summary(complete, level["contenders"], baselines)
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _strip_level(level: dict) -> dict:
+    """A level without its requests' output ids and margins, each request with its token count instead."""
     def request(r: dict) -> dict:
         return {**{k: v for k, v in r.items() if k not in ("output_ids", "margins")}, "tokens": len(r["output_ids"])}
 
-    sets = {s: [{**lv, "per_request": [request(r) for r in lv["per_request"]]} for lv in levels]
-            for s, levels in report["sets"].items()}
+    return {**level, "per_request": [request(r) for r in level["per_request"]]}
+
+
+def strip_outputs(report: dict) -> dict:
+    """The report without per-request output ids and margins (kept in the raw run files; the summary keeps the
+    checks, each mismatch with its margin)."""
+    sets = {s: [_strip_level(lv) for lv in levels] for s, levels in report["sets"].items()}
     return {**report, "sets": sets}
+
+
+def strip_interleaved_outputs(report: dict) -> dict:
+    """`strip_outputs` for a `run_interleaved` report."""
+    levels = [{**level, "runs": [{**run, "results": {name: _strip_level(lv) for name, lv in run["results"].items()}}
+                                 for run in level["runs"]]} for level in report["levels"]]
+    return {**report, "levels": levels}
 
 
 def fastest_contender(directory: str, names: list[str], concurrency: int = 1) -> str | None:
@@ -421,7 +609,9 @@ def profile_runs(directory: Path, order: list[str]) -> list[dict]:
 def assemble_suite(directory: str, reference: str = "ar") -> dict:
     """bench.json of scripts/device/bench.sh from what it left in `directory`: meta.json (settings, versions,
     GPU, contender order), `<name>.status` (first line "ok" or "<status>: <reason>") and `<name>.<stage>.json`
-    run reports, and `profile/` (`profile_runs`). Every level is checked against the reference contender's outputs
+    run reports, `profile/` (`profile_runs`) and the interleaved stage (`interleaved.status`, same form, and the
+    `run_interleaved` report `interleaved.json`, already checked against AR's outputs; None when it left neither
+    file). Every level is checked against the reference contender's outputs
     (its own too: a prompt it ran at several concurrencies is checked against the lowest, which shows bf16
     batch-shape noise), preferring at the same concurrency its runs with top-2 margins (bench.sh's `margins`
     stage: AR's sweep again, untimed)."""
@@ -445,7 +635,20 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
                            "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()}})
     return {**{k: v for k, v in meta.items() if k != "contenders"}, "reference": reference,
             "near_tie_tolerance": NEAR_TIE, "contenders": contenders,
-            "profiles": profile_runs(root / "profile", meta["contenders"])}
+            "profiles": profile_runs(root / "profile", meta["contenders"]), "interleaved": interleaved_stage(root)}
+
+
+def interleaved_stage(directory: Path) -> dict | None:
+    """bench.sh's interleaved stage from `directory`: status and reason from `interleaved.status` ("failed: no
+    status" without one) and the report of `interleaved.json` without output ids (None without one); None when
+    neither file is there (a run from before the stage, or one with --interleave-share 0)."""
+    status_file, report_file = directory / "interleaved.status", directory / "interleaved.json"
+    if not status_file.exists() and not report_file.exists():
+        return None
+    line = status_file.read_text().strip().splitlines()[0] if status_file.exists() else "failed: no status"
+    status, _, reason = line.partition(": ")
+    report = strip_interleaved_outputs(json.loads(report_file.read_text())) if report_file.exists() else None
+    return {"status": status, "reason": reason or None, "report": report}
 
 
 def _fmt(value, spec: str) -> str:
@@ -466,4 +669,29 @@ def format_table(report: dict) -> str:
                      f"{_fmt(r['output_tok_s'], '.1f'):>9} {_fmt(r['mean_ttft_ms'], '.1f'):>8} "
                      f"{_fmt(r['mean_tpot_ms'], '.2f'):>8} {_fmt(r['tau'], '.2f'):>6} "
                      f"{_fmt(r['mismatches'], 'd'):>8}")
+    return "\n".join(lines)
+
+
+def _ratio_cell(vs: dict | None) -> str:
+    if vs is None or vs["median"] is None:
+        return "-"
+    return f"{vs['median']:.2f}x ({vs['min']:.2f}..{vs['max']:.2f})"
+
+
+def format_interleaved(report: dict) -> str:
+    """The interleaved sweep's medians, one line per level and contender, each ratio with its min..max."""
+    baselines = report["baselines"]
+    lines = [f"{'conc':>5} {'contender':>14} {'reps':>5} {'tok/s':>9} {'TPOT ms':>8} {'tau':>6} {'mismatch':>8}"
+             + "".join(f" {'vs ' + base:>22}" for base in baselines)]
+    for level in report["levels"]:
+        if level["skipped"]:
+            lines.append(f"{level['concurrency']:>5} skipped: {level['skipped']}")
+            continue
+        for name, entry in level["summary"].items():
+            lines.append(f"{level['concurrency']:>5} {name:>14} {level['repeats']:>5} "
+                         f"{_fmt(entry['median_tok_s'], '.1f'):>9} {_fmt(entry['median_tpot_ms'], '.2f'):>8} "
+                         f"{_fmt(entry['median_tau'], '.2f'):>6} {_fmt(entry['mismatches'], 'd'):>8}"
+                         + "".join(f" {_ratio_cell(entry['vs'].get(base)):>22}" for base in baselines))
+        if level["stopped"]:
+            lines.append(f"{level['concurrency']:>5} stopped {level['stopped']}")
     return "\n".join(lines)

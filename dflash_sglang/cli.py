@@ -125,9 +125,50 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _named(pairs: list[str], option: str) -> dict[str, str]:
+    """NAME=VALUE arguments -> {name: value}, in order."""
+    named = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} takes NAME=VALUE pairs (got '{pair}')")
+        if name in named:
+            raise ValueError(f"{option} names {name} twice")
+        named[name] = value
+    return named
+
+
+def cmd_bench_interleaved(args) -> int:
+    from dflash_sglang.bench import format_interleaved, run_interleaved
+
+    contenders = _named(args.interleave, "--interleave")
+    levels = {}
+    for name, value in _named(args.contender_concurrency or [], "--contender-concurrency").items():
+        if not all(c.isdigit() for c in value.split(",")):
+            return _fail([f"--contender-concurrency takes NAME=C,C,... with integers C (got '{name}={value}')"])
+        levels[name] = [int(c) for c in value.split(",")]
+    if len(contenders) < 2:
+        return _fail([f"--interleave needs at least two contenders (got {len(contenders)})"])
+    if args.repeats < 1:
+        return _fail([f"--repeats takes a positive integer (got {args.repeats})"])
+    if len(args.sets) != 1:
+        return _fail([f"--interleave takes one prompt set (got {' '.join(args.sets)})"])
+    report = run_interleaved(contenders, args.concurrency, args.repeats, contender_levels=levels,
+                             prompt_set=args.sets[0], max_tokens=args.max_tokens, skip=args.skip, limit=args.limit,
+                             rounds=args.rounds, min_requests=args.min_requests, tokenizer=args.tokenizer,
+                             reference=args.reference, ignore_eos=not args.stop_at_eos, time_limit=args.time_limit,
+                             warmup=args.warmup, progress=not args.no_progress, timeout=args.timeout)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(format_interleaved(report))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from dflash_sglang.bench import format_table, run_bench
 
+    if args.interleave:
+        return cmd_bench_interleaved(args)
     report = run_bench(args.url, args.sets, args.concurrency, max_tokens=args.max_tokens, skip=args.skip,
                        limit=args.limit, rounds=args.rounds, min_requests=args.min_requests, tokenizer=args.tokenizer,
                        reference=args.reference, ignore_eos=not args.stop_at_eos, time_limit=args.time_limit,
@@ -264,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="label for the progress lines and the JSON")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="write every figure and every output here (JSON)")
+    p.add_argument("--interleave", nargs="+", metavar="NAME=URL", default=None,
+                   help="measure these servers in turn instead of --url: per concurrency, --repeats times, the same "
+                        "prompts on each, in an order rotated every repeat; reports per-repeat tok/s ratios to the "
+                        "contenders named ar and builtin with their medians (robust to the machine's speed "
+                        "drifting); outputs are checked against ar's; one prompt set, --name and --logprobs unused")
+    p.add_argument("--repeats", type=int, default=5, help="with --interleave: repeats per concurrency")
+    p.add_argument("--contender-concurrency", nargs="+", metavar="NAME=C,C", default=None,
+                   help="with --interleave: run NAME only at these of the --concurrency levels (default: all)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="reference-engine demo on the embedded pair: tok/s and acceptance per mode")

@@ -27,8 +27,8 @@ def margin(position: int) -> float:
 class FakeSGLang(BaseHTTPRequestHandler):
     """Cumulative output_ids per chunk (SGLang's default), meta_info complete on the last chunk; with
     return_logprob and top_logprobs_num 2, meta_info also carries the cumulative output_top_logprobs. With EOS
-    honoured, prompts whose seed is odd stop at half length. Class attributes switch on faults for one test;
-    every request body is kept in `bodies`."""
+    honoured, prompts whose seed is odd stop at half length. Class attributes switch on faults for one test (a
+    subclass sets its own: a slower server, a non-speculative one); every request body is kept in `bodies`."""
 
     corrupt_every = 0
     corrupt_at = -1
@@ -49,23 +49,23 @@ class FakeSGLang(BaseHTTPRequestHandler):
         if not params["ignore_eos"] and seed % 2:
             n //= 2
         ids = [(seed + i) % 97 for i in range(n)]
-        if FakeSGLang.corrupt_every and seed % FakeSGLang.corrupt_every == 0:
-            ids[FakeSGLang.corrupt_at] += 1
+        if self.corrupt_every and seed % self.corrupt_every == 0:
+            ids[self.corrupt_at] += 1
         top = [[[TOP1, t, None], [TOP1 - margin(i), t + 1, None]] for i, t in enumerate(ids)]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         for k in range(1, n + 1):
             meta = {"completion_tokens": k}
-            if logprobs and FakeSGLang.top_logprobs:
+            if logprobs and self.top_logprobs:
                 meta["output_top_logprobs"] = top[:k]
             if k == n:
                 meta["finish_reason"] = {"type": "length" if n == params["max_new_tokens"] else "stop"}
-                if FakeSGLang.spec:
+                if self.spec:
                     meta.update(spec_verify_ct=VERIFY_STEPS, spec_accept_length=n / VERIFY_STEPS)
             self.wfile.write(f"data: {json.dumps({'output_ids': ids[:k], 'meta_info': meta})}\n\n".encode())
             self.wfile.flush()
-            time.sleep(FakeSGLang.chunk_delay)
+            time.sleep(self.chunk_delay)
         self.wfile.write(b"data: [DONE]\n\n")
 
     def log_message(self, *args):
