@@ -1,5 +1,6 @@
 """scripts/device/bench.sh end to end on CPU, against a stand-in for `python -m sglang.launch_server`: a tree budget
-sweep with the profile stage, checked through bench.json, the server logs and the files left in $OUT."""
+sweep with the profile stage, and a single tree budget in the interleaved stage, checked through bench.json, the
+server logs and the files left in $OUT."""
 
 import json
 import os
@@ -126,19 +127,27 @@ def server_lines(log: Path, prefix: str) -> str:
     return next(line for line in log.read_text().splitlines() if line.startswith(prefix))
 
 
-@pytest.mark.slow
-def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
+def run_bench_sh(tmp_path: Path, fake_sglang: Path, *flags: str, timeout: float) -> tuple[subprocess.CompletedProcess,
+                                                                                         Path]:
+    """bench.sh on a tiny pair against the stand-in: the finished process and its bench folder."""
     target, drafter = make_tiny("qwen3", tmp_path / "pair", vocab_size=512, block_size=16)
     install_tokenizer(TOKENIZERS["qwen3"], target)
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(fake_sglang),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "bench.sh"), "--target", str(target), "--drafter", str(drafter),
-           "--sets", "gsm8k mtbench", "--set-prompts", "2", "--concurrency", "1 4", "--max-tokens", "16",
-           "--budget", "420", "--tree-budget", "8 16", "--tree-topk", "3", "--profile", "--profile-concurrency", "2 3"]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=520)
+           *flags]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    bench_dir = out / "bench"
+    return run, out / "bench"
+
+
+@pytest.mark.slow
+def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
+    run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k mtbench", "--set-prompts", "2",
+                                  "--concurrency", "1 4", "--max-tokens", "16", "--budget", "540", "--tree-budget",
+                                  "8 16", "--tree-topk", "3", "--profile", "--profile-concurrency", "2 3", timeout=620)
+    out = bench_dir.parent
     bench = json.loads((bench_dir / "bench.json").read_text())
 
     names = ["ar", "builtin", "ours", "ours-tree-8", "ours-tree-16"]
@@ -188,7 +197,41 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
     assert sorted(p.name for p in (bench_dir / "profile").iterdir()) == sorted(
         f"{p['contender']}-c{p['concurrency']}.{ext}" for p in profiles for ext in ("status", "summary.json", "txt"))
 
-    # The printed report has the sweep and the profile tables.
+    # The interleaved stage: AR, the builtin and ours again, kept up through the tree profile (a budget sweep's trees
+    # stay out), on the prompts after the sets stage's 2 and the sweep's 8 + 8.
+    stage = bench["interleaved"]
+    assert (stage["status"], settings["interleave_skip"]) == ("ok", 18)
+    report = stage["report"]
+    assert list(report["contenders"]) == ["ar", "builtin", "ours"] and report["skip"] == 18
+    assert [(lv["concurrency"], lv["repeats"]) for lv in report["levels"]] == [(1, 5), (4, 5)]
+    for level in report["levels"]:
+        assert all(e["mismatches"] == 0 and e["errors"] == 0 for e in level["summary"].values())
+        assert level["summary"]["ours"]["vs"]["builtin"]["median"] > 0
+        assert all(len(run_["order"]) == 3 for run_ in level["runs"])
+
+    # The printed report has the sweep, interleaved and profile tables.
     assert "## Tree budget sweep" in run.stdout and "## Per-step host cost" in run.stdout
+    assert "## Interleaved sweep (median of 5 repeats, paired ratios)" in run.stdout
     assert "| AR | 2 | scheduler step | 40 |" in run.stdout
     assert "| ours (tree, 16 nodes) | 1 |" in run.stdout
+
+
+@pytest.mark.slow
+def test_single_tree_joins_the_interleaved_stage_at_its_levels(tmp_path, fake_sglang):
+    run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
+                                  "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
+                                  "--tree-concurrency", "1", "--interleave-repeats", "2", timeout=400)
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
+    assert bench["settings"]["interleaved"] == ["ar", "builtin", "ours", "ours-tree"]
+    report = bench["interleaved"]["report"]
+    assert list(report["contenders"]) == ["ar", "builtin", "ours", "ours-tree"]
+    assert report["contender_levels"]["ours-tree"] == [1]
+    c1, c2 = report["levels"]
+    assert c1["contenders"] == ["ar", "builtin", "ours", "ours-tree"] and c2["contenders"] == ["ar", "builtin", "ours"]
+    assert (c1["repeats"], c2["repeats"]) == (2, 2)
+    assert [run_["order"] for run_ in c1["runs"]] == [["ar", "builtin", "ours", "ours-tree"],
+                                                      ["builtin", "ours", "ours-tree", "ar"]]
+    tree = c1["summary"]["ours-tree"]
+    assert tree["mismatches"] == 0 and tree["vs"]["builtin"]["median"] > 0 and tree["vs"]["ar"]["median"] > 0
+    assert "| ours (tree) | 1 | 2/2 |" in run.stdout

@@ -11,14 +11,31 @@
 #   sets   each prompt set at concurrency 1, first --set-prompts prompts, stopping at EOS -> tau per set
 #   sweep  MATH-500 at each --concurrency, max(--rounds x c, 8) requests, EOS ignored -> tok/s, TPOT, TTFT, tau;
 #          fresh prompts per level, none of the sets stage's (a radix-cache hit would shorten a prefill)
+#   interleaved  after every contender's own stages, AR, the builtin, ours (and the tree contender, with a single
+#          --tree-budget) again, their servers kept up for it: per --concurrency level (the tree at its
+#          --tree-concurrency levels), --interleave-repeats times, one short batch of MATH-500 prompts (max(c, 4),
+#          none of the earlier stages' while the set lasts) on each in turn, in an order rotated every repeat
+#          (A B C D, B C D A, ...), the same prompts for all -> per repeat tok/s and its ratios to AR and the
+#          builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
+#          seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours' sets stage
+#          and its sweep ten seconds later, and the sweep said 0.68x the builtin at c1 where a profile said as
+#          fast), so a ratio of two sweeps a minute apart measures the drift too; a ratio of two runs seconds
+#          apart hardly does. These medians are the figures the bars are judged on; the sequential sweep stays for
+#          TPOT, TTFT and tau per contender and for the budget sweep's c1 tok/s.
 # EOS: the sweep ignores it so every contender emits the same tokens per request and batches stay full for the
 # whole level (tok/s compare like for like); the sets stage stops at it because past EOS the target writes text
 # no drafter is trained on (training answers end at EOS), so tau there would describe that tail, not the answers.
 # Each stage has its own time limit (the contenders share what is left equally); what does not fit is recorded
-# as skipped. Every output is checked against AR's for the same prompt; each mismatch carries AR's top-2 logprob
-# margin at the first differing position (bench --logprobs), so bf16 near-ties show as such. AR's sets stage asks
-# for the logprobs itself (its speed is not reported); its sweep runs twice: timed without them (streaming every
-# position's top-2 costs the server time at high concurrency), then as the reference with them:
+# as skipped. The interleaved stage gets --interleave-share percent of --budget (default 25: 120 s of 480), taken
+# from the sweeps of the contenders it measures again (their sets stages and the profile stage keep their time; a
+# sweep left under 10 s is not run), and at its turn whatever is left; --interleave-share 0 turns it off. Each of
+# its levels gets an equal part of what is left when the level starts and stops repeating when the next repeat
+# would not fit; bench.json records the repeats each level got. Every output is checked against AR's for the same
+# prompt; each mismatch carries AR's top-2 logprob margin at the first differing position (bench --logprobs), so
+# bf16 near-ties show as such (the interleaved stage's are checked against AR's outputs in that stage, without
+# margins). AR's sets stage asks for the logprobs itself (its speed is not reported); its sweep runs twice: timed
+# without them (streaming every position's top-2 costs the server time at high concurrency), then as the
+# reference with them:
 #   margins  AR only: the sweep's prompts and levels again with --logprobs, in what is left of AR's share;
 #            outputs are checked against it (its levels preferred over the timed sweep's), a level it could not
 #            run falls back to the timed sweep, whose mismatches then have no margin
@@ -41,8 +58,9 @@
 # (undertrained SmolLM2 drafter, tau ~1.1). Seven servers with --profile leave each contender ~40 s of a 540 s
 # budget: pass --set-prompts 4 with a four-budget sweep and --profile, or the sets stages get cut short.
 # Writes $OUT/bench/: meta.json, <name>.status, <name>.{sets,sweep}.json and ar.margins.json (with output ids),
-# <name>.log (server), profile/<name>-c<C>.{status,summary.json,txt} (--profile), bench.json (all figures +
-# settings + versions + GPU + profile summaries); prints the markdown table last
+# interleaved.{status,json} (with output ids), <name>.log (server), profile/<name>-c<C>.{status,summary.json,txt}
+# (--profile), bench.json (all figures + settings + versions + GPU + profile summaries + the interleaved stage);
+# prints the markdown tables last
 # (python scripts/bench_report.py $OUT/bench/bench.json --out docs/results/ writes it with the plots).
 #
 #   usage: source .device/unpack.sh &&
@@ -51,6 +69,7 @@
 #            [--budget S] [--max-tokens N] [--set-prompts N] [--rounds R] [--kv-tokens N]
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
+#            [--interleave-share PERCENT] [--interleave-repeats R]
 set -uo pipefail
 
 TARGET=""
@@ -69,6 +88,8 @@ KV_TOKENS=131072
 PROFILE=0
 PROFILE_CONCURRENCY="1 32"
 PROFILE_LIMIT=60
+INTERLEAVE_SHARE=25   # percent of --budget for the interleaved stage (120 s of 480)
+INTERLEAVE_REPEATS=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -87,6 +108,8 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=1; shift ;;
     --profile-concurrency) PROFILE_CONCURRENCY="$2"; shift 2 ;;
     --profile-limit) PROFILE_LIMIT="$2"; shift 2 ;;
+    --interleave-share) INTERLEAVE_SHARE="$2"; shift 2 ;;
+    --interleave-repeats) INTERLEAVE_REPEATS="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -109,6 +132,9 @@ positive_ints --tree-budget "$TREE_BUDGET"
 positive_ints --concurrency "$CONCURRENCY"
 positive_ints --profile-concurrency "$PROFILE_CONCURRENCY"
 positive_ints --profile-limit "$PROFILE_LIMIT"
+positive_ints --interleave-repeats "$INTERLEAVE_REPEATS"
+[[ "$INTERLEAVE_SHARE" =~ ^[0-9]+$ ]] && [ "$INTERLEAVE_SHARE" -lt 100 ] \
+  || { echo "error: --interleave-share takes a percentage from 0 to 99 (got '$INTERLEAVE_SHARE')" >&2; exit 2; }
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 DIR="${OUT:-$REPO/out}/bench"
@@ -130,6 +156,14 @@ else
 fi
 positive_ints --tree-concurrency "$TREE_CONCURRENCY"
 CONTENDERS=(ar builtin ours "${TREES[@]}")
+# The interleaved stage measures these again, in turn: the chain, the builtin, AR and a single tree contender (a
+# budget sweep's trees stay out: their c1 tok/s comes from their own sweeps).
+INTERLEAVED=(ar builtin ours)
+[ "${#TREES[@]}" = 1 ] && INTERLEAVED+=("${TREES[0]}")
+declare -A IN_INTERLEAVE=()
+for name in "${INTERLEAVED[@]}"; do IN_INTERLEAVE[$name]=1; done
+INTERLEAVE_ROUNDS=1          # max(rounds x c, min requests) prompts per contender, level and repeat: short runs,
+INTERLEAVE_MIN_REQUESTS=4    # so a repeat's contenders run seconds apart and the stage fits several repeats
 declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002)
 declare -A LEVELS=([ar]="$CONCURRENCY" [builtin]="$CONCURRENCY" [ours]="$CONCURRENCY")
 declare -A PROFILED=()
@@ -169,6 +203,15 @@ export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config
 print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") \
   || { echo "error: $DRAFTER is not a DFlash drafter we can read" >&2; exit 2; }
+# The interleaved stage's MATH-500 prompts come after the sets stage's and the sweep's, so no server has them in its
+# radix cache from an earlier stage (a hit would shorten its prefill); after the sets stage's when the sweep uses
+# every prompt left.
+INTERLEAVE_SKIP=$(python3 -c "import sys; from dflash_sglang.bench import level_prompts
+from dflash_sglang.prompts import load_prompt_set
+skip, rounds, levels = int(sys.argv[1]), int(sys.argv[2]), [int(c) for c in sys.argv[3:]]
+prompts = load_prompt_set('math500')
+used = skip + sum(map(len, level_prompts(prompts[skip:], levels, rounds, 8)))
+print(used if used < len(prompts) else skip)" "$SET_PROMPTS" "$ROUNDS" $CONCURRENCY) || exit 1
 
 # Several servers on one GPU. SGLang 0.5.16 sizes a server's KV pool (mem_cache/kv_cache_configurator.py,
 # _profile_available_bytes) as the GPU memory free after its weights load minus pre_model_load_memory x
@@ -243,6 +286,9 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "tree_concurrency=$TREE_CONCURRENCY" "tree_contenders=$(pairs TREE_OF "${TREES[@]}")" \
   "cuda_graph_max_bs=$(pairs GRAPH_BS "${CONTENDERS[@]}")" "profile=$PROFILE" \
   "profile_concurrency=$PROFILE_CONCURRENCY" "profile_limit_s=$PROFILE_LIMIT" "profile_max_tokens=$PROFILE_TOKENS" \
+  "interleave_share=$INTERLEAVE_SHARE" "interleave_repeats=$INTERLEAVE_REPEATS" \
+  "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
+  "interleave_skip=$INTERLEAVE_SKIP" "interleaved=${INTERLEAVED[*]}" \
   "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
@@ -256,7 +302,8 @@ for dist in ("sglang", "torch", "transformers", "triton", "dflash-sglang"):
         versions[dist] = "unknown"
 settings = dict(line.split("=", 1) for line in os.environ["BENCH_SETTINGS"].splitlines())
 for key in ("block_size", "max_tokens", "set_prompts", "rounds", "min_requests", "kv_tokens", "budget_s",
-            "profile_limit_s", "profile_max_tokens"):
+            "profile_limit_s", "profile_max_tokens", "interleave_share", "interleave_repeats", "interleave_rounds",
+            "interleave_min_requests", "interleave_skip"):
     settings[key] = int(settings[key])
 for key in ("concurrency", "tree_budget", "tree_concurrency", "profile_concurrency"):
     settings[key] = [int(c) for c in settings[key].split()]
@@ -264,6 +311,7 @@ for key in ("tree_contenders", "cuda_graph_max_bs"):
     settings[key] = {name: int(n) for name, n in (pair.rsplit(":", 1) for pair in settings[key].split())}
 settings["profile"] = settings["profile"] == "1"
 settings["sets"] = settings["sets"].split()
+settings["interleaved"] = settings["interleaved"].split()
 git = subprocess.run(["git", "-C", sys.argv[2], "describe", "--always", "--dirty"], capture_output=True, text=True)
 settings["commit"] = git.stdout.strip() or "unknown (no git on the box)"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -295,6 +343,12 @@ while :; do
 done
 
 RESERVE=25          # seconds kept for bench.json, the table and stopping the servers
+# Seconds the contenders' sweeps leave to the interleaved stage: none when it is off or has fewer than two servers.
+INTERLEAVE_LIMIT=0
+interleaved_up=0
+for name in "${INTERLEAVED[@]}"; do [ "${UP[$name]:-}" = up ] && interleaved_up=$(( interleaved_up + 1 )); done
+[ "$interleaved_up" -ge 2 ] && INTERLEAVE_LIMIT=$(( BUDGET * INTERLEAVE_SHARE / 100 ))
+INTERLEAVE_OWED=$INTERLEAVE_LIMIT  # the part of it the sweeps still to come have not given up yet
 PROFILE_DIR="$DIR/profile"
 declare -A PROFILE_DONE=()
 measured_ok() { [ ! -f "$DIR/$1.status" ] || [ "$(head -n 1 "$DIR/$1.status")" = ok ]; }
@@ -314,6 +368,14 @@ profile_runs_left() {  # runs still to come: AR's, the builtin's, ours' and the 
   fi
   echo "$runs"
 }
+interleave_pending() {  # servers up, not measured yet, that the interleaved stage measures again
+  local count=0 name
+  for name in "${INTERLEAVED[@]}"; do
+    [ "${UP[$name]:-}" = up ] && [ ! -f "$DIR/$name.status" ] && count=$(( count + 1 ))
+  done
+  echo "$count"
+}
+interleaved_kept() { [ "$INTERLEAVE_LIMIT" -gt 0 ] && [ -n "${IN_INTERLEAVE[$1]:-}" ]; }
 unmeasured_up() {  # servers up and not measured yet
   local count=0 name
   for name in "${CONTENDERS[@]}"; do
@@ -364,10 +426,19 @@ for name in "${CONTENDERS[@]}"; do
     status "$name" "failed: its log lacks '${EXPECT[$name]}' (wrong worker serving DFLASH)"; continue
   fi
   start=$SECONDS
-  share=$(( (BUDGET - RESERVE - start - PROFILE_EXPECTED * $(profile_runs_left)) / $(unmeasured_up) ))
+  # The contenders still to measure share what is left equally, as if there were no interleaved stage (the sets
+  # stage keeps that size); the interleaved stage's time comes out of the sweeps of the contenders it measures
+  # again, each giving up an equal part of what is still owed.
+  left=$(( BUDGET - RESERVE - start - PROFILE_EXPECTED * $(profile_runs_left) - INTERLEAVE_LIMIT ))
+  share=$(( (left + INTERLEAVE_OWED) / $(unmeasured_up) ))
   if [ "$share" -lt 30 ]; then status "$name" "skipped: time budget spent (${share}s for it)"; continue; fi
   read -ra levels <<< "${LEVELS[$name]}"
   sets_limit=$(( share * (${#levels[@]} == 1 ? 70 : 35) / 100 ))
+  if interleaved_kept "$name"; then
+    given=$(( INTERLEAVE_OWED / $(interleave_pending) ))
+    share=$(( share - given ))
+    INTERLEAVE_OWED=$(( INTERLEAVE_OWED - given ))
+  fi
   REFERENCE=()
   [ "$name" = ar ] && REFERENCE=(--logprobs)
   echo "== $name: measuring (${share}s: sets ${sets_limit}s, sweep the rest${REFERENCE:+, then the margins stage})"
@@ -378,8 +449,12 @@ for name in "${CONTENDERS[@]}"; do
   SWEEP=(--url "$url" --name "$name" --sets math500 --skip "$SET_PROMPTS" --concurrency "${levels[@]}"
          --rounds "$ROUNDS" --min-requests 8)
   sweep_limit=$(( share - (SECONDS - start) ))
-  timeout $(( sweep_limit + 30 )) "${BENCH[@]}" "${SWEEP[@]}" --time-limit "$sweep_limit" \
-    --out "$DIR/$name.sweep.json" || echo "== $name: the sweep stage failed"
+  if [ "$sweep_limit" -lt 10 ]; then
+    echo "== $name: no time left for the sweep (${sweep_limit}s)"
+  else
+    timeout $(( sweep_limit + 30 )) "${BENCH[@]}" "${SWEEP[@]}" --time-limit "$sweep_limit" \
+      --out "$DIR/$name.sweep.json" || echo "== $name: the sweep stage failed"
+  fi
   margins_limit=$(( share - (SECONDS - start) ))
   if [ "$name" = ar ] && [ "$margins_limit" -lt 10 ]; then
     echo "== ar: no time left for the margins stage (${margins_limit}s): sweep mismatches will have no margins"
@@ -392,8 +467,9 @@ for name in "${CONTENDERS[@]}"; do
     profile_server "$name"
     PROFILE_DONE[$name]=1
   fi
-  # Done with it: free its CPUs for the next one (a profiled tree stays up until the best one is known).
-  [ -n "${TREE_OF[$name]:-}" ] && [ "$PROFILE" = 1 ] || stop "$name"
+  # Done with it: free its CPUs for the next one, unless the interleaved stage measures it again or it is a tree
+  # that may be profiled (the best one is known at the end).
+  interleaved_kept "$name" || { [ -n "${TREE_OF[$name]:-}" ] && [ "$PROFILE" = 1 ]; } || stop "$name"
 done
 
 if [ "$PROFILE" = 1 ]; then
@@ -410,7 +486,39 @@ print(fastest_contender(sys.argv[1], sys.argv[2:]) or '')" "$DIR" "${measured[@]
   else
     echo "== no tree contender measured at c1: no tree profile"
   fi
-  stop "${TREES[@]}"
+  for name in "${TREES[@]}"; do interleaved_kept "$name" || stop "$name"; done
+fi
+
+# Interleaved stage: the servers kept up measured again in turn at the sweep's levels (a tree at those of its
+# --tree-concurrency), each repeat in a rotated order, in what is left of the budget; its paired ratios are the
+# figures the bars are judged on.
+if [ "$INTERLEAVE_LIMIT" -gt 0 ]; then
+  pairs=()
+  only=()
+  for name in "${INTERLEAVED[@]}"; do
+    [ "${UP[$name]:-}" = up ] && [ -f "$DIR/$name.status" ] && measured_ok "$name" || continue
+    pairs+=("$name=http://127.0.0.1:${PORT[$name]}")
+    [ "${LEVELS[$name]}" = "$CONCURRENCY" ] || only+=("$name=${LEVELS[$name]// /,}")
+  done
+  [ "${#only[@]}" = 0 ] || only=(--contender-concurrency "${only[@]}")
+  read -ra levels <<< "$CONCURRENCY"
+  limit=$(( BUDGET - RESERVE - SECONDS ))
+  if [ "${#pairs[@]}" -lt 2 ]; then
+    status interleaved "skipped: fewer than two of ${INTERLEAVED[*]} measured"
+  elif [ "$limit" -lt 20 ]; then
+    status interleaved "skipped: time budget spent (${limit}s for it)"
+  else
+    echo "== interleaved: ${pairs[*]%%=*} in turn, ${INTERLEAVE_REPEATS} repeats per level, at most ${limit}s"
+    if timeout $(( limit + 30 )) "${BENCH[@]}" --interleave "${pairs[@]}" "${only[@]}" --sets math500 \
+         --skip "$INTERLEAVE_SKIP" --concurrency "${levels[@]}" --rounds "$INTERLEAVE_ROUNDS" \
+         --min-requests "$INTERLEAVE_MIN_REQUESTS" --repeats "$INTERLEAVE_REPEATS" --time-limit "$limit" \
+         --out "$DIR/interleaved.json"; then
+      status interleaved ok
+    else
+      status interleaved "failed: dflash_sglang bench --interleave exited with $?"
+    fi
+  fi
+  stop "${INTERLEAVED[@]}"
 fi
 
 python3 -c "import json, sys; from dflash_sglang.bench import assemble_suite
