@@ -3,11 +3,11 @@
     python scripts/bench_report.py out/bench/bench.json --out docs/results/
     python scripts/bench_report.py out/bench/bench.json --no-plots      # the markdown to stdout only (the GPU box)
 
-Every number in the markdown and the plots is read from the JSON by `throughput_rows` / `set_rows` /
-`tree_sweep_rows` / `profile_rows`, so they match it (tests/test_bench_report.py checks the markdown against the
-JSON). Plots: tok/s and speedup vs AR against concurrency, and with a tree budget sweep, tau and c1 tok/s
-against the budget. The plots need matplotlib, which the project does not depend on: install it anywhere outside
-the shared venv, e.g.
+Every number in the markdown and the plots is read from the JSON by `throughput_rows` / `interleaved_rows` /
+`set_rows` / `tree_sweep_rows` / `profile_rows`, so they match it (tests/test_bench_report.py checks the markdown
+against the JSON). Plots: tok/s and speedup vs AR against concurrency (the interleaved sweep's medians where it ran,
+else the sequential sweep's figures), and with a tree budget sweep, tau and c1 tok/s against the budget. The plots
+need matplotlib, which the project does not depend on: install it anywhere outside the shared venv, e.g.
     python -m pip install --target /tmp/dflash-mpl matplotlib && PYTHONPATH=/tmp/dflash-mpl python scripts/...
 """
 
@@ -64,6 +64,35 @@ def throughput_rows(bench: dict) -> list[dict]:
                            mismatches=level["mismatches"], checked=level["requests"] - level["errors"]
                            - (level["unchecked"] or 0), max_margin=level.get("mismatch_max_margin"),
                            above_tolerance=level.get("mismatches_above_tolerance"))
+            rows.append(row)
+    return rows
+
+
+def interleaved_rows(bench: dict) -> list[dict]:
+    """The interleaved stage (bench --interleave), per contender (in the suite's order) and level it ran at: the
+    repeats counted (complete ones) and planned, the medians over them of tok/s, TPOT, TTFT and tau, the median,
+    min and max of the per-repeat tok/s ratios to AR and to the builtin (None where not paired), and mismatches vs AR
+    over the repeats; a skipped level is a row with its reason. Empty when the stage left no report."""
+    report = (bench.get("interleaved") or {}).get("report")
+    if not report:
+        return []
+    order = [c["name"] for c in bench["contenders"] if c["name"] in report["contenders"]]
+    rows = []
+    for name in order:
+        for level in report["levels"]:
+            if name not in level["contenders"]:
+                continue
+            row = {"contender": name, "concurrency": level["concurrency"], "skipped": level["skipped"]}
+            if not level["skipped"]:
+                entry = level["summary"][name]
+                row.update(repeats=level["repeats"], planned=report["repeats"], tok_s=entry["median_tok_s"],
+                           tpot_ms=entry["median_tpot_ms"], ttft_ms=entry["median_ttft_ms"], tau=entry["median_tau"],
+                           requests=entry["requests"], errors=entry["errors"], mismatches=entry["mismatches"],
+                           checked=entry["requests"] - entry["errors"] - (entry["unchecked"] or 0))
+                for base in ("ar", "builtin"):
+                    vs = entry["vs"].get(base) or {}
+                    row.update({f"vs_{base}": vs.get("median"), f"vs_{base}_min": vs.get("min"),
+                                f"vs_{base}_max": vs.get("max")})
             rows.append(row)
     return rows
 
@@ -170,6 +199,47 @@ def _stage_settings(bench: dict, stage: str) -> dict:
     return {}
 
 
+def _ratio_range(low: float | None, high: float | None) -> str:
+    return "-" if low is None else f"{low:.2f}..{high:.2f}"
+
+
+def _interleaved_section(bench: dict) -> list[str]:
+    """The interleaved sweep's table (`interleaved_rows`) with its heading and notes; nothing when it did not run."""
+    rows = interleaved_rows(bench)
+    if not rows:
+        return []
+    report = bench["interleaved"]["report"]
+    out = ["", f"## Interleaved sweep (median of {report['repeats']} repeats, paired ratios)", "",
+           "**The figures the bars are judged on.** After every contender's own stages, the servers measured again "
+           f"in turn on {SET_TITLES.get(report['prompt_set'], report['prompt_set'])}, {report['max_tokens']} greedy "
+           "tokens per request (EOS ignored): per concurrency and repeat, one batch of prompts on each contender, "
+           "the same prompts for all, in an order rotated every repeat. The machine's speed drifts over tens of "
+           "seconds, so the sequential sweep above compares runs a minute apart; here each ratio is of two runs "
+           "seconds apart in the same repeat (paired), and the table gives its median over the repeats with its "
+           "min..max. tok/s, TPOT, TTFT and tau are medians over the repeats; repeats: those every contender of "
+           "the level completed, of those planned (a level stops repeating when the next repeat would not fit its "
+           "share of the stage's time). Mismatches: against AR's outputs in this stage.", "",
+           "| contender | conc | repeats | tok/s | vs AR | vs AR min..max | vs builtin | vs builtin min..max "
+           "| TPOT ms | TTFT ms | tau | mismatches vs AR |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = title(bench, r["contender"])
+        if r["skipped"]:
+            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | |")
+            continue
+        out.append(f"| {name} | {r['concurrency']} | {r['repeats']}/{r['planned']} | {_f(r['tok_s'], '.1f')} | "
+                   f"{_f(r['vs_ar'], '.2f', 'x')} | {_ratio_range(r['vs_ar_min'], r['vs_ar_max'])} | "
+                   f"{_f(r['vs_builtin'], '.2f', 'x')} | {_ratio_range(r['vs_builtin_min'], r['vs_builtin_max'])} | "
+                   f"{_f(r['tpot_ms'], '.2f')} | {_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | "
+                   f"{_mismatch(bench, r['contender'], r['mismatches'], r['checked'])} |")
+    notes = [f"- c{level['concurrency']}: {level['stopped']}" for level in report["levels"] if level.get("stopped")]
+    notes += [f"- c{level['concurrency']}: {dropped} incomplete repeat(s) left out (stopped at the time limit)"
+              for level in report["levels"] if (dropped := sum(not run["complete"] for run in level["runs"]))]
+    if notes:
+        out += ["", "Repeats cut short:", ""] + notes
+    return out
+
+
 def markdown(bench: dict) -> str:
     s = bench.get("settings", {})
     v = bench.get("versions", {})
@@ -177,11 +247,15 @@ def markdown(bench: dict) -> str:
     out = [f"# Side-by-side benchmark, {bench['date']} ({bench.get('gpu', 'unknown GPU')})", ""]
     out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
                f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
-               f"at a time. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+               f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
+               + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     tolerance = bench.get("near_tie_tolerance")
     out += ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "
                 f"{sweep.get('max_tokens')} greedy tokens per request (EOS ignored)", "",
-            "Speedups are tok/s ratios at the same concurrency. Mismatches: outputs that differ from AR's for the "
+            "Speedups are tok/s ratios at the same concurrency"
+            + (" of runs made one after another, a minute or more apart: the machine's drift between them is in "
+               "the ratio (the interleaved sweep below pairs the runs)" if interleaved_rows(bench) else "")
+            + ". Mismatches: outputs that differ from AR's for the "
             "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently). Max margin: "
             "AR's top-2 logprob margin at the first differing position, the largest over the mismatches (inf: AR "
             f"had ended there); not near-ties: mismatches whose margin is not below {_f(tolerance, 'g')} (the "
@@ -201,6 +275,7 @@ def markdown(bench: dict) -> str:
                    f"{_f(r['vs_ar'], '.2f', 'x')} | {_f(r['vs_builtin'], '.2f', 'x')} | {_f(r['tpot_ms'], '.2f')} | "
                    f"{_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | {mismatch} | "
                    f"{_margins(bench, r['contender'], r['max_margin'], r['above_tolerance'])} |")
+    out += _interleaved_section(bench)
     rows = set_rows(bench)
     if rows:
         names = list(dict.fromkeys(name for r in rows for name in r["tau"]))
@@ -260,10 +335,13 @@ def markdown(bench: dict) -> str:
         if kernel_lines:
             out += ["", f"Kernels launched per scheduler step, most launched first (top {KERNELS_LISTED}):", ""]
             out += kernel_lines
-    not_run = [c for c in bench["contenders"] if c["status"] != "ok"]
+    not_run = [f"- {title(bench, c['name'])}: {c['status']}: {c['reason']}" for c in bench["contenders"]
+               if c["status"] != "ok"]
+    stage = bench.get("interleaved")
+    if stage and stage["status"] != "ok":
+        not_run.append(f"- interleaved sweep: {stage['status']}: {stage['reason']}")
     if not_run:
-        out += ["", "## Not run", ""]
-        out += [f"- {title(bench, c['name'])}: {c['status']}: {c['reason']}" for c in not_run]
+        out += ["", "## Not run", ""] + not_run
     details = []
     for c in bench["contenders"]:
         for stage, run in c["runs"].items():
@@ -272,6 +350,14 @@ def markdown(bench: dict) -> str:
                     where = ", ".join(_where(m) for m in lv["mismatched"])
                     details.append(f"- {title(bench, c['name'])}, {stage} {lv['prompt_set']} "
                                    f"c={lv['concurrency']}: {where}")
+    report = (bench.get("interleaved") or {}).get("report") or {"levels": []}
+    for level in report["levels"]:
+        for run in level["runs"]:
+            for name, lv in run["results"].items():
+                if lv.get("mismatched"):
+                    where = ", ".join(_where(m) for m in lv["mismatched"])
+                    details.append(f"- {title(bench, name)}, interleaved c={level['concurrency']} repeat "
+                                   f"{run['repeat']}: {where}")
     if details:
         out += ["", "## Mismatches (prompt id @ first differing output position; AR's top-2 logprob margin there)",
                 ""] + details
@@ -282,6 +368,15 @@ def markdown(bench: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot_rows(bench: dict) -> tuple[list[dict], str]:
+    """The points of the tok/s and speedup plots and where they come from: the interleaved sweep's medians (AR's
+    speedup is the dashed line at 1) where any level of it was counted, else the sequential sweep's figures."""
+    interleaved = [r for r in interleaved_rows(bench) if not r["skipped"] and r["repeats"]]
+    if interleaved:
+        return interleaved, "interleaved medians"
+    return [r for r in throughput_rows(bench) if not r["skipped"]], "sequential sweep"
+
+
 def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
     try:
         import matplotlib
@@ -290,7 +385,7 @@ def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in throughput_rows(bench) if not r["skipped"]]
+    rows, source = plot_rows(bench)
     paths = []
     for key, ylabel, name in (("tok_s", "output tok/s", "toks"), ("vs_ar", "speedup vs AR (tok/s ratio)", "speedup")):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -305,7 +400,7 @@ def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
         ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
         ax.set_xlabel("concurrency")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs concurrency, {bench.get('gpu', '')} {bench['date']}", fontsize=10)
+        ax.set_title(f"{ylabel} vs concurrency ({source}), {bench.get('gpu', '')} {bench['date']}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

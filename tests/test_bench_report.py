@@ -3,6 +3,7 @@ JSON's, on a synthetic bench.json shaped like the one scripts/device/bench.sh as
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,116 @@ def test_kernels_per_step_list_is_the_json():
     lines = [line for line in md.splitlines() if line.startswith("- ours (chain), c1: ")]
     assert lines == ["- ours (chain), c1: " + ", ".join(f"`kernel_{i}` x{12.0 - i:.1f}" for i in range(10))]
     assert "- builtin DFLASH, c1:" not in md  # its summary lists no kernels (an older profile_step)
+
+
+INTERLEAVED_TOK_S = {"ar": [400.0, 360.0, 390.0], "builtin": [900.0, 700.0, 880.0], "ours": [990.0, 721.0, 1000.0],
+                     "ours-tree": [1300.0, 950.0, None]}  # the tree's third repeat failed every request
+
+
+def interleaved_bench() -> dict:
+    """synthetic_bench with bench.sh's interleaved stage: c1 with the tree, three repeats; c8 with one repeat
+    counted, its second cut by the time limit (dropped) and no third; c64 skipped."""
+    bench = synthetic_bench()
+    names = ["ar", "builtin", "ours", "ours-tree"]
+
+    def entry(name, table):
+        rates = table[name]
+
+        def vs(base):
+            ratios = [a / b if a is not None else None for a, b in zip(rates, table[base])]
+            known = [r for r in ratios if r is not None]
+            return {"ratios": ratios, "median": statistics.median(known), "min": min(known), "max": max(known)}
+
+        median = statistics.median(r for r in rates if r is not None)
+        return {"tok_s": rates, "median_tok_s": median, "tpot_ms": [], "median_tpot_ms": 1000 / median,
+                "ttft_ms": [], "median_ttft_ms": 12.5, "tau": [], "median_tau": None if name == "ar" else 3.25,
+                "requests": 12, "errors": 4 if rates[-1] is None else 0, "mismatches": 1 if name == "ours" else 0,
+                "unchecked": 0, "vs": {base: vs(base) for base in ("ar", "builtin") if base != name}}
+
+    c1 = {"concurrency": 1, "contenders": names, "repeats": 3, "skipped": None, "stopped": None,
+          "runs": [{"repeat": r + 1, "complete": True, "results": {n: {"mismatched": []} for n in names}}
+                   for r in range(3)],
+          "summary": {n: entry(n, INTERLEAVED_TOK_S) for n in names}}
+    c8_rates = {n: [8 * INTERLEAVED_TOK_S[n][0]] for n in names[:3]}
+    c8 = {"concurrency": 8, "contenders": names[:3], "repeats": 1, "skipped": None,
+          "stopped": "after 2 of 3 repeats: time limit (120s) reached",
+          "runs": [{"repeat": r + 1, "complete": r == 0, "results": {}} for r in range(2)],
+          "summary": {n: entry(n, c8_rates) for n in names[:3]}}
+    c64 = {"concurrency": 64, "contenders": names[:3], "repeats": 0, "skipped": "time limit (120s) reached before "
+           "this level", "stopped": None, "runs": [], "summary": {}}
+    c1["runs"][1]["results"]["ours"]["mismatched"] = [{"id": "math500-301", "index": 40, "margin": None}]
+    bench["contenders"][3] = {"name": "ours-tree", "status": "ok", "reason": None, "runs": {}}
+    bench["interleaved"] = {"status": "ok", "reason": None, "report": {
+        "contenders": {n: f"http://127.0.0.1:{30000 + i}" for i, n in enumerate(names)}, "repeats": 3,
+        "prompt_set": "math500", "max_tokens": 256, "levels": [c1, c8, c64]}}
+    return bench
+
+
+def test_interleaved_table_is_the_json_right_after_the_throughput_table():
+    bench = interleaved_bench()
+    md = bench_report.markdown(bench)
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[1] == "## Interleaved sweep (median of 3 repeats, paired ratios)"
+    assert headings[0].startswith("## Throughput")
+    assert "The figures the bars are judged on" in md and "interleaved sweep below pairs the runs" in md
+    rows = table(md, "| contender | conc | repeats | tok/s | vs AR | vs AR min..max |")
+    titles = {v: k for k, v in bench_report.TITLES.items()}
+    levels = {lv["concurrency"]: lv for lv in bench["interleaved"]["report"]["levels"]}
+    seen = []
+    for cells in rows:
+        name, c = titles[cells[0]], int(cells[1])
+        seen.append((name, c))
+        level = levels[c]
+        if level["skipped"]:
+            assert cells[2] == f"skipped: {level['skipped']}" and set(cells[3:]) == {""}
+            continue
+        e = level["summary"][name]
+        assert cells[2] == f"{level['repeats']}/3" and cells[3] == f"{e['median_tok_s']:.1f}"
+        for col, base in ((4, "ar"), (6, "builtin")):
+            vs = e["vs"].get(base)
+            assert cells[col:col + 2] == (["-", "-"] if vs is None else
+                                          [f"{vs['median']:.2f}x", f"{vs['min']:.2f}..{vs['max']:.2f}"])
+        assert cells[8:11] == [f"{e['median_tpot_ms']:.2f}", "12.5", "-" if name == "ar" else "3.25"]
+        checked = e["requests"] - e["errors"]
+        assert cells[11] == ("reference" if name == "ar" else f"{e['mismatches']}/{checked}")
+    assert seen == [(n, c) for n in ("ar", "builtin", "ours") for c in (1, 8, 64)] + [("ours-tree", 1)]
+    tree = next(r for r in rows if r[0] == "ours (tree)")
+    assert tree[3] == "1125.0" and tree[6:8] == [f"{(1300 / 900 + 950 / 700) / 2:.2f}x",
+                                                 f"{950 / 700:.2f}..{1300 / 900:.2f}"]
+    assert tree[11] == "0/8"  # 12 requests, 4 failed
+    assert "- c8: after 2 of 3 repeats: time limit (120s) reached" in md.splitlines()
+    assert "- c8: 1 incomplete repeat(s) left out (stopped at the time limit)" in md.splitlines()
+    assert "then in turn (interleaved sweep)" in md
+    assert "- ours (chain), interleaved c=1 repeat 2: math500-301@40" in md.splitlines()
+
+
+def test_interleaved_stage_not_run_is_listed_and_absent_has_no_table():
+    bench = interleaved_bench()
+    bench["interleaved"] = {"status": "skipped", "reason": "time budget spent (12s for it)", "report": None}
+    md = bench_report.markdown(bench)
+    assert "Interleaved sweep" not in md and "- interleaved sweep: skipped: time budget spent (12s for it)" in md
+    assert "interleaved sweep below" not in bench_report.markdown(synthetic_bench())
+
+
+def test_plots_use_the_interleaved_medians(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append((kw.get("label"), a)) or original(
+        self, *a, **kw))
+    bench = interleaved_bench()
+    bench_report.plot(bench, tmp_path, "bench-2026-12-01")
+    levels = bench["interleaved"]["report"]["levels"]
+    points = {(label, kind): list(zip(*xy)) for (label, xy), kind in zip(drawn, ["toks"] * 4 + ["speedup"] * 3)}
+    titles = {v: k for k, v in bench_report.TITLES.items()}
+    for (label, kind), pts in points.items():
+        name = titles[label]
+        key = "median_tok_s" if kind == "toks" else None
+        expected = [(lv["concurrency"], lv["summary"][name][key] if key else lv["summary"][name]["vs"]["ar"]["median"])
+                    for lv in levels[:2] if name in lv["summary"]]
+        assert [x for x, _ in pts] == [x for x, _ in expected]
+        assert [y for _, y in pts] == pytest.approx([y for _, y in expected])
+    assert "ar" not in {titles[label] for label, kind in points if kind == "speedup"}  # AR is the line at 1
