@@ -228,7 +228,9 @@ def cmd_train(args) -> int:
     result = train(cfg)
     print(json.dumps({"steps": result.steps, "planned_steps": result.planned_steps,
                       "stopped_by_time": result.stopped_by_time, "loss": result.final_loss,
-                      "acceptance": result.acceptance, "seconds": round(result.seconds, 1), "out": str(result.out)}))
+                      "acceptance": result.acceptance, "seconds": round(result.seconds, 1),
+                      "cached_sequences": result.cached_sequences, "cache_gb": round(result.cache_gb, 3),
+                      "out": str(result.out)}))
     return 0
 
 
@@ -397,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock cap: stop at the first step boundary after it, then write the checkpoint and "
                         "drafter and run the final estimate; the cosine schedule is re-planned to the steps that fit, "
                         "from the speed of the first steps")
+    p.add_argument("--target-cache-gb", type=float, default=None,
+                   help="memory for the frozen target's outputs, kept after each sequence's first epoch so later "
+                        "epochs skip the target (default: on CUDA half the memory free after loading; 0: off)")
     p.set_defaults(func=cmd_train)
     return parser
 

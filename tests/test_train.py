@@ -311,9 +311,11 @@ def test_cli_training_reduces_loss_and_writes_a_drafter_the_engine_runs(pair_and
     assert main(["train", "--target", str(target), "--data", str(data), "--out", str(out), "--draft-layers", "1",
                  "--block-size", str(BLOCK), "--mask-token-id", str(VOCAB - 1), "--num-anchors", "16",
                  "--epochs", "6", "--batch-size", "4", "--lr", "3e-3", "--num-eval-prompts", "2",
-                 "--eval-max-new-tokens", "8"]) == 0
+                 "--eval-max-new-tokens", "8", "--target-cache-gb", "0.01"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 6 * 5 and summary["acceptance"] >= 1.0
+    # The 18 training sequences (20 records, 2 held out) fit in 10 MB: epochs 2-6 ran from the cache.
+    assert summary["cached_sequences"] == 18 and summary["cache_gb"] <= 0.01
     history = losses(out)
     assert sum(history[-4:]) / 4 < sum(history[:4]) / 4 - 0.3, history
     cfg = load_drafter_config(out)

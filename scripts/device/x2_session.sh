@@ -22,7 +22,7 @@
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
-# (900 s here) + the benchmark (480 s) from `start`, ~23 minutes; `gpu0` spends the wait and copies the training
+# (900 s here) + the benchmark (540 s) from `start`, ~24 minutes; `gpu0` spends the wait and copies the training
 # results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
 #
 #   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--bench-args "..."]
@@ -43,7 +43,7 @@ SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29) at c1 and c8, the levels issue 8 sets bars for
 # (a 65-wide verify captured up to batch 64 would cost startup time and memory for no bar); profiles: AR and the
 # builtin and the tree at c1, ours at c1 and c32.
-BENCH_ARGS='--tree-budget 64 --tree-concurrency "1 8" --profile --profile-concurrency "1 32" --set-prompts 4 --budget 480'
+BENCH_ARGS='--tree-budget 64 --tree-concurrency "1 8" --profile --profile-concurrency "1 32" --set-prompts 4 --budget 540'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
