@@ -133,13 +133,8 @@ def test_set_table_not_run_and_mismatch_details_are_the_json():
     assert "bench-2026-12-01.json" in md
 
 
-def test_main_writes_files_and_plots_carry_the_json(tmp_path, monkeypatch):
-    src = tmp_path / "bench.json"
-    src.write_text(json.dumps(synthetic_bench()))
-    out = tmp_path / "results"
-    assert bench_report.main([str(src), "--out", str(out), "--no-plots"]) == 0
-    assert json.loads((out / "bench-2026-12-01.json").read_text()) == synthetic_bench()
-    assert (out / "bench-2026-12-01.md").read_text() == bench_report.markdown(synthetic_bench())
+def recorded_plot_lines(monkeypatch) -> list:
+    """Every line the report's plots draw, as (label, (xs, ys)), in drawing order (skips without matplotlib)."""
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     from matplotlib.axes import Axes
@@ -148,6 +143,17 @@ def test_main_writes_files_and_plots_carry_the_json(tmp_path, monkeypatch):
     original = Axes.plot
     monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append((kw.get("label"), a)) or original(
         self, *a, **kw))
+    return drawn
+
+
+def test_main_writes_files_and_plots_carry_the_json(tmp_path, monkeypatch):
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(synthetic_bench()))
+    out = tmp_path / "results"
+    assert bench_report.main([str(src), "--out", str(out), "--no-plots"]) == 0
+    assert json.loads((out / "bench-2026-12-01.json").read_text()) == synthetic_bench()
+    assert (out / "bench-2026-12-01.md").read_text() == bench_report.markdown(synthetic_bench())
+    drawn = recorded_plot_lines(monkeypatch)
     paths = bench_report.plot(synthetic_bench(), out, "bench-2026-12-01")
     assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 2
     toks, speedup = drawn[:3], drawn[3:]
@@ -391,14 +397,7 @@ def test_interleaved_stage_not_run_is_listed_and_absent_has_no_table():
 
 
 def test_plots_use_the_interleaved_medians(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    from matplotlib.axes import Axes
-
-    drawn = []
-    original = Axes.plot
-    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: drawn.append((kw.get("label"), a)) or original(
-        self, *a, **kw))
+    drawn = recorded_plot_lines(monkeypatch)
     bench = interleaved_bench()
     bench_report.plot(bench, tmp_path, "bench-2026-12-01")
     levels = bench["interleaved"]["report"]["levels"]
