@@ -571,9 +571,10 @@ def test_verify_inputs_kernel_matches_reference(cuda, bs, n, max_len, tail):
     rows = torch.randperm(bs + 3, generator=g)[:bs].to(cuda)
     size = int(n * (seq_lens + n).sum()) + tail
     expected = reference.tree_verify_inputs(ancestor, seq_lens, rows, table, size)
-    got = tree_verify_inputs(ancestor, seq_lens, rows, table, size,
-                             out=poisoned(empty_verify_inputs(bs, n, size, cuda)))
-    assert_same(got, expected)
+    for garbage in (True, False):  # a bool output can only be poisoned with one of its two values at a time
+        out = poisoned(empty_verify_inputs(bs, n, size, cuda))
+        out.mask.fill_(garbage)
+        assert_same(tree_verify_inputs(ancestor, seq_lens, rows, table, size, out=out), expected)
 
 
 @pytest.mark.gpu
