@@ -463,8 +463,8 @@ def run_interleaved(contenders: dict[str, str], concurrencies: list[int], repeat
                     timeout: float = 600.0, reference_contender: str = "ar", baselines=BASELINES) -> dict:
     """Several servers (`contenders`: name -> URL) measured in turn: after `warmup` throw-away requests on each,
     for each concurrency, `repeats` times, one batch of the set's `limit` prompts after the first `skip`
-    (`level_prompts`: fresh prompts per level and repeat while they last) on every contender of the level, in the order `rotated` by the repeat, the same
-    prompts for all. A contender runs only at the concurrencies `contender_levels` lists for it (all when absent);
+    (`level_prompts`: fresh prompts per level and repeat while they last) on every contender of the level, in the
+    order `rotated` by the repeat, the same prompts for all. A contender runs only at the concurrencies `contender_levels` lists for it (all when absent);
     a level with fewer than two contenders is skipped. With `time_limit`, each level gets an equal share of the
     time left when it starts (a level that ends early leaves its time to the next), starts a repeat only while
     `next_repeat_fits`, and requests still running at the limit are stopped; a repeat that did not run on every
