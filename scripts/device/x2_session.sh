@@ -40,10 +40,11 @@ GPU0_BUDGET=560
 REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
 WITH_SHAPE=0
 SMOL_BUDGET="${SMOL_BUDGET:-900}"
-# One tree contender (64 nodes gave the best c1 tok/s on 2026-11-29) at c1 and c8, the levels issue 8 sets bars for
-# (a 65-wide verify captured up to batch 64 would cost startup time and memory for no bar); profiles: AR and the
-# builtin and the tree at c1, ours at c1 and c32.
-BENCH_ARGS='--tree-budget 64 --tree-concurrency "1 8" --profile --profile-concurrency "1 32" --set-prompts 4 --budget 540'
+# The levels issues 7 and 8 set bars at (c16: issue 7); one tree contender (64 nodes gave the best c1 tok/s on
+# 2026-11-29) at c1 and c8, its bars' levels (a 65-wide verify captured up to batch 64 would cost startup time and
+# memory for no bar); profiles: AR and the builtin and the tree at c1, ours at c1 and c32.
+BENCH_ARGS='--concurrency "1 8 16 32 64" --tree-budget 64 --tree-concurrency "1 8" --profile'
+BENCH_ARGS+=' --profile-concurrency "1 32" --set-prompts 4 --budget 540'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
