@@ -31,9 +31,10 @@
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${OUT:-$REPO/out}"
-SMOL=/tmp/smol
+SMOL="${SMOL_DIR:-/tmp/smol}"  # where the payloads are unpacked (as train_smollm2.sh reads it)
 CHAIN_DONE="$SMOL/chain.exit"
-REFERENCE_OPS=/tmp/dflash_reference_ops  # the kernel tests' verdict: "all", or the ops whose tests failed
+# The kernel tests' verdict for later commands: "all", or the ops whose tests failed.
+REFERENCE_OPS="${DFLASH_REFERENCE_OPS_FILE:-/tmp/dflash_reference_ops}"
 E2E_BUDGET=420
 WAIT=560
 GPU0_BUDGET=560

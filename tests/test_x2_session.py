@@ -1,0 +1,61 @@
+"""scripts/device/x2_session.sh's `bench` subcommand (the SmolLM2 chain's second half): the benchmark arguments it
+hands to bench.sh, quoting included, and the kernel tests' verdict it applies first. bench.sh itself stops at once
+here (no target in the empty SMOL_DIR); the command line is read from bash's trace."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def traced_bench(tmp_path: Path, verdict: str | None, bench_args: str | None = None) -> tuple[list[str], str]:
+    """(bench.sh's argv as the chain would run it, the trace)."""
+    ops_file = tmp_path / "reference_ops"
+    if verdict is not None:
+        ops_file.write_text(verdict + "\n")
+    env = {**os.environ, "SMOL_DIR": str(tmp_path / "smol"), "DFLASH_REFERENCE_OPS_FILE": str(ops_file),
+           "OUT": str(tmp_path / "out")}
+    env.pop("X2_BENCH_ARGS", None)
+    if bench_args is not None:
+        env["X2_BENCH_ARGS"] = bench_args
+    run = subprocess.run(["bash", "-x", str(REPO / "scripts" / "device" / "x2_session.sh"), "bench"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    line = next(line for line in run.stderr.splitlines() if line.startswith("++ bash ") and "bench.sh" in line)
+    return shlex.split(line[len("++ "):])[1:], run.stdout + run.stderr
+
+
+def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
+    argv, _ = traced_bench(tmp_path, None)
+    assert argv[0].endswith("scripts/device/bench.sh")
+    def value(option: str) -> str:
+        return argv[argv.index(option) + 1]
+
+    assert value("--concurrency") == "1 8 16 32 64" and value("--tree-concurrency") == "1 8"
+    assert value("--target") == str(tmp_path / "smol" / "target") and value("--budget") == "540"
+    assert "--profile" in argv
+
+
+def test_start_hands_its_bench_args_to_the_chain(tmp_path):
+    argv, _ = traced_bench(tmp_path, None, '--concurrency "1 2" --budget 100')
+    assert argv[argv.index("--concurrency") + 1] == "1 2" and argv[-2:] == ["--budget", "100"]
+
+
+@pytest.mark.parametrize("verdict,expected", [
+    ("commit_tree,tree_verify_inputs", "DFLASH_KERNELS_REFERENCE_OPS=commit_tree,tree_verify_inputs"),
+    ("all", "DFLASH_KERNELS=reference"),
+])
+def test_the_kernel_tests_verdict_is_applied_before_the_benchmark(tmp_path, verdict, expected):
+    _, trace = traced_bench(tmp_path, verdict)
+    assert f"export {expected}" in trace
+    assert trace.index(f"export {expected}") < trace.index("bench.sh")
+
+
+def test_no_verdict_leaves_the_kernels_on(tmp_path):
+    _, trace = traced_bench(tmp_path, None)
+    assert "DFLASH_KERNELS" not in trace.split("bench.sh")[0]
