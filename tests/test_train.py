@@ -102,6 +102,12 @@ def test_loss_weights_and_targets():
     assert default_gamma(16) == 7.0 and default_gamma(8) == 4.0
     w = loss_weights(4, 7.0)
     assert w.tolist() == pytest.approx([0.0, 1.0, math.exp(-1 / 7), math.exp(-2 / 7)])
+    # Rows below a thousandth of row 1 weigh 0 (the head then skips them): at gamma 1.5 rows 12-15 of 16, whose
+    # exact weights are 0.06% of the total; none at the published gamma 7.
+    short = loss_weights(16, 1.5)
+    assert short[1:12].gt(0).all() and short[12:].eq(0).all() and loss_weights(16, 7.0)[1:].gt(0).all()
+    exact = torch.exp(-torch.arange(15) / 1.5)
+    assert exact[11:].sum() / exact.sum() < 1e-3
     ids = torch.arange(10, 20)[None]
     loss_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool)
     anchors, valid = torch.tensor([[2, 7, 0]]), torch.tensor([[True, True, False]])

@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--num-anchors", type=int, default=128)
     parser.add_argument("--draft-layers", type=int, default=3)
     parser.add_argument("--soft-labels", type=float, default=0.0, help="as `train --soft-labels` (its cost)")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="as `train --gamma` (a low one leaves the lightest rows out of the loss)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a small random target instead of SmolLM2's shape")
     args = parser.parse_args()
@@ -169,7 +171,7 @@ def main() -> int:
     drafter = init_drafter(parse_drafter_config(raw), 0, 0.02)
     copy_target_layers(drafter, target)
     drafter = drafter.to(device).train()
-    weights = loss_weights(16, default_gamma(16))
+    weights = loss_weights(16, args.gamma or default_gamma(16))
     timer = PhaseTimer(device)
     instrument(timer)
 

@@ -120,7 +120,7 @@ gpu0() {
   CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -m gpu "$REPO/tests/test_train.py" -q -p no:cacheprovider \
     > "$OUT/train-gpu-tests.log" 2>&1
   echo "== training GPU tests exit $?: $(tail -n 1 "$OUT/train-gpu-tests.log")"
-  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 "$REPO/scripts/device/profile_train.py" --soft-labels 1 \
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 "$REPO/scripts/device/profile_train.py" --soft-labels 1 --gamma 1.5 \
     --out "$OUT/profile-train" > "$OUT/profile-train.log" 2>&1
   echo "== profile_train exit $?"
   tail -n 4 "$OUT/profile-train.log"
