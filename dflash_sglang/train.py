@@ -141,6 +141,10 @@ def valid_anchor_mask(loss_mask: torch.Tensor) -> torch.Tensor:
     return loss_mask & following
 
 
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator,
                    multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `num_anchors` distinct anchors per row, uniform over the valid ones, sorted.
@@ -154,7 +158,7 @@ def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.G
         positions = row.nonzero().flatten()
         choice = torch.randperm(len(positions), generator=generator)[:num_anchors]
         picked.append(positions[choice].sort().values)
-    width = -(-max(1, max(len(p) for p in picked)) // multiple) * multiple
+    width = round_up(max(1, max(len(p) for p in picked)), multiple)
     anchors = torch.zeros(len(picked), width, dtype=torch.long)
     valid = torch.zeros(len(picked), width, dtype=torch.bool)
     for b, p in enumerate(picked):
@@ -360,7 +364,7 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
 def pad_batch(sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host tensors ids [bs, S] (right-padded with 0 to a multiple of PAD_MULTIPLE), loss_mask [bs, S], real
     [bs, S]."""
-    width = -(-max(len(s.ids) for s in sequences) // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = round_up(max(len(s.ids) for s in sequences), PAD_MULTIPLE)
     ids = torch.zeros(len(sequences), width, dtype=torch.long)
     loss_mask = torch.zeros(len(sequences), width, dtype=torch.bool)
     real = torch.zeros(len(sequences), width, dtype=torch.bool)

@@ -95,6 +95,7 @@ def empty_verify_inputs(bs: int, num_nodes: int, mask_size: int, device) -> Veri
 
 def empty_tree_commit(bs: int, max_depth: int, device) -> TreeCommit:
     width = max_depth + 1
+
     def per_request(dtype):
         return torch.empty(bs, dtype=dtype, device=device)
 
