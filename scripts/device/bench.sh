@@ -368,17 +368,10 @@ profile_runs_left() {  # runs still to come: AR's, the builtin's, ours' and the 
   fi
   echo "$runs"
 }
-interleave_pending() {  # servers up, not measured yet, that the interleaved stage measures again
-  local count=0 name
-  for name in "${INTERLEAVED[@]}"; do
-    [ "${UP[$name]:-}" = up ] && [ ! -f "$DIR/$name.status" ] && count=$(( count + 1 ))
-  done
-  echo "$count"
-}
 interleaved_kept() { [ "$INTERLEAVE_LIMIT" -gt 0 ] && [ -n "${IN_INTERLEAVE[$1]:-}" ]; }
-unmeasured_up() {  # servers up and not measured yet
+unmeasured_up() {  # of the named servers, those up and not measured yet
   local count=0 name
-  for name in "${CONTENDERS[@]}"; do
+  for name in "$@"; do
     [ "${UP[$name]:-}" = up ] && [ ! -f "$DIR/$name.status" ] && count=$(( count + 1 ))
   done
   echo "$count"
@@ -389,7 +382,7 @@ profile_server() {  # name: scripts/device/profile_step.py at each --profile-con
   for c in $(profile_levels "$name"); do
     tag="$name-c$c"
     folder="$WORK/profile/$tag"    # raw traces: outside $OUT, deleted once summarized
-    left=$(( BUDGET - RESERVE - SECONDS - 30 * $(unmeasured_up) ))
+    left=$(( BUDGET - RESERVE - SECONDS - 30 * $(unmeasured_up "${CONTENDERS[@]}") ))
     limit=$(( left < PROFILE_LIMIT ? left : PROFILE_LIMIT ))
     if [ "$limit" -lt 20 ]; then
       state="skipped: time budget spent (${limit}s for it)"
@@ -430,12 +423,12 @@ for name in "${CONTENDERS[@]}"; do
   # stage keeps that size); the interleaved stage's time comes out of the sweeps of the contenders it measures
   # again, each giving up an equal part of what is still owed.
   left=$(( BUDGET - RESERVE - start - PROFILE_EXPECTED * $(profile_runs_left) - INTERLEAVE_LIMIT ))
-  share=$(( (left + INTERLEAVE_OWED) / $(unmeasured_up) ))
+  share=$(( (left + INTERLEAVE_OWED) / $(unmeasured_up "${CONTENDERS[@]}") ))
   if [ "$share" -lt 30 ]; then status "$name" "skipped: time budget spent (${share}s for it)"; continue; fi
   read -ra levels <<< "${LEVELS[$name]}"
   sets_limit=$(( share * (${#levels[@]} == 1 ? 70 : 35) / 100 ))
   if interleaved_kept "$name"; then
-    given=$(( INTERLEAVE_OWED / $(interleave_pending) ))
+    given=$(( INTERLEAVE_OWED / $(unmeasured_up "${INTERLEAVED[@]}") ))
     share=$(( share - given ))
     INTERLEAVE_OWED=$(( INTERLEAVE_OWED - given ))
   fi
