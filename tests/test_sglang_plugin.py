@@ -99,18 +99,20 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.speculative import dflash_utils
 
-    from dflash_sglang.sglang import tree_mode
+    from dflash_sglang.sglang import adaptive_width, tree_mode
 
-    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV):
+    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV):
         monkeypatch.delenv(name, raising=False)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
-                              "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4"])
+                              "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4",
+                              "--speculative-dflash-adaptive"])
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
     assert args.speculative_num_draft_tokens == 32
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
+    assert adaptive_width.adaptive_from_env()
     assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
 
 
@@ -701,7 +703,7 @@ def run_decode(worker, world, sampling_info=None, steps=8):
     emitted, published, commits = [[t] for t in first_tokens.tolist()], [], []
     for _ in range(steps):
         result = worker.forward_batch_generation(batch, on_publish=published.append)
-        accept_lens, tokens = result.accept_lens.tolist(), result.next_token_ids.view(3, world.block)
+        accept_lens, tokens = result.accept_lens.tolist(), result.next_token_ids.view(3, -1)
         for i, n in enumerate(accept_lens):
             emitted[i] += tokens[i, :n].tolist()
         commits.append(accept_lens)
@@ -979,20 +981,20 @@ def test_topk_draft_head_is_the_drafters_top_k_and_shards_agree():
 def test_tree_flags_reach_the_scheduler_as_environment(monkeypatch):
     import argparse
 
-    from dflash_sglang.sglang import tree_mode
+    from dflash_sglang.sglang import flags, tree_mode
 
     for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV):
         monkeypatch.delenv(name, raising=False)
     parser = argparse.ArgumentParser()
-    tree_mode.add_cli_args_hook(lambda p: p.add_argument("--speculative-num-draft-tokens", type=int), parser)
+    flags.add_cli_args_hook(lambda p: p.add_argument("--speculative-num-draft-tokens", type=int), parser)
     seen = {}
     args = parser.parse_args(["--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "6"])
-    tree_mode.from_cli_args_hook(lambda cls, a: seen.setdefault("args", a), object, args)
+    flags.from_cli_args_hook(lambda cls, a: seen.setdefault("args", a), object, args)
     assert seen["args"].speculative_num_draft_tokens == 32
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=6)
     assert tree_mode.mask_policy_hook(lambda backend: ("TritonAttnBackend", False), None) == ("TritonAttnBackend", True)
     with pytest.raises(DFlashConfigError, match="needs --speculative-dflash-tree-budget"):
-        tree_mode.from_cli_args_hook(lambda cls, a: a, object, parser.parse_args(["--speculative-dflash-topk", "2"]))
+        flags.from_cli_args_hook(lambda cls, a: a, object, parser.parse_args(["--speculative-dflash-topk", "2"]))
 
 
 def test_tree_mode_is_off_without_the_flag(monkeypatch):
@@ -1040,3 +1042,118 @@ def test_req_to_token_rows_hold_dflashs_reservation(spec_algorithm, monkeypatch)
     args.speculative_algorithm = "EAGLE"
     monkeypatch.delenv(plugin.DISABLE_ENV)
     assert kv_cache_configurator.get_req_to_token_extra_context_len(args) == 4 + 16
+
+
+# ------------------------------------------------------------------ adaptive width
+
+
+class ScriptedWidths:
+    """A width controller that runs a fixed cycle of widths and records what it is told."""
+
+    def __init__(self, widths):
+        self.widths, self.step, self.observed = widths, 0, []
+
+    def choose(self, batch_size):
+        width = self.widths[self.step % len(self.widths)]
+        self.step += 1
+        return width
+
+    def observe(self, committed, batch_size):
+        self.observed.append((committed, batch_size))
+
+
+@pytest.mark.parametrize("mode", ["markov_worker", "tree_worker"])
+def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(mode, request):
+    from dflash_sglang.sglang.adaptive_width import VerifyResources
+
+    worker, world = request.getfixturevalue(mode)
+    spec_width = worker.tree.verify_width if worker.tree else world.block
+    worker.model_runner.attn_backend, worker.model_runner.decode_cuda_graph_runner = "spec backend", "spec graphs"
+    worker.__dict__.update(
+        width_controller=ScriptedWidths([spec_width, 1, 1, spec_width, 1, spec_width, spec_width, 1]),
+        verify_resources={spec_width: VerifyResources.current(worker.model_runner, spec_width),
+                          1: VerifyResources(1, "plain backend", "plain graphs")},
+        active_width=spec_width,
+    )
+    backends, strides = [], []
+    target = worker._target_worker.forward_batch_generation
+
+    def verify(batch=None, forward_batch=None, is_verify=False):
+        backends.append((worker.model_runner.attn_backend, worker.model_runner.decode_cuda_graph_runner))
+        strides.append(forward_batch.input_ids.numel() // 3)
+        return target(batch, forward_batch, is_verify)
+
+    worker._target_worker = SimpleNamespace(forward_batch_generation=verify)
+    prompt_lens, first_tokens, emitted, commits, batch = run_decode(worker, world, steps=16)
+
+    for i, tokens in enumerate(emitted):
+        assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
+    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
+    plain = [i for i, width in enumerate(strides) if width == 1]
+    assert plain == [i for i in range(16) if worker.width_controller.widths[i % 8] == 1]
+    assert all(commits[i] == [1, 1, 1] for i in plain)
+    assert all(backends[i] == ("plain backend", "plain graphs") for i in plain)
+    assert all(backends[i] == ("spec backend", "spec graphs") for i in range(16) if i not in plain)
+    assert max(n for step in commits for n in step) > 1
+
+    worker.on_verify_complete_cpu([0, 2, 5], batch_size=3)
+    assert worker.width_controller.observed == [([1, 3, 6], 3)]
+
+
+def test_adaptive_width_is_refused_across_ranks():
+    from dflash_sglang.sglang.adaptive_width import check_adaptive
+
+    assert check_adaptive(SimpleNamespace(tp_size=1, pp_size=1, dp_size=1)) == []
+    errors = check_adaptive(SimpleNamespace(tp_size=2, pp_size=1, dp_size=1))
+    assert len(errors) == 1 and "--tp-size is 2" in errors[0] and "drop the flag" in errors[0]
+
+
+def test_plain_verify_graphs_are_captured_causal_in_tree_mode(monkeypatch):
+    from dflash_sglang.sglang import tree_mode
+
+    monkeypatch.setenv(tree_mode.BUDGET_ENV, "31")
+    policy = lambda backend: ("TritonAttnBackend", False)  # noqa: E731
+    assert tree_mode.mask_policy_hook(policy, None) == ("TritonAttnBackend", True)
+    with tree_mode.causal_verify_capture():
+        assert tree_mode.mask_policy_hook(policy, None) == ("TritonAttnBackend", False)
+    assert tree_mode.mask_policy_hook(policy, None) == ("TritonAttnBackend", True)
+
+
+def test_verify_resources_are_built_at_width_one_and_the_arguments_restored(monkeypatch):
+    """build_verify_resources against SGLang's real DecodeCudaGraphRunner signature, with its construction
+    recorded instead of run (capture needs a GPU): the backend and the runner see width 1, everything after sees
+    the speculative width again."""
+    from sglang.srt.model_executor import runner as runner_module
+
+    from dflash_sglang.sglang.adaptive_width import build_verify_resources
+
+    class Args:
+        def __init__(self):
+            self.speculative_num_draft_tokens = 16
+
+        def override(self, source, **fields):
+            self.__dict__.update(fields)
+
+    args, published = Args(), Args()
+    seen = {}
+
+    class Runner:
+        def __init__(self, model_runner, *, attn_backend=None, speculative_num_steps=None,
+                     speculative_num_draft_tokens=None):
+            seen["runner"] = (attn_backend, speculative_num_draft_tokens, args.speculative_num_draft_tokens)
+
+    monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", Runner)
+
+    def new_backend(init_new_workspace=False):
+        model_runner.init_new_workspace = init_new_workspace
+        return ("backend", args.speculative_num_draft_tokens, published.speculative_num_draft_tokens)
+
+    model_runner = SimpleNamespace(server_args=args, decode_cuda_graph_runner="spec graphs", init_new_workspace=False,
+                                   _get_attention_backend=new_backend)
+    resources = build_verify_resources(model_runner, 1, (args, published, args))
+    assert resources.attn_backend == ("backend", 1, 1)
+    assert seen["runner"] == (resources.attn_backend, 1, 1)
+    assert args.speculative_num_draft_tokens == published.speculative_num_draft_tokens == 16
+    assert model_runner.init_new_workspace is False
+    model_runner.decode_cuda_graph_runner = None  # graphs off: the plain verify runs eagerly
+    assert build_verify_resources(model_runner, 1, (args,)).graph_runner is None

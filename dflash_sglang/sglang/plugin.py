@@ -4,8 +4,8 @@
 only checks the SGLang version and registers AROUND hooks: one on the worker factory (the worker module is
 imported by it, in the scheduler, when SGLang asks for the DFLASH worker class), one that gives each request's
 `req_to_token` row room for DFLASH's KV reservation, one that cuts an aborted request's output at max_new_tokens,
-and the three that tree mode needs (its launch flags and the verify-mask policy of the target's CUDA graphs; see
-tree_mode.py). DFLASH stays SGLang's own enum member, so every other DFLASH branch in SGLang (target feature
+two that add our launch flags (flags.py) and one for the verify-mask policy of the target's CUDA graphs in tree
+mode (tree_mode.py). DFLASH stays SGLang's own enum member, so every other DFLASH branch in SGLang (target feature
 capture, KV budget, verify CUDA graphs, request validation) still applies.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
-from dflash_sglang.sglang import tree_mode
+from dflash_sglang.sglang import flags, tree_mode
 from dflash_sglang.sglang.compat import check_sglang_version
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ def register() -> None:
     HookRegistry.register(CREATE_WORKER_TARGET, create_worker_hook, HookType.AROUND)
     HookRegistry.register(ROW_HEADROOM_TARGET, row_headroom_hook, HookType.AROUND)
     HookRegistry.register(FINISH_STATE_TARGET, finish_state_hook, HookType.AROUND)
-    HookRegistry.register(tree_mode.ADD_CLI_ARGS_TARGET, tree_mode.add_cli_args_hook, HookType.AROUND)
-    HookRegistry.register(tree_mode.FROM_CLI_ARGS_TARGET, tree_mode.from_cli_args_hook, HookType.AROUND)
+    HookRegistry.register(flags.ADD_CLI_ARGS_TARGET, flags.add_cli_args_hook, HookType.AROUND)
+    HookRegistry.register(flags.FROM_CLI_ARGS_TARGET, flags.from_cli_args_hook, HookType.AROUND)
     HookRegistry.register(tree_mode.MASK_POLICY_TARGET, tree_mode.mask_policy_hook, HookType.AROUND)
 
 

@@ -8,16 +8,14 @@ and its own ancestors, at position committed_len + depth(i). SGLang sizes everyt
 `--speculative-num-draft-tokens` (the verify width: KV reservation, the target's verify CUDA graphs, the
 triton backend's mask layout), so tree mode sets it to budget + 1 while the drafter keeps its trained block.
 
-Launch flags (added to SGLang's parser by the plugin):
-  --speculative-dflash-tree-budget N   draft nodes per request; tree mode on
-  --speculative-dflash-topk K          candidates per block position (default 4)
-They travel to the scheduler processes as the environment variables below (which also switch tree mode on
-for the offline Engine, together with --speculative-num-draft-tokens N+1).
+Launch flags (flags.py): --speculative-dflash-tree-budget N (tree mode on), --speculative-dflash-topk K (default
+4). They reach the scheduler processes as the environment variables below (which also switch tree mode on for the
+offline Engine, together with --speculative-num-draft-tokens N+1).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -29,8 +27,6 @@ TOPK_ENV = "DFLASH_SGLANG_TREE_TOPK"
 DEFAULT_TOPK = 4
 MAX_TREE_NODES = 256  # the tree-build kernel's per-request capacity, root included
 MAX_TOPK = 64
-ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
-FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 MASK_POLICY_TARGET = "sglang.srt.speculative.dflash_utils.resolve_dflash_verify_mask_policy"
 # Backends whose verify attention honours a custom mask inside CUDA graphs with our layout.
 TREE_VERIFY_BACKENDS = ("triton",)
@@ -98,39 +94,25 @@ def check_tree(settings: TreeSettings, block_size: int, num_draft_tokens: int, a
     return errors
 
 
-# ---------------------------------------------------------------------------------------------------- launch flags
-
-
-def add_cli_args_hook(original, parser: argparse.ArgumentParser):
-    """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
-    original(parser)
-    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting)")
-    group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
-                       help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
-                            "sets --speculative-num-draft-tokens to budget + 1")
-    group.add_argument("--speculative-dflash-topk", type=int, default=None,
-                       help=f"DFLASH tree mode: candidates per block position (default {DEFAULT_TOPK})")
-
-
-def from_cli_args_hook(original, cls, args: argparse.Namespace):
-    """AROUND `ServerArgs.from_cli_args`: our flags become environment variables (inherited by the scheduler
-    processes SGLang spawns next) and the verify width, before SGLang resolves its speculative arguments."""
-    budget = getattr(args, "speculative_dflash_tree_budget", None)
-    topk = getattr(args, "speculative_dflash_topk", None)
-    if topk is not None and budget is None:
-        raise DFlashConfigError(["--speculative-dflash-topk needs --speculative-dflash-tree-budget (tree mode)"])
-    if budget is not None:
-        os.environ[BUDGET_ENV] = str(budget)
-        os.environ[TOPK_ENV] = str(topk if topk is not None else DEFAULT_TOPK)
-        if args.speculative_num_draft_tokens is None:
-            args.speculative_num_draft_tokens = budget + 1
-    return original(cls, args)
+_causal_capture = False  # set while the adaptive width's plain verify graphs are captured
 
 
 def mask_policy_hook(original, attn_backend):
     """AROUND SGLang's DFLASH verify-mask policy: in tree mode the target's verify CUDA graphs are captured with
     the custom-mask path (the chain is causal and skips it); draft runners never get a mask either way."""
     name, build_custom_mask = original(attn_backend)
-    if os.environ.get(BUDGET_ENV, "").strip():
+    if os.environ.get(BUDGET_ENV, "").strip() and not _causal_capture:
         return name, True
     return name, build_custom_mask
+
+
+@contextlib.contextmanager
+def causal_verify_capture():
+    """Verify graphs captured inside take SGLang's own mask policy, tree mode or not: the plain (width 1) verify
+    of the adaptive width is causal."""
+    global _causal_capture
+    saved, _causal_capture = _causal_capture, True
+    try:
+        yield
+    finally:
+        _causal_capture = saved

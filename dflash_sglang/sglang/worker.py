@@ -38,6 +38,7 @@ from sglang.srt.speculative.dflash_info import DFlashVerifyInput
 from sglang.srt.speculative.dflash_info_v2 import DFlashDraftInputV2
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+from dflash_sglang.adaptive import PLAIN_WIDTH, WidthController
 from dflash_sglang.config import (
     SLIDING_ATTENTION,
     DFlashConfig,
@@ -63,6 +64,12 @@ from dflash_sglang.kernels import (
     verify_tree_sampling,
 )
 from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
+from dflash_sglang.sglang.adaptive_width import (
+    VerifyResources,
+    adaptive_from_env,
+    build_verify_resources,
+    check_adaptive,
+)
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
@@ -78,6 +85,7 @@ DECODE_RANGE = "dflash_sglang.decode"
 
 class DFlashWorker(BaseSpecWorker):
     step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
+    width_controller: WidthController | None = None  # --speculative-dflash-adaptive
 
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
         self.server_args = server_args
@@ -85,8 +93,9 @@ class DFlashWorker(BaseSpecWorker):
         self.model_runner = target_worker.model_runner
         self.device = target_worker.device
         self.tree = settings_from_env()
+        adaptive = adaptive_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
-        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree)
+        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive)
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
 
@@ -109,6 +118,17 @@ class DFlashWorker(BaseSpecWorker):
             )
         self.draft_block_spec = draft_block_spec(self.block_size, self.device)
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
+        # --speculative-dflash-adaptive: the width controller and both widths' verify resources (init_cuda_graphs,
+        # once the target's own are built).
+        if adaptive:
+            self.width_controller = WidthController((self.verify_width, PLAIN_WIDTH))
+        self.verify_resources: dict[int, VerifyResources] = {}
+        self.active_width = self.verify_width
+
+    @property
+    def verify_width(self) -> int:
+        """Tokens per request in a speculative step's target verify."""
+        return self.tree.verify_width if self.tree else self.block_size
 
     def __getattr__(self, name):
         # The scheduler treats this worker as its model worker; what we do not define is the target's.
@@ -127,12 +147,36 @@ class DFlashWorker(BaseSpecWorker):
             self.draft_head.allocate_graph_output(max_graph_batch)
             self.draft_runner.capture_tail_hooks.append(self.draft_head.capture_hook)
         self._draft_worker.init_cuda_graphs()
+        if self.width_controller is not None:
+            self.verify_resources = {
+                self.verify_width: VerifyResources.current(self.model_runner, self.verify_width),
+                PLAIN_WIDTH: build_verify_resources(self.model_runner, PLAIN_WIDTH,
+                                                    (self.model_runner.server_args, get_server_args())),
+            }
+            logger.info("dflash_sglang: adaptive width on: each step verifies %d tokens per request or %d (a plain "
+                        "decoding step), whichever has been faster at the running batch size",
+                        self.verify_width, PLAIN_WIDTH)
+
+    def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
+        """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
+        if self.width_controller is not None:
+            self.width_controller.observe([n + 1 for n in num_correct_drafts_per_req], batch_size)
+
+    def use_width(self, width: int) -> None:
+        """Point the target's runner at the verify resources of `width` (the adaptive width's switch)."""
+        if width != self.active_width:
+            self.verify_resources[width].apply(self.model_runner)
+            self.active_width = width
 
     def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None) -> GenerationBatchResult:
         if batch.forward_mode.is_extend():
             return self.prefill(batch, on_publish)
         if batch.forward_mode.is_idle():
             return self.idle(on_publish)
+        if self.width_controller is not None:
+            self.use_width(self.width_controller.choose(batch.seq_lens.shape[0]))
+            if self.active_width == PLAIN_WIDTH:
+                return self.decode(batch, on_publish, PLAIN_WIDTH)
         if self.tree:
             return self.decode_tree(batch, on_publish)
         return self.decode(batch, on_publish)
@@ -163,18 +207,25 @@ class DFlashWorker(BaseSpecWorker):
         )
 
     @torch.profiler.record_function(DECODE_RANGE)
-    def decode(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+    def decode(self, batch: ScheduleBatch, on_publish, width: int | None = None) -> GenerationBatchResult:
+        """One chain step of `width` tokens per request (default: the drafter's block); width 1 is a plain
+        decoding step, the anchor verified alone with no draft (the adaptive width's choice where drafting does
+        not pay): its features still become draft context, so drafting can resume at any step."""
+        width = width or self.block_size
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
         # In overlap mode the committed lengths were published from the previous step's stream.
         batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
         seq_lens = batch.seq_lens
-        block = self.block(batch, state)
+        block = self.block(batch, state, width)
+        # Bounds the lengths whatever the last step committed (at most a block, also after a tree step).
         plan_lens = planning_seq_lens(batch, state, self.block_size)
 
-        drafts = self.draft(batch, block, plan_lens).view(seq_lens.shape[0], -1)
+        candidates = block.block_ids
+        if width > 1:
+            drafts = self.draft(batch, block, plan_lens).view(seq_lens.shape[0], -1)
+            candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
         step.mark()
-        candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
         verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
         step.mark()
 
@@ -197,7 +248,7 @@ class DFlashWorker(BaseSpecWorker):
             accept_lens=accepted.commit_lens,
             can_run_cuda_graph=verify.can_run_cuda_graph,
             next_draft_input=next_draft_state(accepted.bonus, accepted.new_seq_lens),
-            speculative_num_draft_tokens=self.block_size,
+            speculative_num_draft_tokens=width,
             new_seq_lens=accepted.new_seq_lens,
         )
         self.step_timer.end(step)
@@ -264,10 +315,11 @@ class DFlashWorker(BaseSpecWorker):
         self.step_timer.end(step)
         return result
 
-    def block(self, batch: ScheduleBatch, state: DFlashDraftInputV2) -> ChainBlock:
-        """The draft block [anchor, MASK x (B-1)] of every request at its next B positions, and their KV slots."""
+    def block(self, batch: ScheduleBatch, state: DFlashDraftInputV2, width: int | None = None) -> ChainBlock:
+        """The draft block [anchor, MASK x (B-1)] of every request at its next B positions (B: `width`, default
+        the drafter's block), and their KV slots."""
         return chain_block(state.bonus_tokens.view(-1), batch.seq_lens, batch.req_pool_indices,
-                           self.model_runner.req_to_token_pool.req_to_token, self.block_size,
+                           self.model_runner.req_to_token_pool.req_to_token, width or self.block_size,
                            self.drafter_config.mask_token_id)
 
     def draft(self, batch, block: ChainBlock, plan_lens):
@@ -368,7 +420,8 @@ class DFlashWorker(BaseSpecWorker):
         return VerifyResult(*(torch.cat(fields) for fields in zip(*chunks)))
 
 
-def check_startup(server_args, target_runner, tree: TreeSettings | None = None) -> tuple[DFlashConfig, TargetInfo]:
+def check_startup(server_args, target_runner, tree: TreeSettings | None = None,
+                  adaptive: bool = False) -> tuple[DFlashConfig, TargetInfo]:
     """Validate the drafter/target pair and the serving flags; raise DFlashConfigError listing every problem."""
     block = int(server_args.speculative_num_draft_tokens)
     errors: list[str] = []
@@ -422,6 +475,8 @@ def check_startup(server_args, target_runner, tree: TreeSettings | None = None) 
                 "dflash_sglang: serving blocks of %d tokens but the drafter was trained with block_size %d",
                 block, config.block_size,
             )
+    if adaptive:
+        errors += check_adaptive(server_args)
     if server_args.speculative_draft_window_size is not None:
         errors.append(
             "--speculative-draft-window-size is not supported by dflash_sglang; drop it, or set "

@@ -1,0 +1,51 @@
+"""Our launch flags, added to SGLang's own parser (AROUND hooks on ServerArgs):
+
+  --speculative-dflash-tree-budget N   tree mode: a best-first tree of N draft nodes per request (tree_mode.py)
+  --speculative-dflash-topk K          tree mode: candidates per block position (default 4)
+  --speculative-dflash-adaptive        each step speculates or decodes plainly, whichever is faster at the running
+                                       batch size (adaptive_width.py)
+
+SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
+environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dflash_sglang.config import DFlashConfigError
+from dflash_sglang.sglang import adaptive_width, tree_mode
+
+ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
+
+
+def add_cli_args_hook(original, parser: argparse.ArgumentParser):
+    """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
+    original(parser)
+    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width)")
+    group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
+                       help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
+                            "sets --speculative-num-draft-tokens to budget + 1")
+    group.add_argument("--speculative-dflash-topk", type=int, default=None,
+                       help=f"DFLASH tree mode: candidates per block position (default {tree_mode.DEFAULT_TOPK})")
+    group.add_argument("--speculative-dflash-adaptive", action="store_true", default=False,
+                       help="DFLASH: per decode step, speculate or verify the last token alone (a plain decoding "
+                            "step), whichever has been faster at the running batch size")
+
+
+def from_cli_args_hook(original, cls, args: argparse.Namespace):
+    """AROUND `ServerArgs.from_cli_args`: our flags become environment variables and the tree's verify width."""
+    budget = getattr(args, "speculative_dflash_tree_budget", None)
+    topk = getattr(args, "speculative_dflash_topk", None)
+    if topk is not None and budget is None:
+        raise DFlashConfigError(["--speculative-dflash-topk needs --speculative-dflash-tree-budget (tree mode)"])
+    if budget is not None:
+        os.environ[tree_mode.BUDGET_ENV] = str(budget)
+        os.environ[tree_mode.TOPK_ENV] = str(topk if topk is not None else tree_mode.DEFAULT_TOPK)
+        if args.speculative_num_draft_tokens is None:
+            args.speculative_num_draft_tokens = budget + 1
+    if getattr(args, "speculative_dflash_adaptive", False):
+        os.environ[adaptive_width.ADAPTIVE_ENV] = "1"
+    return original(cls, args)
