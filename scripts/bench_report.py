@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 SET_TITLES = {"math500": "MATH-500", "humaneval": "HumanEval", "mtbench": "MT-Bench", "gsm8k": "GSM8K"}
-TITLES = {"ar": "AR", "builtin": "builtin DFLASH", "ours": "ours (chain)", "ours-tree": "ours (tree)"}
+TITLES = {"ar": "AR", "builtin": "builtin DFLASH", "ours": "ours (chain)", "ours-tree": "ours (tree)",
+          "ours-adaptive": "ours (tree, adaptive)"}
 PROFILE_COLUMNS = (("steps", "d"), ("host_ms_per_step_mean", ".3f"), ("host_ms_per_step_median", ".3f"),
                    ("kernel_launches_per_step", ".1f"), ("graph_launches_per_step", ".1f"),
                    ("host_syncs_per_step", ".2f"))

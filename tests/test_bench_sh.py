@@ -217,21 +217,26 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
 
 
 @pytest.mark.slow
-def test_single_tree_joins_the_interleaved_stage_at_its_levels(tmp_path, fake_sglang):
+def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_path, fake_sglang):
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
-                                  "--tree-concurrency", "1", "--interleave-repeats", "2", timeout=400)
+                                  "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
-    assert bench["settings"]["interleaved"] == ["ar", "builtin", "ours", "ours-tree"]
+    everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
+    assert bench["settings"]["interleaved"] == everyone and bench["settings"]["adaptive"] is True
+    # The adaptive contender is the tree of the first budget with our adaptive flag, on its own port.
+    argv = next(line for line in (bench_dir / "ours-adaptive.log").read_text().splitlines() if line.startswith("argv"))
+    assert "--speculative-dflash-tree-budget 8" in argv and "--speculative-dflash-adaptive" in argv
+    assert "--port 30020" in argv
     report = bench["interleaved"]["report"]
-    assert list(report["contenders"]) == ["ar", "builtin", "ours", "ours-tree"]
+    assert list(report["contenders"]) == everyone
     assert report["contender_levels"]["ours-tree"] == [1]
     c1, c2 = report["levels"]
-    assert c1["contenders"] == ["ar", "builtin", "ours", "ours-tree"] and c2["contenders"] == ["ar", "builtin", "ours"]
+    assert c1["contenders"] == everyone and c2["contenders"] == ["ar", "builtin", "ours", "ours-adaptive"]
     assert (c1["repeats"], c2["repeats"]) == (2, 2)
-    assert [run_["order"] for run_ in c1["runs"]] == [["ar", "builtin", "ours", "ours-tree"],
-                                                      ["builtin", "ours", "ours-tree", "ar"]]
+    assert [run_["order"] for run_ in c1["runs"]] == [everyone, everyone[1:] + everyone[:1]]
     tree = c1["summary"]["ours-tree"]
     assert tree["mismatches"] == 0 and tree["vs"]["builtin"]["median"] > 0 and tree["vs"]["ar"]["median"] > 0
     assert "| ours (tree) | 1 | 2/2 |" in run.stdout
+    assert "| ours (tree, adaptive) | 2 | 2/2 |" in run.stdout

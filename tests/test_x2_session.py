@@ -38,7 +38,7 @@ def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
 
     assert value("--concurrency") == "1 8 16 32 64" and value("--tree-concurrency") == "1 8"
     assert value("--target") == str(tmp_path / "smol" / "target") and value("--budget") == "540"
-    assert "--profile" in argv
+    assert "--adaptive" in argv and "--profile" not in argv
 
 
 def test_start_hands_its_bench_args_to_the_chain(tmp_path):

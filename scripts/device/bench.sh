@@ -7,6 +7,8 @@
 #   ours-tree-N  with a list of budgets (--tree-budget "8 16 32 64"): one tree contender per N :30003, :30004, ...
 #                (trees run only when the installed plugin adds that flag to SGLang's parser; else skipped with
 #                the reason)
+#   ours-adaptive  (--adaptive) the tree of the first --tree-budget with --speculative-dflash-adaptive: each step
+#                speculates or decodes plainly, whichever has been faster at the running batch size     :30020
 # Every server starts at once (startup is most of the cost), then each is measured alone while the others idle:
 #   sets   each prompt set at concurrency 1, first --set-prompts prompts, stopping at EOS -> tau per set
 #   sweep  MATH-500 at each --concurrency, max(--rounds x c, 8) requests, EOS ignored -> tok/s, TPOT, TTFT, tau;
@@ -69,7 +71,7 @@
 #            [--budget S] [--max-tokens N] [--set-prompts N] [--rounds R] [--kv-tokens N]
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
-#            [--interleave-share PERCENT] [--interleave-repeats R]
+#            [--interleave-share PERCENT] [--interleave-repeats R] [--adaptive]
 set -uo pipefail
 
 TARGET=""
@@ -90,6 +92,7 @@ PROFILE_CONCURRENCY="1 32"
 PROFILE_LIMIT=60
 INTERLEAVE_SHARE=25   # percent of --budget for the interleaved stage (120 s of 480)
 INTERLEAVE_REPEATS=5
+ADAPTIVE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -110,6 +113,7 @@ while [ $# -gt 0 ]; do
     --profile-limit) PROFILE_LIMIT="$2"; shift 2 ;;
     --interleave-share) INTERLEAVE_SHARE="$2"; shift 2 ;;
     --interleave-repeats) INTERLEAVE_REPEATS="$2"; shift 2 ;;
+    --adaptive) ADAPTIVE=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -156,16 +160,20 @@ else
 fi
 positive_ints --tree-concurrency "$TREE_CONCURRENCY"
 CONTENDERS=(ar builtin ours "${TREES[@]}")
-# The interleaved stage measures these again, in turn: the chain, the builtin, AR and a single tree contender (a
-# budget sweep's trees stay out: their c1 tok/s comes from their own sweeps).
+# The interleaved stage measures these again, in turn: the chain, the builtin, AR, a single tree contender (a
+# budget sweep's trees stay out: their c1 tok/s comes from their own sweeps) and the adaptive one.
 INTERLEAVED=(ar builtin ours)
 [ "${#TREES[@]}" = 1 ] && INTERLEAVED+=("${TREES[0]}")
+if [ "$ADAPTIVE" = 1 ]; then
+  CONTENDERS+=(ours-adaptive)
+  INTERLEAVED+=(ours-adaptive)
+fi
 declare -A IN_INTERLEAVE=()
 for name in "${INTERLEAVED[@]}"; do IN_INTERLEAVE[$name]=1; done
 INTERLEAVE_ROUNDS=1          # max(rounds x c, min requests) prompts per contender, level and repeat: short runs,
 INTERLEAVE_MIN_REQUESTS=4    # so a repeat's contenders run seconds apart and the stage fits several repeats
-declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002)
-declare -A LEVELS=([ar]="$CONCURRENCY" [builtin]="$CONCURRENCY" [ours]="$CONCURRENCY")
+declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002 [ours-adaptive]=30020)
+declare -A LEVELS=([ar]="$CONCURRENCY" [builtin]="$CONCURRENCY" [ours]="$CONCURRENCY" [ours-adaptive]="$CONCURRENCY")
 declare -A PROFILED=()
 for i in "${!TREES[@]}"; do
   PORT[${TREES[$i]}]=$(( 30003 + i ))
@@ -177,7 +185,7 @@ fi
 declare -A PID=()
 SERVING_OURS="dflash_sglang: DFLASH is served by dflash_sglang.sglang.worker.DFlashWorker"
 SERVING_BUILTIN="dflash_sglang: DFLASH is served by SGLang's builtin DFlashWorkerV2"
-declare -A EXPECT=([builtin]="$SERVING_BUILTIN" [ours]="$SERVING_OURS")
+declare -A EXPECT=([builtin]="$SERVING_BUILTIN" [ours]="$SERVING_OURS" [ours-adaptive]="$SERVING_OURS")
 for name in "${TREES[@]}"; do EXPECT[$name]="$SERVING_OURS"; done
 
 stop() {  # names...
@@ -267,8 +275,12 @@ if python3 -m sglang.launch_server --help 2>/dev/null | grep -q -- "$TREE_FLAG";
     launch "$name" DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "${TREE_OF[$name]}" \
       ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"}
   done
+  [ "$ADAPTIVE" = 1 ] && launch ours-adaptive DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "${TREE_BUDGETS[0]}" \
+    ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"} --speculative-dflash-adaptive
 else
-  for name in "${TREES[@]}"; do
+  UNSERVED=("${TREES[@]}")
+  [ "$ADAPTIVE" = 1 ] && UNSERVED+=(ours-adaptive)
+  for name in "${UNSERVED[@]}"; do
     status "$name" "skipped: 'python -m sglang.launch_server --help' lists no $TREE_FLAG \
 (the dflash_sglang plugin does not serve trees yet)"
   done
@@ -288,7 +300,7 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "profile_concurrency=$PROFILE_CONCURRENCY" "profile_limit_s=$PROFILE_LIMIT" "profile_max_tokens=$PROFILE_TOKENS" \
   "interleave_share=$INTERLEAVE_SHARE" "interleave_repeats=$INTERLEAVE_REPEATS" \
   "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
-  "interleave_skip=$INTERLEAVE_SKIP" "interleaved=${INTERLEAVED[*]}" \
+  "interleave_skip=$INTERLEAVE_SKIP" "interleaved=${INTERLEAVED[*]}" "adaptive=$ADAPTIVE" \
   "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
@@ -310,6 +322,7 @@ for key in ("concurrency", "tree_budget", "tree_concurrency", "profile_concurren
 for key in ("tree_contenders", "cuda_graph_max_bs"):
     settings[key] = {name: int(n) for name, n in (pair.rsplit(":", 1) for pair in settings[key].split())}
 settings["profile"] = settings["profile"] == "1"
+settings["adaptive"] = settings["adaptive"] == "1"
 settings["sets"] = settings["sets"].split()
 settings["interleaved"] = settings["interleaved"].split()
 git = subprocess.run(["git", "-C", sys.argv[2], "describe", "--always", "--dirty"], capture_output=True, text=True)

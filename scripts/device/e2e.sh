@@ -15,9 +15,10 @@
 #   usage: source .device/unpack.sh && bash scripts/device/e2e.sh
 #            [--arch qwen3|llama|gemma4 | --pair DIR] [--name NAME] [--dtype float32|bfloat16]
 #            [--draft-backend triton|fa4] [--tree-budget N [--tree-topk K]] [--port-base P] [--prompts N]
-#            [--budget S] [--skip-builtin] [--then CMD]
+#            [--budget S] [--skip-builtin] [--adaptive] [--then CMD]
 #   env:   EXTRA_SERVER_ARGS="..." appended to every launch (e.g. --disable-overlap-schedule)
 # --tree-budget serves ours in tree mode (N draft nodes, top-K per position); builtin stays a chain.
+# --adaptive serves ours with --speculative-dflash-adaptive (each step speculates or decodes plainly).
 # --pair DIR takes DIR/target and DIR/drafter (e.g. the embedded demo pair) instead of a fresh tiny random pair.
 # float32 is the default (the zero-mismatch bar is set in it); fa4 needs the FA4 site unpacked first (see the
 # device README) and bfloat16, where mismatches must be near-ties.
@@ -36,6 +37,7 @@ SKIP_BUILTIN=0      # --skip-builtin: AR and ours only (when device time is shor
 THEN=""
 TREE_BUDGET=""
 TREE_TOPK=4
+ADAPTIVE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) ARCH="$2"; shift 2 ;;
@@ -50,6 +52,7 @@ while [ $# -gt 0 ]; do
     --then) THEN="$2"; shift 2 ;;
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
     --tree-topk) TREE_TOPK="$2"; shift 2 ;;
+    --adaptive) ADAPTIVE=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -57,6 +60,7 @@ if [ "$DRAFT_BACKEND" = fa4 ] && [ "$DTYPE" != bfloat16 ]; then
   echo "--draft-backend fa4 needs --dtype bfloat16 (FlashAttention kernels take no float32)" >&2; exit 2
 fi
 [ -n "$NAME" ] || NAME="${PAIR:+$(basename "$PAIR")}"; NAME="${NAME:-$ARCH}-$DTYPE-$DRAFT_BACKEND${TREE_BUDGET:+-tree$TREE_BUDGET}"
+[ "$ADAPTIVE" = 1 ] && NAME+=-adaptive
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 # Under the device runner $OUT is the folder that comes back; one subfolder per run.
@@ -113,6 +117,7 @@ CHAIN=(--speculative-num-draft-tokens "$BLOCK")
 OURS=("${CHAIN[@]}")
 # Tree mode: the plugin's flags set the verify width (budget + 1) themselves.
 [ -n "$TREE_BUDGET" ] && OURS=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-topk "$TREE_TOPK")
+[ "$ADAPTIVE" = 1 ] && OURS+=(--speculative-dflash-adaptive)
 # SGLang builds Gemma 4's vision tower, whose attention defaults to FA3; the box's sgl_kernel has no FA3 library.
 if python3 -c "import json,sys; sys.exit(not json.load(open('$TARGET/config.json'))['model_type'].startswith('gemma4'))"
 then COMMON+=(--mm-attention-backend triton_attn); fi

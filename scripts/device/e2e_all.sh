@@ -8,6 +8,8 @@
 #           and the soak against its live servers
 #   fa4     tiny Qwen3 pair, bfloat16, ours with fa4 draft attention against AR (when the FA4 site is unpacked)
 #   tree    the embedded pair, float32, ours in tree mode (31 draft nodes, top-4) against AR, 200 prompts
+#   adaptive  the same tree with --speculative-dflash-adaptive against AR, 100 prompts: steps switch between the
+#           tree and plain decoding (c1 and c16 sit on either side of where the tiny target's drafting stops paying)
 # Speed figures of concurrent groups share the GPU and CPUs with each other: read them as smoke figures; the
 # side-by-side speed comparison is scripts/device/bench.sh, run alone. Prints every group's table last.
 #
@@ -54,6 +56,8 @@ run_group demo --pair "$DEMO_PAIR" --name demo --port-base 30030 \
   --then "$CHECKS"
 run_group tree --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --port-base 30050 \
   --prompts 200 --budget "$BUDGET"
+run_group adaptive --pair "$DEMO_PAIR" --name demo --skip-builtin --tree-budget 31 --tree-topk 4 --adaptive \
+  --port-base 30060 --prompts 100 --budget "$BUDGET"
 if python3 -c "import cutlass, flash_attn.cute" 2>/dev/null; then
   run_group fa4 --arch qwen3 --name qwen3 --dtype bfloat16 --draft-backend fa4 --skip-builtin --port-base 30040 \
     --budget "$BUDGET"
@@ -78,7 +82,7 @@ wait "$DEMO_PID"
   tail -n 12 "$OUT/make-demo.log"
   echo "================ kernel build"
   tail -n 3 "$OUT/kernel-build.log"
-  for name in qwen3 gemma4 demo tree fa4; do
+  for name in qwen3 gemma4 demo tree adaptive fa4; do
     [ -f "$OUT/group-$name.log" ] || continue
     echo "================ $name"
     grep -E "^== (then|.*failed)|dflash_sglang plugin" "$OUT/group-$name.log" || true

@@ -43,9 +43,10 @@ WITH_SHAPE=0
 SMOL_BUDGET="${SMOL_BUDGET:-900}"
 # The levels issues 7 and 8 set bars at (c16: issue 7); one tree contender (64 nodes gave the best c1 tok/s on
 # 2026-11-29) at c1 and c8, its bars' levels (a 65-wide verify captured up to batch 64 would cost startup time and
-# memory for no bar); profiles: AR and the builtin and the tree at c1, ours at c1 and c32.
-BENCH_ARGS='--concurrency "1 8 16 32 64" --tree-budget 64 --tree-concurrency "1 8" --profile'
-BENCH_ARGS+=' --profile-concurrency "1 32" --set-prompts 4 --budget 540'
+# memory for no bar), and the same tree with the adaptive width at every level (the AR bars at c32 and c64). No
+# profile stage: five contenders' sweeps and the interleaved stage need its time (2026-11-30's profiles stand).
+BENCH_ARGS='--concurrency "1 8 16 32 64" --tree-budget 64 --tree-concurrency "1 8" --adaptive'
+BENCH_ARGS+=' --set-prompts 6 --budget 540'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
