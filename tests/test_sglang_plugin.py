@@ -1061,9 +1061,12 @@ class ScriptedWidths:
     def observe(self, committed, batch_size):
         self.observed.append((committed, batch_size))
 
+    def summary(self):
+        return f"{len(self.observed)} results"
+
 
 @pytest.mark.parametrize("mode", ["markov_worker", "tree_worker"])
-def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(mode, request):
+def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(mode, request, caplog):
     from dflash_sglang.sglang.adaptive_width import VerifyResources
 
     worker, world = request.getfixturevalue(mode)
@@ -1096,8 +1099,12 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
     assert all(backends[i] == ("spec backend", "spec graphs") for i in range(16) if i not in plain)
     assert max(n for step in commits for n in step) > 1
 
-    worker.on_verify_complete_cpu([0, 2, 5], batch_size=3)
-    assert worker.width_controller.observed == [([1, 3, 6], 3)]
+    with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
+        worker.on_verify_complete_cpu([0, 2, 5], batch_size=3)
+        worker.on_verify_complete_cpu([1, 1, 1], batch_size=3)  # within the summary interval: not logged again
+    assert worker.width_controller.observed == [([1, 3, 6], 3), ([2, 2, 2], 3)]
+    logged = [r.getMessage() for r in caplog.records if r.name == "dflash_sglang.sglang.worker"]
+    assert logged == ["dflash_sglang: adaptive width, per batch size:\n1 results"]
 
 
 def test_adaptive_width_is_refused_across_ranks():

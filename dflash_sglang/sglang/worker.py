@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from copy import deepcopy
 
 import torch
@@ -79,6 +80,8 @@ logger = logging.getLogger(__name__)
 
 # Verify rows filtered per chunk in sampling verification (each row sorts the whole vocabulary).
 SAMPLING_ROWS_PER_CHUNK = 128
+# Seconds between the adaptive width's summaries in the server log (rates and steps per batch-size group).
+ADAPTIVE_SUMMARY_SECONDS = 30.0
 # Profiler ranges around each step (SGLang's /start_profile traces; scripts/device/profile_step.py reads them).
 DECODE_RANGE = "dflash_sglang.decode"
 
@@ -86,6 +89,7 @@ DECODE_RANGE = "dflash_sglang.decode"
 class DFlashWorker(BaseSpecWorker):
     step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
     width_controller: WidthController | None = None  # --speculative-dflash-adaptive
+    _last_width_summary = 0.0
 
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
         self.server_args = server_args
@@ -159,8 +163,13 @@ class DFlashWorker(BaseSpecWorker):
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
-        if self.width_controller is not None:
-            self.width_controller.observe([n + 1 for n in num_correct_drafts_per_req], batch_size)
+        if self.width_controller is None:
+            return
+        self.width_controller.observe([n + 1 for n in num_correct_drafts_per_req], batch_size)
+        now = time.monotonic()
+        if now - self._last_width_summary >= ADAPTIVE_SUMMARY_SECONDS:
+            self._last_width_summary = now
+            logger.info("dflash_sglang: adaptive width, per batch size:\n%s", self.width_controller.summary())
 
     def use_width(self, width: int) -> None:
         """Point the target's runner at the verify resources of `width` (the adaptive width's switch)."""
