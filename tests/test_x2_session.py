@@ -14,8 +14,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def traced_bench(tmp_path: Path, verdict: str | None, bench_args: str | None = None) -> tuple[list[str], str]:
-    """(bench.sh's argv as the chain would run it, the trace)."""
+def traced_bench(tmp_path: Path, verdict: str | None, bench_args: str | None = None,
+                 trained: bool = True) -> tuple[list[str], str]:
+    """(bench.sh's argv as the chain would run it, the trace). trained: the chain's training ended well."""
+    if trained:
+        (tmp_path / "smol" / "drafter").mkdir(parents=True)
+        (tmp_path / "smol" / "drafter" / "config.json").write_text("{}")
+        (tmp_path / "smol" / "result").mkdir()
+        (tmp_path / "smol" / "result" / "exit_code").write_text("0\n")
     ops_file = tmp_path / "reference_ops"
     if verdict is not None:
         ops_file.write_text(verdict + "\n")
@@ -39,6 +45,20 @@ def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
     assert value("--concurrency") == "1 8 16 32 64" and value("--tree-concurrency") == "1 8"
     assert value("--target") == str(tmp_path / "smol" / "target") and value("--budget") == "540"
     assert "--adaptive" in argv and "--profile" not in argv
+
+
+@pytest.mark.parametrize("exit_code", [None, "1"])
+def test_without_a_trained_drafter_the_embedded_pair_is_benchmarked(tmp_path, exit_code):
+    if exit_code is not None:  # training failed after writing a drafter folder
+        (tmp_path / "smol" / "drafter").mkdir(parents=True)
+        (tmp_path / "smol" / "drafter" / "config.json").write_text("{}")
+        (tmp_path / "smol" / "result").mkdir()
+        (tmp_path / "smol" / "result" / "exit_code").write_text(exit_code + "\n")
+    argv, trace = traced_bench(tmp_path, None, trained=False)
+    demo = REPO / "dflash_sglang" / "data" / "pairs" / "demo"
+    assert argv[argv.index("--target") + 1] == str(demo / "target")
+    assert argv[argv.index("--drafter") + 1] == str(demo / "drafter")
+    assert f"train_smollm2.sh exit: {exit_code or 'none'}" in trace
 
 
 def test_start_hands_its_bench_args_to_the_chain(tmp_path):

@@ -71,7 +71,7 @@ start() {
   # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
   CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET SMOL_SERVERS=6 SMOL_SERVER_GPUS="0 1" \
     X2_BENCH_ARGS="$BENCH_ARGS" setsid bash -c \
-    "bash '$REPO/scripts/device/train_smollm2.sh' && \
+    "bash '$REPO/scripts/device/train_smollm2.sh'; \
     bash '$REPO/scripts/device/x2_session.sh' bench > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
     > /dev/null 2>&1 < /dev/null &
   echo "== SmolLM2 chain started on GPU 1 (train_smollm2.sh, then bench.sh $BENCH_ARGS)"
@@ -105,11 +105,19 @@ use_tested_kernels() {
   echo "== kernel tests failed in start for $ops: those ops serve with their torch references"
 }
 
-# The chain's second half (started by `start`, after the training): the side-by-side benchmark on GPU 1.
+# The chain's second half (started by `start`, after the training): the side-by-side benchmark on GPU 1, of the
+# SmolLM2 pair when training ended well, else of the embedded demo pair (a failed training run still leaves the
+# benchmark's half of the session's device time something to measure).
 bench() {
+  local target="$SMOL/target" drafter="$SMOL/drafter" trained
+  trained=$(cat "$SMOL/result/exit_code" 2>/dev/null || echo none)
+  if [ "$trained" != 0 ] || [ ! -f "$drafter/config.json" ]; then
+    target="$REPO/dflash_sglang/data/pairs/demo/target" drafter="$REPO/dflash_sglang/data/pairs/demo/drafter"
+    echo "== no trained SmolLM2 drafter (train_smollm2.sh exit: $trained): benchmarking the embedded demo pair"
+  fi
   use_tested_kernels
   OUT="$SMOL/benchrun" DFLASH_SGLANG_STEP_TIMING=1 eval bash "'$REPO/scripts/device/bench.sh'" \
-    --target "'$SMOL/target'" --drafter "'$SMOL/drafter'" "$BENCH_ARGS"
+    --target "'$target'" --drafter "'$drafter'" "$BENCH_ARGS"
 }
 
 gpu0() {
