@@ -103,6 +103,10 @@ def sglang_only_cases(target: Path, drafter: Path, work: Path) -> list[tuple[str
         ("tree budget too small for the drafter's block", TreeSettings(3, 4), 4, "triton"),
     ]:
         rows.append((name, check_tree(settings, 16, width, backend)[0]))
+    from dflash_sglang.sglang.adaptive_width import check_adaptive
+
+    rows.append(("adaptive width with tensor parallelism",
+                 check_adaptive(SimpleNamespace(tp_size=2, pp_size=1, dp_size=1))[0]))
     return rows
 
 
