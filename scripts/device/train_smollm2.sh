@@ -23,6 +23,7 @@
 #                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 8
 #                            minutes; answers still unsent when regeneration must stop are skipped). More than
 #                            one device command allows (600 s), so run it in the background as above.
+#          SMOL_TRAIN_MAX=600  seconds of training at most (issue 4 allows 10 minutes of H200 training time)
 #          SMOL_TRAIN_MIN=480  seconds of training the regeneration must leave (a shorter run when device time
 #                            is short)
 #          SMOL_SERVERS=3    SGLang servers of the target that share the regeneration prompts (a 135M model's
@@ -228,7 +229,7 @@ echo "mask token: $MASK_TOKEN (id $MASK_ID), absent from every prompt and answer
 mark "mask token checked"
 
 # 5. Training under the cap; the final checkpoint, drafter and acceptance estimate come after it.
-MAX_MINUTES=$(python3 -c "print(round(max(0.2, ($BUDGET - $SECONDS - $RESERVE_FINAL) / 60), 2))")
+MAX_MINUTES=$(python3 -c "print(round(max(0.2, min($BUDGET - $SECONDS - $RESERVE_FINAL, ${SMOL_TRAIN_MAX:-600}) / 60), 2))")
 echo "training for at most $MAX_MINUTES minutes"
 # Expandable segments: batches of many lengths would otherwise fragment the caching allocator's fixed segments.
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
