@@ -38,6 +38,7 @@ from dflash_sglang.config import (FULL_ATTENTION, DFlashConfig, TargetInfo, chec
                                   parse_drafter_config)
 from dflash_sglang.drafter import DFlashDrafter
 from dflash_sglang.engine import DFlashEngine
+from dflash_sglang.kernels.soft_ce import soft_cross_entropy_rows
 from dflash_sglang.loader import save_drafter
 from dflash_sglang.prompts import parse_jsonl
 from dflash_sglang.target import TargetModel
@@ -263,10 +264,10 @@ class HeadCrossEntropy(torch.autograd.Function):
     The head is frozen, so the only gradient is dL/dh_i = w_i * multiplier * ((softmax - y_i) * softcap') @ W,
     which the forward can finish chunk by chunk while each chunk's logits exist. For a small target's drafter the
     head is most of a training step (49k-row vocab, 30k rows per step) and its cost is the passes over the
-    vocab-sized chunk, so each pass counts: logits are written once in float32, one fused log-softmax gives the
-    loss, its exp (in place) the softmax, and the per-row factor w * multiplier is applied after the matmul back to
-    H (it is linear), not over the vocab. Logits are computed in `compute_dtype` and reduced in float32, as
-    autocast's head would.
+    vocab-sized chunk, so each pass counts: logits are written once in float32 and the per-row loss and logit
+    gradient come from `soft_cross_entropy_rows` (one Triton kernel on CUDA, in place torch elsewhere); the per-row
+    factor w * multiplier is applied after the matmul back to H (it is linear), not over the vocab. Logits are
+    computed in `compute_dtype` and reduced in float32, as autocast's head would.
     """
 
     @staticmethod
@@ -274,38 +275,22 @@ class HeadCrossEntropy(torch.autograd.Function):
                 soft=0.0, teacher_softcap=None):
         head = weight.detach().to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(rows) if need_grad else None
         with torch.autocast(rows.device.type, enabled=False):
             for lo in range(0, rows.shape[0], chunk_rows):
                 hi = min(lo + chunk_rows, rows.shape[0])
-                logits = head_logits(rows[lo:hi].detach().to(compute_dtype), head)
-                if multiplier != 1.0:
-                    logits.mul_(multiplier)
-                capped = None
-                if softcap:
-                    capped = logits.div_(softcap).tanh_()
-                    logits = capped * softcap
-                target = targets[lo:hi, None]
-                w = weights[lo:hi].float()
-                log_probs = torch.log_softmax(logits, dim=-1)
-                del logits
-                label = None
+                logits = capped_logits(rows[lo:hi].detach().to(compute_dtype), head, multiplier, softcap)
+                teacher_logits = None
                 if soft:
-                    label = soft_label(teacher[lo:hi].to(compute_dtype), head, target, soft, teacher_softcap)
-                    total -= (torch.linalg.vecdot(label, log_probs) * w).sum()
-                else:
-                    total -= (log_probs.gather(1, target).squeeze(1) * w).sum()
-                if grad is None:
-                    continue
-                dlogits = log_probs.exp_()  # the softmax, in place
-                if label is None:
-                    dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
-                else:
-                    dlogits.sub_(label)
-                if capped is not None:
-                    dlogits.mul_(capped.square_().neg_().add_(1.0))
-                rows_grad = dlogits.to(compute_dtype) @ head
-                grad[lo:hi] = (rows_grad.float() * (w * multiplier)[:, None]).to(rows.dtype)
+                    teacher_logits = capped_logits(teacher[lo:hi].to(compute_dtype), head, 1.0, teacher_softcap)
+                w = weights[lo:hi].float()
+                loss, dlogits = soft_cross_entropy_rows(logits, teacher_logits, targets[lo:hi], soft, softcap,
+                                                        compute_dtype, need_grad)
+                total += (loss * w).sum()
+                if need_grad:
+                    rows_grad = dlogits @ head
+                    grad[lo:hi] = (rows_grad.float() * (w * multiplier)[:, None]).to(rows.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -315,14 +300,14 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad * grad_total, None, None, None, None, None, None, None, None, None, None
 
 
-def soft_label(teacher: torch.Tensor, head: torch.Tensor, target: torch.Tensor, soft: float,
-               softcap: float | None) -> torch.Tensor:
-    """[R, V] float32 label rows (1 - soft) * onehot(target) + soft * softmax(teacher @ head.T), softcapped."""
-    logits = head_logits(teacher, head)
+def capped_logits(rows: torch.Tensor, head: torch.Tensor, multiplier: float, softcap: float | None) -> torch.Tensor:
+    """float32 softcap * tanh(multiplier * rows @ head.T / softcap) (no cap without a softcap), in place."""
+    logits = head_logits(rows, head)
+    if multiplier != 1.0:
+        logits.mul_(multiplier)
     if softcap:
-        logits = logits.div_(softcap).tanh_().mul_(softcap)
-    label = torch.softmax(logits, dim=-1).mul_(soft)
-    return label.scatter_add_(1, target, torch.full_like(target, 1.0 - soft, dtype=label.dtype))
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
 
 
 def weighted_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, drafter: DFlashDrafter,

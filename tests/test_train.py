@@ -4,7 +4,9 @@ the output is a loadable z-lab drafter that runs in the engine."""
 import dataclasses
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from dflash_sglang.train import (PLAN_AFTER_STEPS, TrainConfig, block_targets, d
                                  plan_steps_in_time, sample_anchors, train, weighted_cross_entropy)
 
 VOCAB, BLOCK = 512, 8
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mask_by_loop(anchors, anchor_valid, context_valid, block, causal, window):
@@ -163,6 +166,66 @@ def test_soft_labels_value_and_gradient_equal_plain_autograd(softcap, teacher_so
     (want_grad,) = torch.autograd.grad(want, hidden)
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(got_grad, want_grad, atol=1e-6)
+
+
+SOFT_CE_CASES = [(soft, softcap) for soft in (0.0, 0.5, 1.0) for softcap in (None, 30.0)]
+
+
+def soft_ce_inputs(rows: int, vocab: int, soft: float, softcap: float | None, seed: int, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logits = 8 * torch.randn(rows, vocab, generator=g)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    teacher = 8 * torch.randn(rows, vocab, generator=g) if soft else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    return [None if t is None else t.to(device) for t in (logits, teacher, targets)]
+
+
+def test_soft_ce_kernel_matches_its_reference_in_tritons_interpreter():
+    """The Triton kernel of the training loss, run by Triton's CPU interpreter (a subprocess: the interpreter is
+    chosen when triton is first imported), against the torch reference on fresh random rows; a vocabulary that is
+    not a multiple of the kernel's block, soft and hard labels, with and without a softcap, float32 and bfloat16
+    gradients."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = """
+import torch
+from dflash_sglang.kernels import soft_ce
+from tests.test_train import SOFT_CE_CASES, soft_ce_inputs
+for seed, (soft, softcap) in enumerate(SOFT_CE_CASES):
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, teacher, targets = soft_ce_inputs(5, 2 * soft_ce.BLOCK + 37, soft, softcap, seed)
+        copy = lambda t: None if t is None else t.clone()
+        loss, grad = soft_ce.soft_cross_entropy_rows_triton(copy(logits), copy(teacher), targets, soft, softcap, dtype)
+        want_loss, want_grad = soft_ce.soft_cross_entropy_rows_reference(copy(logits), copy(teacher), targets, soft,
+                                                                          softcap, dtype)
+        assert torch.allclose(loss, want_loss, rtol=1e-6, atol=1e-5), (soft, softcap, (loss - want_loss).abs().max())
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert grad.dtype == dtype and torch.allclose(grad.float(), want_grad.float(), atol=tol), (soft, softcap, dtype)
+print("ok", len(SOFT_CE_CASES))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok", str(len(SOFT_CE_CASES))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("soft,softcap", SOFT_CE_CASES)
+def test_soft_ce_kernel_matches_its_reference_on_cuda(soft, softcap):
+    """The training loss's Triton kernel on the GPU, at SmolLM2's vocabulary, against the torch reference."""
+    from dflash_sglang.kernels import soft_ce
+
+    dev = device_or_skip("cuda")
+    logits, teacher, targets = soft_ce_inputs(64, 49152, soft, softcap, seed=7, device=dev)
+    copy = lambda t: None if t is None else t.clone()  # noqa: E731
+    loss, grad = soft_ce.soft_cross_entropy_rows(copy(logits), copy(teacher), targets, soft, softcap, torch.bfloat16)
+    want_loss, want_grad = soft_ce.soft_cross_entropy_rows_reference(copy(logits), copy(teacher), targets, soft,
+                                                                      softcap, torch.bfloat16)
+    assert torch.allclose(loss, want_loss, rtol=1e-5, atol=1e-4)
+    assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), want_grad.float(), atol=1e-2)
 
 
 def test_soft_labels_come_from_the_target_output_before_each_row(pair_and_data, monkeypatch, tmp_path):
