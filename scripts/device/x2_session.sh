@@ -18,7 +18,9 @@
 #            (train_smollm2.sh --collect). --shape adds the Qwen3-32B shape's AR and chain B=16 stages (shape.sh on
 #            :30200) if time is left.
 #   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
-#            training summary and the benchmark table.
+#            training summary and the benchmark table; once the chain is done, packs the box's JIT caches into
+#            $OUT/jitcache (jit_cache.sh: copied here into .device-cache, the next session restores them in the
+#            command that carries .device-smol4, before any server starts).
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
@@ -158,8 +160,13 @@ collect() {
     sleep 5; waited=$((waited + 5))
   done
   OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
-  if [ -e "$CHAIN_DONE" ]; then echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
-  else echo "== bench not finished after waiting ${waited}s (partial results copied)"; fi
+  if [ -e "$CHAIN_DONE" ]; then
+    echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
+    # Every server of the session has run: its JIT caches go home for the next session's fresh box.
+    bash "$REPO/scripts/device/jit_cache.sh" pack "$OUT/jitcache"
+  else
+    echo "== bench not finished after waiting ${waited}s (partial results copied)"
+  fi
   mkdir -p "$OUT/bench"
   cp -r "$SMOL/benchrun/bench/." "$OUT/bench/" 2>/dev/null
   cp "$SMOL/bench.log" "$OUT/" 2>/dev/null
