@@ -6,6 +6,7 @@ scripts/device/e2e.sh."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import sys
 import types
@@ -272,6 +273,38 @@ def test_startup_refuses_a_mismatched_pair_with_every_reason(tiny_dirs):
     text = str(err.value)
     assert "`num_target_layers` = 4 but the target has 6 layers" in text
     assert "--speculative-draft-window-size is not supported" in text
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(hidden_size=96), "`hidden_size` = 96 but the target's is"),
+    (lambda c: c.update(vocab_size=1000), "`vocab_size` = 1000 but the target's is 512"),
+    (lambda c: c["dflash_config"].update(target_layer_ids=[0, 9]), "has ids [9] outside the target's layers"),
+    (lambda c: c["dflash_config"].pop("mask_token_id"), "`dflash_config.mask_token_id` is missing"),
+])
+def test_the_worker_stops_at_startup_on_a_mismatched_drafter_before_building_anything(tiny_dirs, tmp_path,
+                                                                                      monkeypatch, change, message):
+    """Issue 7's bad pairs through the worker's own constructor, as SGLang's scheduler calls it: our message, raised
+    before the draft worker (its model, KV pool, CUDA graphs) is built."""
+    import json
+    import shutil
+
+    from dflash_sglang.sglang import worker as worker_module
+
+    target, drafter = tiny_dirs["qwen3"]
+    shutil.copytree(drafter, tmp_path / "drafter")
+    cfg = json.loads((tmp_path / "drafter" / "config.json").read_text())
+    change(cfg)
+    (tmp_path / "drafter" / "config.json").write_text(json.dumps(cfg))
+
+    def built(*args, **kwargs):
+        raise AssertionError("the draft worker was built for a refused pair")
+
+    monkeypatch.setattr(worker_module, "build_draft_worker", built)
+    monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    args = startup_args(target, tmp_path / "drafter")
+    target_worker = SimpleNamespace(model_runner=fake_target_runner(target), device="cpu")
+    with pytest.raises(DFlashConfigError, match=re.escape(message)):
+        worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0, target_worker=target_worker)
 
 
 def test_startup_refuses_the_last_target_layer_where_sglang_cannot_capture_it(tiny_dirs, tmp_path):
