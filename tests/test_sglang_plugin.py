@@ -1197,3 +1197,36 @@ def test_verify_resources_are_built_at_width_one_and_the_arguments_restored(monk
     assert model_runner.init_new_workspace is False
     model_runner.decode_cuda_graph_runner = None  # graphs off: the plain verify runs eagerly
     assert build_verify_resources(model_runner, 1, (args,)).graph_runner is None
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("", (32, 1)), ("1", (1,)), ("32", (32,)), ("1,32", (32, 1)), ("32, 1", (32, 1)),
+    ("16", None), ("1,1", None), ("plain", None), (",", None),
+])
+def test_adaptive_widths_can_be_pinned_and_a_bad_list_names_the_variable(raw, expected):
+    from dflash_sglang.sglang.adaptive_width import WIDTHS_ENV, widths_from_env
+
+    if expected is not None:
+        assert widths_from_env(32, {WIDTHS_ENV: raw}) == expected
+    else:
+        with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}=.* among 32 .* and 1"):
+            widths_from_env(32, {WIDTHS_ENV: raw})
+
+
+def test_a_bad_adaptive_width_list_stops_the_worker_before_building_anything(tiny_dirs, monkeypatch):
+    from dflash_sglang.sglang import worker as worker_module
+    from dflash_sglang.sglang.adaptive_width import ADAPTIVE_ENV, WIDTHS_ENV
+
+    def built(*args, **kwargs):
+        raise AssertionError("the draft worker was built for a refused width list")
+
+    monkeypatch.setattr(worker_module, "build_draft_worker", built)
+    monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    monkeypatch.setenv(ADAPTIVE_ENV, "1")
+    monkeypatch.setenv(WIDTHS_ENV, "8")
+    target, drafter = tiny_dirs["qwen3"]
+    target_worker = SimpleNamespace(model_runner=fake_target_runner(target), device="cpu")
+    args = startup_args(target, drafter)
+    args.tp_size = args.pp_size = args.dp_size = 1
+    with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}='8'"):
+        worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0, target_worker=target_worker)

@@ -19,13 +19,36 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from dflash_sglang.adaptive import PLAIN_WIDTH
+from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.sglang import tree_mode
 
 ADAPTIVE_ENV = "DFLASH_SGLANG_ADAPTIVE"
+# The widths the controller may choose from (default: the speculative width and 1); a single one pins it, which is
+# how a benchmark prices each width alone on the same server build (e.g. plain steps only, against AR).
+WIDTHS_ENV = "DFLASH_SGLANG_ADAPTIVE_WIDTHS"
 
 
 def adaptive_from_env(environ=os.environ) -> bool:
     return environ.get(ADAPTIVE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def widths_from_env(verify_width: int, environ=os.environ) -> tuple[int, ...]:
+    """The adaptive width's candidates, speculative first: both by default, or those WIDTHS_ENV lists."""
+    both = (verify_width, PLAIN_WIDTH)
+    raw = environ.get(WIDTHS_ENV, "").strip()
+    if not raw:
+        return both
+    try:
+        listed = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        listed = []
+    if not listed or any(w not in both for w in listed) or len(set(listed)) != len(listed):
+        raise DFlashConfigError([
+            f"{WIDTHS_ENV}={raw!r} must list distinct widths among {verify_width} (this server's speculative "
+            f"verify) and {PLAIN_WIDTH} (a plain step), comma-separated; unset it to let the controller use both"
+        ])
+    return tuple(w for w in both if w in listed)
 
 
 def check_adaptive(server_args) -> list[str]:

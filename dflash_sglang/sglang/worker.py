@@ -70,6 +70,7 @@ from dflash_sglang.sglang.adaptive_width import (
     adaptive_from_env,
     build_verify_resources,
     check_adaptive,
+    widths_from_env,
 )
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
@@ -102,6 +103,7 @@ class DFlashWorker(BaseSpecWorker):
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive)
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
+        widths = widths_from_env(self.verify_width) if adaptive else None
 
         use_as_dflash_draft_model()
         self._draft_worker = DraftWorkerHandle(
@@ -124,8 +126,8 @@ class DFlashWorker(BaseSpecWorker):
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
         # --speculative-dflash-adaptive: the width controller and both widths' verify resources (init_cuda_graphs,
         # once the target's own are built).
-        if adaptive:
-            self.width_controller = WidthController((self.verify_width, PLAIN_WIDTH))
+        if widths is not None:
+            self.width_controller = WidthController(widths)
         self.verify_resources: dict[int, VerifyResources] = {}
         self.active_width = self.verify_width
 
@@ -152,14 +154,13 @@ class DFlashWorker(BaseSpecWorker):
             self.draft_runner.capture_tail_hooks.append(self.draft_head.capture_hook)
         self._draft_worker.init_cuda_graphs()
         if self.width_controller is not None:
-            self.verify_resources = {
-                self.verify_width: VerifyResources.current(self.model_runner, self.verify_width),
-                PLAIN_WIDTH: build_verify_resources(self.model_runner, PLAIN_WIDTH,
-                                                    (self.model_runner.server_args, get_server_args())),
-            }
-            logger.info("dflash_sglang: adaptive width on: each step verifies %d tokens per request or %d (a plain "
-                        "decoding step), whichever has been faster at the running batch size",
-                        self.verify_width, PLAIN_WIDTH)
+            self.verify_resources = {self.verify_width: VerifyResources.current(self.model_runner, self.verify_width)}
+            if PLAIN_WIDTH in self.width_controller.widths:
+                self.verify_resources[PLAIN_WIDTH] = build_verify_resources(
+                    self.model_runner, PLAIN_WIDTH, (self.model_runner.server_args, get_server_args()))
+            logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (1: a "
+                        "plain decoding step), whichever has been faster at the running batch size",
+                        list(self.width_controller.widths))
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
