@@ -103,7 +103,7 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     from dflash_sglang.sglang import adaptive_width, tree_mode
 
     for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
@@ -288,6 +288,7 @@ def test_the_worker_stops_at_startup_on_a_mismatched_drafter_before_building_any
     import json
     import shutil
 
+    from dflash_sglang.sglang import adaptive_width, tree_mode
     from dflash_sglang.sglang import worker as worker_module
 
     target, drafter = tiny_dirs["qwen3"]
@@ -301,6 +302,8 @@ def test_the_worker_stops_at_startup_on_a_mismatched_drafter_before_building_any
 
     monkeypatch.setattr(worker_module, "build_draft_worker", built)
     monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    for name in (tree_mode.BUDGET_ENV, adaptive_width.ADAPTIVE_ENV):  # a chain server, whatever ran before
+        monkeypatch.setenv(name, "")
     args = startup_args(target, tmp_path / "drafter")
     target_worker = SimpleNamespace(model_runner=fake_target_runner(target), device="cpu")
     with pytest.raises(DFlashConfigError, match=re.escape(message)):
@@ -1017,7 +1020,7 @@ def test_tree_flags_reach_the_scheduler_as_environment(monkeypatch):
     from dflash_sglang.sglang import flags, tree_mode
 
     for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
     flags.add_cli_args_hook(lambda p: p.add_argument("--speculative-num-draft-tokens", type=int), parser)
     seen = {}
@@ -1222,6 +1225,9 @@ def test_a_bad_adaptive_width_list_stops_the_worker_before_building_anything(tin
 
     monkeypatch.setattr(worker_module, "build_draft_worker", built)
     monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    from dflash_sglang.sglang.tree_mode import BUDGET_ENV
+
+    monkeypatch.setenv(BUDGET_ENV, "")  # a chain server, whatever ran before
     monkeypatch.setenv(ADAPTIVE_ENV, "1")
     monkeypatch.setenv(WIDTHS_ENV, "8")
     target, drafter = tiny_dirs["qwen3"]
