@@ -14,10 +14,12 @@ phases of `phase_steps`, switching only when another width's rate beats it by `m
 probe of another width measures it again (acceptance changes with the text, the load changes), spaced so that
 probes take about `probe_share` of the time: a probe of a width whose steps cost 5x the best's waits 5x longer
 (at 64 requests a 65-node tree verify costs several plain steps; probing it as often as a cheap width would cost
-the plain steps' throughput what the probes are meant to protect). A sample is usable when the step it times and its neighbours ran the same
-width at the same batch size (a switch, a request joining or leaving, a prefill in between make a step's wall
-time describe something else), and when it is not an outlier (a gap, e.g. idle time, a prefill with no batch
-change). Plain steps keep writing the drafter's context, so speculation can resume at any step.
+the plain steps' throughput what the probes are meant to protect).
+
+A sample is usable when the step it times and its neighbours ran the same width at the same batch size (a switch
+or a request joining or leaving makes a step's wall time describe something else), when no prefill ran in its
+interval (`interrupt`), and when it is not an outlier (a gap, e.g. idle time). Plain steps keep writing the
+drafter's context, so speculation can resume at any step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ OUTLIER_FACTOR = 3.0
 MAX_STEP_SECONDS = 1.0
 # Samples after a switch whose timing straddles the old width (the in-flight step, the next one's launch).
 SETTLE_STEPS = 2
+# Results after other work on the GPU (a prefill) whose interval holds it: the next one without overlap
+# scheduling, the one after with it (the prefill runs between the in-flight step and the next).
+INTERRUPTED_RESULTS = 2
 
 
 def batch_group(batch_size: int) -> int:
@@ -88,6 +93,7 @@ class WidthController:
         self._left = 0
         self._issued: deque[tuple[int, int]] = deque()  # (width, batch size) of steps whose results are pending
         self._previous: tuple[int, int] | None = None  # the last observed step's (width, batch size)
+        self._interrupted = 0  # results still to come whose interval holds other work
         self._last_time: float | None = None
 
     # ------------------------------------------------------------------------------------------ per step
@@ -104,6 +110,10 @@ class WidthController:
         self._issued.append((self._width, int(batch_size)))
         return self._width
 
+    def interrupt(self) -> None:
+        """Other work ran on the GPU between decode steps (a prefill): the next results do not time a step."""
+        self._interrupted = INTERRUPTED_RESULTS
+
     def observe(self, committed_per_request: Sequence[int], batch_size: int) -> None:
         """One step's result, in issue order: tokens committed per request (SGLang reports accepted drafts, the
         caller adds the bonus)."""
@@ -119,6 +129,9 @@ class WidthController:
             return
         elapsed = None if self._last_time is None else now - self._last_time
         steady = self._previous == (width, batch_size) and all(w == width for w, _ in self._issued)
+        if self._interrupted:
+            self._interrupted -= 1
+            steady = False
         self._previous, self._last_time = (width, batch_size), now
         if not steady or elapsed is None or not 0 < elapsed <= MAX_STEP_SECONDS:
             return

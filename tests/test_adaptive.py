@@ -113,6 +113,25 @@ def test_samples_across_a_batch_size_change_are_not_used():
     assert 1 / 5e-3 < rates[SPEC].rate < 1 / 4e-3
 
 
+def test_results_around_a_prefill_are_not_used():
+    """At one request a new request starts with a prefill and no batch change: the two results after it (overlap
+    scheduling puts the prefill in the second one's interval) would time the prefill too."""
+    clock = Clock()
+    controller = WidthController((SPEC,), clock=clock)
+    pending = None
+    for step in range(300):
+        if step % 30 == 0:
+            controller.interrupt()  # a prefill between decode steps, 5 ms on the GPU
+        width = controller.choose(1)
+        if pending is not None:
+            clock.now += 1e-3 + (5e-3 if step % 30 == 1 else 0.0)  # the result after the next launch holds it
+            controller.observe([2], 1)
+        pending = width
+    stats = controller.rates[1][SPEC]
+    assert stats.rate == pytest.approx(2000.0)
+    assert stats.samples == 299 - 2 * 10  # every result but the two after each of the 10 prefills
+
+
 def test_a_gap_is_an_outlier_not_a_slow_step():
     clock = Clock()
     controller = WidthController((SPEC,), clock=clock)

@@ -882,10 +882,15 @@ def test_logit_bias_is_applied_to_every_verify_row(markov_worker):
         assert tokens[0] == int(first_tokens[i]) and set(tokens[1:]) == {7}
 
 
-def test_prefill_captures_features_and_writes_prompt_context(markov_worker):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_prefill_captures_features_and_writes_prompt_context(markov_worker, adaptive):
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
 
+    from dflash_sglang.adaptive import WidthController
+
     worker, world = markov_worker
+    if adaptive:  # the prefill tells the width controller that the decode steps around it are not steps alone
+        worker.width_controller = WidthController((world.block, 1))
     # The fake drafter checks that each feature row arrives with its own position.
     features = torch.tensor([3, 4, 5, 6, 0, 1, 2]).float()[:, None].expand(-1, 2 * world.vocab)
     captured = {}
@@ -906,6 +911,8 @@ def test_prefill_captures_features_and_writes_prompt_context(markov_worker):
     assert result.logits_output.hidden_states is None
     assert result.next_draft_input.bonus_tokens.tolist() == [9, 4]
     assert torch.equal(published[0], batch.seq_lens) and torch.equal(result.new_seq_lens, batch.seq_lens)
+    if adaptive:
+        assert worker.width_controller._interrupted > 0
 
 
 def test_idle_step_is_empty(markov_worker):

@@ -192,6 +192,8 @@ class DFlashWorker(BaseSpecWorker):
         return self.decode(batch, on_publish)
 
     def prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        if self.width_controller is not None:
+            self.width_controller.interrupt()  # the decode steps around it do not time a step alone
         result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
         result.new_seq_lens = batch.seq_lens
         if on_publish is not None:
