@@ -220,7 +220,8 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
 def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_path, fake_sglang):
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
-                                  "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive", timeout=400)
+                                  "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
+                                  "--interleave-rounds", "3", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -235,6 +236,10 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     c1, c2 = report["levels"]
     assert c1["contenders"] == everyone and c2["contenders"] == ["ar", "builtin", "ours", "ours-adaptive"]
     assert (c1["repeats"], c2["repeats"]) == (2, 2)
+    # Three rounds: max(3 x c, 4) prompts per run.
+    assert bench["settings"]["interleave_rounds"] == 3
+    assert {r["results"]["ours"]["requests"] for r in c1["runs"]} == {4}
+    assert {r["results"]["ours"]["requests"] for r in c2["runs"]} == {6}
     assert [run_["order"] for run_ in c1["runs"]] == [everyone, everyone[1:] + everyone[:1]]
     tree = c1["summary"]["ours-tree"]
     assert tree["mismatches"] == 0 and tree["vs"]["builtin"]["median"] > 0 and tree["vs"]["ar"]["median"] > 0

@@ -15,8 +15,8 @@
 #          fresh prompts per level, none of the sets stage's (a radix-cache hit would shorten a prefill)
 #   interleaved  after every contender's own stages, AR, the builtin, ours (and the tree contender, with a single
 #          --tree-budget) again, their servers kept up for it: per --concurrency level (the tree at its
-#          --tree-concurrency levels), --interleave-repeats times, one short batch of MATH-500 prompts (max(c, 4),
-#          none of the earlier stages' while the set lasts) on each in turn, in an order rotated every repeat
+#          --tree-concurrency levels), --interleave-repeats times, one short batch of MATH-500 prompts
+#          (max(--interleave-rounds x c, 4), default 1 round; none of the earlier stages' while the set lasts) on each in turn, in an order rotated every repeat
 #          (A B C D, B C D A, ...), the same prompts for all -> per repeat tok/s and its ratios to AR and the
 #          builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
 #          seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours' sets stage
@@ -71,7 +71,7 @@
 #            [--budget S] [--max-tokens N] [--set-prompts N] [--rounds R] [--kv-tokens N]
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
-#            [--interleave-share PERCENT] [--interleave-repeats R] [--adaptive]
+#            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
 set -uo pipefail
 
 TARGET=""
@@ -92,6 +92,11 @@ PROFILE_CONCURRENCY="1 32"
 PROFILE_LIMIT=60
 INTERLEAVE_SHARE=25   # percent of --budget for the interleaved stage (120 s of 480)
 INTERLEAVE_REPEATS=5
+# max(rounds x c, INTERLEAVE_MIN_REQUESTS) prompts per contender, level and repeat. One round: short runs, so a
+# repeat's contenders run seconds apart and the stage fits several repeats; but each run is then one closed batch,
+# which lasts as long as its slowest request (2026-11-30: the adaptive tree's mean TPOT beat AR's at c32 and c64
+# while its tok/s lost). More rounds keep the batch full longer, at the cost of repeats.
+INTERLEAVE_ROUNDS=1
 ADAPTIVE=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -113,6 +118,7 @@ while [ $# -gt 0 ]; do
     --profile-limit) PROFILE_LIMIT="$2"; shift 2 ;;
     --interleave-share) INTERLEAVE_SHARE="$2"; shift 2 ;;
     --interleave-repeats) INTERLEAVE_REPEATS="$2"; shift 2 ;;
+    --interleave-rounds) INTERLEAVE_ROUNDS="$2"; shift 2 ;;
     --adaptive) ADAPTIVE=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
@@ -137,6 +143,7 @@ positive_ints --concurrency "$CONCURRENCY"
 positive_ints --profile-concurrency "$PROFILE_CONCURRENCY"
 positive_ints --profile-limit "$PROFILE_LIMIT"
 positive_ints --interleave-repeats "$INTERLEAVE_REPEATS"
+positive_ints --interleave-rounds "$INTERLEAVE_ROUNDS"
 [[ "$INTERLEAVE_SHARE" =~ ^[0-9]+$ ]] && [ "$INTERLEAVE_SHARE" -lt 100 ] \
   || { echo "error: --interleave-share takes a percentage from 0 to 99 (got '$INTERLEAVE_SHARE')" >&2; exit 2; }
 
@@ -170,7 +177,6 @@ if [ "$ADAPTIVE" = 1 ]; then
 fi
 declare -A IN_INTERLEAVE=()
 for name in "${INTERLEAVED[@]}"; do IN_INTERLEAVE[$name]=1; done
-INTERLEAVE_ROUNDS=1          # max(rounds x c, min requests) prompts per contender, level and repeat: short runs,
 INTERLEAVE_MIN_REQUESTS=4    # so a repeat's contenders run seconds apart and the stage fits several repeats
 declare -A PORT=([ar]=30000 [builtin]=30001 [ours]=30002 [ours-adaptive]=30020)
 declare -A LEVELS=([ar]="$CONCURRENCY" [builtin]="$CONCURRENCY" [ours]="$CONCURRENCY" [ours-adaptive]="$CONCURRENCY")
