@@ -79,3 +79,39 @@ def test_the_kernel_tests_verdict_is_applied_before_the_benchmark(tmp_path, verd
 def test_no_verdict_leaves_the_kernels_on(tmp_path):
     _, trace = traced_bench(tmp_path, None)
     assert "DFLASH_KERNELS" not in trace.split("bench.sh")[0]
+
+
+def test_collect_starts_the_smollm2_float32_runs_once_the_drafter_is_trained(tmp_path):
+    """While `collect` waits for the benchmark, the trained pair's float32 equality runs (chain and tree 64, each
+    against AR) start on GPU 0, once; a later collect copies what they wrote."""
+    import time
+
+    smol = tmp_path / "smol"
+    (smol / "drafter").mkdir(parents=True)
+    (smol / "drafter" / "config.json").write_text("{}")
+    (smol / "result").mkdir()
+    fake = tmp_path / "fake_e2e.sh"
+    calls = tmp_path / "calls"
+    fake.write_text('echo "$CUDA_VISIBLE_DEVICES $OUT $*" >> "' + str(calls) + '"\nmkdir -p "$OUT/e2e-x" && '
+                    'echo pair=x > "$OUT/e2e-x/table.txt"\n')
+    env = {**os.environ, "SMOL_DIR": str(smol), "E2E_SH": str(fake), "OUT": str(tmp_path / "out"),
+           "DFLASH_REFERENCE_OPS_FILE": str(tmp_path / "none")}
+    collect = ["bash", str(REPO / "scripts" / "device" / "x2_session.sh"), "collect", "--wait", "0"]
+
+    subprocess.run(collect, env=env, capture_output=True, text=True, timeout=60)
+    assert not calls.exists()  # no drafter yet: training has not ended
+    (smol / "result" / "exit_code").write_text("0\n")
+    run = subprocess.run(collect, env=env, capture_output=True, text=True, timeout=60)
+    assert "float32 equality runs started on GPU 0" in run.stdout
+    deadline = time.time() + 10
+    while time.time() < deadline and (not calls.exists() or len(calls.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    lines = sorted(calls.read_text().splitlines())
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith(f"0 {smol / 'fp32'} --pair {smol} --name smollm2-")
+        assert "--skip-builtin" in line and "--budget 300" in line
+    assert "--tree-budget 64 --tree-topk 4" in [line for line in lines if "smollm2-tree64" in line][0]
+    run = subprocess.run(collect, env=env, capture_output=True, text=True, timeout=60)
+    assert "started" not in run.stdout and len(calls.read_text().splitlines()) == 2  # once
+    assert (tmp_path / "out" / "fp32" / "e2e-x" / "table.txt").exists()

@@ -20,7 +20,9 @@
 #   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
 #            training summary and the benchmark table; once the chain is done, packs the box's JIT caches into
 #            $OUT/jitcache (jit_cache.sh: copied here into .device-cache, the next session restores them in the
-#            command that carries .device-smol4, before any server starts).
+#            command that carries .device-smol4, before any server starts). While it waits, as soon as the drafter
+#            is trained, it starts the SmolLM2 pair's float32 equality runs on the idle GPU 0 (smol_fp32); a later
+#            collect copies them.
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
@@ -41,6 +43,8 @@ E2E_BUDGET=420
 WAIT=560
 GPU0_BUDGET=560
 REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
+FP32_BUDGET=300  # the SmolLM2 float32 equality runs on GPU 0 (smol_fp32)
+E2E_SH="${E2E_SH:-$REPO/scripts/device/e2e.sh}"
 WITH_SHAPE=0
 # 2026-11-30 (seventh session): the 900 s chain trained 462 s and the bench ended with 350 s of device time
 # left, so training gets 560-600 s (issue 4's allowance is 600) and the regeneration what is left before it.
@@ -153,12 +157,35 @@ gpu0() {
   OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
 }
 
+# GPU 0 is idle while the chain benchmarks on GPU 1: as soon as the drafter is trained, the SmolLM2 pair's
+# float32 equality runs go there in the background (issue 4: lossless against AR, on the real pair; bf16 cannot
+# show it, see docs/reliability.md), the chain and the benchmark's tree, each against AR (e2e.sh). Started once;
+# `collect` copies what they wrote.
+smol_fp32() {
+  [ "$(cat "$SMOL/result/exit_code" 2>/dev/null)" = 0 ] && [ -f "$SMOL/drafter/config.json" ] || return 0
+  [ -e "$SMOL/fp32/started" ] && return 0
+  mkdir -p "$SMOL/fp32" && touch "$SMOL/fp32/started"
+  use_tested_kernels
+  local name extra port=30300
+  for name in chain tree64; do
+    extra=()
+    [ "$name" = tree64 ] && extra=(--tree-budget 64 --tree-topk 4)
+    CUDA_VISIBLE_DEVICES=0 OUT="$SMOL/fp32" setsid bash "$E2E_SH" --pair "$SMOL" --name "smollm2-$name" \
+      --skip-builtin --port-base "$port" --budget "$FP32_BUDGET" "${extra[@]}" \
+      > "$SMOL/fp32/$name.log" 2>&1 < /dev/null &
+    port=$(( port + 10 ))
+  done
+  echo "== SmolLM2 float32 equality runs started on GPU 0 (chain, tree 64; at most ${FP32_BUDGET}s)"
+}
+
 collect() {
   local waited=0
   while [ ! -e "$CHAIN_DONE" ] && [ "$waited" -lt "$WAIT" ]; do
     if [ -e "$SMOL/result/exit_code" ] && [ "$(cat "$SMOL/result/exit_code")" != 0 ]; then break; fi
+    smol_fp32
     sleep 5; waited=$((waited + 5))
   done
+  smol_fp32
   OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
   if [ -e "$CHAIN_DONE" ]; then
     echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
@@ -169,6 +196,10 @@ collect() {
   fi
   mkdir -p "$OUT/bench"
   cp -r "$SMOL/benchrun/bench/." "$OUT/bench/" 2>/dev/null
+  if [ -d "$SMOL/fp32" ]; then
+    cp -r "$SMOL/fp32" "$OUT/" 2>/dev/null
+    for name in chain tree64; do sed -n '/^pair=/,$p' "$SMOL/fp32/$name.log" 2>/dev/null; done
+  fi
   cp "$SMOL/bench.log" "$OUT/" 2>/dev/null
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d['train']))" \
     "$OUT/smollm2/summary.json" 2>/dev/null
