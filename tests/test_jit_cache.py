@@ -61,3 +61,14 @@ def test_restore_without_parts_and_pack_without_caches_do_nothing(tmp_path):
     assert result.returncode == 0 and "no jit-cache" in result.stdout
     result = run("pack", tmp_path / "jitcache", tmp_path / "home")
     assert result.returncode == 0 and "no cache on this machine" in result.stdout
+
+
+def test_a_pack_over_its_time_cap_leaves_only_the_note(tmp_path):
+    """Packing runs at the end of a command the runner stops at 600 s: past PACK_SECONDS it gives up cleanly."""
+    home = tmp_path / "home"
+    fill_caches(home)
+    packed = tmp_path / "jitcache"
+    result = run("pack", packed, home, PACK_SECONDS="0.001")
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in packed.iterdir()] == ["jit-cache.txt"]
+    assert "took over 0.001s" in (packed / "jit-cache.txt").read_text()
