@@ -40,7 +40,7 @@ CHAIN_DONE="$SMOL/chain.exit"
 # The kernel tests' verdict for later commands: "all", or the ops whose tests failed.
 REFERENCE_OPS="${DFLASH_REFERENCE_OPS_FILE:-/tmp/dflash_reference_ops}"
 E2E_BUDGET=420
-WAIT=560
+WAIT=480  # collect: the chain wait; packing the JIT caches (<= 60 s) and the copies follow, under 600 s
 GPU0_BUDGET=560
 REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
 FP32_BUDGET=300  # the SmolLM2 float32 equality runs on GPU 0 (smol_fp32)
