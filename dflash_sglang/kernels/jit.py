@@ -148,11 +148,9 @@ _logged: set[tuple[str, bool]] = set()
 def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> bool:
     """Whether `op` runs its CUDA kernel on inputs living where `tensor` does; logs the choice once per op.
     `unsupported`: why these inputs are outside what the kernel takes (they then run the reference)."""
-    mode = os.environ.get("DFLASH_KERNELS", "auto")
-    if mode not in ("auto", "reference", "cuda"):
-        raise ValueError(f"DFLASH_KERNELS must be auto, reference or cuda, got {mode!r}")
+    mode = kernels_mode()
     if op in reference_ops():
-        return _log_choice(op, tensor, False, "listed in DFLASH_KERNELS_REFERENCE_OPS")
+        return log_choice(op, tensor, False, "listed in DFLASH_KERNELS_REFERENCE_OPS")
     if tensor.is_cuda:
         available, why = kernel_status()
     else:
@@ -161,7 +159,15 @@ def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) ->
         available, why = False, unsupported
     if mode == "cuda" and not available:
         raise RuntimeError(f"{op}: DFLASH_KERNELS=cuda but the CUDA kernel cannot run: {why}")
-    return _log_choice(op, tensor, available, why)
+    return log_choice(op, tensor, available, why)
+
+
+def kernels_mode() -> str:
+    """DFLASH_KERNELS: auto (kernels where they run), reference (torch everywhere) or cuda (kernels or an error)."""
+    mode = os.environ.get("DFLASH_KERNELS", "auto")
+    if mode not in ("auto", "reference", "cuda"):
+        raise ValueError(f"DFLASH_KERNELS must be auto, reference or cuda, got {mode!r}")
+    return mode
 
 
 def reference_ops() -> set[str]:
@@ -171,7 +177,7 @@ def reference_ops() -> set[str]:
     return names
 
 
-def _log_choice(op: str, tensor: torch.Tensor, available: bool, why: str) -> bool:
+def log_choice(op: str, tensor: torch.Tensor, available: bool, why: str) -> bool:
     if (op, available) not in _logged:
         _logged.add((op, available))
         if available:

@@ -15,16 +15,12 @@ one read each and the kernel reads s and t once and writes dlogits once, in the 
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-logger = logging.getLogger(__name__)
+from dflash_sglang.kernels.jit import kernels_mode, log_choice
 
 OP = "soft_cross_entropy_rows"
 BLOCK = 2048  # vocabulary columns a program handles per iteration of its row loop
-_logged: set[bool] = set()
 
 try:
     import triton
@@ -138,7 +134,8 @@ def soft_cross_entropy_rows_reference(logits: torch.Tensor, teacher_logits: torc
 
 
 def _use_triton(logits: torch.Tensor) -> bool:
-    mode = os.environ.get("DFLASH_KERNELS", "auto")
+    """The same switch and log as the CUDA ops (`jit.use_kernel`), for a kernel Triton builds itself."""
+    mode = kernels_mode()
     if mode == "reference":
         available, why = False, "DFLASH_KERNELS=reference"
     elif not logits.is_cuda:
@@ -146,10 +143,7 @@ def _use_triton(logits: torch.Tensor) -> bool:
     elif triton is None:
         available, why = False, "triton is not installed"
     else:
-        available, why = True, f"triton {triton.__version__}"
+        available, why = True, f"Triton {triton.__version__}"
     if mode == "cuda" and not available:
         raise RuntimeError(f"{OP}: DFLASH_KERNELS=cuda but the Triton kernel cannot run: {why}")
-    if available not in _logged:
-        _logged.add(available)
-        logger.info("%s: %s (%s)", OP, "Triton kernel" if available else "torch reference", why)
-    return available
+    return log_choice(OP, logits, available, why)
