@@ -44,6 +44,7 @@ WAIT=480  # collect: the chain wait; packing the JIT caches (<= 60 s) and the co
 GPU0_BUDGET=560
 REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
 FP32_BUDGET=300  # the SmolLM2 float32 equality runs on GPU 0 (smol_fp32)
+FP32_RUNS=(chain tree64)
 E2E_SH="${E2E_SH:-$REPO/scripts/device/e2e.sh}"
 WITH_SHAPE=0
 # 2026-11-30 (seventh session): the 900 s chain trained 462 s and the bench ended with 350 s of device time
@@ -167,7 +168,7 @@ smol_fp32() {
   mkdir -p "$SMOL/fp32" && touch "$SMOL/fp32/started"
   use_tested_kernels
   local name extra port=30300
-  for name in chain tree64; do
+  for name in "${FP32_RUNS[@]}"; do
     extra=()
     [ "$name" = tree64 ] && extra=(--tree-budget 64 --tree-topk 4)
     CUDA_VISIBLE_DEVICES=0 OUT="$SMOL/fp32" setsid bash "$E2E_SH" --pair "$SMOL" --name "smollm2-$name" \
@@ -198,7 +199,7 @@ collect() {
   cp -r "$SMOL/benchrun/bench/." "$OUT/bench/" 2>/dev/null
   if [ -d "$SMOL/fp32" ]; then
     cp -r "$SMOL/fp32" "$OUT/" 2>/dev/null
-    for name in chain tree64; do sed -n '/^pair=/,$p' "$SMOL/fp32/$name.log" 2>/dev/null; done
+    for name in "${FP32_RUNS[@]}"; do sed -n '/^pair=/,$p' "$SMOL/fp32/$name.log" 2>/dev/null; done
   fi
   cp "$SMOL/bench.log" "$OUT/" 2>/dev/null
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d['train']))" \
