@@ -12,11 +12,13 @@
 # each with an unpack.sh to `source` on the box (copies its part to /tmp/smol/; the one that completes the set
 # joins the GGUF, checks its sha256, installs the wheels into /tmp/smol/site and prints "smollm2 payload ready").
 #
-# Training prompts (~44,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
+# Training prompts (~46,000): first user turns of ShareGPT conversations (English-ish, 16..1200 characters,
 # deduplicated, 1,772 of them code requests), GSM8K-style problems from reasoning-gym's gsm_symbolic generator with
-# a seed other than the eval set's 2026, symbolic math from 16 other reasoning-gym generators, and HumanEval-shaped
-# stubs (signature + docstring) of the public functions and methods of the standard library and of the packages in
-# reasoning-gym's venv (sympy, numpy, ...). Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the
+# a seed other than the eval set's 2026, symbolic math from 16 other reasoning-gym generators, school and
+# competition-style questions from DeepMind's mathematics_dataset (algebra, numbers, polynomials, probability,
+# calculus, comparison, measurement; three difficulty levels), and HumanEval-shaped stubs (signature + docstring) of
+# the public functions and methods of the standard library and of the packages in reasoning-gym's venv (sympy,
+# numpy, ...). Every prompt that appears in dflash_sglang/data/prompts/*.jsonl (the
 # evaluation sets) is excluded, as is any prompt that contains one. More than one run regenerates (~22k before
 # the sixth session): train_smollm2.sh answers what fits its regeneration time and trains on those.
 #
@@ -27,8 +29,13 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SMOL_WORK:-/tmp/smollm2-prep}"
 NUM_SHAREGPT=9000       # of which up to CODE_SHARE are code requests (8,078 pass the filters: all of them)
 CODE_SHARE=0.4
-NUM_MATH=12000          # GSM8K-style word problems (gsm_symbolic)
-NUM_MATH_MIX=12000      # spread over reasoning-gym's algebra / number theory / geometry / calculus generators
+NUM_MATH=8000           # GSM8K-style word problems (gsm_symbolic)
+NUM_MATH_MIX=6000       # spread over reasoning-gym's algebra / number theory / geometry / calculus generators
+# mathematics_dataset questions carry no answer-format instructions, so SmolLM2 answers them in the same discursive
+# prose as MATH-500's ("This problem involves probability theory and combinatorics..."); reasoning-gym's prompts
+# ask for a bare answer in a set format. On 2026-11-30 the drafter reached tau 3.5 on GSM8K-style prompts, whose
+# generator it trained on, and 2.0 on MATH-500, whose style nothing in the mix had.
+NUM_DM_MATH=12000
 NUM_CODE_STUBS=12000    # HumanEval-style stubs (signature + docstring): all of the standard library's, then packages
 MATH_SEED=20261129      # any seed but 2026 (the gsm8k eval set's)
 SAMPLE_SEED=7
@@ -69,7 +76,59 @@ if ! "$RG_PY" -c "import importlib.metadata as m; assert m.version('reasoning-gy
   "$RG_PY" -m pip install -q reasoning-gym==0.1.25
 fi
 
-# 3. The prompt file.
+# 3. DeepMind's mathematics_dataset 1.0.1 in a venv of its own: it needs the sympy and numpy of its day (2019). A
+#    generator that still fails under these pins (5 errors) is dropped, and the count says which.
+DM_PY="$WORK/dmvenv/bin/python"
+if ! "$DM_PY" -c "import mathematics_dataset" 2>/dev/null; then
+  python3 -m venv "$WORK/dmvenv"
+  "$DM_PY" -m pip install -q mathematics_dataset==1.0.1 sympy==1.5.1 numpy==1.23.5 absl-py six
+fi
+"$DM_PY" - "$NUM_DM_MATH" "$MATH_SEED" "$WORK/dm_math.jsonl" <<'EOF'
+import collections, json, random, sys, warnings
+import numpy as np
+from absl import flags
+from mathematics_dataset import generate
+from mathematics_dataset.modules import modules
+
+warnings.simplefilter("ignore")
+flags.FLAGS(["prepare_smollm2"])  # generate.sample_from_module reads absl flags
+count, seed, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+random.seed(seed)
+np.random.seed(seed)
+generators = {}
+
+
+def add(tree: dict, prefix: str) -> None:
+    for key, value in sorted(tree.items()):
+        if isinstance(value, dict):
+            add(value, f"{prefix}__{key}")
+        else:
+            generators[f"{prefix}__{key}"] = value
+
+
+for level, name in enumerate(("easy", "medium", "hard")):
+    add(modules.train(generate._make_entropy_fn(level, 3)), name)
+names, rows, seen, failures = sorted(generators), [], set(), collections.Counter()
+while len(rows) < count:
+    live = [n for n in names if failures[n] < 5]
+    if not live:
+        sys.exit("error: every mathematics_dataset generator fails")
+    name = random.choice(live)
+    try:
+        problem, _ = generate.sample_from_module(generators[name])
+    except Exception:  # the library predates the pinned packages in places
+        failures[name] += 1
+        continue
+    question = str(problem.question).strip()
+    if question not in seen:
+        seen.add(question)
+        rows.append({"id": f"dm-{name}-{len(rows)}", "prompt": question, "source": "dm_math"})
+with open(out, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+print(json.dumps({"dm_math": len(rows), "dropped_generators": sorted(n for n in names if failures[n] >= 5)}))
+EOF
+
+# 4. The prompt file.
 "$RG_PY" - "$WORK" "$REPO/dflash_sglang/data/prompts" "$NUM_SHAREGPT" "$CODE_SHARE" "$NUM_MATH" "$MATH_SEED" \
   "$SAMPLE_SEED" "$NUM_MATH_MIX" "$NUM_CODE_STUBS" <<'EOF'
 import ast, json, random, re, site, sys, sysconfig
@@ -216,18 +275,20 @@ for kind in stubs:
     random.Random(sample_seed + 2).shuffle(stubs[kind])
 stub_rows = (stubs["stdlib"] + stubs["package"])[:num_code_stubs]
 
-rows = code_rows + chat_rows + math_rows + mix_rows + stub_rows
+dm_rows = [row for row in map(json.loads, (work / "dm_math.jsonl").read_text().splitlines())
+           if not is_eval(row["prompt"])]
+rows = code_rows + chat_rows + math_rows + mix_rows + dm_rows + stub_rows
 random.Random(sample_seed + 1).shuffle(rows)
 assert not any(is_eval(r["prompt"]) for r in rows)
 with open(work / "smollm2_prompts.jsonl", "w") as f:
     for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 counts = {s: sum(r["source"] == s for r in rows)
-          for s in ("sharegpt-code", "sharegpt", "gsm_symbolic", "math_mix", "stdlib_stub", "package_stub")}
+          for s in ("sharegpt-code", "sharegpt", "gsm_symbolic", "math_mix", "dm_math", "stdlib_stub", "package_stub")}
 print(json.dumps({"sharegpt_conversations_recovered": len(conversations), "prompts": len(rows), **counts}))
 EOF
 
-# 4. Payload folders.
+# 5. Payload folders.
 for n in 1 2 3 4; do rm -rf "$REPO/.device-smol$n"; mkdir -p "$REPO/.device-smol$n"; done
 python3 - "$GGUF_NAME" "$REPO" $PART_BYTES <<'EOF'
 import sys
