@@ -2,7 +2,7 @@
 # A DFlash drafter for SmolLM2-135M-Instruct, end to end on one H200 within SMOL_BUDGET seconds (default 900):
 #   1. convert the GGUF (payloads .device-smol1..4, see scripts/prepare_smollm2.sh) to a bf16 HF checkpoint;
 #   2. serve it with SGLang (plain decoding, SMOL_SERVERS servers on 127.0.0.1:30100..) and regenerate the
-#      target's greedy answers to the ~44k training prompts (chat template, up to 512 new tokens, 384 requests in
+#      target's greedy answers to the ~46k training prompts (chat template, up to 512 new tokens, 384 requests in
 #      flight); stop the servers;
 #   3. pick the mask token (a special token no prompt or answer contains) and train a 3-layer drafter, B=16,
 #      initialised from the target's last 3 layers, under a wall-clock cap that leaves time for the final
@@ -20,7 +20,7 @@
 #          (OUT= so the run does not copy into whatever later command's $OUT is live when it ends)
 #          then, from a later command: bash scripts/device/train_smollm2.sh --collect   (copies the results to $OUT)
 #   env:   SMOL_BUDGET=900   seconds for the whole script: conversion ~60 s, SGLang up ~60 s, regeneration of the
-#                            ~44k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 8
+#                            ~46k prompts (22k took 118 s over 3 servers on one GPU), the rest trains (at least 8
 #                            minutes; answers still unsent when regeneration must stop are skipped). More than
 #                            one device command allows (600 s), so run it in the background as above.
 #          SMOL_TRAIN_MAX=600  seconds of training at most (issue 4 allows 10 minutes of H200 training time)
@@ -32,6 +32,12 @@
 #                            stays on the script's own GPU
 #          SMOL_CONCURRENCY=384  regeneration requests in flight over all servers (each caps its running requests
 #                            at its share)
+#          SMOL_VARIANT_ARGS="--draft-layers 5"  a second drafter, trained at the same time on SMOL_VARIANT_GPU
+#                            (default 0: the x2 box's other GPU) from the same answers with these train arguments
+#                            appended (argparse: the last value wins) and the same time cap; the one with the higher
+#                            held-out acceptance estimate becomes $SMOL/drafter, the other stays as
+#                            drafter-recipe or drafter-variant, and both estimates go into summary.json. Each trains
+#                            on one H200 for at most SMOL_TRAIN_MAX: a two-way comparison per run, not a longer one.
 #          SMOL_DIR=/tmp/smol    where the payloads were unpacked and results go
 #          SMOL_CPU_TEST=1   plumbing check without a GPU or SGLang: a tiny random Llama target (make-tiny), the
 #                            reference regenerate path on SMOL_CPU_PROMPTS (default 12) prompts, a few CPU steps
@@ -232,18 +238,47 @@ mark "mask token checked"
 MAX_MINUTES=$(python3 -c "print(round(max(0.2, min($BUDGET - $SECONDS - $RESERVE_FINAL, ${SMOL_TRAIN_MAX:-600}) / 60), 2))")
 echo "training for at most $MAX_MINUTES minutes"
 # Expandable segments: batches of many lengths would otherwise fragment the caching allocator's fixed segments.
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-  "${DFLASH[@]}" train --target "$TARGET" --data "$DATA" --out "$DRAFTER" --draft-layers 3 --init-from-target \
-  --block-size 16 --mask-token-id "$MASK_ID" --lr 1e-3 --eval-every 0 --save-every 0 \
-  --max-minutes "$MAX_MINUTES" "${TRAIN_HW[@]}" | tee "$RESULT/train_summary.json"
+TRAIN=(env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "${DFLASH[@]}" train --target "$TARGET" --data "$DATA"
+       --draft-layers 3 --init-from-target --block-size 16 --mask-token-id "$MASK_ID" --lr 1e-3 --eval-every 0
+       --save-every 0 --max-minutes "$MAX_MINUTES" "${TRAIN_HW[@]}")
+read -r -a VARIANT_ARGS <<< "${SMOL_VARIANT_ARGS:-}"
+VARIANT_PID=""
+if [ "${#VARIANT_ARGS[@]}" -gt 0 ]; then
+  echo "variant drafter on GPU ${SMOL_VARIANT_GPU:-0} beside the recipe's: ${VARIANT_ARGS[*]}"
+  CUDA_VISIBLE_DEVICES="${SMOL_VARIANT_GPU:-0}" "${TRAIN[@]}" --out "$SMOL/drafter-variant" "${VARIANT_ARGS[@]}" \
+    > "$RESULT/variant_summary.json" 2> "$RESULT/variant_train.log" &
+  VARIANT_PID=$!
+fi
+"${TRAIN[@]}" --out "$DRAFTER" | tee "$RESULT/train_summary.json"
 mark "trained"
+if [ -n "$VARIANT_PID" ]; then
+  wait "$VARIANT_PID" || { echo "error: the variant's training failed; its log ends:" >&2
+                           tail -n 20 "$RESULT/variant_train.log" >&2; exit 1; }
+  mark "variant trained"
+  # The drafter with the higher held-out estimate is the one served from here on.
+  SELECTED=$(python3 - "$RESULT/train_summary.json" "$RESULT/variant_summary.json" <<'EOF'
+import json, sys
+recipe, variant = (json.loads(open(path).read().strip().splitlines()[-1])["acceptance"] for path in sys.argv[1:])
+print("variant" if variant > recipe else "recipe")
+EOF
+)
+  if [ "$SELECTED" = variant ]; then
+    rm -rf "$SMOL/drafter-recipe"
+    mv "$DRAFTER" "$SMOL/drafter-recipe" && mv "$SMOL/drafter-variant" "$DRAFTER"
+  fi
+  echo "selected: the $SELECTED's drafter (higher held-out acceptance estimate)"
+  echo "$SELECTED" > "$RESULT/selected.txt"
+fi
 "${DFLASH[@]}" check --target "$TARGET" --drafter "$DRAFTER"
 
 # 6. Results.
 mark "results"
 cp "$DRAFTER/train_log.jsonl" "$RESULT/"
+for other in recipe variant; do
+  [ -f "$SMOL/drafter-$other/train_log.jsonl" ] && cp "$SMOL/drafter-$other/train_log.jsonl" "$RESULT/train_log-$other.jsonl"
+done
 tar -C "$SMOL" -cf - drafter/config.json drafter/model.safetensors | split -b 15M -d - "$RESULT/drafter.tar.part"
-python3 - "$RESULT" "$BUDGET" "$MASK_TOKEN" "$MASK_ID" "$SECONDS" <<'EOF'
+python3 - "$RESULT" "$BUDGET" "$MASK_TOKEN" "$MASK_ID" "$SECONDS" "${SMOL_VARIANT_ARGS:-}" <<'EOF'
 import json, sys
 from pathlib import Path
 result, mask_token = Path(sys.argv[1]), sys.argv[3]
@@ -254,9 +289,13 @@ summary = {
     "regen": json.loads((result / "regen_stats.json").read_text()),
     "train": json.loads((result / "train_summary.json").read_text().strip().splitlines()[-1]),
 }
+if (result / "variant_summary.json").exists():
+    summary["variant"] = json.loads((result / "variant_summary.json").read_text().strip().splitlines()[-1])
+    summary["variant"]["extra_args"] = sys.argv[6]
+    summary["selected"] = (result / "selected.txt").read_text().strip()
 (result / "summary.json").write_text(json.dumps(summary, indent=1))
-for name in ("timings.jsonl", "regen_stats.json", "train_summary.json"):
-    (result / name).unlink()
-print(json.dumps({k: summary[k] for k in ("elapsed_s", "regen", "train")}))
+for name in ("timings.jsonl", "regen_stats.json", "train_summary.json", "variant_summary.json", "selected.txt"):
+    (result / name).unlink(missing_ok=True)
+print(json.dumps({k: summary[k] for k in ("elapsed_s", "regen", "train", "variant", "selected") if k in summary}))
 EOF
 echo "ok: drafter in $DRAFTER, results in $RESULT" > "$RESULT/DONE"
