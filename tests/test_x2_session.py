@@ -110,8 +110,22 @@ def test_collect_starts_the_smollm2_float32_runs_once_the_drafter_is_trained(tmp
     assert len(lines) == 2
     for line in lines:
         assert line.startswith(f"0 {smol / 'fp32'} --pair {smol} --name smollm2-")
-        assert "--skip-builtin" in line and "--budget 300" in line
+        assert "--skip-builtin" in line and "--budget 450" in line
+        # then tau per prompt set on our server, 64 prompts each, stopping at EOS
+        assert "--then python3 -m dflash_sglang bench --url http://127.0.0.1:$OURS_PORT" in line
+        assert "--sets math500 humaneval mtbench gsm8k --limit 64" in line and "--stop-at-eos" in line
     assert "--tree-budget 64 --tree-topk 4" in [line for line in lines if "smollm2-tree64" in line][0]
     run = subprocess.run(collect, env=env, capture_output=True, text=True, timeout=60)
     assert "started" not in run.stdout and len(calls.read_text().splitlines()) == 2  # once
     assert (tmp_path / "out" / "fp32" / "e2e-x" / "table.txt").exists()
+
+
+def test_gpu0_is_refused_while_the_variant_drafter_trains_there(tmp_path):
+    smol = tmp_path / "smol"
+    (smol / "result").mkdir(parents=True)
+    (smol / "variant.args").write_text("--draft-layers 5\n")
+    env = {**os.environ, "SMOL_DIR": str(smol), "OUT": str(tmp_path / "out"),
+           "DFLASH_REFERENCE_OPS_FILE": str(tmp_path / "none")}
+    run = subprocess.run(["bash", str(REPO / "scripts" / "device" / "x2_session.sh"), "gpu0"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "GPU 0 trains the variant drafter (--draft-layers 5)" in run.stderr

@@ -4,15 +4,17 @@
 #
 #   start    (with .device carried, after the SmolLM2 payloads were unpacked by earlier commands, see
 #            docs/training.md): in the background (setsid: it outlives the command) the SmolLM2 pipeline
-#            (train_smollm2.sh: its regeneration servers on both GPUs, training on GPU 1) followed by the
-#            side-by-side benchmark on its pair (`x2_session.sh bench`: bench.sh on GPU 1); in the foreground on
+#            (train_smollm2.sh: its regeneration servers on both GPUs, training on GPU 1 and, with --variant, a
+#            second drafter on GPU 0 at the same time, the better of the two kept) followed by the side-by-side
+#            benchmark on its pair (`x2_session.sh bench`: bench.sh on GPU 1); in the foreground on
 #            GPU 0 the kernel GPU tests and micro-benchmark (kernel_tests.sh, ~1 minute), then it waits for the
 #            regeneration to end (the next command's servers would slow it down: on 2026-11-29 end-to-end groups
 #            started beside it cut it from 36k to 22k tok/s and left it half the training data). A kernel that fails
 #            its test never serves: every later server runs that op's torch reference (DFLASH_KERNELS_REFERENCE_OPS,
 #            from kernel_gate.py), or every op's (DFLASH_KERNELS=reference) when the failures name no op; a file
 #            tells the later commands. Prints the kernel tests' tail.
-#   gpu0     GPU 0 work while the chain trains and benchmarks (one command, under --budget seconds, default 560):
+#   gpu0     GPU 0 work while the chain trains and benchmarks (one command, under --budget seconds, default 560;
+#            refused while start's --variant drafter trains there):
 #            every end-to-end group (e2e_all.sh), the training GPU tests, the training-step profile at SmolLM2's
 #            shape (profile_train.py, ~1 minute), then a copy of the training results so far
 #            (train_smollm2.sh --collect). --shape adds the Qwen3-32B shape's AR and chain B=16 stages (shape.sh on
@@ -21,15 +23,15 @@
 #            training summary and the benchmark table; once the chain is done, packs the box's JIT caches into
 #            $OUT/jitcache (jit_cache.sh: copied here into .device-cache, the next session restores them in the
 #            command that carries .device-smol4, before any server starts). While it waits, as soon as the drafter
-#            is trained, it starts the SmolLM2 pair's float32 equality runs on the idle GPU 0 (smol_fp32); a later
-#            collect copies them.
+#            is trained, it starts the SmolLM2 pair's float32 equality runs on the idle GPU 0 (smol_fp32), each
+#            followed by tau per prompt set over TAU_PROMPTS prompts; a later collect copies them.
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
 # (1000 s here) + the benchmark (540 s) from `start`, ~26 minutes; `gpu0` spends the wait and copies the training
 # results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
 #
-#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--bench-args "..."]
+#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--bench-args "..."] [--variant "..."]
 #          source .device/unpack.sh && bash scripts/device/x2_session.sh gpu0 [--budget S] [--e2e-budget S] [--shape]
 #          source .device/unpack.sh && bash scripts/device/x2_session.sh collect [--wait S]
 set -uo pipefail
@@ -43,8 +45,14 @@ E2E_BUDGET=420
 WAIT=480  # collect: the chain wait; packing the JIT caches (<= 60 s) and the copies follow, under 600 s
 GPU0_BUDGET=560
 REGEN_WAIT=480  # the kernel tests (~1 minute) and this wait keep `start` under the box's 600 s
-FP32_BUDGET=300  # the SmolLM2 float32 equality runs on GPU 0 (smol_fp32)
+FP32_BUDGET=450  # the SmolLM2 float32 equality runs on GPU 0 (smol_fp32), GPU 0's to take while GPU 1 benchmarks
 FP32_RUNS=(chain tree64)
+# The bench's sets stage measures tau over 6 prompts per set at c1, in bf16; issue 4's tau bars get 64 per set, in
+# float32 (the target's exact greedy path), at c16 (tau does not depend on the batch).
+TAU_PROMPTS=64
+# The second drafter `start` trains on GPU 0 beside the recipe's (train_smollm2.sh SMOL_VARIANT_ARGS): the five
+# draft layers of the published drafters against the recipe's three. "" trains the recipe's alone.
+VARIANT_ARGS="--draft-layers 5"
 E2E_SH="${E2E_SH:-$REPO/scripts/device/e2e.sh}"
 WITH_SHAPE=0
 # 2026-11-30 (seventh session): the 900 s chain trained 462 s and the bench ended with 350 s of device time
@@ -63,6 +71,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --e2e-budget) E2E_BUDGET="$2"; shift 2 ;;
     --bench-args) BENCH_ARGS="$2"; shift 2 ;;
+    --variant) VARIANT_ARGS="$2"; shift 2 ;;
     --wait) WAIT="$2"; shift 2 ;;
     --budget) GPU0_BUDGET="$2"; shift 2 ;;
     --shape) WITH_SHAPE=1; shift ;;
@@ -76,16 +85,18 @@ start() {
   local gpus kernels
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
   [ "$gpus" -ge 2 ] || { echo "error: x2_session.sh needs two GPUs, this machine has $gpus" >&2; exit 2; }
-  rm -f "$CHAIN_DONE" "$REFERENCE_OPS"
+  rm -f "$CHAIN_DONE" "$REFERENCE_OPS" "$SMOL/variant.args"
+  [ -n "$VARIANT_ARGS" ] && echo "$VARIANT_ARGS" > "$SMOL/variant.args"
   # The chain's own $OUT is not this command's (it ends long after): train_smollm2.sh keeps its results under
   # $SMOL/result, bench.sh writes to $SMOL/benchrun; `collect` copies both.
   CUDA_VISIBLE_DEVICES=1 OUT= SMOL_BUDGET=$SMOL_BUDGET SMOL_TRAIN_MIN=$SMOL_TRAIN_MIN SMOL_SERVERS=6 \
-    SMOL_SERVER_GPUS="0 1" \
+    SMOL_SERVER_GPUS="0 1" SMOL_VARIANT_ARGS="$VARIANT_ARGS" SMOL_VARIANT_GPU=0 \
     X2_BENCH_ARGS="$BENCH_ARGS" setsid bash -c \
     "bash '$REPO/scripts/device/train_smollm2.sh'; \
     bash '$REPO/scripts/device/x2_session.sh' bench > '$SMOL/bench.log' 2>&1; echo \$? > '$CHAIN_DONE'" \
     > /dev/null 2>&1 < /dev/null &
   echo "== SmolLM2 chain started on GPU 1 (train_smollm2.sh, then bench.sh $BENCH_ARGS)"
+  [ -n "$VARIANT_ARGS" ] && echo "== its variant drafter ($VARIANT_ARGS) trains on GPU 0 at the same time"
   kernels=0
   CUDA_VISIBLE_DEVICES=0 OUT="$OUT/kernels" bash "$REPO/scripts/device/kernel_tests.sh" > "$OUT/kernel-tests.log" 2>&1 \
     || kernels=$?
@@ -133,6 +144,11 @@ bench() {
 
 gpu0() {
   local left
+  if [ -e "$SMOL/variant.args" ] && [ ! -e "$SMOL/result/exit_code" ]; then
+    echo "error: GPU 0 trains the variant drafter ($(cat "$SMOL/variant.args")) until the chain's training ends;" \
+      "collect instead" >&2
+    exit 2
+  fi
   use_tested_kernels
   CUDA_VISIBLE_DEVICES=0 bash "$REPO/scripts/device/e2e_all.sh" --budget "$E2E_BUDGET" > "$OUT/e2e_all.log" 2>&1
   echo "== e2e_all exit $?"
@@ -172,11 +188,19 @@ smol_fp32() {
     extra=()
     [ "$name" = tree64 ] && extra=(--tree-budget 64 --tree-topk 4)
     CUDA_VISIBLE_DEVICES=0 OUT="$SMOL/fp32" setsid bash "$E2E_SH" --pair "$SMOL" --name "smollm2-$name" \
-      --skip-builtin --port-base "$port" --budget "$FP32_BUDGET" "${extra[@]}" \
+      --skip-builtin --port-base "$port" --budget "$FP32_BUDGET" "${extra[@]}" --then "$(tau_per_set)" \
       > "$SMOL/fp32/$name.log" 2>&1 < /dev/null &
     port=$(( port + 10 ))
   done
   echo "== SmolLM2 float32 equality runs started on GPU 0 (chain, tree 64; at most ${FP32_BUDGET}s)"
+}
+
+# e2e.sh --then: our server's tau per prompt set (stopping at EOS, as the benchmark's sets stage does), while the
+# float32 run's servers are up.
+tau_per_set() {
+  echo "python3 -m dflash_sglang bench --url http://127.0.0.1:\$OURS_PORT --tokenizer '$SMOL/target'" \
+    "--sets math500 humaneval mtbench gsm8k --limit $TAU_PROMPTS --concurrency 16 --max-tokens 256 --stop-at-eos" \
+    "--time-limit 150 --no-progress --name tau --out \$OUT_DIR/tau-sets.json"
 }
 
 collect() {
