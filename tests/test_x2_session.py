@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def traced_bench(tmp_path: Path, verdict: str | None, bench_args: str | None = N
         env["X2_BENCH_ARGS"] = bench_args
     run = subprocess.run(["bash", "-x", str(REPO / "scripts" / "device" / "x2_session.sh"), "bench"], env=env,
                          capture_output=True, text=True, timeout=60)
-    line = next(line for line in run.stderr.splitlines() if line.startswith("++ bash ") and "bench.sh" in line)
-    return shlex.split(line[len("++ "):])[1:], run.stdout + run.stderr
+    line = next(line for line in run.stderr.splitlines()
+                if line.startswith(("++ bash ", "++ taskset ")) and "bench.sh" in line)
+    words = shlex.split(line[len("++ "):])
+    if words[0] == "taskset":  # the benchmark's share of the cores (cpu_share)
+        words = words[3:]
+    return words[1:], run.stdout + run.stderr
 
 
 def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
@@ -45,6 +50,19 @@ def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
     assert value("--concurrency") == "1 8 16 32 64" and value("--tree-concurrency") == "1 8"
     assert value("--target") == str(tmp_path / "smol" / "target") and value("--budget") == "540"
     assert "--adaptive" in argv and "--profile" not in argv
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and 2 cores")
+def test_the_benchmark_and_the_float32_runs_get_disjoint_cores(tmp_path):
+    cores = len(os.sched_getaffinity(0))  # what nproc counts
+    split = cores * 3 // 4
+    _, trace = traced_bench(tmp_path, None)
+    assert f"++ taskset -c 0-{split - 1} bash " in trace
+    session = REPO / "scripts" / "device" / "x2_session.sh"
+    fp32 = subprocess.run(["bash", "-c", f"source <(sed -n '/^cpu_share() {{/,/^}}/p' {session}); cpu_share fp32"],
+                          capture_output=True, text=True, timeout=30)
+    assert fp32.stdout.strip() == f"taskset -c {split}-{cores - 1}"
 
 
 @pytest.mark.parametrize("exit_code", [None, "1"])
