@@ -129,9 +129,9 @@ def test_collect_starts_the_smollm2_float32_runs_once_the_drafter_is_trained(tmp
     for line in lines:
         assert line.startswith(f"0 {smol / 'fp32'} --pair {smol} --name smollm2-")
         assert "--skip-builtin" in line and "--budget 450" in line
-        # then tau per prompt set on our server, 64 prompts each, stopping at EOS
+        # then tau per prompt set on our server, 24 prompts each, stopping at EOS
         assert "--then python3 -m dflash_sglang bench --url http://127.0.0.1:$OURS_PORT" in line
-        assert "--sets math500 humaneval mtbench gsm8k --limit 64" in line and "--stop-at-eos" in line
+        assert "--sets math500 humaneval mtbench gsm8k --limit 24" in line and "--stop-at-eos" in line
     assert "--tree-budget 64 --tree-topk 4" in [line for line in lines if "smollm2-tree64" in line][0]
     run = subprocess.run(collect, env=env, capture_output=True, text=True, timeout=60)
     assert "started" not in run.stdout and len(calls.read_text().splitlines()) == 2  # once
