@@ -9,7 +9,7 @@
 #      acceptance estimate on held-out records.
 # Results: /tmp/smol/drafter (z-lab layout) and /tmp/smol/result/{run.log, server*.log, train_log.jsonl,
 # summary.json (regen stats, timings, train summary), exit_code, DONE, drafter.tar.partNN}; copied to
-# "$OUT/smollm2/" when OUT is set (the device runner brings back at most 8 files of 16 MiB: the drafter, ~23 MB,
+# "$OUT/smollm2/" when OUT is set (the device runner brings back at most 8 files of 16 MiB: the drafter, ~39 MB,
 # travels as a tar in parts; `cat drafter.tar.part* | tar -x` gives drafter/).
 #
 #   usage: source .device/unpack.sh && bash scripts/device/train_smollm2.sh
