@@ -257,21 +257,28 @@ fi
 "${TRAIN[@]}" --out "$DRAFTER" | tee "$RESULT/train_summary.json"
 mark "trained"
 if [ -n "$VARIANT_PID" ]; then
-  wait "$VARIANT_PID" || { echo "error: the variant's training failed; its log ends:" >&2
-                           tail -n 20 "$RESULT/variant_train.log" >&2; exit 1; }
-  mark "variant trained"
-  # The drafter with the higher held-out estimate is the one served from here on.
-  SELECTED=$(python3 - "$RESULT/train_summary.json" "$RESULT/variant_summary.json" <<'EOF'
+  if wait "$VARIANT_PID"; then
+    mark "variant trained"
+    # The drafter with the higher held-out estimate is the one served from here on.
+    SELECTED=$(python3 - "$RESULT/train_summary.json" "$RESULT/variant_summary.json" <<'EOF'
 import json, sys
 recipe, variant = (json.loads(open(path).read().strip().splitlines()[-1])["acceptance"] for path in sys.argv[1:])
 print("variant" if variant > recipe else "recipe")
 EOF
 )
+    WHY="the higher held-out acceptance estimate"
+  else
+    # A failed comparison must not cost the run its drafter: the recipe's serves.
+    echo "warning: the variant's training failed (the recipe's drafter is kept); its log ends:"
+    tail -n 20 "$RESULT/variant_train.log"
+    echo '{"failed": true}' > "$RESULT/variant_summary.json"
+    SELECTED=recipe WHY="the variant failed"
+  fi
   if [ "$SELECTED" = variant ]; then
     rm -rf "$SMOL/drafter-recipe"
     mv "$DRAFTER" "$SMOL/drafter-recipe" && mv "$SMOL/drafter-variant" "$DRAFTER"
   fi
-  echo "selected: the $SELECTED's drafter (higher held-out acceptance estimate)"
+  echo "selected: the $SELECTED's drafter ($WHY)"
   echo "$SELECTED" > "$RESULT/selected.txt"
 fi
 "${DFLASH[@]}" check --target "$TARGET" --drafter "$DRAFTER"
