@@ -31,9 +31,13 @@
 # (1000 s here) + the benchmark (540 s) from `start`, ~26 minutes; `gpu0` spends the wait and copies the training
 # results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
 #
-#   usage: source .device/unpack.sh && bash scripts/device/x2_session.sh start [--bench-args "..."] [--variant "..."]
-#          source .device/unpack.sh && bash scripts/device/x2_session.sh gpu0 [--budget S] [--e2e-budget S] [--shape]
-#          source .device/unpack.sh && bash scripts/device/x2_session.sh collect [--wait S]
+#   usage: source scripts/device/site.sh .device-site2 && bash scripts/device/x2_session.sh start [--bench-args "..."]
+#            [--variant "..."]          (after a command that sourced site.sh with .device-site1: the two halves of
+#            the SGLang site, scripts/split_device_site.sh; `source .device/unpack.sh` with .device works too while
+#            the tree leaves room for it)
+#          source scripts/device/site.sh && bash scripts/device/x2_session.sh gpu0 [--budget S] [--e2e-budget S]
+#            [--shape]
+#          source scripts/device/site.sh && bash scripts/device/x2_session.sh collect [--wait S]   (carry nothing)
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${OUT:-$REPO/out}"
