@@ -6,7 +6,7 @@
 # the caches warm, were up in ~60 s.
 #   pack DIR     the caches as DIR/jit-cache.tar.xz.partNN (15 MiB parts) and DIR/jit-cache.txt (what went in);
 #                nothing but the .txt when the archive would exceed MAX_MB (default 24: it travels next session with
-#                .device-smol4, 23 MB, and the 15 MB working tree, under the runner's 64 MiB)
+#                .device-site1, 23.5 MB, and the ~19 MB working tree, under the runner's 64 MiB)
 #   restore DIR  unpack DIR/jit-cache.tar.xz.part* into place, keeping files already there
 # Entries cannot go stale: Triton keys each kernel by its source, the Triton version and the GPU target, TVM-FFI
 # each module by its sources' hash and the arch, so an entry from another stack is never hit, only unused.

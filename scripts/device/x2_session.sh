@@ -22,7 +22,7 @@
 #   collect  waits (at most --wait seconds) for the background chain, copies its results to $OUT, and prints the
 #            training summary and the benchmark table; once the chain is done, packs the box's JIT caches into
 #            $OUT/jitcache (jit_cache.sh: copied here into .device-cache, the next session restores them in the
-#            command that carries .device-smol4, before any server starts). While it waits, as soon as the drafter
+#            command that carries .device-site1, before any server starts). While it waits, as soon as the drafter
 #            is trained, it starts the SmolLM2 pair's float32 equality runs on the idle GPU 0 (smol_fp32), each
 #            followed by tau per prompt set over TAU_PROMPTS prompts; a later collect copies them.
 #
