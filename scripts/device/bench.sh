@@ -16,7 +16,8 @@
 #   interleaved  after every contender's own stages, AR, the builtin, ours (and the tree contender, with a single
 #          --tree-budget) again, their servers kept up for it: per --concurrency level (the tree at its
 #          --tree-concurrency levels), --interleave-repeats times, one short batch of MATH-500 prompts
-#          (max(--interleave-rounds x c, 4), default 1 round; none of the earlier stages' while the set lasts) on each in turn, in an order rotated every repeat
+#          (max(--interleave-rounds x c, 4), default 1 round; none of the earlier stages' while the set lasts)
+#          on each in turn, in an order rotated every repeat
 #          (A B C D, B C D A, ...), the same prompts for all -> per repeat tok/s and its ratios to AR and the
 #          builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
 #          seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours' sets stage
