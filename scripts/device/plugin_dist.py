@@ -4,9 +4,10 @@
 
 The GPU box has no package registry: the device scripts put the repo and OUT_DIR on PYTHONPATH, and
 importlib.metadata (SGLang's plugin discovery) then sees dflash-sglang's `sglang.srt.plugins` entry point.
---harness adds the test-harness plugins (scripts/device/native_ops_plugin.py for float32 and
-triton_swa_window_plugin.py for the AR reference of sliding-window targets, which must be importable: scripts/device
-on PYTHONPATH) as a distribution of their own. Before exiting it checks what a server will need: the
+--harness adds the test-harness plugins (scripts/device/native_ops_plugin.py for float32,
+triton_swa_window_plugin.py for the AR reference of sliding-window targets and host_sampler_plugin.py for host
+profiles, each inert unless its variable is set; they must be importable: scripts/device on PYTHONPATH) as a
+distribution of their own. Before exiting it checks what a server will need: the
 installed SGLang is the supported one and the entry point is discoverable from OUT_DIR (exit 1 otherwise); on a
 GPU machine it then builds our CUDA kernels into the cache the servers read (DFLASH_KERNEL_CACHE, else the default).
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS_ENTRY_POINTS = {"sglang.srt.plugins": {"dflash_e2e_native_ops": "native_ops_plugin:register",
-                                                "dflash_e2e_triton_swa_window": "triton_swa_window_plugin:register"}}
+                                                "dflash_e2e_triton_swa_window": "triton_swa_window_plugin:register",
+                                                "dflash_host_sampler": "host_sampler_plugin:register"}}
 
 
 def write_dist_info(out: Path, name: str, version: str, entry_points: dict[str, dict[str, str]]) -> None:

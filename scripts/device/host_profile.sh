@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Where each server's host time goes, per output token, by Python function: AR, the builtin DFLASH, ours (chain),
+# ours (tree with the adaptive width) and ours pinned to plain steps, on the SmolLM2 pair, bf16, one GPU.
+#
+# On a 135M target the step is host time: AR's scheduler step is ~1.8 ms at 1 and at 32 requests, ours ~3.8 and
+# ~6 ms (2026-11-30, bench-2026-11-30c). The torch profiler (profile_step.py) attributes time to operators and
+# CUDA calls inside one range; this samples every server's scheduler thread by Python stack
+# (host_sampler_plugin.py) while host_profile.py drives closed-loop load at each concurrency, and reports
+# microseconds of host time per output token by function, inclusive and self, side by side.
+#
+#   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
+#            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64]
+#   Defaults: the SmolLM2 pair under /tmp/smol (target converted from the GGUF payload if absent; the drafter
+#   carried in .device-drafter and copied there by this script when found).
+# Results: $OUT/host/<name>.json (figures and folded stacks), <name>.log (server), table.txt (printed last).
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+SMOL="${SMOL_DIR:-/tmp/smol}"
+DIR="${OUT:-$REPO/out}/host"
+TARGET="$SMOL/target"
+DRAFTER="$SMOL/drafter"
+CONCURRENCY="1 32 64"
+ROUNDS=3
+TREE_BUDGET=64
+STARTUP_LIMIT=300
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --target) TARGET="$2"; shift 2 ;;
+    --drafter) DRAFTER="$2"; shift 2 ;;
+    --concurrency) CONCURRENCY="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$DIR"
+WORK="$(mktemp -d /tmp/dflash-host.XXXXXX)"
+
+if [ ! -e "$DRAFTER/model.safetensors" ] && [ -e "$REPO/.device-drafter/model.safetensors" ]; then
+  mkdir -p "$DRAFTER" && cp "$REPO"/.device-drafter/{config.json,model.safetensors} "$DRAFTER/"
+fi
+[ -e "$DRAFTER/config.json" ] || { echo "error: no drafter at $DRAFTER (carry .device-drafter)" >&2; exit 2; }
+if [ ! -e "$TARGET/config.json" ]; then
+  [ -e "$SMOL/.ready" ] || { echo "error: no target at $TARGET and no SmolLM2 payload in $SMOL" >&2; exit 2; }
+  PYTHONPATH="$SMOL/site:$REPO:${PYTHONPATH:-}" python3 -m dflash_sglang convert-gguf --gguf "$SMOL/smollm2.gguf" \
+    --out "$TARGET" --dtype bfloat16 > "$DIR/convert.log" 2>&1 || { tail "$DIR/convert.log"; exit 1; }
+fi
+
+python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist" --harness || exit 1
+export PYTHONPATH="$REPO:$REPO/scripts/device:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
+BLOCK=$(python3 -c "import sys; from dflash_sglang.config import load_drafter_config
+print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") || exit 2
+
+read -ra LEVELS <<< "$CONCURRENCY"
+MAX_BS=1
+for c in "${LEVELS[@]}"; do [ "$c" -gt "$MAX_BS" ] && MAX_BS=$c; done
+# bench.sh's server flags, so the figures describe the servers it measures.
+COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
+        --disable-prefill-cuda-graph --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
+        --cuda-graph-max-bs "$MAX_BS" --host 127.0.0.1 --log-level info)
+SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER" --speculative-draft-attention-backend
+      triton --speculative-num-draft-tokens "$BLOCK")
+TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)
+NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
+declare -A PORT=([ar]=30400 [builtin]=30401 [ours]=30402 [ours-tree-adaptive]=30403 [ours-plain]=30404)
+declare -A PID=()
+trap 'for p in "${PID[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; sleep 2;
+      for p in "${PID[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
+
+launch() {  # name, env settings..., -- flags...
+  local name="$1" envs=(); shift
+  while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_SGLANG_STEP_TIMING=1 "${envs[@]}" setsid python3 -m \
+    sglang.launch_server "${COMMON[@]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
+    > "$DIR/$name.log" 2>&1 &
+  PID[$name]=$!
+}
+launch ar DFLASH_SGLANG_DISABLE=0 --
+launch builtin DFLASH_SGLANG_DISABLE=1 -- "${SPEC[@]}"
+launch ours DFLASH_SGLANG_DISABLE=0 -- "${SPEC[@]}"
+launch ours-tree-adaptive DFLASH_SGLANG_DISABLE=0 -- "${SPEC[@]}" "${TREE[@]}"
+# Every step a plain one (the adaptive width pinned to 1): what our plain step costs against AR's.
+launch ours-plain DFLASH_SGLANG_DISABLE=0 DFLASH_SGLANG_ADAPTIVE_WIDTHS=1 -- "${SPEC[@]}" --speculative-dflash-adaptive
+
+ready() { python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=3)" \
+  "http://127.0.0.1:${PORT[$1]}" 2>/dev/null; }
+declare -A UP=()
+while [ "$SECONDS" -lt "$STARTUP_LIMIT" ]; do
+  waiting=0
+  for name in "${NAMES[@]}"; do
+    [ -z "${UP[$name]:-}" ] || continue
+    if ! kill -0 "${PID[$name]}" 2>/dev/null; then UP[$name]=dead; echo "== $name: died (log: $DIR/$name.log)"
+    elif ready "$name"; then UP[$name]=up; echo "== $name: ready after ${SECONDS}s"
+    else waiting=1; fi
+  done
+  [ "$waiting" = 1 ] || break
+  sleep 2
+done
+
+MEASURED=()
+for name in "${NAMES[@]}"; do
+  [ "${UP[$name]:-}" = up ] || { echo "== $name: not measured (${UP[$name]:-not up in ${STARTUP_LIMIT}s})"; continue; }
+  if python3 "$REPO/scripts/device/host_profile.py" --port "${PORT[$name]}" --samples "$WORK/samples/$name" \
+      --out "$DIR/$name.json" --label "$name" --concurrency "${LEVELS[@]}" --rounds "$ROUNDS" \
+      > "$DIR/$name.txt" 2>&1; then
+    MEASURED+=("$DIR/$name.json")
+  else
+    echo "== $name: profile failed"; tail -n 5 "$DIR/$name.txt"
+  fi
+  # The scheduler's own log: our worker's GPU step times by phase (DFLASH_SGLANG_STEP_TIMING) and the adaptive
+  # width's choices, kept beside the host figures.
+  grep -E "step timing|adaptive width" "$DIR/$name.log" > "$DIR/$name-worker-lines.txt" 2>/dev/null
+  kill -TERM -- "-${PID[$name]}" 2>/dev/null  # one server fewer for the next one's CPUs
+done
+[ "${#MEASURED[@]}" -gt 0 ] || exit 1
+python3 "$REPO/scripts/device/host_profile.py" --report "${MEASURED[@]}" > "$DIR/table.txt"
+# The short table last: each server's host us per token at each level, then our chain's and AR's top functions.
+head -n $(( 1 + ${#MEASURED[@]} * ${#LEVELS[@]} )) "$DIR/table.txt"

@@ -1,0 +1,111 @@
+"""scripts/device/host_sampler_plugin.py + host_profile.py: a server's host time per output token, by function.
+
+A fake server (plain HTTP, requests handled on its main thread like SGLang's scheduler loop) spends a known time
+per token in one function and a known time per request in another; the profile must find both at those rates."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = REPO / "scripts" / "device"
+TOKEN_MS, REQUEST_MS = 1.0, 12.0
+
+FAKE_SERVER = """
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+import host_sampler_plugin
+host_sampler_plugin.WRITE_EVERY_S = 0.3
+host_sampler_plugin.register()
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+def decode_token():
+    spin({token_s})
+
+def admit_request():
+    spin({request_s})
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        tokens = body["sampling_params"]["max_new_tokens"]
+        admit_request()
+        for _ in range(tokens):
+            decode_token()
+        out = json.dumps({{"text": "", "meta_info": {{"completion_tokens": tokens}}}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+""".format(token_s=TOKEN_MS / 1000, request_s=REQUEST_MS / 1000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"fake server on {port} did not start")
+
+
+def test_profile_finds_the_time_each_function_takes_per_token(tmp_path):
+    port, samples, out = free_port(), tmp_path / "samples", tmp_path / "fake.json"
+    server_py = tmp_path / "fake_server.py"
+    server_py.write_text(FAKE_SERVER)
+    env = {**os.environ, "PYTHONPATH": str(DEVICE), "DFLASH_HOST_SAMPLES": str(samples),
+           "DFLASH_HOST_SAMPLE_MS": "1"}
+    server = subprocess.Popen([sys.executable, str(server_py), str(port)], env=env)
+    try:
+        wait_for_port(port)
+        max_tokens, rounds = 60, 3
+        run = subprocess.run([sys.executable, str(DEVICE / "host_profile.py"), "--port", str(port), "--samples",
+                              str(samples), "--out", str(out), "--label", "fake", "--concurrency", "1", "2",
+                              "--rounds", str(rounds), "--max-tokens", str(max_tokens)],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["tokens"] == level["concurrency"] * rounds * max_tokens
+        inclusive = level["inclusive_us_per_token"]
+        token_us = inclusive["fake_server.py:decode_token"]
+        request_us = inclusive["fake_server.py:admit_request"]
+        # Sampling at 1 ms over ~0.2-0.5 s of spinning: well within 35% of the true rates.
+        assert abs(token_us - TOKEN_MS * 1000) < 0.35 * TOKEN_MS * 1000, level
+        assert abs(request_us - REQUEST_MS * 1000 / max_tokens) < 0.35 * REQUEST_MS * 1000 / max_tokens, level
+        assert inclusive["fake_server.py:do_POST"] >= token_us + request_us * 0.9
+        assert level["self_us_per_token"]["fake_server.py:spin"] > 0.9 * (token_us + request_us)
+        assert level["gpu_wait_us_per_token"] == 0
+        # Requests run back to back on the server's one thread: busy nearly all the time they are in flight,
+        # and the snapshot waits around them (select in serve_forever) do not count as busy.
+        assert 0.8 < level["busy_share"] <= 1.05, level
+        assert level["main_seconds"] > level["seconds"]
+    table = run.stdout
+    assert "fake_server.py:decode_token" in table and table.splitlines()[0].startswith("server")
+    again = subprocess.run([sys.executable, str(DEVICE / "host_profile.py"), "--report", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout == table
