@@ -2,7 +2,7 @@
 
 Per decode step, per request with committed length n and anchor a (the token emitted last step):
   1. block [a, MASK x (B-1)] at positions n..n+B-1, slots req_to_token[req, n : n+B] (reserved ahead by
-     DFlashDraftInputV2.prepare_for_decode);
+     DraftState.prepare_for_decode, draft_state.py);
   2. the drafter runs over it (TARGET_VERIFY on its own runner: attends to the committed context K/V in the
      draft pool and bidirectionally to the block), drafts = argmax of the target head on block rows 1..B-1;
   3. the target verifies [a, d_1, ..., d_{B-1}] causally, capturing its features at every row;
@@ -13,8 +13,8 @@ Nothing in the step reads a device value on the host. Prefill runs the target wi
 writes draft context K/V for every prompt token at once (radix-cache hits then find it already there).
 
 SGLang's data carriers are reused where the scheduler and backends dispatch on them: DFlashDraftInputV2 (draft
-state across steps: KV reservation, batch filter/merge, FutureMap relay) and DFlashVerifyInput (the spec_info
-of both TARGET_VERIFY forwards).
+state across steps: KV reservation, batch filter/merge, FutureMap relay; ours is its subclass DraftState, whose KV
+reservation allocates in chunks) and DFlashVerifyInput (the spec_info of both TARGET_VERIFY forwards).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ from dflash_sglang.sglang.adaptive_width import (
 )
 from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
+from dflash_sglang.sglang.draft_state import DraftState
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
 
@@ -597,10 +598,10 @@ def draft_block_spec(block_size: int, device) -> DFlashVerifyInput:
     )
 
 
-def next_draft_state(bonus: torch.Tensor, new_seq_lens: torch.Tensor) -> DFlashDraftInputV2:
+def next_draft_state(bonus: torch.Tensor, new_seq_lens: torch.Tensor) -> DraftState:
     """The carrier SGLang relays between steps; only the anchor and the lengths are DFLASH state."""
     bs, device = bonus.shape[0], bonus.device
-    return DFlashDraftInputV2(
+    return DraftState(
         topk_p=torch.empty((bs, 0), dtype=torch.float32, device=device),
         topk_index=torch.empty((bs, 0), dtype=torch.int64, device=device),
         bonus_tokens=bonus.long(),
