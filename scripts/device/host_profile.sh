@@ -59,8 +59,9 @@ COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sam
         --disable-prefill-cuda-graph --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
         --cuda-graph-max-bs "$MAX_BS" --host 127.0.0.1 --log-level info)
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER" --speculative-draft-attention-backend
-      triton --speculative-num-draft-tokens "$BLOCK")
-TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)
+      triton)
+CHAIN=(--speculative-num-draft-tokens "$BLOCK")
+TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)  # its width: the budget + 1
 NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
 declare -A PORT=([ar]=30400 [builtin]=30401 [ours]=30402 [ours-tree-adaptive]=30403 [ours-plain]=30404)
 declare -A PID=()
@@ -76,11 +77,12 @@ launch() {  # name, env settings..., -- flags...
   PID[$name]=$!
 }
 launch ar DFLASH_SGLANG_DISABLE=0 --
-launch builtin DFLASH_SGLANG_DISABLE=1 -- "${SPEC[@]}"
-launch ours DFLASH_SGLANG_DISABLE=0 -- "${SPEC[@]}"
+launch builtin DFLASH_SGLANG_DISABLE=1 -- "${SPEC[@]}" "${CHAIN[@]}"
+launch ours DFLASH_SGLANG_DISABLE=0 -- "${SPEC[@]}" "${CHAIN[@]}"
 launch ours-tree-adaptive DFLASH_SGLANG_DISABLE=0 -- "${SPEC[@]}" "${TREE[@]}"
 # Every step a plain one (the adaptive width pinned to 1): what our plain step costs against AR's.
-launch ours-plain DFLASH_SGLANG_DISABLE=0 DFLASH_SGLANG_ADAPTIVE_WIDTHS=1 -- "${SPEC[@]}" --speculative-dflash-adaptive
+launch ours-plain DFLASH_SGLANG_DISABLE=0 DFLASH_SGLANG_ADAPTIVE_WIDTHS=1 -- "${SPEC[@]}" "${CHAIN[@]}" \
+  --speculative-dflash-adaptive
 
 ready() { python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=3)" \
   "http://127.0.0.1:${PORT[$1]}" 2>/dev/null; }
