@@ -151,6 +151,15 @@ def test_top_up_keeps_the_floor_and_allocates_on_few_steps(seed):
     assert batch.token_to_kv_pool_allocator.calls <= steps // 7 + 1
 
 
+def test_the_top_up_stays_inside_the_req_to_token_row():
+    row_end = POOL_LEN - 1  # the last column a request may use
+    batch, state = make_batch([row_end - 40, 100], 100_000), ours()
+    batch.req_to_token_pool.req_to_token = batch.req_to_token_pool.req_to_token[:, :row_end]
+    state.prepare_for_decode(batch)
+    check_reserved(batch, state, 100_000)
+    assert [r.kv.kv_allocated_len for r in batch.reqs] == [row_end, 100 + 4 * WIDTH]
+
+
 def test_a_pool_without_room_for_the_top_up_gets_the_floor():
     prompts = [100] * 8
     floor_need = 8 * 2 * WIDTH
@@ -164,7 +173,10 @@ def test_a_pool_without_room_for_the_top_up_gets_the_floor():
 
 def test_reservation_policy():
     # all at or above the floor -> unchanged; one short -> all topped up to 4W; no room for that -> the floor
-    assert draft_state.reservation([10, 10], [10 + 32, 10 + 40], 16, 0) == [42, 50]
-    assert draft_state.reservation([10, 10], [10 + 32, 10 + 31], 16, 1000) == [10 + 64, 10 + 64]
-    assert draft_state.reservation([10, 10], [10 + 32, 10 + 31], 16, 40) == [42, 42]
-    assert draft_state.reservation([5, 10], [200, 10], 16, 1000) == [200, 10 + 64]
+    assert draft_state.reservation([10, 10], [10 + 32, 10 + 40], 16, 0, 4096) == [42, 50]
+    assert draft_state.reservation([10, 10], [10 + 32, 10 + 31], 16, 1000, 4096) == [10 + 64, 10 + 64]
+    assert draft_state.reservation([10, 10], [10 + 32, 10 + 31], 16, 40, 4096) == [42, 42]
+    assert draft_state.reservation([5, 10], [200, 10], 16, 1000, 4096) == [200, 10 + 64]
+    # near the end of the req_to_token row the top-up stops there; the floor stays (the row headroom holds it)
+    assert draft_state.reservation([2030, 10], [2060, 10], 16, 1000, 2084) == [2084, 10 + 64]
+    assert draft_state.reservation([2050, 10], [2060, 10], 16, 1000, 2084) == [2084, 10 + 64]

@@ -43,7 +43,8 @@ class DraftState(DFlashDraftInputV2):
         width = int(get_server_args().speculative_num_draft_tokens)
         committed = [req.kv_committed_len for req in reqs]
         allocated = [req.kv.kv_allocated_len for req in reqs]
-        reserved = reservation(committed, allocated, width, allocator.available_size())
+        row_length = batch.req_to_token_pool.req_to_token.shape[1]
+        reserved = reservation(committed, allocated, width, allocator.available_size(), row_length)
         needed = sum(reserved) - sum(allocated)
         if needed > 0:
             allocated_cpu = torch.tensor(allocated, dtype=torch.int32)
@@ -69,19 +70,22 @@ class DraftState(DFlashDraftInputV2):
         return None
 
 
-def reservation(committed: list[int], allocated: list[int], width: int, available: int) -> list[int]:
+def reservation(committed: list[int], allocated: list[int], width: int, available: int,
+                row_length: int) -> list[int]:
     """Each request's KV length after this step's allocation.
 
     While every request has RESERVED_WIDTHS * width slots past its committed length, nothing changes. Once one
     falls short, every request is topped up to TOPPED_UP_WIDTHS * width in the same allocation (topping up only
     the short one would have requests, which commit at different rates, fall short on different steps: an
-    allocation nearly every step again). When the pool's free slots (`available`) cannot cover that, each gets
-    just the floor (SGLang's scheduler checked the floor's slots before the step, not the top-up's).
+    allocation nearly every step again). A top-up stops at the end of the request's `req_to_token` row
+    (`row_length`: the plugin's row headroom holds the floor past the context length, not the top-up). When the
+    pool's free slots (`available`) cannot cover the top-ups, each request gets just the floor (SGLang's scheduler
+    checked the floor's slots before the step, not the top-up's).
     """
     floor = [max(a, c + RESERVED_WIDTHS * width) for c, a in zip(committed, allocated)]
     if floor == allocated:
         return allocated
-    topped = [max(a, c + TOPPED_UP_WIDTHS * width) for c, a in zip(committed, allocated)]
+    topped = [max(f, min(c + TOPPED_UP_WIDTHS * width, row_length)) for c, f in zip(committed, floor)]
     return topped if sum(topped) - sum(allocated) <= available else floor
 
 
