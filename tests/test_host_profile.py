@@ -13,34 +13,45 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = REPO / "scripts" / "device"
-TOKEN_MS, REQUEST_MS = 1.0, 12.0
+TOKEN_MS, REQUEST_MS = 1.0, 12.0  # what a token and a request spin
 
-FAKE_SERVER = """
-import json, sys, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-import host_sampler_plugin
-host_sampler_plugin.WRITE_EVERY_S = 0.3
-host_sampler_plugin.register()
+FAKE_WORK = """
+import time
 
 def spin(seconds):
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
 
-def decode_token():
+def decode_token(nested=False):
     spin({token_s})
+    if nested:
+        decode_token()  # a call inside a call of the same timed function: counted once, with the outer one
 
 def admit_request():
     spin({request_s})
+
+class Scheduler:
+    def run(self, tokens):
+        admit_request()
+        for i in range(tokens):
+            decode_token(nested=i == 0)
+""".format(token_s=TOKEN_MS / 1000, request_s=REQUEST_MS / 1000)
+
+FAKE_SERVER = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+import host_sampler_plugin
+host_sampler_plugin.WRITE_EVERY_S = 0.3
+host_sampler_plugin.register()
+import fake_work
 
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         tokens = body["sampling_params"]["max_new_tokens"]
-        admit_request()
-        for _ in range(tokens):
-            decode_token()
-        out = json.dumps({{"text": "", "meta_info": {{"completion_tokens": tokens}}}}).encode()
+        fake_work.Scheduler().run(tokens)
+        out = json.dumps({"text": "", "meta_info": {"completion_tokens": tokens}}).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
@@ -50,7 +61,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-""".format(token_s=TOKEN_MS / 1000, request_s=REQUEST_MS / 1000)
+"""
+TIMED = "fake_work:decode_token,fake_work:admit_request,fake_work:Scheduler.run,fake_work:missing"
 
 
 def free_port() -> int:
@@ -73,8 +85,9 @@ def test_profile_finds_the_time_each_function_takes_per_token(tmp_path):
     port, samples, out = free_port(), tmp_path / "samples", tmp_path / "fake.json"
     server_py = tmp_path / "fake_server.py"
     server_py.write_text(FAKE_SERVER)
-    env = {**os.environ, "PYTHONPATH": str(DEVICE), "DFLASH_HOST_SAMPLES": str(samples),
-           "DFLASH_HOST_SAMPLE_MS": "1"}
+    (tmp_path / "fake_work.py").write_text(FAKE_WORK)
+    env = {**os.environ, "PYTHONPATH": f"{DEVICE}:{tmp_path}", "DFLASH_HOST_SAMPLES": str(samples),
+           "DFLASH_HOST_SAMPLE_MS": "1", "DFLASH_HOST_TIMED": TIMED}
     server = subprocess.Popen([sys.executable, str(server_py), str(port)], env=env)
     try:
         wait_for_port(port)
@@ -92,20 +105,32 @@ def test_profile_finds_the_time_each_function_takes_per_token(tmp_path):
     for level in result["levels"]:
         assert level["tokens"] == level["concurrency"] * rounds * max_tokens
         inclusive = level["inclusive_us_per_token"]
-        token_us = inclusive["fake_server.py:decode_token"]
-        request_us = inclusive["fake_server.py:admit_request"]
+        token_us = inclusive["fake_work.py:decode_token"]
+        request_us = inclusive["fake_work.py:admit_request"]
         # Sampling at 1 ms over ~0.2-0.5 s of spinning: well within 35% of the true rates.
         assert abs(token_us - TOKEN_MS * 1000) < 0.35 * TOKEN_MS * 1000, level
         assert abs(request_us - REQUEST_MS * 1000 / max_tokens) < 0.35 * REQUEST_MS * 1000 / max_tokens, level
         assert inclusive["fake_server.py:do_POST"] >= token_us + request_us * 0.9
-        assert level["self_us_per_token"]["fake_server.py:spin"] > 0.9 * (token_us + request_us)
+        assert level["self_us_per_token"]["fake_work.py:spin"] > 0.9 * (token_us + request_us)
+        # The timers: exact calls, and per-call times of what each call spins (nested calls counted once).
+        requests = level["concurrency"] * rounds
+        timed = level["timed"]
+        assert set(timed) == {"fake_work:decode_token", "fake_work:admit_request", "fake_work:Scheduler.run"}
+        assert timed["fake_work:decode_token"]["calls"] == level["tokens"]
+        assert timed["fake_work:admit_request"]["calls"] == timed["fake_work:Scheduler.run"]["calls"] == requests
+        assert abs(timed["fake_work:admit_request"]["us_per_call"] - REQUEST_MS * 1000) < 0.1 * REQUEST_MS * 1000
+        expected_token_us = TOKEN_MS * 1000 * (max_tokens + 1) / max_tokens
+        assert abs(timed["fake_work:decode_token"]["us_per_token"] - expected_token_us) < 0.1 * expected_token_us
+        run_us = timed["fake_work:Scheduler.run"]["us_per_token"]
+        assert run_us >= timed["fake_work:decode_token"]["us_per_token"] + timed["fake_work:admit_request"]["us_per_token"]
         assert level["gpu_wait_us_per_token"] == 0
         # Requests run back to back on the server's one thread: busy nearly all the time they are in flight,
         # and the snapshot waits around them (select in serve_forever) do not count as busy.
         assert 0.8 < level["busy_share"] <= 1.05, level
         assert level["main_seconds"] > level["seconds"]
     table = run.stdout
-    assert "fake_server.py:decode_token" in table and table.splitlines()[0].startswith("server")
+    assert "fake_work.py:decode_token" in table and "fake_work:Scheduler.run" in table
+    assert table.splitlines()[0].startswith("server")
     again = subprocess.run([sys.executable, str(DEVICE / "host_profile.py"), "--report", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout == table

@@ -76,6 +76,17 @@ def window(before: dict, after: dict) -> Counter:
     return Counter({stack: s for stack, s in seconds.items() if s > 0})
 
 
+def timed_window(before: dict, after: dict, tokens: int) -> dict:
+    """The timed functions' calls and host time in the window (DFLASH_HOST_TIMED): per token and per call."""
+    out = {}
+    for entry, (calls, seconds) in after.get("timed", {}).items():
+        calls0, seconds0 = before.get("timed", {}).get(entry, (0, 0.0))
+        calls, seconds = calls - calls0, seconds - seconds0
+        out[entry] = {"calls": calls, "us_per_token": seconds * 1e6 / max(tokens, 1),
+                      "us_per_call": seconds * 1e6 / calls if calls else 0.0}
+    return out
+
+
 def busy(stacks: Counter) -> Counter:
     """The main thread's samples outside its idle waits."""
     out = Counter()
@@ -132,6 +143,7 @@ def measure(args, concurrency: int) -> dict:
         "busy_us_per_token": sum(work.values()) * us_per_token,
         "gpu_wait_us_per_token": sum(n for s, n in work.items()
                                      if s.rsplit(":", 1)[-1] in GPU_WAIT_LEAVES) * us_per_token,
+        "timed": timed_window(before[pid], after[pid], tokens),
         "inclusive_us_per_token": {k: n * us_per_token for k, n in inclusive.most_common(TOP)},
         "self_us_per_token": {k: n * us_per_token for k, n in own.most_common(TOP)},
         "folded": dict(stacks),
@@ -147,6 +159,10 @@ def print_report(results: list[dict]) -> None:
                   f"{level['gpu_wait_us_per_token']:>15.1f}")
     for r in results:
         for level in r["levels"]:
+            if level.get("timed"):
+                print(f"\n== {r['label']} c{level['concurrency']}: timed functions (calls, us per call, us per token)")
+                for entry, t in level["timed"].items():
+                    print(f"  {entry[-80:]:<80} {t['calls']:7d} {t['us_per_call']:9.1f} {t['us_per_token']:8.1f}")
             print(f"\n== {r['label']} c{level['concurrency']}: inclusive host us per token (top 15)")
             for name, us in list(level["inclusive_us_per_token"].items())[:15]:
                 print(f"  {name[:90]:<90} {us:8.1f}")

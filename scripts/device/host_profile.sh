@@ -6,7 +6,8 @@
 # ~6 ms (2026-11-30, bench-2026-11-30c). The torch profiler (profile_step.py) attributes time to operators and
 # CUDA calls inside one range; this samples every server's scheduler thread by Python stack
 # (host_sampler_plugin.py) while host_profile.py drives closed-loop load at each concurrency, and reports
-# microseconds of host time per output token by function, inclusive and self, side by side.
+# microseconds of host time per output token by function, inclusive and self, side by side, and the exact host
+# time of the step's parts (TIMED below: calls, us per call, us per token).
 #
 #   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
 #            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64]
@@ -64,6 +65,29 @@ CHAIN=(--speculative-num-draft-tokens "$BLOCK")
 TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)  # its width: the budget + 1
 NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
 declare -A PORT=([ar]=30400 [builtin]=30401 [ours]=30402 [ours-tree-adaptive]=30403 [ours-plain]=30404)
+# Exact host time of the step's parts (host_sampler_plugin.py's timers), beside the samples.
+TIMED=(
+  sglang.srt.managers.scheduler:Scheduler.get_next_batch_to_run
+  sglang.srt.managers.scheduler:Scheduler.update_running_batch
+  sglang.srt.managers.scheduler:Scheduler.run_batch
+  sglang.srt.managers.scheduler:Scheduler.process_batch_result
+  sglang.srt.managers.schedule_batch:ScheduleBatch.prepare_for_decode
+  sglang.srt.speculative.dflash_info_v2:DFlashDraftInputV2.prepare_for_decode
+  dflash_sglang.sglang.draft_state:DraftState.prepare_for_decode
+  sglang.srt.model_executor.runner.decode_cuda_graph_runner:DecodeCudaGraphRunner.load_batch
+  sglang.srt.model_executor.runner.decode_cuda_graph_runner:DecodeCudaGraphRunner.execute
+  sglang.srt.model_executor.runner.eager_runner:EagerRunner.execute
+  dflash_sglang.sglang.worker:DFlashWorker.prefill
+  dflash_sglang.sglang.worker:DFlashWorker.decode
+  dflash_sglang.sglang.worker:DFlashWorker.decode_tree
+  dflash_sglang.sglang.worker:DFlashWorker.block
+  dflash_sglang.sglang.worker:DFlashWorker.draft
+  dflash_sglang.sglang.worker:DFlashWorker.verify
+  dflash_sglang.sglang.worker:DFlashWorker.accept
+  dflash_sglang.sglang.worker:DFlashWorker.accept_tree
+  dflash_sglang.sglang.draft_model:DFlashSGLangDrafter.write_context_kv
+)
+TIMED_LIST=$(IFS=,; echo "${TIMED[*]}")
 declare -A PID=()
 trap 'for p in "${PID[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; sleep 2;
       for p in "${PID[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
@@ -71,7 +95,8 @@ trap 'for p in "${PID[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; sleep 2;
 launch() {  # name, env settings..., -- flags...
   local name="$1" envs=(); shift
   while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-  env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_SGLANG_STEP_TIMING=1 "${envs[@]}" setsid python3 -m \
+  env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_HOST_TIMED="$TIMED_LIST" DFLASH_SGLANG_STEP_TIMING=1 \
+    "${envs[@]}" setsid python3 -m \
     sglang.launch_server "${COMMON[@]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
     > "$DIR/$name.log" 2>&1 &
   PID[$name]=$!
