@@ -5,13 +5,14 @@ reserved 2W tokens past its committed length (W: the verify width, `--speculativ
 worker can take a step's slots straight from `req_to_token`. Every step commits a few tokens, so every step
 allocates a few more: per step it makes fresh pinned and device scratch buffers, copies both length vectors to
 the GPU and launches the req_to_token write, with a Python loop over the requests around it. On the H200 with a
-135M target that was ~0.4 ms of host time per step at one request and ~1.2 ms at 32 (scripts/device/host_profile.sh,
-2026-11-30), where AR's whole step is ~1.8 ms.
+135M target that was ~0.4 ms of host time per step at one request and ~1.2 ms at 32
+(scripts/device/host_profile.sh, 2026-11-30), where AR's whole step is ~1.8 ms.
 
 `DraftState` keeps SGLang's guarantee (at least 2W reserved past the committed length before each step), but when
 a request falls short it tops every request up to 4W at once, memory permitting, so a chain that commits ~3 tokens
-a step allocates every ~8 steps. Steps in between only read the lengths. The allocation itself is SGLang's (`alloc_for_spec_decode`);
-page sizes above 1, sliding-window pools and SGLang's overlap plan stream keep SGLang's own method.
+a step allocates every ~8 steps. Steps in between only read the lengths. The allocation itself is SGLang's
+(`alloc_for_spec_decode`); page sizes above 1, sliding-window pools and SGLang's overlap plan stream keep SGLang's
+own method.
 """
 
 from __future__ import annotations

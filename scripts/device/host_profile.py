@@ -7,11 +7,11 @@
 The server runs with scripts/device/host_sampler_plugin.py (DFLASH_HOST_SAMPLES=DIR). Per concurrency c: c
 workers each send `rounds` greedy /generate requests one after another (max tokens, EOS ignored); the sampler's
 cumulative seconds per stack are read before and after (each file rewritten every 2 s: the reads wait for a fresh
-one), and the difference is the window's. Figures are per output token, so contenders that emit different tokens per step
-compare directly: microseconds of the scheduler's main thread per token in each function (inclusive: the function
-or anything it called; self: the function itself), and the share of the time requests were in flight that it was
-busy (not waiting on its sockets). Writes OUT.json
-(figures and the window's folded stacks, for a flame graph) and prints a table last.
+one), and the difference is the window's. Figures are per output token, so contenders that emit different tokens
+per step compare directly: microseconds of the scheduler's main thread per token in each function (inclusive: the
+function or anything it called; self: the function itself), the share of the time requests were in flight that it
+was busy (not waiting on its sockets), and the timed functions' calls and exact host time (DFLASH_HOST_TIMED).
+Writes OUT.json (figures and the window's folded stacks, for a flame graph) and prints a table last.
 Standard library only (the GPU box has no package registry).
 """
 
