@@ -10,9 +10,11 @@
 # time of the step's parts (TIMED below: calls, us per call, us per token).
 #
 #   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
-#            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64]
+#            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64] [--step-timing]
 #   Defaults: the SmolLM2 pair under /tmp/smol (target converted from the GGUF payload if absent; the drafter
 #   carried in .device-drafter and copied there by this script when found).
+# --step-timing: our servers also time their steps' phases on the GPU (DFLASH_SGLANG_STEP_TIMING; its CUDA events
+# and polls are then part of the host figures, as they were on 2026-11-30).
 # Results: $OUT/host/<name>.json (figures and folded stacks), <name>.log (server), table.txt (printed last).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -24,6 +26,7 @@ CONCURRENCY="1 32 64"
 ROUNDS=3
 TREE_BUDGET=64
 STARTUP_LIMIT=300
+STEP_TIMING=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --concurrency) CONCURRENCY="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
+    --step-timing) STEP_TIMING=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -95,7 +99,7 @@ trap 'for p in "${PID[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; sleep 2;
 launch() {  # name, env settings..., -- flags...
   local name="$1" envs=(); shift
   while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-  env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_HOST_TIMED="$TIMED_LIST" DFLASH_SGLANG_STEP_TIMING=1 \
+  env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_HOST_TIMED="$TIMED_LIST" DFLASH_SGLANG_STEP_TIMING=$STEP_TIMING \
     "${envs[@]}" setsid python3 -m \
     sglang.launch_server "${COMMON[@]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
     > "$DIR/$name.log" 2>&1 &
@@ -134,7 +138,7 @@ for name in "${NAMES[@]}"; do
   else
     echo "== $name: profile failed"; tail -n 5 "$DIR/$name.txt"
   fi
-  # The scheduler's own log: our worker's GPU step times by phase (DFLASH_SGLANG_STEP_TIMING) and the adaptive
+  # The scheduler's own log: our worker's GPU step times by phase (--step-timing) and the adaptive
   # width's choices, kept beside the host figures.
   grep -E "step timing|adaptive width" "$DIR/$name.log" > "$DIR/$name-worker-lines.txt" 2>/dev/null
   kill -TERM -- "-${PID[$name]}" 2>/dev/null  # one server fewer for the next one's CPUs
