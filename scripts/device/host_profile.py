@@ -21,10 +21,11 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from profile_step import post  # this folder's scripts run with it on sys.path
 
 MAIN_THREAD = "MainThread"
 # Frames the scheduler's main thread sits in while it has nothing to do (zmq receive, --sleep-on-idle's wait).
@@ -33,13 +34,6 @@ IDLE_LEAVES = ("poll", "recv", "recv_pyobj", "select", "sleep", "wait", "_wait_f
 # made from C (.tolist(), .item()) show as their Python caller's own time instead.
 GPU_WAIT_LEAVES = ("synchronize",)
 TOP = 30
-
-
-def post(port: int, body: dict, timeout: float) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def read_samples(folder: Path, newer_than: float, timeout: float = 10.0) -> dict[int, dict]:
@@ -114,7 +108,7 @@ def drive(port: int, concurrency: int, rounds: int, max_tokens: int, timeout: fl
         tokens = 0
         for r in range(rounds):
             prompt = f"{w}.{r} Explain, step by step, how a compiler turns source code into machine code."
-            tokens += post(port, {"text": prompt, **body}, timeout)["meta_info"]["completion_tokens"]
+            tokens += post(port, "/generate", {"text": prompt, **body}, timeout)["meta_info"]["completion_tokens"]
         return tokens
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
