@@ -47,9 +47,9 @@ class DraftState(DFlashDraftInputV2):
         row_length = batch.req_to_token_pool.req_to_token.shape[1]
         reserved = reservation(committed, allocated, width, allocator.available_size(), row_length)
         needed = sum(reserved) - sum(allocated)
+        reserved_cpu = torch.tensor(reserved, dtype=torch.int32)
         if needed > 0:
             allocated_cpu = torch.tensor(allocated, dtype=torch.int32)
-            reserved_cpu = torch.tensor(reserved, dtype=torch.int32)
             alloc_for_spec_decode(
                 batch.tree_cache,
                 batch.req_to_token_pool,
@@ -66,7 +66,7 @@ class DraftState(DFlashDraftInputV2):
         # them with the published ones) and the reservation, the upper bound the worker plans attention with.
         batch.seq_lens_cpu = torch.tensor(committed, dtype=torch.int64)
         batch.seq_lens_sum = sum(committed)
-        self.reserved_seq_lens_cpu = torch.tensor(reserved, dtype=torch.int32)
+        self.reserved_seq_lens_cpu = reserved_cpu
         self.reserved_seq_lens_sum = sum(reserved)
         return None
 
