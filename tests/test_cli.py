@@ -24,7 +24,7 @@ def test_make_tiny_writes_published_layouts(tmp_path, capsys):
 
 
 def test_check_ok_and_mismatch(tiny_pairs, capsys):
-    (qt, qd), (gt, gd) = tiny_pairs["qwen3"], tiny_pairs["gemma4"]
+    (qt, qd), (_, gd) = tiny_pairs["qwen3"], tiny_pairs["gemma4"]
     assert main(["check", "--target", str(qt), "--drafter", str(qd)]) == 0
     assert main(["check", "--target", str(qt), "--drafter", str(gd)]) == 2
     err = capsys.readouterr().err
