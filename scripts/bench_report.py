@@ -241,6 +241,13 @@ def _interleaved_section(bench: dict) -> list[str]:
     return out
 
 
+def prefill_graphs_note(server_flags: str | None) -> str:
+    """Whether the servers captured SGLang's prefill CUDA graphs (bench.sh --prefill-graphs), from their flags."""
+    if server_flags is None:
+        return ""
+    return "; prefill CUDA graphs " + ("off" if "--disable-prefill-cuda-graph" in server_flags.split() else "on")
+
+
 def markdown(bench: dict) -> str:
     s = bench.get("settings", {})
     v = bench.get("versions", {})
@@ -249,6 +256,7 @@ def markdown(bench: dict) -> str:
     out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
                f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
                f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
+               + prefill_graphs_note(s.get("server_flags"))
                + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     tolerance = bench.get("near_tie_tolerance")
     out += ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "

@@ -411,3 +411,17 @@ def test_plots_use_the_interleaved_medians(tmp_path, monkeypatch):
         assert [x for x, _ in pts] == [x for x, _ in expected]
         assert [y for _, y in pts] == pytest.approx([y for _, y in expected])
     assert "ar" not in {titles[label] for label, kind in points if kind == "speedup"}  # AR is the line at 1
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("--dtype bfloat16 --disable-prefill-cuda-graph --sleep-on-idle", "; prefill CUDA graphs off"),
+    ("--dtype bfloat16 --sleep-on-idle", "; prefill CUDA graphs on"),
+    (None, ""),  # a bench.json from before the flags were recorded
+])
+def test_the_header_says_whether_prefill_graphs_were_on(flags, expected):
+    bench = synthetic_bench()
+    if flags is not None:
+        bench["settings"]["server_flags"] = flags
+    header = bench_report.markdown(bench).splitlines()[2]
+    assert bench_report.prefill_graphs_note(flags) == expected
+    assert ("prefill CUDA graphs" in header) is bool(expected) and (not expected or expected + "." in header)

@@ -172,6 +172,9 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
         assert argv[argv.index("--speculative-dflash-tree-budget") + 1] == str(settings["tree_contenders"][name])
         assert argv[argv.index("--speculative-dflash-topk") + 1] == "3"
         assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--cuda-graph-max-bs") + 1] == "2"
+    for name in names:  # prefill graphs off by default, and said so in the report
+        assert "--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ").split()
+    assert "prefill CUDA graphs off" in run.stdout
     for name in names:
         assert server_lines(bench_dir / f"{name}.log", "env ") == (
             "env SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false")
@@ -221,7 +224,7 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
-                                  "--interleave-rounds", "3", timeout=400)
+                                  "--interleave-rounds", "3", "--prefill-graphs", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -230,6 +233,10 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     argv = next(line for line in (bench_dir / "ours-adaptive.log").read_text().splitlines() if line.startswith("argv"))
     assert "--speculative-dflash-tree-budget 8" in argv and "--speculative-dflash-adaptive" in argv
     assert "--port 30020" in argv
+    # --prefill-graphs: no server is told to skip them, and the report says they were on.
+    assert not any("--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ")
+                   for name in everyone)
+    assert "prefill CUDA graphs on" in run.stdout
     report = bench["interleaved"]["report"]
     assert list(report["contenders"]) == everyone
     assert report["contender_levels"]["ours-tree"] == [1]

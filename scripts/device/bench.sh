@@ -73,6 +73,11 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
+#            [--prefill-graphs]
+# --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
+# start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
+# a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
+# ~20 ms of host time weighs on the sweep of a speculative server far more than on AR's.
 set -uo pipefail
 
 TARGET=""
@@ -99,6 +104,7 @@ INTERLEAVE_REPEATS=5
 # while its tok/s lost). More rounds keep the batch full longer, at the cost of repeats.
 INTERLEAVE_ROUNDS=1
 ADAPTIVE=0
+PREFILL_GRAPHS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -121,6 +127,7 @@ while [ $# -gt 0 ]; do
     --interleave-repeats) INTERLEAVE_REPEATS="$2"; shift 2 ;;
     --interleave-rounds) INTERLEAVE_ROUNDS="$2"; shift 2 ;;
     --adaptive) ADAPTIVE=1; shift ;;
+    --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -237,11 +244,11 @@ print(used if used < len(prompts) else skip)" "$SET_PROMPTS" "$ROUNDS" $CONCURRE
 # ~35 GiB with weights, graphs and workspaces, so each budget stays far above its capped pool). A low fraction
 # (e.g. 0.3) would not: each server's slack would be 70% of the memory it saw free at start, and once an earlier
 # server has taken its pool, a later one's budget goes negative. (Post-capture KV resizing, which measures after
-# CUDA-graph capture, is off: it is opt-in and needs prefill graphs, disabled here.) --sleep-on-idle: an idle
+# CUDA-graph capture, is off: it is opt-in, and needs prefill graphs.) --sleep-on-idle: an idle
 # scheduler waits on its socket instead of spinning, so the idle servers leave the CPUs to the one being measured.
 COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
-        --disable-prefill-cuda-graph --mem-fraction-static 0.85
-        --max-total-tokens "$KV_TOKENS" --sleep-on-idle --host 127.0.0.1 --log-level info)
+        --mem-fraction-static 0.85 --max-total-tokens "$KV_TOKENS" --sleep-on-idle --host 127.0.0.1 --log-level info)
+[ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER"
       --speculative-draft-attention-backend "$DRAFT_BACKEND")
 PROFILE_ENV=(SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false)
