@@ -15,10 +15,12 @@
 #   usage: source .device/unpack.sh && bash scripts/device/e2e.sh
 #            [--arch qwen3|llama|gemma4 | --pair DIR] [--name NAME] [--dtype float32|bfloat16]
 #            [--draft-backend triton|fa4] [--tree-budget N [--tree-topk K]] [--port-base P] [--prompts N]
-#            [--budget S] [--skip-builtin] [--adaptive] [--then CMD]
+#            [--budget S] [--skip-builtin] [--adaptive] [--prefill-graphs] [--then CMD]
 #   env:   EXTRA_SERVER_ARGS="..." appended to every launch (e.g. --disable-overlap-schedule)
 # --tree-budget serves ours in tree mode (N draft nodes, top-K per position); builtin stays a chain.
 # --adaptive serves ours with --speculative-dflash-adaptive (each step speculates or decodes plainly).
+# --prefill-graphs keeps SGLang's default prefill CUDA graphs (a minute or more of capture per start; every other
+# run here disables them), the configuration a user's launch_server gets.
 # --pair DIR takes DIR/target and DIR/drafter (e.g. the embedded demo pair) instead of a fresh tiny random pair.
 # float32 is the default (the zero-mismatch bar is set in it); fa4 needs the FA4 site unpacked first (see the
 # device README) and bfloat16, where mismatches must be near-ties.
@@ -38,6 +40,7 @@ THEN=""
 TREE_BUDGET=""
 TREE_TOPK=4
 ADAPTIVE=0
+PREFILL_GRAPHS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --arch) ARCH="$2"; shift 2 ;;
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
     --tree-topk) TREE_TOPK="$2"; shift 2 ;;
     --adaptive) ADAPTIVE=1; shift ;;
+    --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -109,8 +113,8 @@ BLOCK=$(python3 -c "from dflash_sglang.config import load_drafter_config as l; p
 # its start), so with a high fraction every server would take most of what is free; the token cap keeps each
 # pool small and leaves the rest to the others (and to whatever else runs on the box).
 COMMON=(--model-path "$TARGET" --dtype "$DTYPE" --attention-backend triton --sampling-backend pytorch
-        --mem-fraction-static 0.85 --max-total-tokens 65536 --disable-prefill-cuda-graph --cuda-graph-max-bs 16
-        --host 127.0.0.1 --log-level info)
+        --mem-fraction-static 0.85 --max-total-tokens 65536 --cuda-graph-max-bs 16 --host 127.0.0.1 --log-level info)
+[ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER"
       --speculative-draft-attention-backend "$DRAFT_BACKEND")
 CHAIN=(--speculative-num-draft-tokens "$BLOCK")
