@@ -1,7 +1,7 @@
 // The chain step's small bookkeeping, one launch each instead of a dozen torch ops: the block before the drafter
 // (anchor + mask ids, positions, KV slots from the request's slot row) and, after the verify, greedy acceptance
-// with everything the commit needs (accept length, bonus, new lengths, SGLang's emitted-token layout, and the slots
-// whose target features become draft context). One thread per request and position, or per request.
+// with everything the commit needs (accept length, bonus, new lengths, SGLang's emitted-token layout). One thread
+// per request and position, or per request.
 #include "dflash_kernels.h"
 
 namespace dflash {
@@ -35,13 +35,7 @@ __global__ void __launch_bounds__(kChainThreads) chain_accept_kernel(const __gri
   p.bonus[b] = bonus;
   p.new_seq_lens[b] = p.seq_lens[b] + accepted + 1;
   int64_t* emitted = p.emitted + int64_t(b) * block;
-  int64_t* context_slots = p.context_slots + int64_t(b) * block;
-  const int64_t* slots = p.slots + int64_t(b) * block;
-  for (int j = 0; j < block; ++j) {
-    emitted[j] = j < accepted ? candidates[j + 1] : (j == accepted ? bonus : 0);
-    // Rows past the committed ones write their features to slot 0, SGLang's padding slot.
-    context_slots[j] = j <= accepted ? slots[j] : 0;
-  }
+  for (int j = 0; j < block; ++j) emitted[j] = j < accepted ? candidates[j + 1] : (j == accepted ? bonus : 0);
 }
 
 }  // namespace

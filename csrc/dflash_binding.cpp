@@ -417,9 +417,8 @@ void chain_block(const Tensor& bonus, const Tensor& seq_lens, const Tensor& req_
 }
 
 void chain_accept_greedy(const Tensor& candidates, const Tensor& predicted, const Tensor& seq_lens,
-                         const Tensor& slots, const Tensor& accept_len, const Tensor& commit_lens,
-                         const Tensor& bonus, const Tensor& new_seq_lens, const Tensor& emitted,
-                         const Tensor& context_slots) {
+                         const Tensor& accept_len, const Tensor& commit_lens, const Tensor& bonus,
+                         const Tensor& new_seq_lens, const Tensor& emitted) {
   DFLASH_CHECK(candidates.dim() == 2 && candidates.size(1) >= 1, "candidates must be [bs, B >= 1], got %s",
                dims(candidates.sizes()).s);
   const auto device = candidates.device();
@@ -429,26 +428,22 @@ void chain_accept_greedy(const Tensor& candidates, const Tensor& predicted, cons
   expect(candidates, "candidates", device, at::kLong, {bs, block});
   expect(predicted, "predicted", device, at::kLong, {bs, block});
   expect(seq_lens, "seq_lens", device, at::kLong, {bs});
-  expect(slots, "slots", device, at::kLong, {bs, block});
   expect(accept_len, "accept_len", device, at::kInt, {bs});
   expect(commit_lens, "commit_lens", device, at::kInt, {bs});
   expect(bonus, "bonus", device, at::kLong, {bs});
   expect(new_seq_lens, "new_seq_lens", device, at::kLong, {bs});
   expect(emitted, "emitted", device, at::kLong, {bs, block});
-  expect(context_slots, "context_slots", device, at::kLong, {bs, block});
 
   const c10::cuda::CUDAGuard guard(device);
   dflash::ChainAcceptParams p{};
   p.candidates = candidates.data_ptr<int64_t>();
   p.predicted = predicted.data_ptr<int64_t>();
   p.seq_lens = seq_lens.data_ptr<int64_t>();
-  p.slots = slots.data_ptr<int64_t>();
   p.accept_len = accept_len.data_ptr<int32_t>();
   p.commit_lens = commit_lens.data_ptr<int32_t>();
   p.bonus = bonus.data_ptr<int64_t>();
   p.new_seq_lens = new_seq_lens.data_ptr<int64_t>();
   p.emitted = emitted.data_ptr<int64_t>();
-  p.context_slots = context_slots.data_ptr<int64_t>();
   p.bs = int(bs);
   p.block_size = int(block);
   C10_CUDA_CHECK(dflash::launch_chain_accept(p, c10::cuda::getCurrentCUDAStream()));
@@ -483,9 +478,9 @@ TORCH_LIBRARY(dflash_sglang, m) {
       "chain_block(Tensor bonus, Tensor seq_lens, Tensor req_pool_indices, Tensor req_to_token, int mask_token_id, "
       "Tensor(a!) block_ids, Tensor(b!) positions, Tensor(c!) slots) -> ()");
   m.def(
-      "chain_accept_greedy(Tensor candidates, Tensor predicted, Tensor seq_lens, Tensor slots, "
+      "chain_accept_greedy(Tensor candidates, Tensor predicted, Tensor seq_lens, "
       "Tensor(a!) accept_len, Tensor(b!) commit_lens, Tensor(c!) bonus, Tensor(d!) new_seq_lens, "
-      "Tensor(e!) emitted, Tensor(f!) context_slots) -> ()");
+      "Tensor(e!) emitted) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {

@@ -140,13 +140,11 @@ struct ChainAcceptParams {
   const int64_t* candidates;  // [bs, B] anchor and drafts, as verified
   const int64_t* predicted;   // [bs, B] the target's argmax at each verify row
   const int64_t* seq_lens;    // [bs]
-  const int64_t* slots;       // [bs, B] KV slots of the verify rows
   int32_t* accept_len;        // [bs] leading drafts kept
   int32_t* commit_lens;       // [bs] accept_len + 1 (the anchor and the kept drafts)
   int64_t* bonus;             // [bs] predicted[accept_len]
   int64_t* new_seq_lens;      // [bs] seq_len + accept_len + 1
   int64_t* emitted;           // [bs, B] kept drafts, the bonus at accept_len, zeros after
-  int64_t* context_slots;     // [bs, B] slots[j] for j <= accept_len, else 0 (SGLang's padding slot)
   int bs, block_size;
 };
 

@@ -162,12 +162,11 @@ def chain_cases(bs: int, device) -> dict[str, tuple]:
     predicted = torch.randint(0, VOCAB, (bs, CHAIN_BLOCK), generator=g, device=device)
     candidates = torch.cat([bonus[:, None], predicted[:, :-1]], dim=1)  # every draft kept: the longest walk
     block_out, step_out = empty_chain_block(bs, CHAIN_BLOCK, device), empty_chain_step(bs, CHAIN_BLOCK, device)
-    slots = reference.chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7).slots
     return {
         "chain_block": (lambda: chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7, out=block_out),
                         lambda: reference.chain_block(bonus, seq_lens, rows, table, CHAIN_BLOCK, 7)),
-        "chain_accept_greedy": (lambda: chain_accept_greedy(candidates, predicted, seq_lens, slots, out=step_out),
-                                lambda: reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)),
+        "chain_accept_greedy": (lambda: chain_accept_greedy(candidates, predicted, seq_lens, out=step_out),
+                                lambda: reference.chain_accept_greedy(candidates, predicted, seq_lens)),
     }
 
 

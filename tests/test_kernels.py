@@ -358,7 +358,7 @@ def chain_inputs(bs: int, block: int, g: torch.Generator, device="cpu"):
 
 def test_chain_references_are_the_torch_step_they_replace():
     """What the worker computed inline before the chain kernels (positions, slots, block ids; greedy acceptance,
-    commit lengths, emitted layout, context slots), written out here once more, on random inputs."""
+    commit lengths, emitted layout), written out here once more, on random inputs."""
     g = torch.Generator().manual_seed(8)
     for bs, block in [(1, 1), (1, 2), (3, 16), (17, 8), (64, 16)]:
         req_to_token, rows, seq_lens, bonus, candidates, predicted = chain_inputs(bs, block, g)
@@ -368,7 +368,7 @@ def test_chain_references_are_the_torch_step_they_replace():
         assert torch.equal(got.positions, positions) and torch.equal(got.slots, slots)
         assert torch.equal(got.block_ids, torch.cat([bonus[:, None], torch.full((bs, block - 1), 77)], dim=1))
 
-        step = reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)
+        step = reference.chain_accept_greedy(candidates, predicted, seq_lens)
         accept_len = (candidates[:, 1:] == predicted[:, :-1]).int().cumprod(1).sum(1, dtype=torch.int32)
         bonus_out = predicted.gather(1, accept_len[:, None].long()).squeeze(1)
         commit_lens = accept_len + 1
@@ -376,11 +376,9 @@ def test_chain_references_are_the_torch_step_they_replace():
         emitted[:, :-1] = candidates[:, 1:]
         emitted.scatter_(1, accept_len.long()[:, None], bonus_out[:, None])
         emitted = emitted * (torch.arange(block)[None, :] <= accept_len[:, None])
-        committed = torch.arange(block)[None, :] < commit_lens[:, None]
         assert step.accept_len.tolist() == accept_len.tolist() and torch.equal(step.bonus, bonus_out)
         assert torch.equal(step.commit_lens, commit_lens) and torch.equal(step.new_seq_lens, seq_lens + commit_lens)
         assert torch.equal(step.emitted, emitted)
-        assert torch.equal(step.context_slots, torch.where(committed, slots, torch.zeros_like(slots)))
         assert {int(a) for a in step.accept_len} <= set(range(block))
 
 
@@ -605,9 +603,8 @@ def test_chain_kernels_match_reference(cuda, bs, block):
     got_block = chain_block(bonus, seq_lens, rows, req_to_token, block, 49_999,
                             out=poisoned(empty_chain_block(bs, block, cuda)))
     assert_same(got_block, expected_block)
-    slots = expected_block.slots
-    expected = reference.chain_accept_greedy(candidates, predicted, seq_lens, slots)
-    got = chain_accept_greedy(candidates, predicted, seq_lens, slots, out=poisoned(empty_chain_step(bs, block, cuda)))
+    expected = reference.chain_accept_greedy(candidates, predicted, seq_lens)
+    got = chain_accept_greedy(candidates, predicted, seq_lens, out=poisoned(empty_chain_step(bs, block, cuda)))
     assert_same(got, expected)
 
 
@@ -629,7 +626,7 @@ def test_ops_capture_in_a_cuda_graph(cuda):
 
     def step(table):
         block = chain_block(chain_bonus, chain_lens, chain_rows, chain_table, 16, 7)
-        chain = chain_accept_greedy(candidates, predicted, chain_lens, block.slots)
+        chain = chain_accept_greedy(candidates, predicted, chain_lens)
         tree = build_draft_tree(roots, values, ids, seq_lens, budget)
         inputs = tree_verify_inputs(tree.ancestor_mask, seq_lens, rpi, table, mask_size)
         predict = probs.argmax(-1)

@@ -506,8 +506,7 @@ def random_chain(seed, bs=64, block=5, vocab=7):
 def test_greedy_accept_matches_a_plain_loop(seed):
     candidates, predicted, g = random_chain(seed)
     seq_lens = torch.randint(0, 100, (candidates.shape[0],), generator=g)
-    slots = torch.randint(1, 10_000, candidates.shape, generator=g)
-    step = kernels.chain_accept_greedy(candidates, predicted, seq_lens, slots)
+    step = kernels.chain_accept_greedy(candidates, predicted, seq_lens)
     assert (step.accept_len.tolist(), step.bonus.tolist()) == reference_greedy(candidates, predicted)
     assert step.accept_len.dtype == step.commit_lens.dtype == torch.int32 and step.bonus.dtype == torch.int64
     assert torch.equal(step.commit_lens, step.accept_len + 1)
@@ -515,7 +514,6 @@ def test_greedy_accept_matches_a_plain_loop(seed):
     for b, kept in enumerate(step.accept_len.tolist()):
         assert step.emitted[b].tolist() == candidates[b, 1: kept + 1].tolist() + [int(step.bonus[b])] + [0] * (
             candidates.shape[1] - kept - 1)
-        assert step.context_slots[b].tolist() == slots[b, : kept + 1].tolist() + [0] * (candidates.shape[1] - kept - 1)
 
 
 def test_chain_block_reads_each_requests_reserved_slots():
@@ -544,8 +542,7 @@ def test_sampling_accept_matches_a_plain_loop(seed):
 def test_sampling_accept_with_one_hot_rows_is_greedy():
     candidates, predicted, g = random_chain(11)
     probs = torch.nn.functional.one_hot(predicted, 7).float()
-    greedy = kernels.chain_accept_greedy(candidates, predicted, torch.zeros(len(candidates)),
-                                         torch.ones_like(candidates))
+    greedy = kernels.chain_accept_greedy(candidates, predicted, torch.zeros(len(candidates)))
     for _ in range(3):
         sampled = accept.sampling_accept(candidates, probs, generator=g)
         assert torch.equal(sampled[0], greedy.accept_len) and torch.equal(sampled[1], greedy.bonus)
@@ -560,7 +557,7 @@ def test_sampling_accept_emits_the_target_distribution():
     probs = torch.stack([p0, p1, torch.full((vocab,), 1 / vocab)])[None].expand(n, -1, -1)
     candidates = torch.tensor([[0, 1, 3]]).expand(n, -1)
     accept_len, bonus = accept.sampling_accept(candidates, probs, generator=g)
-    out = kernels.chain_step(candidates, accept_len, bonus, torch.zeros(n), torch.ones_like(candidates)).emitted
+    out = kernels.chain_step(candidates, accept_len, bonus, torch.zeros(n)).emitted
     first = torch.bincount(out[:, 0], minlength=vocab) / n
     assert (first - p0).abs().max() < 0.006
     second = out[accept_len >= 1, 1]
@@ -596,11 +593,9 @@ def test_filtered_probs_match_a_plain_reference():
 
 def test_chain_step_layout():
     candidates = torch.tensor([[9, 1, 2, 3], [9, 4, 5, 6], [9, 7, 8, 0]])
-    slots = torch.tensor([[31, 32, 33, 34], [41, 42, 43, 44], [51, 52, 53, 54]])
     step = kernels.chain_step(candidates, torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([20, 21, 22]),
-                              torch.tensor([5, 6, 7]), slots)
+                              torch.tensor([5, 6, 7]))
     assert step.emitted.tolist() == [[20, 0, 0, 0], [4, 5, 21, 0], [7, 8, 0, 22]]
-    assert step.context_slots.tolist() == [[31, 0, 0, 0], [41, 42, 43, 0], [51, 52, 53, 54]]
     assert step.commit_lens.tolist() == [1, 3, 4] and step.new_seq_lens.tolist() == [6, 9, 11]
 
 
@@ -639,14 +634,22 @@ def test_draft_head_matches_the_reference_drafter_logits():
 class MarkovWorld:
     """A target whose greedy next token depends only on the current one (`table`), a drafter that guesses the
     chain right up to a position-dependent depth, one-hot states through an identity head. The worker's step
-    runs on CPU against these fakes exactly as it would against SGLang's runners."""
+    runs on CPU against these fakes exactly as it would against SGLang's runners.
 
-    def __init__(self, vocab=32, block=6, mask=31, seed=0):
+    The target's features are (position, token) per row; the drafter's KV pool keeps the last pair written to each
+    slot, and every drafter forward checks that the context it reads (each request's committed positions) holds
+    the committed tokens. With `graphs`, a verify runs the target's capture tail hooks on its forward batch, as a
+    replay of a graph captured with them does."""
+
+    def __init__(self, vocab=32, block=6, mask=31, seed=0, graphs=False):
         g = torch.Generator().manual_seed(seed)
-        self.vocab, self.block, self.mask = vocab, block, mask
+        self.vocab, self.block, self.mask, self.graphs = vocab, block, mask, graphs
         self.table = torch.randperm(vocab - 1, generator=g)  # never maps to the mask id
         self.req_to_token = torch.arange(4 * 512).view(4, 512) + 1  # slot = req * 512 + position + 1
         self.context_writes = []
+        self.draft_pool = {}  # slot -> (position, token) last written there
+        self.requests = {}  # req_to_token row -> (first decoded position, tokens emitted so far), by run_decode
+        self.capture_tail_hooks = []
 
     def chain(self, token, length):
         out = []
@@ -663,6 +666,8 @@ class MarkovWorld:
         right token is the drafter's second choice (a tree's rank-1 branch recovers it, a chain cannot)."""
         ids, positions = fb.input_ids.view(-1, self.block), fb.positions.view(-1, self.block)
         assert torch.equal(ids[:, 1:], torch.full_like(ids[:, 1:], self.mask))
+        for row, start in zip(fb.req_pool_indices.tolist(), positions[:, 0].tolist()):
+            self.assert_committed_context(row, start)
         hidden = []
         for anchor, start in zip(ids[:, 0].tolist(), positions[:, 0].tolist()):
             right = self.chain(anchor, self.block - 1)
@@ -679,40 +684,58 @@ class MarkovWorld:
     def verify_forward(self, batch=None, forward_batch=None, is_verify=False):
         assert batch is None and is_verify
         logits = 10 * self.onehot(self.table[forward_batch.input_ids])
-        features = forward_batch.positions[:, None].float().expand(-1, 2 * self.vocab)
-        return SimpleNamespace(
-            logits_output=SimpleNamespace(next_token_logits=logits, hidden_states=features), can_run_cuda_graph=False
-        )
+        features = torch.zeros((forward_batch.input_ids.shape[0], 2 * self.vocab))
+        features[:, 0], features[:, 1] = forward_batch.positions, forward_batch.input_ids
+        out = SimpleNamespace(next_token_logits=logits, hidden_states=features)
+        if self.graphs:
+            for hook in self.capture_tail_hooks:
+                hook(None, out, forward_batch, forward_batch.input_ids.shape[0])
+        return SimpleNamespace(logits_output=out, can_run_cuda_graph=self.graphs)
 
     def write_context_kv(self, features, positions, cache_loc, kv_pool):
         kept = cache_loc != 0  # slot 0 absorbs the rows that are not committed
         assert torch.equal(features[kept, 0].long(), positions[kept])
         self.context_writes.append((positions.clone(), cache_loc.clone()))
+        for slot, position, token in zip(cache_loc[kept].tolist(), positions[kept].tolist(),
+                                         features[kept, 1].long().tolist()):
+            self.draft_pool[slot] = (position, token)
+
+    def assert_committed_context(self, row: int, end: int) -> None:
+        """The drafter's context of request row `row` holds its committed tokens at every decoded position < end."""
+        if row not in self.requests:
+            return
+        start, tokens = self.requests[row]
+        for position in range(start, end):
+            slot = int(self.req_to_token[row, position])
+            assert self.draft_pool.get(slot) == (position, tokens[position - start]), (row, position)
 
 
-@pytest.fixture
-def markov_worker(monkeypatch):
+@pytest.fixture(params=["eager verify", "verify graphs"])
+def markov_worker(monkeypatch, request):
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
     from dflash_sglang.sglang.worker import DFlashWorker
 
-    world = MarkovWorld()
+    world = MarkovWorld(graphs=request.param == "verify graphs")
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)  # a CUDA-only call
     monkeypatch.setattr(
         ForwardBatch, "init_new",
         classmethod(lambda cls, batch, runner, **kw: SimpleNamespace(
             input_ids=batch.input_ids, positions=batch.spec_info.positions, out_cache_loc=batch.out_cache_loc,
-            forward_mode=batch.forward_mode, capture_hidden_mode=kw["capture_hidden_mode"],
-            custom_mask=batch.spec_info.custom_mask)),
+            seq_lens=batch.seq_lens, batch_size=batch.seq_lens.shape[0], forward_mode=batch.forward_mode,
+            capture_hidden_mode=kw["capture_hidden_mode"], custom_mask=batch.spec_info.custom_mask)),
     )
     worker = DFlashWorker.__new__(DFlashWorker)
     raw = drafter_config_dict("qwen3", hidden=world.vocab, vocab=world.vocab, num_target_layers=4, draft_layers=1,
                               block_size=world.block, mask_token_id=world.mask, window=8)
+    draft_runner = SimpleNamespace(forward=world.draft_forward, token_to_kv_pool=None)
+    draft_model = SimpleNamespace(write_context_kv=world.write_context_kv)
     worker.__dict__.update(
         _target_worker=SimpleNamespace(forward_batch_generation=world.verify_forward),
         model_runner=SimpleNamespace(req_to_token_pool=SimpleNamespace(req_to_token=world.req_to_token)),
-        draft_runner=SimpleNamespace(forward=world.draft_forward, token_to_kv_pool=None),
-        draft_model=SimpleNamespace(write_context_kv=world.write_context_kv),
+        draft_runner=draft_runner,
+        draft_model=draft_model,
+        verify_context=verify_context_with_hook(world, draft_model, draft_runner, (world.block, 1)),
         device="cpu",
         block_size=world.block,
         tree=None,
@@ -723,6 +746,15 @@ def markov_worker(monkeypatch):
     )
     worker.draft_block_spec = None
     return worker, world
+
+
+def verify_context_with_hook(world, draft_model, draft_runner, widths):
+    """The worker's VerifyGraphContext, its hook registered with the target as DFlashWorker.__init__ does."""
+    from dflash_sglang.sglang.verify_context import VerifyGraphContext
+
+    context = VerifyGraphContext(draft_model, draft_runner, widths)
+    world.capture_tail_hooks[:] = [context.capture_hook]
+    return context
 
 
 def run_decode(worker, world, sampling_info=None, steps=8):
@@ -737,6 +769,7 @@ def run_decode(worker, world, sampling_info=None, steps=8):
         return_logprob=False, out_cache_loc=None, sampling_info=sampling_info, spec_info=next_draft_state(first_tokens, prompt_lens),
     )
     emitted, published, commits = [[t] for t in first_tokens.tolist()], [], []
+    world.requests = dict(zip(batch.req_pool_indices.tolist(), zip(prompt_lens.tolist(), emitted)))
     for _ in range(steps):
         result = worker.forward_batch_generation(batch, on_publish=published.append)
         accept_lens, tokens = result.accept_lens.tolist(), result.next_token_ids.view(3, -1)
@@ -761,18 +794,10 @@ def test_decode_steps_emit_the_targets_greedy_chain(markov_worker):
     assert batch.seq_lens.tolist() == [p + sum(step[i] for step in commits) for i, p in enumerate(prompt_lens.tolist())]
 
 
-def assert_context_written_once_per_committed_position(world, prompt_lens, batch):
-    """Every committed position got the drafter's context K/V exactly once, at the slot it finally holds."""
-    written = {}
-    for positions, slots in world.context_writes:
-        for req_row, (pos_row, slot_row) in enumerate(zip(positions.view(3, -1), slots.view(3, -1))):
-            for pos, slot in zip(pos_row.tolist(), slot_row.tolist()):
-                if slot != 0:
-                    assert (req_row, pos) not in written
-                    written[(req_row, pos)] = slot
-    for i, (pool, start, end) in enumerate(zip([2, 0, 3], prompt_lens.tolist(), batch.seq_lens.tolist())):
-        assert sorted(p for r, p in written if r == i) == list(range(start, end))
-        assert all(written[(i, p)] == int(world.req_to_token[pool, p]) for p in range(start, end))
+def assert_context_holds_every_committed_token(world, batch):
+    """After the run, as before each drafter forward: every committed position's slot holds its token's context."""
+    for row, end in zip(batch.req_pool_indices.tolist(), batch.seq_lens.tolist()):
+        world.assert_committed_context(row, end)
 
 
 def test_context_kv_keeps_its_positions_when_the_target_shifts_them_in_place(markov_worker):
@@ -789,10 +814,14 @@ def test_context_kv_keeps_its_positions_when_the_target_shifts_them_in_place(mar
     assert world.context_writes
 
 
-def test_decode_writes_context_kv_for_committed_tokens_only(markov_worker):
+def test_decode_gives_the_drafter_the_committed_tokens_context(markov_worker):
+    """Every verify row's context is written at its own slot (inside the verify graph when there is one); rows past
+    the commit hold rejected drafts until the next block rewrites them, so the checks are what the drafter reads."""
     worker, world = markov_worker
-    prompt_lens, _, _, _, batch = run_decode(worker, world)
-    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
+    batch = run_decode(worker, world)[4]
+    assert_context_holds_every_committed_token(world, batch)
+    width = world.block * 3
+    assert all(slots.numel() == width and bool((slots != 0).all()) for _, slots in world.context_writes)
 
 
 def draft_graph_runner(block: int, capture_bs: list[int]):
@@ -930,13 +959,17 @@ def test_idle_step_is_empty(markov_worker):
 
 @pytest.fixture
 def tree_worker(markov_worker):
+    return in_tree_mode(*markov_worker)
+
+
+def in_tree_mode(worker, world):
     from dflash_sglang.sglang.draft_head import TopkDraftHead
     from dflash_sglang.sglang.tree_mode import TreeSettings
 
-    worker, world = markov_worker
     tree = TreeSettings(budget=12, topk=2)
     worker.__dict__.update(
         tree=tree,
+        verify_context=verify_context_with_hook(world, worker.draft_model, worker.draft_runner, (1,)),
         verify_offsets=torch.arange(tree.verify_width),
         draft_head=TopkDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab, topk=tree.topk),
     )
@@ -966,8 +999,10 @@ def test_tree_steps_emit_the_targets_greedy_chain_and_accept_past_the_drafters_f
 
 def test_tree_steps_write_context_kv_for_the_committed_path_only(tree_worker):
     worker, world = tree_worker
-    prompt_lens, _, _, _, batch = run_decode(worker, world)
-    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
+    batch = run_decode(worker, world)[4]
+    assert_context_holds_every_committed_token(world, batch)
+    committed = sum(int((slots != 0).sum()) for _, slots in world.context_writes)
+    assert committed == int((batch.seq_lens - torch.tensor([5, 17, 0])).sum())  # each committed row once
 
 
 def test_tree_sampling_with_greedy_rows_equals_greedy(tree_worker):
@@ -1108,11 +1143,11 @@ class ScriptedWidths:
         return f"{len(self.observed)} results"
 
 
-@pytest.mark.parametrize("mode", ["markov_worker", "tree_worker"])
-def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(mode, request, caplog):
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(markov_worker, tree, caplog):
     from dflash_sglang.sglang.adaptive_width import VerifyResources
 
-    worker, world = request.getfixturevalue(mode)
+    worker, world = in_tree_mode(*markov_worker) if tree else markov_worker
     spec_width = worker.tree.verify_width if worker.tree else world.block
     worker.model_runner.attn_backend, worker.model_runner.decode_cuda_graph_runner = "spec backend", "spec graphs"
     worker.__dict__.update(
@@ -1134,7 +1169,7 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
 
     for i, tokens in enumerate(emitted):
         assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
-    assert_context_written_once_per_committed_position(world, prompt_lens, batch)
+    assert_context_holds_every_committed_token(world, batch)
     plain = [i for i, width in enumerate(strides) if width == 1]
     assert plain == [i for i in range(16) if worker.width_controller.widths[i % 8] == 1]
     assert all(commits[i] == [1, 1, 1] for i in plain)

@@ -18,9 +18,13 @@ from dflash_sglang.sglang.step_timing import (
 )
 
 try:  # the decode-step harness of the plugin tests, reused (it needs sglang)
-    from test_sglang_plugin import markov_worker, run_decode, tree_worker  # noqa: F401
+    from test_sglang_plugin import in_tree_mode, markov_worker, run_decode  # noqa: F401
 except pytest.skip.Exception:
-    markov_worker = run_decode = tree_worker = None
+    in_tree_mode = run_decode = None
+
+    @pytest.fixture
+    def markov_worker():
+        pytest.skip("sglang is not installed")
 
 
 class FakeGPU:
@@ -153,13 +157,11 @@ def test_env_switch():
     off.end(NO_STEP)
 
 
-@pytest.mark.parametrize("fixture", ["markov_worker", "tree_worker"])
-def test_worker_step_records_start_and_three_marks(request, fixture):
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+def test_worker_step_records_start_and_three_marks(markov_worker, tree):
     """Chain and tree steps log the same line format (a tree's draft = drafter + tree build), so shape.sh reads
     both alike."""
-    if run_decode is None:
-        pytest.skip("sglang is not installed")
-    worker, world = request.getfixturevalue(fixture)
+    worker, world = in_tree_mode(*markov_worker) if tree else markov_worker
     gpu, lines = FakeGPU(), []
     worker.step_timer = StepTimer(gpu.event, every=4, emit=lines.append)
     run_decode(worker, world, steps=8)

@@ -62,7 +62,6 @@ class ChainStep(NamedTuple):
     bonus: torch.Tensor  # [bs] int64: the target's token after them, the next anchor
     new_seq_lens: torch.Tensor  # [bs] int64: seq_len + commit_len
     emitted: torch.Tensor  # [bs, B] int64: kept drafts, the bonus at accept_len, zeros (SGLang's spec-v2 layout)
-    context_slots: torch.Tensor  # [bs, B] int64: the slots of committed rows, 0 (SGLang's padding slot) after
 
 
 class ContextKV(NamedTuple):
@@ -113,11 +112,8 @@ def empty_chain_step(bs: int, block_size: int, device) -> ChainStep:
     def per_request(dtype):
         return torch.empty(bs, dtype=dtype, device=device)
 
-    def per_row():
-        return torch.empty((bs, block_size), dtype=torch.long, device=device)
-
     return ChainStep(per_request(torch.int32), per_request(torch.int32), per_request(torch.long),
-                     per_request(torch.long), per_row(), per_row())
+                     per_request(torch.long), torch.empty((bs, block_size), dtype=torch.long, device=device))
 
 
 def empty_context_kv(num_layers: int, num_tokens: int, kv_heads: int, head_dim: int, dtype, device) -> ContextKV:

@@ -32,16 +32,16 @@ def chain_block(bonus: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: t
 
 
 def chain_accept_greedy(candidates: torch.Tensor, predicted: torch.Tensor, seq_lens: torch.Tensor,
-                        slots: torch.Tensor, out: ChainStep | None = None) -> ChainStep:
+                        out: ChainStep | None = None) -> ChainStep:
     """Greedy acceptance of candidates [bs, B] = [anchor, d_1 .. d_{B-1}] against the target's argmax at each verify
     row (`predicted` [bs, B]): d_j is kept while it equals predicted[j - 1]; see `buffers.ChainStep` for what
-    comes back. `slots` [bs, B] are the verify rows' KV slots. out: optional `buffers.empty_chain_step`."""
+    comes back. out: optional `buffers.empty_chain_step`."""
     if not use_kernel("chain_accept_greedy", candidates):
-        return fill(out, reference.chain_accept_greedy(candidates, predicted, seq_lens, slots))
+        return fill(out, reference.chain_accept_greedy(candidates, predicted, seq_lens))
     bs, block = candidates.shape
     out = out if out is not None else empty_chain_step(bs, block, candidates.device)
     torch.ops.dflash_sglang.chain_accept_greedy(candidates.long().contiguous(), predicted.long().contiguous(),
-                                                seq_lens.long().contiguous(), slots.long().contiguous(), *out)
+                                                seq_lens.long().contiguous(), *out)
     return out
 
 

@@ -238,27 +238,24 @@ def chain_block(bonus: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: t
     return ChainBlock(block_ids, positions, slots)
 
 
-def chain_accept_greedy(candidates: torch.Tensor, predicted: torch.Tensor, seq_lens: torch.Tensor,
-                        slots: torch.Tensor) -> ChainStep:
+def chain_accept_greedy(candidates: torch.Tensor, predicted: torch.Tensor, seq_lens: torch.Tensor) -> ChainStep:
     """Keep drafts while each equals the target's argmax at the row before it (`predicted` [bs, B]); the bonus is
     the argmax at row accept_len."""
     matches = candidates[:, 1:] == predicted[:, :-1]
     accept_len = matches.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
     bonus = predicted.gather(1, accept_len[:, None].long()).squeeze(1)
-    return chain_step(candidates, accept_len, bonus, seq_lens, slots)
+    return chain_step(candidates, accept_len, bonus, seq_lens)
 
 
-def chain_step(candidates: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor, seq_lens: torch.Tensor,
-               slots: torch.Tensor) -> ChainStep:
+def chain_step(candidates: torch.Tensor, accept_len: torch.Tensor, bonus: torch.Tensor,
+               seq_lens: torch.Tensor) -> ChainStep:
     """What the commit needs from an acceptance (greedy or sampled) of candidates [bs, B] = [anchor, drafts]."""
     columns = torch.arange(candidates.shape[1], device=candidates.device)[None, :]
     kept = accept_len.long()[:, None]
     drafts = torch.cat([candidates[:, 1:], torch.zeros_like(candidates[:, :1])], dim=1)
     emitted = torch.where(columns < kept, drafts, torch.where(columns == kept, bonus.long()[:, None], 0))
-    context_slots = torch.where(columns <= kept, slots.long(), 0)
     commit_lens = accept_len.to(torch.int32) + 1
-    return ChainStep(accept_len.to(torch.int32), commit_lens, bonus.long(), seq_lens.long() + commit_lens, emitted,
-                     context_slots)
+    return ChainStep(accept_len.to(torch.int32), commit_lens, bonus.long(), seq_lens.long() + commit_lens, emitted)
 
 
 def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:

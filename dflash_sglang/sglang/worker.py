@@ -5,10 +5,11 @@ Per decode step, per request with committed length n and anchor a (the token emi
      DraftState.prepare_for_decode, draft_state.py);
   2. the drafter runs over it (TARGET_VERIFY on its own runner: attends to the committed context K/V in the
      draft pool and bidirectionally to the block), drafts = argmax of the target head on block rows 1..B-1;
-  3. the target verifies [a, d_1, ..., d_{B-1}] causally, capturing its features at every row;
+  3. the target verifies [a, d_1, ..., d_{B-1}] causally and, inside its CUDA graph, writes every row's features
+     as draft context K/V at the row's slot (verify_context.py: rows past the commit are rewritten before the
+     drafter reads them);
   4. chain acceptance on the GPU -> accept_len, bonus (greedy, or lossless sampling);
-  5. commit: a and the kept drafts (accept_len + 1 tokens) enter both KV caches; their target features
-     become draft context K/V; the bonus becomes the next anchor.
+  5. commit: a and the kept drafts (accept_len + 1 tokens) enter both KV caches; the bonus becomes the next anchor.
 Nothing in the step reads a device value on the host. Prefill runs the target with feature capture and
 writes draft context K/V for every prompt token at once (radix-cache hits then find it already there).
 
@@ -77,6 +78,7 @@ from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.draft_state import DraftState
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
+from dflash_sglang.sglang.verify_context import VerifyGraphContext
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,11 @@ class DFlashWorker(BaseSpecWorker):
                 self.tree.budget, self.tree.topk, self.tree.verify_width,
             )
         self.draft_block_spec = draft_block_spec(self.block_size, self.device)
+        # Registered before SGLang captures the target's verify graphs (Scheduler.init_all_cuda_graphs, after this
+        # __init__); chain and plain steps write their context K/V inside them.
+        self.verify_context = VerifyGraphContext(
+            self.draft_model, self.draft_runner, (PLAIN_WIDTH,) if self.tree else (self.block_size, PLAIN_WIDTH))
+        self.model_runner.capture_tail_hooks.append(self.verify_context.capture_hook)
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
         # --speculative-dflash-adaptive: the width controller and both widths' verify resources (init_cuda_graphs,
         # once the target's own are built).
@@ -240,21 +247,16 @@ class DFlashWorker(BaseSpecWorker):
             candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
         step.mark()
         verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
+        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
+            self.verify_context.write(verify.logits_output.hidden_states, block.positions.reshape(-1),
+                                      block.slots.reshape(-1))
+        verify.logits_output.hidden_states = None
         step.mark()
 
-        accepted = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info, seq_lens,
-                               block.slots)
+        accepted = self.accept(candidates, verify.logits_output.next_token_logits, batch.sampling_info, seq_lens)
         if on_publish is not None:
             on_publish(accepted.new_seq_lens)
 
-        # The anchor and the kept drafts are committed; the other rows' features are dropped into slot 0.
-        self.draft_model.write_context_kv(
-            verify.logits_output.hidden_states,
-            block.positions.reshape(-1),
-            accepted.context_slots.reshape(-1),
-            self.draft_runner.token_to_kv_pool,
-        )
-        verify.logits_output.hidden_states = None
         result = GenerationBatchResult(
             logits_output=verify.logits_output,
             next_token_ids=accepted.emitted.reshape(-1),
@@ -396,13 +398,13 @@ class DFlashWorker(BaseSpecWorker):
             )
         return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
 
-    def accept(self, candidates, logits, sampling_info, seq_lens, slots) -> ChainStep:
+    def accept(self, candidates, logits, sampling_info, seq_lens) -> ChainStep:
         bs, block = candidates.shape
         if sampling_info is not None:
             apply_sampling_adjustments(logits, sampling_info, block)
         logits = logits.view(bs, block, -1)
         if sampling_info is None or sampling_info.is_all_greedy:
-            return chain_accept_greedy(candidates, logits.argmax(dim=-1), seq_lens, slots)
+            return chain_accept_greedy(candidates, logits.argmax(dim=-1), seq_lens)
         # Filtering sorts every row's vocabulary; a few requests at a time bound those temporaries.
         step = max(1, SAMPLING_ROWS_PER_CHUNK // block)
         chunks = [
@@ -410,7 +412,7 @@ class DFlashWorker(BaseSpecWorker):
             for lo in range(0, bs, step)
         ]
         accept_len, bonus = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
-        return chain_step(candidates, accept_len, bonus, seq_lens, slots)
+        return chain_step(candidates, accept_len, bonus, seq_lens)
 
     def accept_tree(self, tree, logits, sampling_info) -> VerifyResult:
         """Greedy or lossless sampling acceptance of the tree on the GPU (our kernels, or their references)."""
