@@ -421,6 +421,22 @@ def test_context_kv_matches_the_reference_drafter(sglang_tp1, tmp_path, monkeypa
         torch.testing.assert_close(values, ref_values[i][0].transpose(0, 1), atol=2e-5, rtol=2e-5)
 
 
+def test_block_embedding_is_the_targets_times_the_drafters_scale(sglang_tp1, tmp_path, monkeypatch):
+    raw = drafter_configs()["qwen3"]
+    raw["dflash_config"]["input_embedding_scale"] = 2.5
+    model, _ = sglang_drafter(tmp_path, raw, monkeypatch)
+    assert model.cfg.input_embedding_scale == 2.5
+    ids = torch.tensor([3, 63, 63, 7])
+    with pytest.raises(RuntimeError, match="use_target_embedding"):
+        model.embed_block(ids)
+    target_embed = torch.nn.Embedding(64, 32).to(torch.bfloat16)
+    model.use_target_embedding(target_embed)
+    assert "target_embed" not in dict(model.named_modules())  # the target's weights, not the drafter's
+    embeds = model.embed_block(ids)
+    assert embeds.dtype == model.fc.weight.dtype
+    torch.testing.assert_close(embeds, (target_embed(ids) * 2.5).to(embeds.dtype))
+
+
 def test_weights_land_in_the_stacked_sglang_parameters(sglang_tp1, tmp_path, monkeypatch):
     raw = drafter_configs()["linear_bias"]
     model, state = sglang_drafter(tmp_path, raw, monkeypatch)
@@ -740,7 +756,6 @@ def markov_worker(monkeypatch, request):
         block_size=world.block,
         tree=None,
         drafter_config=parse_drafter_config(raw),
-        target_embed=world.onehot,
         draft_head=GreedyDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab),
         block_offsets=torch.arange(world.block),
     )
@@ -850,8 +865,8 @@ def draft_graph_runner(block: int, capture_bs: list[int]):
 def test_the_drafter_forward_is_one_sglang_draft_graph_can_replay(markov_worker):
     """The ForwardBatch our draft step hands the draft runner passes SGLang's own replay predicate
     (ModelRunner._forward_raw: forward_mode.is_cuda_graph() and DecodeCudaGraphRunner.can_run_graph), with the
-    block embeddings as input_embeds, which the replay copies into the graph's input buffer for a DFLASH draft
-    runner; else the drafter would run eagerly, its head outside the graph."""
+    block ids, which the replay copies into the graph's input buffer, and no embeddings: the drafter embeds them
+    inside the graph. Else the drafter would run eagerly, its head outside the graph."""
     import inspect
 
     from dflash_sglang.sglang.draft_model import DFlashSGLangDrafter
@@ -864,15 +879,14 @@ def test_the_drafter_forward_is_one_sglang_draft_graph_can_replay(markov_worker)
     worker.draft_runner = SimpleNamespace(forward=lambda fb: seen.append(fb) or plain(fb), token_to_kv_pool=None)
     run_decode(worker, world, steps=1)
     (fb,) = seen
-    assert fb.forward_mode.is_cuda_graph() and fb.input_embeds is not None
-    assert fb.input_embeds.shape[0] == fb.input_ids.shape[0] == fb.batch_size * world.block
+    assert fb.forward_mode.is_cuda_graph() and fb.input_embeds is None
+    assert fb.input_ids.shape[0] == fb.batch_size * world.block
 
     assert draft_graph_runner(world.block, [1, 2, 4, 8]).can_run_graph(fb)
     assert not draft_graph_runner(world.block, [1, 2]).can_run_graph(fb)  # 3 requests, graphs up to 2: eager
     assert not draft_graph_runner(world.block + 1, [1, 2, 4, 8]).can_run_graph(fb)  # another width: eager
-    # Captured with input_embeds (the drafter takes them and has no forward_embed), so a replay reads the block.
-    assert "input_embeds" in inspect.signature(DFlashSGLangDrafter.forward).parameters
-    assert not hasattr(DFlashSGLangDrafter, "forward_embed")
+    # SGLang captures a DFLASH draft graph with its input_embeds buffer only for a forward that takes them.
+    assert "input_embeds" not in inspect.signature(DFlashSGLangDrafter.forward).parameters
 
 
 def one_hot_sampling_info():

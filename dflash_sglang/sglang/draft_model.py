@@ -193,24 +193,33 @@ class DFlashSGLangDrafter(nn.Module):
         self.context_kv_weight: torch.Tensor | None = None
         self.context_kv_bias: torch.Tensor | None = None
         self.context_k_norm_scale: torch.Tensor | None = None
+        self.target_embed: nn.Module | None = None  # use_target_embedding
+
+    def use_target_embedding(self, embed: nn.Module) -> None:
+        """Embed the block's ids with the target's embedding module inside the forward, so that a draft graph's
+        replay reads the ids SGLang copies into it; embeddings computed outside would take a launch and a copy
+        more per step. Held outside the module tree: the weights are the target's."""
+        self.__dict__["target_embed"] = embed
 
     def get_attention_sliding_window_size(self) -> int | None:
         """SGLang sizes the backend's window buffers from this (window - 1, its left-only convention)."""
         return None if self.cfg.sliding_window is None else self.cfg.sliding_window - 1
 
+    def embed_block(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The block's ids [bs * B] -> the target's embeddings times `input_embedding_scale`, in the drafter's dtype."""
+        if self.target_embed is None:
+            raise RuntimeError("the DFlash drafter embeds with the target's embedding; call use_target_embedding first")
+        embeds = self.target_embed(input_ids)
+        if self.cfg.input_embedding_scale != 1.0:
+            embeds = embeds * self.cfg.input_embedding_scale
+        return embeds.to(self.fc.weight.dtype)
+
     @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        forward_batch: ForwardBatch,
-        input_embeds: torch.Tensor | None = None,
-    ) -> LogitsProcessorOutput:
-        """Block embeddings [bs * B, H] (the target's, built by the worker) -> final-normed states [bs * B, H]."""
-        if input_embeds is None:
-            raise ValueError("the DFlash drafter reads the target's block embeddings; input_embeds is required")
-        # SGLang's eager extend path hands embeddings over as bf16 whatever the model dtype.
-        hidden_states = input_embeds.to(self.fc.weight.dtype)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+        """Block ids [bs * B] -> final-normed states [bs * B, H]. With no `input_embeds` parameter, SGLang's draft
+        graphs capture the embedding too (they pass embeddings in only to forwards that take them)."""
+        hidden_states = self.embed_block(input_ids)
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)

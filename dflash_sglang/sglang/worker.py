@@ -116,7 +116,7 @@ class DFlashWorker(BaseSpecWorker):
         self.draft_model = self.draft_runner.model
 
         target_model = self.model_runner.model
-        self.target_embed = target_model.get_input_embeddings()
+        self.draft_model.use_target_embedding(target_model.get_input_embeddings())
         self.draft_head = make_draft_head(
             target_model.lm_head, self.drafter_config, self.target_info, self.block_size, self.tree
         )
@@ -342,9 +342,6 @@ class DFlashWorker(BaseSpecWorker):
         (chain), or (log-probs, tokens) [bs * (B-1), k] (tree)."""
         bs = block.block_ids.shape[0]
         block_ids = block.block_ids.reshape(-1)
-        embeds = self.target_embed(block_ids)
-        if self.drafter_config.input_embedding_scale != 1.0:
-            embeds = embeds * self.drafter_config.input_embedding_scale
         plan_lens_cpu, plan_lens_sum = plan_lens
         forward_batch = ForwardBatch(
             forward_mode=ForwardMode.TARGET_VERIFY,
@@ -356,7 +353,6 @@ class DFlashWorker(BaseSpecWorker):
             seq_lens_sum=plan_lens_sum,
             seq_lens_cpu=plan_lens_cpu,
             positions=block.positions.reshape(-1),
-            input_embeds=embeds,
             spec_algorithm=SpeculativeAlgorithm.DFLASH,
             spec_info=self.draft_block_spec,
             capture_hidden_mode=CaptureHiddenMode.NULL,
