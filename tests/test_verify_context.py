@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dflash_sglang.sglang.verify_context import VerifyGraphContext, row_positions
+from test_sglang_plugin import drafter_configs, sglang_drafter, sglang_tp1  # noqa: F401  (sglang_tp1: a fixture)
 
 
 class RecordingDrafter:
@@ -105,3 +106,59 @@ def test_sglang_captures_the_targets_graphs_after_building_our_worker():
     assert order.index("self.init_memory_pools") < order.index("self.init_all_cuda_graphs")
     assert calls(Scheduler.init_all_cuda_graphs)[:2] == ["self.tp_worker.init_cuda_graphs",
                                                           "self.draft_worker.init_cuda_graphs"]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("sglang_tp1")
+@pytest.mark.parametrize("pool_kind", ["sglang pool", "pool subclass"])
+def test_the_context_write_replays_from_a_captured_graph(tmp_path, monkeypatch, cuda, pool_kind):
+    """On the GPU: the hook captured into a CUDA graph, then replayed over fresh lengths, slots and features,
+    leaves the drafter's KV pool as an eager `write_context_kv` of the same rows leaves another, for SGLang's own
+    pool and for a pool type the drafter does not special-case (its per-layer `set_kv_buffer` stores)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    class PoolSubclass(MHATokenToKVPool):
+        pass
+
+    model, state = sglang_drafter(tmp_path, drafter_configs()["qwen3"], monkeypatch)
+    model.load_weights(state.items())
+    model = model.to(cuda, torch.bfloat16)
+    model.post_load_weights()  # the stacked context projection, rebuilt from the moved weights
+    cfg, kv_heads = model.cfg, model.layers[0].self_attn.num_kv_heads
+    pool_type = MHATokenToKVPool if pool_kind == "sglang pool" else PoolSubclass
+
+    def new_pool():
+        return pool_type(size=512, page_size=1, dtype=torch.bfloat16, head_num=kv_heads, head_dim=cfg.head_dim,
+                         layer_num=cfg.num_hidden_layers, device="cuda", enable_memory_saver=False,
+                         enable_alt_stream=False)
+
+    bs, width, g = 3, 4, torch.Generator().manual_seed(4)
+    features = torch.zeros(bs * width, cfg.num_target_features * cfg.hidden_size, dtype=torch.bfloat16, device=cuda)
+    lens = torch.ones(bs, dtype=torch.int32, device=cuda)
+    slots = torch.zeros(bs * width, dtype=torch.int64, device=cuda)
+    batch = SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY, batch_size=bs, seq_lens=lens, out_cache_loc=slots)
+    graph_pool = new_pool()
+    verify = VerifyGraphContext(model, SimpleNamespace(token_to_kv_pool=graph_pool), (width, 1))
+    out = SimpleNamespace(hidden_states=features)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # SGLang's warm-ups before a capture
+            verify.capture_hook(None, out, batch, bs * width)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        verify.capture_hook(None, out, batch, bs * width)
+
+    for _ in range(3):
+        lens.copy_(torch.randint(1, 200, (bs,), generator=g))
+        slots.copy_(torch.randperm(511, generator=g)[: bs * width] + 1)
+        features.copy_(torch.randn(features.shape, generator=g))
+        graph.replay()
+        eager_pool = new_pool()
+        model.write_context_kv(features, row_positions(lens, width), slots, eager_pool)
+        torch.cuda.synchronize()
+        for got, want in zip(graph_pool.k_buffer + graph_pool.v_buffer, eager_pool.k_buffer + eager_pool.v_buffer,
+                             strict=True):
+            assert torch.equal(got[slots], want[slots]) and bool(want[slots].abs().sum() > 0)

@@ -5,8 +5,10 @@
 # tables are printed last. Exit status: the build's if it failed; 101 if correctness tests failed and
 # scripts/device/kernel_gate.py could name the ops they condemn ($OUT/reference_ops.txt: serve with
 # DFLASH_KERNELS_REFERENCE_OPS set to its line, the other kernels stay); the tests' status if it could not; else
-# 100 if the benchmark or the error-path test failed, else 0.
-# Time budget (< 6 min): build <= 2 min, tests <= 3 min, benchmark <= 1.5 min, each under its own timeout.
+# 100 if the benchmark, the error-path test or the graph-captured context write (SGLang's drafter and pool, the
+# chain's verify-graph hook) failed, else 0.
+# Time budget (< 6 min): build <= 2 min, tests <= 3 min, the graph-captured write and the benchmark <= 1.5 min
+# each, under their own timeouts.
 #
 #   bash scripts/device/kernel_tests.sh
 set -uo pipefail
@@ -33,10 +35,14 @@ tests=${PIPESTATUS[0]}
 timeout 120 $PY -m pytest -m gpu tests/test_context_kv.py -q -p no:cacheprovider -k library_errors \
   2>&1 | tee "$OUT/pytest_gpu_errors.log"
 errors=${PIPESTATUS[0]}
+timeout 90 $PY -m pytest -m gpu tests/test_verify_context.py -q -p no:cacheprovider \
+  2>&1 | tee "$OUT/pytest_gpu_verify_context.log"
+context=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
-echo "gpu tests exit $tests, error-path test exit $errors, benchmark exit $bench (logs in $OUT)"
+echo "gpu tests exit $tests, error-path test exit $errors, context write in a graph exit $context," \
+  "benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 if [ "$tests" -ne 0 ]; then
   failed=$($PY scripts/device/kernel_gate.py "$OUT/pytest_gpu.xml")
@@ -45,7 +51,7 @@ if [ "$tests" -ne 0 ]; then
   [ -n "$failed" ] && [ "$failed" != all ] && exit 101
   exit "$tests"
 fi
-# The kernels passed; only their timing or their error reports failed: a distinct status, so callers can still
-# serve with them.
-[ "$bench" -ne 0 ] || [ "$errors" -ne 0 ] && exit 100
+# The kernels passed; only their timing, their error reports or the graph-captured write failed: a distinct
+# status, so callers can still serve with them.
+[ "$bench" -ne 0 ] || [ "$errors" -ne 0 ] || [ "$context" -ne 0 ] && exit 100
 exit 0
