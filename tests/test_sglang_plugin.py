@@ -737,9 +737,13 @@ def markov_worker(monkeypatch, request):
     monkeypatch.setattr(
         ForwardBatch, "init_new",
         classmethod(lambda cls, batch, runner, **kw: SimpleNamespace(
-            input_ids=batch.input_ids, positions=batch.spec_info.positions, out_cache_loc=batch.out_cache_loc,
-            seq_lens=batch.seq_lens, batch_size=batch.seq_lens.shape[0], forward_mode=batch.forward_mode,
-            capture_hidden_mode=kw["capture_hidden_mode"], custom_mask=batch.spec_info.custom_mask)),
+            input_ids=batch.input_ids, out_cache_loc=batch.out_cache_loc, seq_lens=batch.seq_lens,
+            req_pool_indices=batch.req_pool_indices,
+            batch_size=batch.seq_lens.shape[0], forward_mode=batch.forward_mode, spec_info=batch.spec_info,
+            capture_hidden_mode=kw["capture_hidden_mode"],
+            # SGLang's: the spec_info's positions, else a decode batch's lengths minus the token it computes.
+            positions=batch.seq_lens - 1 if batch.spec_info is None else batch.spec_info.positions,
+            custom_mask=None if batch.spec_info is None else batch.spec_info.custom_mask)),
     )
     worker = DFlashWorker.__new__(DFlashWorker)
     raw = drafter_config_dict("qwen3", hidden=world.vocab, vocab=world.vocab, num_target_layers=4, draft_layers=1,
@@ -752,6 +756,7 @@ def markov_worker(monkeypatch, request):
         draft_runner=draft_runner,
         draft_model=draft_model,
         verify_context=verify_context_with_hook(world, draft_model, draft_runner, (world.block, 1)),
+        verify_resources={},
         device="cpu",
         block_size=world.block,
         tree=None,
@@ -1158,7 +1163,11 @@ class ScriptedWidths:
 
 
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
-def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(markov_worker, tree, caplog):
+@pytest.mark.parametrize("plain_decode", [False, True], ids=["plain verify", "plain decode"])
+def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(markov_worker, tree,
+                                                                                      plain_decode, caplog):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
     from dflash_sglang.sglang.adaptive_width import VerifyResources
 
     worker, world = in_tree_mode(*markov_worker) if tree else markov_worker
@@ -1167,7 +1176,7 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
     worker.__dict__.update(
         width_controller=ScriptedWidths([spec_width, 1, 1, spec_width, 1, spec_width, spec_width, 1]),
         verify_resources={spec_width: VerifyResources.current(worker.model_runner, spec_width),
-                          1: VerifyResources(1, "plain backend", "plain graphs")},
+                          1: VerifyResources(1, "plain backend", "plain graphs", decode=plain_decode)},
         active_width=spec_width,
     )
     backends, strides = [], []
@@ -1176,6 +1185,14 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
     def verify(batch=None, forward_batch=None, is_verify=False):
         backends.append((worker.model_runner.attn_backend, worker.model_runner.decode_cuda_graph_runner))
         strides.append(forward_batch.input_ids.numel() // 3)
+        # A plain step's forward is SGLang's decoding one (DECODE, no spec_info, lengths counting the anchor) or
+        # a one-token verify; speculative steps always verify.
+        decoding = strides[-1] == 1 and plain_decode
+        assert forward_batch.forward_mode == (ForwardMode.DECODE if decoding else ForwardMode.TARGET_VERIFY)
+        assert (forward_batch.spec_info is None) is decoding
+        if decoding:  # the anchor's KV goes to the slot of its position, the committed length
+            slots = world.req_to_token[forward_batch.req_pool_indices, forward_batch.positions]
+            assert torch.equal(forward_batch.out_cache_loc, slots)
         return target(batch, forward_batch, is_verify)
 
     worker._target_worker = SimpleNamespace(forward_batch_generation=verify)
@@ -1256,6 +1273,53 @@ def test_verify_resources_are_built_at_width_one_and_the_arguments_restored(monk
     assert model_runner.init_new_workspace is False
     model_runner.decode_cuda_graph_runner = None  # graphs off: the plain verify runs eagerly
     assert build_verify_resources(model_runner, 1, (args,)).graph_runner is None
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_plain_decode_resources_are_built_as_plain_decoding_and_everything_restored(monkeypatch, caplog,
+                                                                                     capture_fails):
+    """build_plain_resources against SGLang's real DecodeCudaGraphRunner signature, its construction recorded: the
+    DECODE graphs are built while the runner's algorithm reads NONE (SGLang captures a speculative runner's decode
+    graphs as TARGET_VERIFY) and the arguments say width 1 with hidden states returned, which makes SGLang capture
+    them with full hidden states; all of it reads as before afterwards. If that capture fails, plain steps verify
+    one token instead, with a warning."""
+    from sglang.srt.model_executor import runner as runner_module
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from dflash_sglang.sglang.adaptive_width import build_plain_resources
+
+    class Args:
+        def __init__(self):
+            self.speculative_num_draft_tokens, self.enable_return_hidden_states = 16, False
+
+        def override(self, source, **fields):
+            self.__dict__.update(fields)
+
+    args, published = Args(), Args()
+    seen = []
+
+    class Runner:
+        def __init__(self, model_runner, *, attn_backend=None, speculative_num_steps=None,
+                     speculative_num_draft_tokens=None):
+            seen.append((model_runner.spec_algorithm, speculative_num_draft_tokens, args.speculative_num_draft_tokens,
+                         args.enable_return_hidden_states, published.enable_return_hidden_states))
+            if capture_fails and model_runner.spec_algorithm.is_none():
+                raise RuntimeError("Capture cuda graph failed")
+
+    monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", Runner)
+    model_runner = SimpleNamespace(server_args=args, decode_cuda_graph_runner="spec graphs", init_new_workspace=False,
+                                   spec_algorithm=SpeculativeAlgorithm.DFLASH,
+                                   _get_attention_backend=lambda init_new_workspace=False: "backend")
+    with caplog.at_level(logging.WARNING, logger="dflash_sglang.sglang.adaptive_width"):
+        resources = build_plain_resources(model_runner, (args, published))
+    decode_build = (SpeculativeAlgorithm.NONE, 1, 1, True, True)
+    verify_build = (SpeculativeAlgorithm.DFLASH, 1, 1, False, False)
+    assert seen == ([decode_build, verify_build] if capture_fails else [decode_build])
+    assert resources.width == 1 and resources.decode is not capture_fails
+    assert model_runner.spec_algorithm is SpeculativeAlgorithm.DFLASH
+    assert (args.speculative_num_draft_tokens, args.enable_return_hidden_states) == (16, False)
+    assert (published.speculative_num_draft_tokens, published.enable_return_hidden_states) == (16, False)
+    assert ["cannot run as DECODE forwards" in r.getMessage() for r in caplog.records] == [True] * capture_fails
 
 
 @pytest.mark.parametrize("raw,expected", [

@@ -50,15 +50,30 @@ def test_the_hook_writes_every_verify_row_at_its_slot_and_position():
     assert verify.written_in_graph(4, ran_graph=True)
     assert not verify.written_in_graph(4, ran_graph=False)  # an eager verify writes after its forward
     assert not verify.written_in_graph(1, ran_graph=True)  # width 1's graphs were not captured with it
+    assert not verify.written_in_graph(4, ran_graph=True, decode=True)
 
 
-@pytest.mark.parametrize("mode,num_tokens", [("DECODE", 12), ("EXTEND", 12), ("TARGET_VERIFY", 3 * 16)])
-def test_the_hook_leaves_other_graphs_alone(mode, num_tokens):
-    """Other forward modes, and verify widths it was not given (a tree's), capture nothing of ours."""
+def test_the_hook_writes_a_plain_decode_graphs_row_at_the_committed_length():
+    """A DECODE batch's lengths count the token it computes: the row sits at length - 1."""
     verify, drafter = context()
+    batch = verify_batch("DECODE", width=1)
+    batch.seq_lens = torch.tensor([8, 1, 31], dtype=torch.int32)
+    verify.capture_hook(object(), SimpleNamespace(hidden_states=torch.randn(3, 8)), batch, 3)
+    [(_, positions, slots, _)] = drafter.writes
+    assert positions.tolist() == [7, 0, 30] and slots is batch.out_cache_loc
+    assert verify.written_in_graph(1, ran_graph=True, decode=True)
+    assert not verify.written_in_graph(1, ran_graph=True)  # width 1's verify graphs were not captured with it
+
+
+@pytest.mark.parametrize("mode,num_tokens,widths", [("DECODE", 3, (4,)), ("EXTEND", 12, (4, 1)),
+                                                     ("TARGET_VERIFY", 3 * 16, (4, 1))])
+def test_the_hook_leaves_other_graphs_alone(mode, num_tokens, widths):
+    """Other forward modes, and widths it was not given (a tree's verify; plain steps when the server has none),
+    capture nothing of ours."""
+    verify, drafter = context(widths)
     verify.capture_hook(object(), SimpleNamespace(hidden_states=torch.zeros(num_tokens, 8)),
                         verify_batch(mode), num_tokens)
-    assert drafter.writes == [] and not verify.written_in_graph(16, True) and not verify.written_in_graph(4, True)
+    assert drafter.writes == [] and verify.captured == {}
 
 
 def test_graphs_captured_without_features_leave_the_write_to_the_step():

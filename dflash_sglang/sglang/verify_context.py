@@ -10,8 +10,9 @@ its decode-graph runner captures, and ours records the write into the target's v
 write's host cost (0.55-0.68 ms a step on the H200, whatever the batch: four launches and one pool store per
 drafter layer) out of the step.
 
-An eager verify (graphs off, or a batch above --cuda-graph-max-bs) writes the same rows to the same slots after
-its forward. Tree steps keep their own write: their committed rows are a path through the tree, known only after
+A plain step that runs as a DECODE forward (adaptive_width.py) writes its one row from inside the DECODE graphs
+the same way. An eager forward (graphs off, or a batch above --cuda-graph-max-bs) writes the same rows to the same
+slots after it. Tree steps keep their own write: their committed rows are a path through the tree, known only after
 the acceptance, and the commit moves their KV slots.
 """
 
@@ -21,30 +22,38 @@ import torch
 
 
 class VerifyGraphContext:
-    """Writes the chain's context K/V; as a target capture tail hook, from inside the verify graphs of `widths`."""
+    """Writes the chain's context K/V; as a target capture tail hook, from inside the verify graphs of `widths`
+    (and the DECODE graphs of plain steps, when 1 is among them)."""
 
     def __init__(self, draft_model, draft_runner, widths):
         self.draft_model = draft_model
         self.draft_runner = draft_runner  # its KV pool exists once SGLang has sized the pools, after our __init__
         self.widths = frozenset(widths)
-        self.captured: dict[int, bool] = {}  # verify width -> whether its graphs hold the write (last capture)
+        # (DECODE graph?, width) -> whether those graphs hold the write (as of their last capture)
+        self.captured: dict[tuple[bool, int], bool] = {}
 
     def capture_hook(self, graph_runner, out, forward_batch, num_tokens: int) -> None:
         """SGLang's tail hook: called inside every target decode-graph capture, with the graph's static buffers."""
-        if not forward_batch.forward_mode.is_target_verify():
+        mode = forward_batch.forward_mode
+        if mode.is_decode():
+            # A DECODE batch's lengths count the token it computes.
+            width, committed = 1, forward_batch.seq_lens - 1
+        elif mode.is_target_verify():
+            width, committed = num_tokens // forward_batch.batch_size, forward_batch.seq_lens
+        else:
             return
-        width = num_tokens // forward_batch.batch_size
         if width not in self.widths:
             return
         features = getattr(out, "hidden_states", None)
-        self.captured[width] = features is not None
+        self.captured[(mode.is_decode(), width)] = features is not None
         if features is not None:
             # The graph's positions buffer may be shifted in place by the forward (Gemma 4); the lengths are not.
-            self.write(features, row_positions(forward_batch.seq_lens, width), forward_batch.out_cache_loc)
+            self.write(features, row_positions(committed, width), forward_batch.out_cache_loc)
 
-    def written_in_graph(self, width: int, ran_graph: bool) -> bool:
-        """Whether a verify of `width` that did (or did not) replay a graph has already written the context."""
-        return ran_graph and self.captured.get(width, False)
+    def written_in_graph(self, width: int, ran_graph: bool, decode: bool = False) -> bool:
+        """Whether a forward of `width` (a DECODE one if `decode`, else a verify) that did (or did not) replay a graph
+        has already written the context."""
+        return ran_graph and self.captured.get((decode, width), False)
 
     def write(self, features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         self.draft_model.write_context_kv(features, positions, slots, self.draft_runner.token_to_kv_pool)

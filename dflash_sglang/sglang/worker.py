@@ -69,7 +69,7 @@ from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
 from dflash_sglang.sglang.adaptive_width import (
     VerifyResources,
     adaptive_from_env,
-    build_verify_resources,
+    build_plain_resources,
     check_adaptive,
     widths_from_env,
 )
@@ -164,11 +164,12 @@ class DFlashWorker(BaseSpecWorker):
         if self.width_controller is not None:
             self.verify_resources = {self.verify_width: VerifyResources.current(self.model_runner, self.verify_width)}
             if PLAIN_WIDTH in self.width_controller.widths:
-                self.verify_resources[PLAIN_WIDTH] = build_verify_resources(
-                    self.model_runner, PLAIN_WIDTH, (self.model_runner.server_args, get_server_args()))
+                self.verify_resources[PLAIN_WIDTH] = build_plain_resources(
+                    self.model_runner, (self.model_runner.server_args, get_server_args()))
+            plain = self.verify_resources.get(PLAIN_WIDTH)
             logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (1: a "
-                        "plain decoding step), whichever has been faster at the running batch size",
-                        list(self.width_controller.widths))
+                        "plain decoding step%s), whichever has been faster at the running batch size",
+                        list(self.width_controller.widths), ", a DECODE forward" if plain and plain.decode else "")
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
@@ -246,8 +247,13 @@ class DFlashWorker(BaseSpecWorker):
             drafts = self.draft(batch, block, plan_lens).view(seq_lens.shape[0], -1)
             candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
         step.mark()
-        verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
-        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
+        resources = self.verify_resources.get(width)
+        decode = resources is not None and resources.decode
+        if decode:
+            verify = self.plain_forward(batch, block, plan_lens)
+        else:
+            verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
+        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph, decode):
             self.verify_context.write(verify.logits_output.hidden_states, block.positions.reshape(-1),
                                       block.slots.reshape(-1))
         verify.logits_output.hidden_states = None
@@ -383,6 +389,29 @@ class DFlashWorker(BaseSpecWorker):
             spec_info=spec,
             forward_mode=ForwardMode.TARGET_VERIFY,
             out_cache_loc=slots.reshape(-1),
+            seq_lens_cpu=plan_lens_cpu,
+            seq_lens_sum=plan_lens_sum,
+        ):
+            forward_batch = ForwardBatch.init_new(
+                batch,
+                self.model_runner,
+                capture_hidden_mode=CaptureHiddenMode.FULL,
+                return_hidden_states_before_norm=False,
+            )
+        return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
+
+    def plain_forward(self, batch, block: ChainBlock, plan_lens) -> GenerationBatchResult:
+        """A plain step's target forward as SGLang's own decoding runs it (DECODE mode, on the plain step's backend
+        and DECODE graphs): the anchor at the committed length, its features captured."""
+        plan_lens_cpu, plan_lens_sum = plan_lens
+        with overridden(
+            batch,
+            input_ids=block.block_ids.reshape(-1),
+            spec_info=None,
+            forward_mode=ForwardMode.DECODE,
+            out_cache_loc=block.slots.reshape(-1),
+            # A DECODE batch's lengths count the token it computes; the host bounds still bound them.
+            seq_lens=block.positions.reshape(-1) + 1,
             seq_lens_cpu=plan_lens_cpu,
             seq_lens_sum=plan_lens_sum,
         ):
