@@ -230,8 +230,9 @@ class DFlashWorker(BaseSpecWorker):
     @torch.profiler.record_function(DECODE_RANGE)
     def decode(self, batch: ScheduleBatch, on_publish, width: int | None = None) -> GenerationBatchResult:
         """One chain step of `width` tokens per request (default: the drafter's block); width 1 is a plain
-        decoding step, the anchor verified alone with no draft (the adaptive width's choice where drafting does
-        not pay): its features still become draft context, so drafting can resume at any step."""
+        decoding step, the anchor alone through the target with no draft (the adaptive width's choice where
+        drafting does not pay; a DECODE forward when its resources are DECODE ones, else a one-token verify): its
+        features still become draft context, so drafting can resume at any step."""
         width = width or self.block_size
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
