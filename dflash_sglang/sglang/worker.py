@@ -383,39 +383,23 @@ class DFlashWorker(BaseSpecWorker):
             custom_mask=custom_mask,
             capture_hidden_mode=CaptureHiddenMode.FULL,
         )
-        plan_lens_cpu, plan_lens_sum = plan_lens
-        with overridden(
-            batch,
-            input_ids=spec.draft_token,
-            spec_info=spec,
-            forward_mode=ForwardMode.TARGET_VERIFY,
-            out_cache_loc=slots.reshape(-1),
-            seq_lens_cpu=plan_lens_cpu,
-            seq_lens_sum=plan_lens_sum,
-        ):
-            forward_batch = ForwardBatch.init_new(
-                batch,
-                self.model_runner,
-                capture_hidden_mode=CaptureHiddenMode.FULL,
-                return_hidden_states_before_norm=False,
-            )
-        return self.target_worker.forward_batch_generation(None, forward_batch=forward_batch, is_verify=True)
+        return self.target_forward(batch, plan_lens, input_ids=spec.draft_token, spec_info=spec,
+                                   forward_mode=ForwardMode.TARGET_VERIFY, out_cache_loc=slots.reshape(-1))
 
     def plain_forward(self, batch, block: ChainBlock, plan_lens) -> GenerationBatchResult:
         """A plain step's target forward as SGLang's own decoding runs it (DECODE mode, on the plain step's backend
         and DECODE graphs): the anchor at the committed length, its features captured."""
-        plan_lens_cpu, plan_lens_sum = plan_lens
-        with overridden(
-            batch,
-            input_ids=block.block_ids.reshape(-1),
-            spec_info=None,
-            forward_mode=ForwardMode.DECODE,
+        return self.target_forward(
+            batch, plan_lens, input_ids=block.block_ids.reshape(-1), spec_info=None, forward_mode=ForwardMode.DECODE,
             out_cache_loc=block.slots.reshape(-1),
             # A DECODE batch's lengths count the token it computes; the host bounds still bound them.
-            seq_lens=block.positions.reshape(-1) + 1,
-            seq_lens_cpu=plan_lens_cpu,
-            seq_lens_sum=plan_lens_sum,
-        ):
+            seq_lens=block.positions.reshape(-1) + 1)
+
+    def target_forward(self, batch, plan_lens, **fields) -> GenerationBatchResult:
+        """The target's forward over `batch` with `fields` in place of its own and the host length bounds
+        `plan_lens`, features captured at every row, unsampled."""
+        plan_lens_cpu, plan_lens_sum = plan_lens
+        with overridden(batch, seq_lens_cpu=plan_lens_cpu, seq_lens_sum=plan_lens_sum, **fields):
             forward_batch = ForwardBatch.init_new(
                 batch,
                 self.model_runner,
