@@ -87,6 +87,7 @@ TIMED=(
   dflash_sglang.sglang.worker:DFlashWorker.block
   dflash_sglang.sglang.worker:DFlashWorker.draft
   dflash_sglang.sglang.worker:DFlashWorker.verify
+  dflash_sglang.sglang.worker:DFlashWorker.plain_forward
   dflash_sglang.sglang.worker:DFlashWorker.accept
   dflash_sglang.sglang.worker:DFlashWorker.accept_tree
   dflash_sglang.sglang.draft_model:DFlashSGLangDrafter.write_context_kv
