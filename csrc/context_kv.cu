@@ -5,7 +5,8 @@
 // never straddles a warp) owns a row: lane t holds the vectors t, t + G, ... of both rotation halves in registers,
 // the sum of squares is reduced with shuffles inside the group, then each lane normalizes, rotates and stores
 // what it holds, and copies the row's values. Rows are numbered in output order ((l * N + n) * H + h), so the
-// stores of a CTA are one contiguous stretch.
+// stores of a CTA are one contiguous stretch. In pool mode the same rows land in the KV pool instead, each at its
+// token's slot of its layer's buffers: SGLang's per-layer stores, folded into this launch.
 //
 // Arithmetic is the torch reference's, operation for operation: x * (1 / rms) then * scale in float32, rounded
 // to the kv dtype (the norm's output dtype, as in the reference drafter), then first * cos - second * sin and
@@ -110,7 +111,16 @@ __global__ void __launch_bounds__(kContextThreads)
   const C* cos_row = static_cast<const C*>(p.cos_sin_cache) + pos * p.cache_row_stride;
   const C* sin_row = cos_row + half;
   const float* scale = p.k_norm_scale + l * head_dim;
-  T* key_out = static_cast<T*>(p.keys) + row * head_dim;
+  T* key_out;
+  T* row_value_out;
+  if (p.key_layers != nullptr) {
+    const int64_t offset = p.slots[n] * p.slot_stride + h * head_dim;
+    key_out = reinterpret_cast<T*>(p.key_layers[l]) + offset;
+    row_value_out = reinterpret_cast<T*>(p.value_layers[l]) + offset;
+  } else {
+    key_out = static_cast<T*>(p.keys) + row * head_dim;
+    row_value_out = static_cast<T*>(p.values) + row * head_dim;
+  }
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const int j = lane + s * group;
@@ -134,7 +144,7 @@ __global__ void __launch_bounds__(kContextThreads)
 
   using Vec = Pack<T, kVec>;
   const Vec* value_in = reinterpret_cast<const Vec*>(key_in + head_stride);
-  Vec* value_out = reinterpret_cast<Vec*>(static_cast<T*>(p.values) + row * head_dim);
+  Vec* value_out = reinterpret_cast<Vec*>(row_value_out);
   for (int j = lane; j < head_dim / kVec; j += group) value_out[j] = value_in[j];
 }
 
@@ -145,9 +155,12 @@ cudaError_t launch_typed(const ContextKVParams& p, cudaStream_t stream) {
   // 16-byte accesses when the head halves, the cache rows and every base address allow them, else per element.
   constexpr int kWide = 16 / sizeof(T);
   const int half = p.head_dim / 2;
+  const bool outputs_aligned = p.key_layers != nullptr
+                                   ? p.pool_alignment % int64_t(kWide * sizeof(T)) == 0
+                                   : aligned(p.keys, kWide * sizeof(T)) && aligned(p.values, kWide * sizeof(T));
   const bool wide = half % kWide == 0 && p.cache_row_stride % kWide == 0 && aligned(p.kv, kWide * sizeof(T)) &&
-                    aligned(p.keys, kWide * sizeof(T)) && aligned(p.values, kWide * sizeof(T)) &&
-                    aligned(p.cos_sin_cache, kWide * sizeof(C)) && aligned(p.k_norm_scale, kWide * sizeof(float));
+                    outputs_aligned && aligned(p.cos_sin_cache, kWide * sizeof(C)) &&
+                    aligned(p.k_norm_scale, kWide * sizeof(float));
   const int vec = wide ? kWide : 1;
   int group = 1;
   while (group < kWarp && group < half / vec) group *= 2;

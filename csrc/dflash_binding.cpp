@@ -338,8 +338,9 @@ dflash::ElementType element_type(at::ScalarType dtype) {
                               : dflash::ElementType::kBFloat16;
 }
 
-void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double eps, const Tensor& positions,
-                          const Tensor& cos_sin_cache, const Tensor& keys, const Tensor& values) {
+// The checks and launch parameters both context K/V ops share: the GEMM output, the norm scales, positions, cache.
+dflash::ContextKVParams context_kv_params(const Tensor& kv, const Tensor& k_norm_scale, double eps,
+                                          const Tensor& positions, const Tensor& cos_sin_cache) {
   DFLASH_CHECK(kv.dim() == 5 && kv.size(2) == 2, "kv must be [N, L, 2, H, D], got %s", dims(kv.sizes()).s);
   const auto device = kv.device();
   DFLASH_CHECK(device.is_cuda(), "kv must be a CUDA tensor");
@@ -361,17 +362,12 @@ void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double e
                "cos_sin_cache must be float32 or %s, got %s", dtype_name(dtype),
                dtype_name(cos_sin_cache.scalar_type()));
   DFLASH_CHECK(cos_sin_cache.stride(1) == 1, "cos_sin_cache rows must be contiguous");
-  expect(keys, "keys", device, dtype, {layers, tokens, heads, head_dim});
-  expect(values, "values", device, dtype, {layers, tokens, heads, head_dim});
 
-  const c10::cuda::CUDAGuard guard(device);
   dflash::ContextKVParams p{};
   p.kv = kv.data_ptr();
   p.k_norm_scale = k_norm_scale.data_ptr<float>();
   p.positions = positions.data_ptr<int64_t>();
   p.cos_sin_cache = cos_sin_cache.data_ptr();
-  p.keys = keys.data_ptr();
-  p.values = values.data_ptr();
   p.eps = float(eps);
   p.num_tokens = tokens;
   p.num_layers = int(layers);
@@ -381,6 +377,41 @@ void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double e
   p.cache_row_stride = cos_sin_cache.stride(0);
   p.dtype = element_type(dtype);
   p.cache_dtype = element_type(cos_sin_cache.scalar_type());
+  return p;
+}
+
+void context_kv_norm_rope(const Tensor& kv, const Tensor& k_norm_scale, double eps, const Tensor& positions,
+                          const Tensor& cos_sin_cache, const Tensor& keys, const Tensor& values) {
+  dflash::ContextKVParams p = context_kv_params(kv, k_norm_scale, eps, positions, cos_sin_cache);
+  const auto device = kv.device();
+  expect(keys, "keys", device, kv.scalar_type(), {p.num_layers, p.num_tokens, p.num_heads, p.head_dim});
+  expect(values, "values", device, kv.scalar_type(), {p.num_layers, p.num_tokens, p.num_heads, p.head_dim});
+  p.keys = keys.data_ptr();
+  p.values = values.data_ptr();
+  const c10::cuda::CUDAGuard guard(device);
+  C10_CUDA_CHECK(dflash::launch_context_kv(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+// The pool's buffers are the caller's to vouch for (dflash_sglang/kernels/context_kv.py builds the address tables
+// from live [S, H, D] tensors of kv's dtype); slots are not bounds-checked, as SGLang's own store does not.
+void context_kv_to_pool(const Tensor& kv, const Tensor& k_norm_scale, double eps, const Tensor& positions,
+                        const Tensor& cos_sin_cache, const Tensor& key_layers, const Tensor& value_layers,
+                        const Tensor& slots, int64_t slot_stride, int64_t pool_alignment) {
+  dflash::ContextKVParams p = context_kv_params(kv, k_norm_scale, eps, positions, cos_sin_cache);
+  const auto device = kv.device();
+  expect(key_layers, "key_layers", device, at::kLong, {p.num_layers});
+  expect(value_layers, "value_layers", device, at::kLong, {p.num_layers});
+  expect(slots, "slots", device, at::kLong, {p.num_tokens});
+  const int64_t slot_size = int64_t(p.num_heads) * p.head_dim;
+  DFLASH_CHECK(slot_stride >= slot_size, "slot_stride %lld is smaller than a slot (H * D = %lld)",
+               static_cast<long long>(slot_stride), static_cast<long long>(slot_size));
+  DFLASH_CHECK(pool_alignment >= 1, "pool_alignment must be positive");
+  p.key_layers = key_layers.data_ptr<int64_t>();
+  p.value_layers = value_layers.data_ptr<int64_t>();
+  p.slots = slots.data_ptr<int64_t>();
+  p.slot_stride = slot_stride;
+  p.pool_alignment = pool_alignment;
+  const c10::cuda::CUDAGuard guard(device);
   C10_CUDA_CHECK(dflash::launch_context_kv(p, c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -474,6 +505,10 @@ TORCH_LIBRARY(dflash_sglang, m) {
   m.def(
       "context_kv_norm_rope(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
       "Tensor(a!) keys, Tensor(b!) values) -> ()");
+  // The pool's layer buffers are written through the address tables: the schema cannot name them as mutated.
+  m.def(
+      "context_kv_to_pool(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
+      "Tensor key_layers, Tensor value_layers, Tensor slots, int slot_stride, int pool_alignment) -> ()");
   m.def(
       "chain_block(Tensor bonus, Tensor seq_lens, Tensor req_pool_indices, Tensor req_to_token, int mask_token_id, "
       "Tensor(a!) block_ids, Tensor(b!) positions, Tensor(c!) slots) -> ()");
@@ -491,6 +526,7 @@ TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
   m.impl("commit_tree", &commit_tree);
   m.impl("gather_accepted_hidden", &gather_accepted_hidden);
   m.impl("context_kv_norm_rope", &context_kv_norm_rope);
+  m.impl("context_kv_to_pool", &context_kv_to_pool);
   m.impl("chain_block", &chain_block);
   m.impl("chain_accept_greedy", &chain_accept_greedy);
 }

@@ -114,6 +114,13 @@ struct ContextKVParams {
   const void* cos_sin_cache;   // [max_position, cache_row_stride] of `cache_dtype`: cos in [0, D/2), sin in [D/2, D)
   void* keys;                  // [L, N, H, D] of `dtype`: normed, then neox-rotated at positions[n]
   void* values;                // [L, N, H, D] of `dtype`: copied
+  // Pool mode (key_layers != nullptr; keys and values unused): row (l, n, h) goes straight into the KV pool, at
+  // key_layers[l] + slots[n] * slot_stride + h * D (values alike): the store SGLang's pool makes per layer.
+  const int64_t* key_layers;   // [L] base addresses of each layer's [S, H, D] key buffer
+  const int64_t* value_layers; // [L] the same for values
+  const int64_t* slots;        // [N] pool slot of token n
+  int64_t slot_stride;         // elements between consecutive slots of a layer buffer (H * D when contiguous)
+  int64_t pool_alignment;      // bytes every base address and slot_stride * sizeof(dtype) are a multiple of
   float eps;
   int64_t num_tokens;          // N
   int num_layers, num_heads, head_dim;  // L, H, D (D even, <= kMaxContextHeadDim)

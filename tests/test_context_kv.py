@@ -8,11 +8,17 @@ GPU (`pytest -m gpu`, on the box through scripts/device/kernel_tests.sh): the ke
 fresh random inputs with NaN-poisoned outputs over N x L x H x D x dtype, odd head dims and unaligned caches (the
 per-element path), float16, and CUDA-graph capture. Values must match bit for bit; keys within the one rounding
 step the reference's float32 `1 / rms` (another summation order) can move.
+
+The pool op (`context_kv_to_pool`, the same kernel storing rows straight into per-layer KV buffers): on CPU its
+reference stores what `context_kv_norm_rope` followed by one indexed store per layer stores, and nothing else; on
+the GPU the kernel does the same into pools of every dtype, padded slot strides and unaligned buffers (the
+per-element path), rows sharing the padding slot 0, and inside a CUDA graph.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 import textwrap
@@ -21,7 +27,8 @@ import types
 import pytest
 import torch
 
-from dflash_sglang.kernels import ContextKV, context_kv_norm_rope, jit, reference
+from dflash_sglang.kernels import (ContextKV, context_kv_norm_rope, context_kv_to_pool, jit, pool_layers,
+                                   reference)
 from dflash_sglang.kernels.buffers import empty_context_kv
 
 EPS = 1e-6
@@ -151,6 +158,88 @@ def test_op_runs_the_reference_on_cpu_and_fills_out(caplog, monkeypatch):
     assert_bitwise(got.values, expected.values)
 
 
+def random_pool(num_layers: int, slots: int, heads: int, head_dim: int, dtype, g: torch.Generator,
+                pad: int = 0, offset: int = 0):
+    """Per-layer key and value buffers [S, H, D] filled with random content (what a store must leave alone), each
+    slot `pad` elements past H x D and each buffer `offset` elements into its storage."""
+    def buffer():
+        row = heads * head_dim + pad
+        flat = torch.randn(offset + slots * row, generator=g, device=g.device).to(dtype)
+        return flat[offset:].as_strided((slots, heads, head_dim), (row, head_dim, 1))
+
+    return [buffer() for _ in range(num_layers)], [buffer() for _ in range(num_layers)]
+
+
+def slot_indices(num_tokens: int, num_slots: int, g: torch.Generator) -> torch.Tensor:
+    """Distinct slots in 1..S-1, a few rows dropped onto the padding slot 0 as the worker drops them."""
+    slots = torch.randperm(num_slots - 1, generator=g, device=g.device)[:num_tokens] + 1
+    dropped = torch.rand(num_tokens, generator=g, device=g.device) < 0.2
+    return torch.where(dropped, torch.zeros_like(slots), slots)
+
+
+def stored_per_layer(keys, values, kv, scale, positions, cache, slots):
+    """The path the pool op replaces: layer-major keys and values, then one indexed store per layer (copies)."""
+    keys, values = [k.clone() for k in keys], [v.clone() for v in values]
+    context = context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    for layer in range(len(keys)):
+        keys[layer][slots] = context.keys[layer]
+        values[layer][slots] = context.values[layer]
+    return keys, values
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pad, offset", [(0, 0), (8, 0), (0, 1)])
+def test_pool_reference_stores_what_the_per_layer_stores_store(dtype, pad, offset):
+    g = torch.Generator().manual_seed(pad * 10 + offset)
+    num_tokens, num_layers, heads, head_dim, num_slots = 24, 3, 2, 16, 64
+    kv, scale, positions = context_inputs(num_tokens, num_layers, heads, head_dim, dtype, g, True, 1000)
+    cache = rope_cache(head_dim, 1000)
+    slots = slot_indices(num_tokens, num_slots, g)
+    keys, values = random_pool(num_layers, num_slots, heads, head_dim, dtype, g, pad, offset)
+    expected_keys, expected_values = stored_per_layer(keys, values, kv, scale, positions, cache, slots)
+    before = [t.clone() for t in keys + values]
+    context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool_layers(keys, values))
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    for got, want, old in zip(keys + values, expected_keys + expected_values, before):
+        assert_bitwise(got[1:], want[1:])  # slot 0 holds any one of the rows dropped there
+        assert_bitwise(got[untouched], old[untouched])
+
+
+def test_pool_layers_checks_the_buffers_and_builds_the_address_tables():
+    g = torch.Generator().manual_seed(4)
+    keys, values = random_pool(2, 10, 2, 8, torch.bfloat16, g, pad=8)
+    pool = pool_layers(keys, values)
+    assert pool.key_addresses.tolist() == [t.data_ptr() for t in keys]
+    assert pool.value_addresses.tolist() == [t.data_ptr() for t in values]
+    assert pool.slot_stride == 24 and pool.alignment % 2 == 0
+    assert pool.alignment == math.gcd(24 * 2, *(t.data_ptr() for t in keys + values))
+    with pytest.raises(ValueError, match="as many key buffers as value buffers"):
+        pool_layers(keys, values[:1])
+    with pytest.raises(ValueError, match="every buffer must be"):
+        pool_layers(keys, [values[0], values[1].float()])
+    with pytest.raises(ValueError, match="contiguous at one slot stride"):
+        pool_layers(keys, [values[0], values[1].transpose(1, 2).contiguous().transpose(1, 2)])
+    other_stride, _ = random_pool(1, 10, 2, 8, torch.bfloat16, g, pad=0)
+    with pytest.raises(ValueError, match="contiguous at one slot stride"):
+        pool_layers([keys[0], other_stride[0]], values)
+
+
+def test_pool_op_refuses_kv_that_does_not_fit_the_pool():
+    g = torch.Generator().manual_seed(5)
+    kv, scale, positions = context_inputs(4, 2, 2, 8, torch.bfloat16, g, False, 64)
+    cache, slots = rope_cache(8, 64), torch.arange(1, 5)
+    keys, values = random_pool(3, 10, 2, 8, torch.bfloat16, g)
+    with pytest.raises(ValueError, match="does not fit the pool's 3 layers"):
+        context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool_layers(keys, values))
+    keys, values = random_pool(2, 10, 2, 8, torch.float32, g)
+    with pytest.raises(ValueError, match="does not fit"):
+        context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool_layers(keys, values))
+    keys, values = random_pool(2, 10, 2, 8, torch.bfloat16, g)
+    with pytest.raises(ValueError, match="slots must be"):
+        context_kv_to_pool(kv, scale, EPS, positions, cache, slots[:3], pool_layers(keys, values))
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -268,6 +357,68 @@ def test_kernel_captures_in_a_cuda_graph(cuda):
     torch.cuda.synchronize()
     assert_bitwise(out.keys, expected.keys)
     assert_bitwise(out.values, expected.values)
+
+
+def check_pool_kernel(dtype, num_tokens, num_layers, heads, head_dim, g, cuda, pad=0, offset=0, cache_dtype=None):
+    """The kernel's pool against the reference's pool, from the same random content: keys within the rounding
+    bound and values bit for bit at the written slots (slot 0 aside), everything else untouched."""
+    num_slots = 2 * num_tokens + 8
+    kv, scale, positions = context_inputs(num_tokens, num_layers, heads, head_dim, dtype, g, True)
+    cache = cuda_cache(head_dim, cache_dtype or torch.float32, cuda)
+    slots = slot_indices(num_tokens, num_slots, g)
+    keys, values = random_pool(num_layers, num_slots, heads, head_dim, dtype, g, pad, offset)
+    before = [t.clone() for t in keys + values]
+    expected = reference.context_kv_norm_rope(kv, scale, EPS, positions, cache)
+    context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool_layers(keys, values))
+    written = slots[slots > 0]
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=cuda)
+    untouched[slots] = False
+    rows = slots > 0
+    for layer in range(num_layers):
+        assert_keys_close(keys[layer][written], expected.keys[layer][rows])
+        assert_bitwise(values[layer][written], expected.values[layer][rows])
+    for got, old in zip(keys + values, before):
+        assert_bitwise(got[untouched], old[untouched])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 72])
+@pytest.mark.parametrize("num_tokens", [1, 37, 1000])
+def test_pool_kernel_matches_reference(cuda, dtype, head_dim, num_tokens):
+    g = torch.Generator(device=cuda).manual_seed(num_tokens * 1000 + head_dim)
+    for num_layers, heads in ((1, 1), (5, 3), (3, 8)):
+        check_pool_kernel(dtype, num_tokens, num_layers, heads, head_dim, g, cuda)
+    check_pool_kernel(dtype, num_tokens, 5, 3, head_dim, g, cuda, cache_dtype=dtype)
+    # A padded slot stride keeps the 16-byte path when it is a multiple of 16 bytes; a buffer one element into its
+    # storage takes the per-element one.
+    check_pool_kernel(dtype, num_tokens, 5, 3, head_dim, g, cuda, pad=16)
+    check_pool_kernel(dtype, num_tokens, 5, 3, head_dim, g, cuda, offset=1)
+
+
+@pytest.mark.gpu
+def test_pool_kernel_captures_in_a_cuda_graph(cuda):
+    g = torch.Generator(device=cuda).manual_seed(6)
+    kv, scale, positions = context_inputs(64, 5, 8, 128, torch.bfloat16, g, True)
+    cache = cuda_cache(128, torch.float32, cuda)
+    slots = torch.randperm(200, generator=g, device=cuda)[:64] + 1
+    keys, values = random_pool(5, 256, 8, 128, torch.bfloat16, g)
+    pool = pool_layers(keys, values)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        context_kv_to_pool(kv, scale, EPS, positions, cache, slots, pool)
+    expected = [t.clone() for t in keys + values]
+    for t in keys + values:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(keys + values, expected):
+        assert_bitwise(got[slots], want[slots])
 
 
 def test_inputs_the_kernel_does_not_take_run_the_reference(monkeypatch):

@@ -437,6 +437,49 @@ def test_block_embedding_is_the_targets_times_the_drafters_scale(sglang_tp1, tmp
     torch.testing.assert_close(embeds, (target_embed(ids) * 2.5).to(embeds.dtype))
 
 
+@pytest.mark.parametrize("name", ["qwen3", "gemma_norm", "linear_bias"])
+def test_context_kv_into_sglangs_plain_pool_stores_what_its_per_layer_stores_store(sglang_tp1, tmp_path, monkeypatch,
+                                                                                    caplog, name):
+    """SGLang's own MHATokenToKVPool (on CPU): the one-op path into its buffers leaves them as its per-layer
+    `set_kv_buffer` leaves a pool it does not recognize (a subclass), slot for slot, and says which path it took."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    class OtherPool(MHATokenToKVPool):
+        pass
+
+    raw = drafter_configs()[name]
+    model, state = sglang_drafter(tmp_path, raw, monkeypatch)
+    model.load_weights(state.items())
+    cfg = model.cfg
+    kv_heads = model.layers[0].self_attn.num_kv_heads
+
+    def pool(cls):
+        made = cls(size=64, page_size=1, dtype=torch.float32, head_num=kv_heads, head_dim=cfg.head_dim,
+                   layer_num=cfg.num_hidden_layers, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+        for buffer in made.k_buffer + made.v_buffer:
+            buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(9)))
+        return made
+
+    features = torch.randn(7, cfg.num_target_features * cfg.hidden_size)
+    positions = torch.tensor([0, 1, 2, 3, 40, 41, 300])
+    slots = torch.tensor([11, 12, 13, 0, 15, 0, 17])
+    plain, other = pool(MHATokenToKVPool), pool(OtherPool)
+    assert model.pool_layers(plain, torch.float32) is not None
+    with caplog.at_level("INFO", logger="dflash_sglang.sglang.draft_model"):
+        model.write_context_kv(features, positions, slots, plain)
+        model.write_context_kv(features, positions, slots, other)
+        model.write_context_kv(features, positions, slots, other)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dflash_sglang: context K/V stored through OtherPool.set_kv_buffer, layer by layer"]
+    for got, want in zip(plain.k_buffer + plain.v_buffer, other.k_buffer + other.v_buffer, strict=True):
+        assert torch.equal(got[1:], want[1:])  # slot 0, where dropped rows land, holds any one of them
+    written = torch.zeros(65, dtype=torch.bool)
+    written[slots] = True
+    fresh = pool(MHATokenToKVPool)
+    assert all(torch.equal(got[~written], was[~written]) for got, was in zip(plain.k_buffer, fresh.k_buffer))
+    assert not any(torch.equal(got[slots[0]], was[slots[0]]) for got, was in zip(plain.k_buffer, fresh.k_buffer))
+
+
 def test_weights_land_in_the_stacked_sglang_parameters(sglang_tp1, tmp_path, monkeypatch):
     raw = drafter_configs()["linear_bias"]
     model, state = sglang_drafter(tmp_path, raw, monkeypatch)

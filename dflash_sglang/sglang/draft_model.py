@@ -6,7 +6,9 @@ request; its queries are the block rows, its keys the committed context K/V in t
 Full layers see the whole block (ENCODER_ONLY, i.e. non-causal), sliding layers are causal and windowed unless
 the config says otherwise. Context K/V are written by `write_context_kv`, outside the forward: target features
 -> fc -> hidden_norm -> each layer's k/v projection -> k_norm -> RoPE -> draft KV pool, with one GEMM for all
-layers and one kernel (`dflash_sglang.kernels.context_kv_norm_rope`) for the norm, RoPE and layout.
+layers and one kernel for the norm, RoPE and the stores into SGLang's plain KV pool
+(`dflash_sglang.kernels.context_kv_to_pool`); other pools get the kernel's layer-major output
+(`context_kv_norm_rope`) through their own per-layer `set_kv_buffer`.
 
 SGLang picks a model class by `architectures[0]`; `use_as_dflash_draft_model()` points SGLang's
 `DFlashDraftModel` entry at this class (in the scheduler process, right before the draft runner is built).
@@ -14,6 +16,7 @@ SGLang picks a model class by `architectures[0]`; `use_as_dflash_draft_model()` 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 
@@ -25,6 +28,7 @@ from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLine
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
@@ -37,10 +41,11 @@ from dflash_sglang.config import (
     parse_drafter_config,
     yarn_mscale,
 )
-from dflash_sglang.kernels import context_kv_norm_rope
+from dflash_sglang.kernels import PoolLayers, context_kv_norm_rope, context_kv_to_pool, pool_layers
 from dflash_sglang.loader import OPTIONAL_PREFIX, expected_drafter_shapes
 
 DRAFT_ARCHITECTURE = "DFlashDraftModel"
+logger = logging.getLogger(__name__)
 
 # Checkpoint projection -> the stacked SGLang parameter it is a shard of.
 STACKED_PROJECTIONS = (
@@ -194,6 +199,9 @@ class DFlashSGLangDrafter(nn.Module):
         self.context_kv_bias: torch.Tensor | None = None
         self.context_k_norm_scale: torch.Tensor | None = None
         self.target_embed: nn.Module | None = None  # use_target_embedding
+        self._pool_layers: PoolLayers | None = None
+        self._pool_layers_key: tuple | None = None  # the pool and buffer addresses `_pool_layers` was built from
+        self._logged_per_layer_stores = False
 
     def use_target_embedding(self, embed: nn.Module) -> None:
         """Embed the block's ids with the target's embedding module inside the forward, so that a draft graph's
@@ -242,11 +250,44 @@ class DFlashSGLangDrafter(nn.Module):
         kv = F.linear(context, self.context_kv_weight, self.context_kv_bias)
         kv = kv.view(num_tokens, num_layers, 2, kv_heads, head_dim)
         # k_norm, RoPE and layer-major copies (each layer's slice contiguous for the pool's store) in one kernel.
+        pool = self.pool_layers(kv_pool, kv.dtype)
+        if pool is not None:
+            context_kv_to_pool(kv, self.context_k_norm_scale, cfg.rms_norm_eps, positions,
+                               self.rotary_emb.cos_sin_cache, cache_loc, pool)
+            return
         keys, values = context_kv_norm_rope(kv, self.context_k_norm_scale, cfg.rms_norm_eps, positions,
                                             self.rotary_emb.cos_sin_cache)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):
             attn = layer.self_attn.attn
             kv_pool.set_kv_buffer(attn, cache_loc, layer_keys, layer_values, attn.k_scale, attn.v_scale)
+
+    def pool_layers(self, kv_pool, dtype: torch.dtype) -> PoolLayers | None:
+        """This drafter's layer buffers in `kv_pool` when it is SGLang's plain token pool (one [S, H, D] buffer per
+        layer, keys and values alike, in the context dtype, no quantization or other layout), whose per-layer
+        `set_kv_buffer` is then just an indexed store: the kernel makes those stores itself. None for any other
+        pool (logged once). Rebuilt when a buffer moves.
+        """
+        pool = None
+        if (type(kv_pool) is MHATokenToKVPool and not kv_pool.is_quantized_kv_cache
+                and kv_pool.kv_cache_layout == "nhd" and not kv_pool.use_hnd
+                and not getattr(kv_pool, "post_capture_active", False)
+                and kv_pool.dtype == kv_pool.store_dtype == dtype):
+            indices = [layer.self_attn.attn.layer_id - kv_pool.start_layer for layer in self.layers]
+            keys = [kv_pool.k_buffer[i] for i in indices]
+            values = [kv_pool.v_buffer[i] for i in indices]
+            key = (id(kv_pool), *(t.data_ptr() for t in keys + values))
+            if key == self._pool_layers_key:
+                return self._pool_layers
+            try:
+                pool = pool_layers(keys, values)
+            except ValueError:  # e.g. values of another head dim than keys
+                pool = None
+            self._pool_layers, self._pool_layers_key = pool, key
+        if pool is None and not self._logged_per_layer_stores:
+            self._logged_per_layer_stores = True
+            logger.info("dflash_sglang: context K/V stored through %s.set_kv_buffer, layer by layer",
+                        type(kv_pool).__name__)
+        return pool
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """z-lab names (`layers.{i}.self_attn.q_proj.weight`, `fc.weight`, ...), with or without `model.`.

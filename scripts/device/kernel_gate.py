@@ -14,7 +14,10 @@ from pathlib import Path
 
 from dflash_sglang.kernels.jit import OPS
 
-TREE_AND_CHAIN_OPS = tuple(op for op in OPS if op != "context_kv_norm_rope")
+TREE_AND_CHAIN_OPS = tuple(op for op in OPS if not op.startswith("context_kv"))
+# Both context K/V ops run one kernel (its pool mode only changes where rows are stored): a failure of the plain
+# op's tests condemns both.
+CONTEXT_KV_OPS = ("context_kv_norm_rope", "context_kv_to_pool")
 # (test module, test function) -> the ops a failure of it condemns. A graph capture failure could come from any
 # op it captures.
 GPU_TEST_OPS = {
@@ -27,11 +30,12 @@ GPU_TEST_OPS = {
     ("test_kernels", "test_gather_kernel_matches_reference"): ("gather_accepted_hidden",),
     ("test_kernels", "test_chain_kernels_match_reference"): ("chain_block", "chain_accept_greedy"),
     ("test_kernels", "test_ops_capture_in_a_cuda_graph"): TREE_AND_CHAIN_OPS,
-    ("test_context_kv", "test_kernel_matches_reference"): ("context_kv_norm_rope",),
-    ("test_context_kv", "test_kernel_matches_reference_on_odd_head_dims_and_unaligned_caches"):
-        ("context_kv_norm_rope",),
-    ("test_context_kv", "test_head_dims_the_kernel_cannot_run_take_the_reference"): ("context_kv_norm_rope",),
-    ("test_context_kv", "test_kernel_captures_in_a_cuda_graph"): ("context_kv_norm_rope",),
+    ("test_context_kv", "test_kernel_matches_reference"): CONTEXT_KV_OPS,
+    ("test_context_kv", "test_kernel_matches_reference_on_odd_head_dims_and_unaligned_caches"): CONTEXT_KV_OPS,
+    ("test_context_kv", "test_head_dims_the_kernel_cannot_run_take_the_reference"): CONTEXT_KV_OPS,
+    ("test_context_kv", "test_kernel_captures_in_a_cuda_graph"): CONTEXT_KV_OPS,
+    ("test_context_kv", "test_pool_kernel_matches_reference"): ("context_kv_to_pool",),
+    ("test_context_kv", "test_pool_kernel_captures_in_a_cuda_graph"): ("context_kv_to_pool",),
 }
 
 
