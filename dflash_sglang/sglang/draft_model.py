@@ -249,7 +249,8 @@ class DFlashSGLangDrafter(nn.Module):
         context = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         kv = F.linear(context, self.context_kv_weight, self.context_kv_bias)
         kv = kv.view(num_tokens, num_layers, 2, kv_heads, head_dim)
-        # k_norm, RoPE and layer-major copies (each layer's slice contiguous for the pool's store) in one kernel.
+        # k_norm, RoPE and the stores in one kernel for SGLang's plain pool; for any other pool, layer-major copies
+        # (each layer's slice contiguous) for its own per-layer stores.
         pool = self.pool_layers(kv_pool, kv.dtype)
         if pool is not None:
             context_kv_to_pool(kv, self.context_k_norm_scale, cfg.rms_norm_eps, positions,
