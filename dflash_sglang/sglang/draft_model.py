@@ -266,7 +266,9 @@ class DFlashSGLangDrafter(nn.Module):
         """This drafter's layer buffers in `kv_pool` when it is SGLang's plain token pool (one [S, H, D] buffer per
         layer, keys and values alike, in the context dtype, no quantization or other layout), whose per-layer
         `set_kv_buffer` is then just an indexed store: the kernel makes those stores itself. None for any other
-        pool (logged once). Rebuilt when a buffer moves.
+        pool (logged once). Rebuilt when a buffer moves. Its address tables are copied to the GPU, which a CUDA
+        graph capture forbids: the first call inside the target's verify graphs (verify_context.py) comes from one
+        of the two eager warm-up runs SGLang makes before capturing each graph.
         """
         pool = None
         if (type(kv_pool) is MHATokenToKVPool and not kv_pool.is_quantized_kv_cache
