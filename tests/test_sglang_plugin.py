@@ -623,6 +623,16 @@ def test_sampling_accept_emits_the_target_distribution():
     assert (torch.bincount(second, minlength=vocab) / second.numel() - p1).abs().max() < 0.01
 
 
+
+def test_sampling_accept_of_a_plain_step_samples_the_first_row():
+    """Width 1 (an adaptive plain step) has no drafts: nothing is accepted and the bonus ~ row 0."""
+    n, vocab = 200_000, 5
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05])
+    accept_len, bonus = accept.sampling_accept(torch.zeros((n, 1), dtype=torch.long), p0.expand(n, 1, -1), generator=g)
+    assert accept_len.tolist() == [0] * n
+    assert (torch.bincount(bonus, minlength=vocab) / n - p0).abs().max() < 0.006
+
 def reference_filter(row, temperature, top_k, top_p, min_p):
     probs = torch.softmax(row.double() / temperature, dim=-1)
     order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))

@@ -47,6 +47,9 @@ def sampling_accept_with(
 
     row_index = accept_len.long()[:, None, None].expand(-1, 1, probs.shape[-1])
     row = probs.gather(1, row_index).squeeze(1)
+    if block == 1:
+        # A plain step (adaptive width 1) drafts nothing: the bonus is an ordinary sample from row 0.
+        return accept_len, (row / race).argmax(dim=1)
     rejected = accept_len < block - 1
     rejected_token = drafts.gather(1, accept_len.long().clamp(max=block - 2)[:, None])
     residual = row.scatter(1, rejected_token, 0.0)
