@@ -248,32 +248,29 @@ def prefill_graphs_note(server_flags: str | None) -> str:
     return "; prefill CUDA graphs " + ("off" if "--disable-prefill-cuda-graph" in server_flags.split() else "on")
 
 
-def markdown(bench: dict) -> str:
-    s = bench.get("settings", {})
-    v = bench.get("versions", {})
-    sweep, sets_run = _stage_settings(bench, "sweep"), _stage_settings(bench, "sets")
-    out = [f"# Side-by-side benchmark, {bench['date']} ({bench.get('gpu', 'unknown GPU')})", ""]
-    out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
-               f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
-               f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
-               + prefill_graphs_note(s.get("server_flags"))
-               + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+def _throughput_section(bench: dict, sweep: dict) -> list[str]:
+    """The sequential sweep's table, or one line saying it was not run (every contender's budget went to its
+    other stages)."""
+    rows = throughput_rows(bench)
+    if not rows:
+        return ["", "## Throughput", "", "Not run: no contender had time left for the sequential sweep in its "
+                "budget (bench.sh --budget); the interleaved sweep below measured every contender."]
     tolerance = bench.get("near_tie_tolerance")
-    out += ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "
-                f"{sweep.get('max_tokens')} greedy tokens per request (EOS ignored)", "",
-            "Speedups are tok/s ratios at the same concurrency"
-            + (" of runs made one after another, a minute or more apart: the machine's drift between them is in "
-               "the ratio (the interleaved sweep below pairs the runs)" if interleaved_rows(bench) else "")
-            + ". Mismatches: outputs that differ from AR's for the "
-            "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently). Max margin: "
-            "AR's top-2 logprob margin at the first differing position, the largest over the mismatches (inf: AR "
-            f"had ended there); not near-ties: mismatches whose margin is not below {_f(tolerance, 'g')} (the "
-            "near-tie tolerance of docs/reliability.md) or unknown; `-`: nothing to show (no mismatch, or AR "
-            "recorded no margins).", "",
-            "| contender | conc | requests | tok/s | vs AR | vs builtin | TPOT ms | TTFT ms | tau | mismatches vs AR "
-            "| max margin | not near-ties |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in throughput_rows(bench):
+    out = ["", f"## Throughput: {', '.join(SET_TITLES.get(n, n) for n in sweep.get('sets', {}))}, "
+           f"{sweep.get('max_tokens')} greedy tokens per request (EOS ignored)", "",
+           "Speedups are tok/s ratios at the same concurrency"
+           + (" of runs made one after another, a minute or more apart: the machine's drift between them is in "
+              "the ratio (the interleaved sweep below pairs the runs)" if interleaved_rows(bench) else "")
+           + ". Mismatches: outputs that differ from AR's for the "
+           "same prompt (bf16: verify- and decode-shaped kernels may round a near-tie differently). Max margin: "
+           "AR's top-2 logprob margin at the first differing position, the largest over the mismatches (inf: AR "
+           f"had ended there); not near-ties: mismatches whose margin is not below {_f(tolerance, 'g')} (the "
+           "near-tie tolerance of docs/reliability.md) or unknown; `-`: nothing to show (no mismatch, or AR "
+           "recorded no margins).", "",
+           "| contender | conc | requests | tok/s | vs AR | vs builtin | TPOT ms | TTFT ms | tau | mismatches vs AR "
+           "| max margin | not near-ties |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
         name = title(bench, r["contender"])
         if r["skipped"]:
             out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | |")
@@ -284,6 +281,20 @@ def markdown(bench: dict) -> str:
                    f"{_f(r['vs_ar'], '.2f', 'x')} | {_f(r['vs_builtin'], '.2f', 'x')} | {_f(r['tpot_ms'], '.2f')} | "
                    f"{_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | {mismatch} | "
                    f"{_margins(bench, r['contender'], r['max_margin'], r['above_tolerance'])} |")
+    return out
+
+
+def markdown(bench: dict) -> str:
+    s = bench.get("settings", {})
+    v = bench.get("versions", {})
+    sweep, sets_run = _stage_settings(bench, "sweep"), _stage_settings(bench, "sets")
+    out = [f"# Side-by-side benchmark, {bench['date']} ({bench.get('gpu', 'unknown GPU')})", ""]
+    out.append(f"Target `{s.get('target')}`, drafter `{s.get('drafter')}` (block {s.get('block_size')}, "
+               f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
+               f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
+               + prefill_graphs_note(s.get("server_flags"))
+               + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    out += _throughput_section(bench, sweep)
     out += _interleaved_section(bench)
     rows = set_rows(bench)
     if rows:

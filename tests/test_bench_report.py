@@ -425,3 +425,14 @@ def test_the_header_says_whether_prefill_graphs_were_on(flags, expected):
     header = bench_report.markdown(bench).splitlines()[2]
     assert bench_report.prefill_graphs_note(flags) == expected
     assert ("prefill CUDA graphs" in header) is bool(expected) and (not expected or expected + "." in header)
+
+
+def test_a_sweep_no_contender_ran_says_so_instead_of_an_empty_table():
+    bench = interleaved_bench()
+    for contender in bench["contenders"]:
+        contender["runs"].pop("sweep", None)
+    lines = bench_report.markdown(bench).splitlines()
+    at = lines.index("## Throughput")
+    assert lines[at + 2].startswith("Not run: no contender had time left for the sequential sweep")
+    assert "| contender | conc | requests | tok/s |" not in "\n".join(lines)
+    assert "## Interleaved sweep (median of 3 repeats, paired ratios)" in lines
