@@ -10,11 +10,16 @@
 # time of the step's parts (TIMED below: calls, us per call, us per token).
 #
 #   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
-#            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64] [--step-timing]
+#            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64] [--step-timing] [--torch-profile C]
 #   Defaults: the SmolLM2 pair under /tmp/smol (target converted from the GGUF payload if absent; the drafter
 #   carried in .device-drafter and copied there by this script when found).
 # --step-timing: our servers also time their steps' phases on the GPU (DFLASH_SGLANG_STEP_TIMING; its CUDA events
 # and polls are then part of the host figures, as they were on 2026-11-30).
+# --torch-profile C: after each server's closed loop, scripts/device/profile_step.py at C requests on it (SGLang's
+# torch profiler, started with Python stacks and shapes off): host synchronizations, kernel launches and graph
+# replays per scheduler step. Host time that the sampler finds in calls that should not block (2026-11-30: 0.7 ms a
+# plain step in FutureMap.resolve_seq_lens_cpu) is either a synchronization, which this counts, or not.
+# Its table: $DIR/<name>-torch.txt, appended to table.txt; the raw traces are deleted once summarized.
 # Results: $OUT/host/<name>.json (figures and folded stacks), <name>.log (server), table.txt (printed last).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -27,6 +32,7 @@ ROUNDS=3
 TREE_BUDGET=64
 STARTUP_LIMIT=300
 STEP_TIMING=0
+TORCH_PROFILE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -35,6 +41,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
     --step-timing) STEP_TIMING=1; shift ;;
+    --torch-profile) TORCH_PROFILE="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -101,7 +108,7 @@ launch() {  # name, env settings..., -- flags...
   local name="$1" envs=(); shift
   while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
   env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_HOST_TIMED="$TIMED_LIST" DFLASH_SGLANG_STEP_TIMING=$STEP_TIMING \
-    "${envs[@]}" setsid python3 -m \
+    SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false "${envs[@]}" setsid python3 -m \
     sglang.launch_server "${COMMON[@]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
     > "$DIR/$name.log" 2>&1 &
   PID[$name]=$!
@@ -142,9 +149,23 @@ for name in "${NAMES[@]}"; do
   # The scheduler's own log: our worker's GPU step times by phase (--step-timing) and the adaptive
   # width's choices, kept beside the host figures.
   grep -E "step timing|adaptive width" "$DIR/$name.log" > "$DIR/$name-worker-lines.txt" 2>/dev/null
+  if [ -n "$TORCH_PROFILE" ]; then
+    # 512 tokens a request: SGLang's profiler stops after profile_step.py's 40 steps only if the requests last.
+    timeout 120 python3 "$REPO/scripts/device/profile_step.py" --port "${PORT[$name]}" --out "$WORK/torch/$name" \
+      --concurrency "$TORCH_PROFILE" --max-tokens 512 --timeout 110 > "$DIR/$name-torch.txt" 2>&1 \
+      || echo "== $name: torch profile failed (exit $?; $DIR/$name-torch.txt)"
+    rm -rf "$WORK/torch/$name"
+  fi
   kill -TERM -- "-${PID[$name]}" 2>/dev/null  # one server fewer for the next one's CPUs
 done
 [ "${#MEASURED[@]}" -gt 0 ] || exit 1
 python3 "$REPO/scripts/device/host_profile.py" --report "${MEASURED[@]}" > "$DIR/table.txt"
+if [ -n "$TORCH_PROFILE" ]; then
+  for name in "${NAMES[@]}"; do
+    [ -s "$DIR/$name-torch.txt" ] || continue
+    echo; echo "== $name: torch profile at c$TORCH_PROFILE"
+    grep -A 7 "^== " "$DIR/$name-torch.txt"  # each range's title and its seven figures
+  done >> "$DIR/table.txt"
+fi
 # The short table last: each server's host us per token at each level, then our chain's and AR's top functions.
 head -n $(( 1 + ${#MEASURED[@]} * ${#LEVELS[@]} )) "$DIR/table.txt"
