@@ -1328,14 +1328,15 @@ def test_verify_resources_are_built_at_width_one_and_the_arguments_restored(monk
     assert build_verify_resources(model_runner, 1, (args,)).graph_runner is None
 
 
-@pytest.mark.parametrize("capture_fails", [False, True])
+@pytest.mark.parametrize("capture_fails,window", [(False, None), (True, None), (False, 4095)])
 def test_plain_decode_resources_are_built_as_plain_decoding_and_everything_restored(monkeypatch, caplog,
-                                                                                     capture_fails):
+                                                                                     capture_fails, window):
     """build_plain_resources against SGLang's real DecodeCudaGraphRunner signature, its construction recorded: the
     DECODE graphs are built while the runner's algorithm reads NONE (SGLang captures a speculative runner's decode
     graphs as TARGET_VERIFY) and the arguments say width 1 with hidden states returned, which makes SGLang capture
     them with full hidden states; all of it reads as before afterwards. If that capture fails, plain steps verify
-    one token instead, with a warning."""
+    one token instead, with a warning; on a target with sliding-window layers they verify one token from the
+    start (SGLang's triton decode reads one key fewer than the window)."""
     from sglang.srt.model_executor import runner as runner_module
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -1361,18 +1362,22 @@ def test_plain_decode_resources_are_built_as_plain_decoding_and_everything_resto
 
     monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", Runner)
     model_runner = SimpleNamespace(server_args=args, decode_cuda_graph_runner="spec graphs", init_new_workspace=False,
-                                   spec_algorithm=SpeculativeAlgorithm.DFLASH,
+                                   spec_algorithm=SpeculativeAlgorithm.DFLASH, sliding_window_size=window,
                                    _get_attention_backend=lambda init_new_workspace=False: "backend")
-    with caplog.at_level(logging.WARNING, logger="dflash_sglang.sglang.adaptive_width"):
+    with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.adaptive_width"):
         resources = build_plain_resources(model_runner, (args, published))
     decode_build = (SpeculativeAlgorithm.NONE, 1, 1, True, True)
     verify_build = (SpeculativeAlgorithm.DFLASH, 1, 1, False, False)
-    assert seen == ([decode_build, verify_build] if capture_fails else [decode_build])
-    assert resources.width == 1 and resources.decode is not capture_fails
+    assert seen == ([verify_build] if window else [decode_build, verify_build] if capture_fails else [decode_build])
+    assert resources.width == 1 and resources.decode is not (capture_fails or window is not None)
+    assert ("plain steps verify one token (TARGET_VERIFY), whose attention reads the window" in caplog.text) is (
+        window is not None)
     assert model_runner.spec_algorithm is SpeculativeAlgorithm.DFLASH
     assert (args.speculative_num_draft_tokens, args.enable_return_hidden_states) == (16, False)
     assert (published.speculative_num_draft_tokens, published.enable_return_hidden_states) == (16, False)
-    assert ["cannot run as DECODE forwards" in r.getMessage() for r in caplog.records] == [True] * capture_fails
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "dflash_sglang.sglang.adaptive_width"]
+    assert ["cannot run as DECODE forwards" in message for message in warnings] == [True] * capture_fails
 
 
 @pytest.mark.parametrize("raw,expected", [

@@ -7,7 +7,7 @@ metadata and kernels, DECODE graphs captured with the hidden states the drafter'
 less host time per step than a TARGET_VERIFY forward of width 1 (0.93 ms against AR's 0.67 ms per graph replay on
 the H200 in the ninth session). The DECODE graphs are captured while the model runner's algorithm reads NONE, since
 SGLang captures every decode graph of a speculative runner as TARGET_VERIFY; if that fails, plain steps fall back
-to a width-1 TARGET_VERIFY (logged).
+to a width-1 TARGET_VERIFY (logged), which is also what they are on targets with sliding-window layers.
 
 Why two sets: a model runner's verify CUDA graphs are captured for one width (`num_tokens_per_req`), and the
 attention backend sizes its graph buffers and verify layout from `--speculative-num-draft-tokens` when it is
@@ -118,7 +118,14 @@ def build_plain_decode_resources(model_runner, server_args_objects) -> VerifyRes
 
 
 def build_plain_resources(model_runner, server_args_objects) -> VerifyResources:
-    """A plain step's resources: DECODE ones, or width-1 TARGET_VERIFY ones if those cannot be built."""
+    """A plain step's resources: DECODE ones, or width-1 TARGET_VERIFY ones on a target with sliding-window layers
+    (SGLang 0.5.16's triton decode reads one key fewer than the window, its verify the whole window: a DECODE plain
+    step would not compute what the verifies around it do) or if the DECODE ones cannot be built."""
+    window = getattr(model_runner, "sliding_window_size", None)
+    if window is not None:
+        logger.info("dflash_sglang: the target has sliding-window layers (window %s): plain steps verify one token "
+                    "(TARGET_VERIFY), whose attention reads the window as the speculative verifies do", window)
+        return build_verify_resources(model_runner, PLAIN_WIDTH, server_args_objects)
     try:
         return build_plain_decode_resources(model_runner, server_args_objects)
     except Exception:
