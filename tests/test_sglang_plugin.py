@@ -1217,8 +1217,9 @@ class ScriptedWidths:
 
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 @pytest.mark.parametrize("plain_decode", [False, True], ids=["plain verify", "plain decode"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "one-hot sampling"])
 def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_context(markov_worker, tree,
-                                                                                      plain_decode, caplog):
+                                                                                      plain_decode, sampled, caplog):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from dflash_sglang.sglang.adaptive_width import VerifyResources
@@ -1249,7 +1250,9 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
         return target(batch, forward_batch, is_verify)
 
     worker._target_worker = SimpleNamespace(forward_batch_generation=verify)
-    prompt_lens, first_tokens, emitted, commits, batch = run_decode(worker, world, steps=16)
+    # One-hot sampling rows take every width's sampling acceptance to greedy's outcome.
+    prompt_lens, first_tokens, emitted, commits, batch = run_decode(
+        worker, world, sampling_info=one_hot_sampling_info() if sampled else None, steps=16)
 
     for i, tokens in enumerate(emitted):
         assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
