@@ -69,11 +69,29 @@ def throughput_rows(bench: dict) -> list[dict]:
     return rows
 
 
+def request_latency_figures(level: dict, name: str) -> tuple[float | None, float | None]:
+    """Medians over a level's complete repeats of `name`'s mean request latency (ms) and of its tail: the repeat's
+    duration over what it would take if every request lasted the mean, c at a time (1.00 when all finish
+    together; a batch waits for its slowest request). None without per-request latencies."""
+    latencies, tails = [], []
+    for run in level["runs"]:
+        result = run["results"].get(name) if run["complete"] else None
+        done = [r["latency"] for r in (result or {}).get("per_request", []) if r.get("error") is None]
+        if not done or not result.get("seconds"):
+            continue
+        mean = statistics.fmean(done)
+        latencies.append(1000 * mean)
+        waves = max(len(done) / level["concurrency"], 1.0)  # fewer requests than c still run as one wave
+        tails.append(result["seconds"] / (mean * waves))
+    return (statistics.median(latencies) if latencies else None, statistics.median(tails) if tails else None)
+
+
 def interleaved_rows(bench: dict) -> list[dict]:
     """The interleaved stage (bench --interleave), per contender (in the suite's order) and level it ran at: the
-    repeats counted (complete ones) and planned, the medians over them of tok/s, TPOT, TTFT and tau, the median,
-    min and max of the per-repeat tok/s ratios to AR and to the builtin (None where not paired), and mismatches vs AR
-    over the repeats; a skipped level is a row with its reason. Empty when the stage left no report."""
+    repeats counted (complete ones) and planned, the medians over them of tok/s, TPOT, TTFT, tau, the mean request
+    latency and the tail (`request_latency_figures`), the median, min and max of the per-repeat tok/s ratios to AR
+    and to the builtin (None where not paired), and mismatches vs AR over the repeats; a skipped level is a row with
+    its reason. Empty when the stage left no report."""
     report = (bench.get("interleaved") or {}).get("report")
     if not report:
         return []
@@ -90,6 +108,7 @@ def interleaved_rows(bench: dict) -> list[dict]:
                            tpot_ms=entry["median_tpot_ms"], ttft_ms=entry["median_ttft_ms"], tau=entry["median_tau"],
                            requests=entry["requests"], errors=entry["errors"], mismatches=entry["mismatches"],
                            checked=entry["requests"] - entry["errors"] - (entry["unchecked"] or 0))
+                row["latency_ms"], row["tail"] = request_latency_figures(level, name)
                 for base in ("ar", "builtin"):
                     vs = entry["vs"].get(base) or {}
                     row.update({f"vs_{base}": vs.get("median"), f"vs_{base}_min": vs.get("min"),
@@ -219,19 +238,24 @@ def _interleaved_section(bench: dict) -> list[str]:
            "seconds apart in the same repeat (paired), and the table gives its median over the repeats with its "
            "min..max. tok/s, TPOT, TTFT and tau are medians over the repeats; repeats: those every contender of "
            "the level completed, of those planned (a level stops repeating when the next repeat would not fit its "
-           "share of the stage's time). Mismatches: against AR's outputs in this stage.", "",
+           "share of the stage's time). Latency: a request's, mean over the repeat's requests. Tail: the repeat's "
+           "duration over what it would take if every request lasted that mean, c at a time; 1.00 when all finish "
+           "together. A speculative server's requests finish at different steps, so a batch of them waits for its "
+           "slowest, and tok/s can lose to AR's while every request's mean latency wins. Mismatches: against AR's "
+           "outputs in this stage.", "",
            "| contender | conc | repeats | tok/s | vs AR | vs AR min..max | vs builtin | vs builtin min..max "
-           "| TPOT ms | TTFT ms | tau | mismatches vs AR |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| TPOT ms | TTFT ms | latency ms | tail | tau | mismatches vs AR |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = title(bench, r["contender"])
         if r["skipped"]:
-            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | |")
+            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | | | |")
             continue
         out.append(f"| {name} | {r['concurrency']} | {r['repeats']}/{r['planned']} | {_f(r['tok_s'], '.1f')} | "
                    f"{_f(r['vs_ar'], '.2f', 'x')} | {_ratio_range(r['vs_ar_min'], r['vs_ar_max'])} | "
                    f"{_f(r['vs_builtin'], '.2f', 'x')} | {_ratio_range(r['vs_builtin_min'], r['vs_builtin_max'])} | "
-                   f"{_f(r['tpot_ms'], '.2f')} | {_f(r['ttft_ms'], '.1f')} | {_f(r['tau'], '.2f')} | "
+                   f"{_f(r['tpot_ms'], '.2f')} | {_f(r['ttft_ms'], '.1f')} | {_f(r['latency_ms'], '.0f')} | "
+                   f"{_f(r['tail'], '.2f')} | {_f(r['tau'], '.2f')} | "
                    f"{_mismatch(bench, r['contender'], r['mismatches'], r['checked'])} |")
     notes = [f"- c{level['concurrency']}: {level['stopped']}" for level in report["levels"] if level.get("stopped")]
     notes += [f"- c{level['concurrency']}: {dropped} incomplete repeat(s) left out (stopped at the time limit)"

@@ -374,18 +374,43 @@ def test_interleaved_table_is_the_json_right_after_the_throughput_table():
             vs = e["vs"].get(base)
             assert cells[col:col + 2] == (["-", "-"] if vs is None else
                                           [f"{vs['median']:.2f}x", f"{vs['min']:.2f}..{vs['max']:.2f}"])
-        assert cells[8:11] == [f"{e['median_tpot_ms']:.2f}", "12.5", "-" if name == "ar" else "3.25"]
+        assert cells[8:10] == [f"{e['median_tpot_ms']:.2f}", "12.5"]
+        assert cells[12] == ("-" if name == "ar" else "3.25")
         checked = e["requests"] - e["errors"]
-        assert cells[11] == ("reference" if name == "ar" else f"{e['mismatches']}/{checked}")
+        assert cells[13] == ("reference" if name == "ar" else f"{e['mismatches']}/{checked}")
     assert seen == [(n, c) for n in ("ar", "builtin", "ours") for c in (1, 8, 64)] + [("ours-tree", 1)]
     tree = next(r for r in rows if r[0] == "ours (tree)")
     assert tree[3] == "1125.0" and tree[6:8] == [f"{(1300 / 900 + 950 / 700) / 2:.2f}x",
                                                  f"{950 / 700:.2f}..{1300 / 900:.2f}"]
-    assert tree[11] == "0/8"  # 12 requests, 4 failed
+    assert tree[13] == "0/8"  # 12 requests, 4 failed
+    assert tree[10:12] == ["-", "-"]  # no per-request latencies in its results
     assert "- c8: after 2 of 3 repeats: time limit (120s) reached" in md.splitlines()
     assert "- c8: 1 incomplete repeat(s) left out (stopped at the time limit)" in md.splitlines()
     assert "then in turn (interleaved sweep)" in md
     assert "- ours (chain), interleaved c=1 repeat 2: math500-301@40" in md.splitlines()
+
+
+def test_interleaved_latency_and_tail_are_the_requests():
+    """Mean request latency and tail per repeat from the runs' requests (failed ones and incomplete repeats left
+    out), their medians in the table: a closed batch of 4 at c4 whose slowest request sets its duration."""
+    bench = interleaved_bench()
+    level = bench["interleaved"]["report"]["levels"][0]
+    level["concurrency"] = 4
+    for run, latencies, seconds in zip(level["runs"], ([0.2, 0.2, 0.2, 0.6], [0.3, 0.3, 0.3, 0.3], [0.1] * 4),
+                                       (0.62, 0.31, 0.11)):
+        requests = [{"latency": x, "error": None} for x in latencies] + [{"latency": 9.0, "error": "HTTP 500"}]
+        run["results"]["ours"] = {"mismatched": [], "seconds": seconds, "per_request": requests}
+    latency_ms, tail = bench_report.request_latency_figures(level, "ours")
+    assert latency_ms == pytest.approx(300.0)  # medians of 300, 300, 100 ms
+    assert tail == pytest.approx(0.11 / 0.1)  # the median of 0.62 / 0.3, 0.31 / 0.3 and 0.11 / 0.1
+    level["runs"][2]["complete"] = False
+    assert bench_report.request_latency_figures(level, "ours") == (pytest.approx(300.0), pytest.approx(
+        (0.62 / 0.3 + 0.31 / 0.3) / 2))
+    row = next(r for r in bench_report.interleaved_rows(bench) if r["contender"] == "ours" and r["concurrency"] == 4)
+    assert (row["latency_ms"], row["tail"]) == bench_report.request_latency_figures(level, "ours")
+    assert bench_report.request_latency_figures(level, "ar") == (None, None)
+    level["concurrency"] = 8  # four requests at c8 still run as one wave
+    assert bench_report.request_latency_figures(level, "ours")[1] == pytest.approx((0.62 / 0.3 + 0.31 / 0.3) / 2)
 
 
 def test_interleaved_stage_not_run_is_listed_and_absent_has_no_table():
