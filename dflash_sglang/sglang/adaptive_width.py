@@ -125,12 +125,12 @@ def build_plain_resources(model_runner, server_args_objects) -> VerifyResources:
     if window is not None:
         logger.info("dflash_sglang: the target has sliding-window layers (window %s): plain steps verify one token "
                     "(TARGET_VERIFY), whose attention reads the window as the speculative verifies do", window)
-        return build_verify_resources(model_runner, PLAIN_WIDTH, server_args_objects)
-    try:
-        return build_plain_decode_resources(model_runner, server_args_objects)
-    except Exception:
-        logger.warning("dflash_sglang: plain steps cannot run as DECODE forwards here; they verify one token "
-                       "(TARGET_VERIFY) instead", exc_info=True)
+    else:
+        try:
+            return build_plain_decode_resources(model_runner, server_args_objects)
+        except Exception:
+            logger.warning("dflash_sglang: plain steps cannot run as DECODE forwards here; they verify one token "
+                           "(TARGET_VERIFY) instead", exc_info=True)
     return build_verify_resources(model_runner, PLAIN_WIDTH, server_args_objects)
 
 
