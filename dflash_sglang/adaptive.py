@@ -1,6 +1,6 @@
-"""Adaptive verify width: each decode step either speculates (the drafter's block, or the tree) or verifies the
-anchor alone (a plain decoding step), whichever has been delivering more tokens per request per second at the
-running batch size.
+"""Adaptive verify width: each decode step either speculates (the drafter's block; in tree mode the tree or the
+block as a chain) or verifies the anchor alone (a plain decoding step), whichever has been delivering more tokens
+per request per second at the running batch size.
 
 Why measured rates and not a cost model: what makes speculation lose at high concurrency on a small target is
 mostly host time (launches, planning) and a verify that stops being free once the GPU is busy; both depend on

@@ -1035,13 +1035,16 @@ def tree_worker(markov_worker):
 
 
 def in_tree_mode(worker, world):
+    from dflash_sglang.sglang.adaptive_width import candidate_widths
     from dflash_sglang.sglang.draft_head import TopkDraftHead
     from dflash_sglang.sglang.tree_mode import TreeSettings
 
     tree = TreeSettings(budget=12, topk=2)
+    # As DFlashWorker.__init__: the chain's and plain steps' widths, never the tree's.
+    chain_and_plain = candidate_widths(tree.verify_width, world.block)[1:]
     worker.__dict__.update(
         tree=tree,
-        verify_context=verify_context_with_hook(world, worker.draft_model, worker.draft_runner, (1,)),
+        verify_context=verify_context_with_hook(world, worker.draft_model, worker.draft_runner, chain_and_plain),
         verify_offsets=torch.arange(tree.verify_width),
         draft_head=TopkDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab, topk=tree.topk),
     )
@@ -1272,6 +1275,100 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
     assert logged == ["dflash_sglang: adaptive width, per batch size:\n1 results"]
 
 
+def test_a_tree_server_steps_tree_chain_and_plain_widths_in_any_order(markov_worker):
+    """The adaptive width's three candidates in tree mode: every step's verify has its width's stride and
+    resources, a chain step verifies the top-1 of the tree's top-k, and the output and the drafter's context stay
+    exact whatever the order."""
+    from dflash_sglang.sglang.adaptive_width import VerifyResources
+
+    worker, world = in_tree_mode(*markov_worker)
+    tree_width, chain = worker.tree.verify_width, world.block
+    cycle = [tree_width, chain, 1, chain, tree_width, 1, chain, chain]
+    worker.__dict__.update(
+        width_controller=ScriptedWidths(cycle),
+        verify_resources={w: VerifyResources(w, f"backend {w}", f"graphs {w}", decode=w == 1) for w in set(cycle)},
+        active_width=tree_width,
+    )
+    worker.verify_resources[tree_width].apply(worker.model_runner)
+    seen = []
+    target = worker._target_worker.forward_batch_generation
+
+    def verify(batch=None, forward_batch=None, is_verify=False):
+        stride = forward_batch.input_ids.numel() // 3
+        seen.append((stride, worker.model_runner.attn_backend, forward_batch.input_ids.view(3, stride).clone()))
+        return target(batch, forward_batch, is_verify)
+
+    worker._target_worker = SimpleNamespace(forward_batch_generation=verify)
+    worker.draft_head = RecordingHead(worker.draft_head)
+    prompt_lens, first_tokens, emitted, commits, batch = run_decode(worker, world, steps=16)
+
+    for i, tokens in enumerate(emitted):
+        assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
+    assert_context_holds_every_committed_token(world, batch)
+    widths = [cycle[i % 8] for i in range(16)]
+    assert [stride for stride, _, _ in seen] == widths
+    assert all(backend == f"backend {stride}" for stride, backend, _ in seen)
+    # Every step but a plain one drafts once; a chain step verifies each position's first (best) candidate.
+    drafts = dict(zip([i for i, w in enumerate(widths) if w != 1], worker.draft_head.outputs))
+    chain_steps = [i for i, w in enumerate(widths) if w == chain]
+    for i in chain_steps:
+        assert torch.equal(seen[i][2][:, 1:], drafts[i][1][:, 0].view(3, -1))
+    assert max(n for i in chain_steps for n in commits[i]) > 1
+
+
+class RecordingHead:
+    """A draft head that keeps every output (eager drafter forwards only: it has no graph output)."""
+
+    graph_tokens = None
+
+    def __init__(self, head):
+        self.head, self.outputs = head, []
+
+    def __call__(self, hidden_states):
+        self.outputs.append(self.head(hidden_states))
+        return self.outputs[-1]
+
+
+@pytest.mark.parametrize("tree_budget,widths,built,logged", [
+    (None, (6, 1), [("plain", 1)], "6: a chain step; 1: a plain decoding step"),
+    (12, (13, 6, 1), [("verify", 6), ("plain", 1)], "13: the tree; 6: a chain step; 1: a plain decoding step"),
+    (12, (13, 1), [("plain", 1)], "13: the tree; 1: a plain decoding step"),  # the chain pinned out
+    (5, (6, 1), [("plain", 1)], "6: the tree; 1: a plain decoding step"),  # a tree as wide as the block
+])
+def test_init_cuda_graphs_builds_resources_for_each_adaptive_width(monkeypatch, caplog, tree_budget, widths, built,
+                                                                   logged):
+    from dflash_sglang.adaptive import WidthController
+    from dflash_sglang.sglang import worker as worker_module
+    from dflash_sglang.sglang.adaptive_width import VerifyResources
+    from dflash_sglang.sglang.tree_mode import TreeSettings
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    calls = []
+    monkeypatch.setattr(worker_module, "get_server_args", lambda: "published args")
+    monkeypatch.setattr(worker_module, "build_verify_resources",
+                        lambda runner, width, args: calls.append(("verify", width, args)) or VerifyResources(
+                            width, f"backend {width}", None))
+    monkeypatch.setattr(worker_module, "build_plain_resources",
+                        lambda runner, args: calls.append(("plain", 1, args)) or VerifyResources(1, "plain", None))
+    worker = DFlashWorker.__new__(DFlashWorker)
+    model_runner = SimpleNamespace(attn_backend="spec backend", decode_cuda_graph_runner="spec graphs",
+                                   server_args="runner args")
+    worker.__dict__.update(
+        server_args=SimpleNamespace(cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(bs=[]))),
+        _draft_worker=SimpleNamespace(init_cuda_graphs=lambda: calls.append(("drafter graphs",))),
+        model_runner=model_runner, block_size=6,
+        tree=tree_budget and TreeSettings(budget=tree_budget, topk=2),
+        width_controller=WidthController(widths),
+    )
+    with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
+        worker.init_cuda_graphs()
+    assert f"tokens per request ({logged}), whichever" in caplog.text
+    assert calls[0] == ("drafter graphs",)
+    assert calls[1:] == [(kind, width, ("runner args", "published args")) for kind, width in built]
+    assert sorted(worker.verify_resources) == sorted(widths)
+    assert worker.verify_resources[widths[0]].attn_backend == "spec backend"
+
+
 def test_adaptive_width_is_refused_across_ranks():
     from dflash_sglang.sglang.adaptive_width import check_adaptive
 
@@ -1391,10 +1488,25 @@ def test_adaptive_widths_can_be_pinned_and_a_bad_list_names_the_variable(raw, ex
     from dflash_sglang.sglang.adaptive_width import WIDTHS_ENV, widths_from_env
 
     if expected is not None:
-        assert widths_from_env(32, {WIDTHS_ENV: raw}) == expected
+        assert widths_from_env(32, environ={WIDTHS_ENV: raw}) == expected
     else:
         with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}=.* among 32 .* and 1"):
-            widths_from_env(32, {WIDTHS_ENV: raw})
+            widths_from_env(32, environ={WIDTHS_ENV: raw})
+
+
+@pytest.mark.parametrize("budget,raw,expected", [
+    (64, "", (65, 16, 1)), (64, "16,1", (16, 1)), (64, "1, 65", (65, 1)), (64, "16", (16,)),
+    (15, "", (16, 1)),  # the tree verifies a block's worth: the chain is no other width
+    (64, "32", None), (64, "16,16", None),
+])
+def test_a_tree_server_adds_the_chain_to_its_adaptive_widths(budget, raw, expected):
+    from dflash_sglang.sglang.adaptive_width import WIDTHS_ENV, widths_from_env
+
+    if expected is not None:
+        assert widths_from_env(budget + 1, 16, environ={WIDTHS_ENV: raw}) == expected
+    else:
+        with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}=.* among 65 .*tree verify.*, 16 .*chain step"):
+            widths_from_env(budget + 1, 16, environ={WIDTHS_ENV: raw})
 
 
 def test_a_bad_adaptive_width_list_stops_the_worker_before_building_anything(tiny_dirs, monkeypatch):

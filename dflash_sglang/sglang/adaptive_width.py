@@ -1,6 +1,7 @@
-"""The adaptive width inside SGLang (`--speculative-dflash-adaptive`): the target keeps two sets of verify
-resources, the speculative width's (what SGLang built at startup) and width 1's (a plain decoding step: the
-anchor verified alone), and the worker swaps them per step as `dflash_sglang.adaptive.WidthController` chooses.
+"""The adaptive width inside SGLang (`--speculative-dflash-adaptive`): the target keeps a set of verify resources
+per candidate width: the speculative width's (what SGLang built at startup), width 1's (a plain decoding step: the
+anchor verified alone) and, in tree mode, the drafter's block's (a chain step). The worker swaps them per step as
+`dflash_sglang.adaptive.WidthController` chooses.
 
 A plain step runs the target the way SGLang's own decoding does when it can: a DECODE forward (decode attention
 metadata and kernels, DECODE graphs captured with the hidden states the drafter's context needs), which costs
@@ -9,13 +10,14 @@ the H200 in the ninth session). The DECODE graphs are captured while the model r
 SGLang captures every decode graph of a speculative runner as TARGET_VERIFY; if that fails, plain steps fall back
 to a width-1 TARGET_VERIFY (logged), which is also what they are on targets with sliding-window layers.
 
-Why two sets: a model runner's verify CUDA graphs are captured for one width (`num_tokens_per_req`), and the
-attention backend sizes its graph buffers and verify layout from `--speculative-num-draft-tokens` when it is
+Why a set per width: a model runner's verify CUDA graphs are captured for one width (`num_tokens_per_req`), and
+the attention backend sizes its graph buffers and verify layout from `--speculative-num-draft-tokens` when it is
 built; a graph runner built over an existing backend re-initializes its buffers, leaving the first runner's graphs
-pointing at buffers nobody fills. So width 1 gets its own backend (over the same KV pool) and its own graph runner,
-built while the server arguments say width 1, the way SGLang 0.5.16's EAGLE adaptive mode builds its per-step
-states (eagle_worker_v2.build_adaptive_runtime_state). Its graphs are causal even in tree mode (a one-token verify
-has nothing to mask). The KV reservation stays the speculative width's; a plain step uses one slot of it.
+pointing at buffers nobody fills. So each other width gets its own backend (over the same KV pool) and its own
+graph runner, built while the server arguments say that width, the way SGLang 0.5.16's EAGLE adaptive mode builds
+its per-step states (eagle_worker_v2.build_adaptive_runtime_state). Their graphs are causal even in tree mode (a
+one-token verify has nothing to mask, a chain is causal). The KV reservation stays the speculative width's; a
+plain step uses one slot of it, a tree server's chain step one block of it.
 
 Served with tensor parallelism, every rank would time its own steps and could choose differently, and ranks that
 run different widths deadlock in their collectives: the flag is refused there.
@@ -44,22 +46,32 @@ def adaptive_from_env(environ=os.environ) -> bool:
     return environ.get(ADAPTIVE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def widths_from_env(verify_width: int, environ=os.environ) -> tuple[int, ...]:
-    """The adaptive width's candidates, speculative first: both by default, or those WIDTHS_ENV lists."""
-    both = (verify_width, PLAIN_WIDTH)
+def candidate_widths(verify_width: int, chain_width: int | None = None) -> tuple[int, ...]:
+    """Every width a server can run, speculative first: its verify width, the chain's block in tree mode
+    (`chain_width`, unless the tree verifies as many tokens), and 1 (a plain step)."""
+    return tuple(dict.fromkeys(w for w in (verify_width, chain_width, PLAIN_WIDTH) if w is not None))
+
+
+def widths_from_env(verify_width: int, chain_width: int | None = None, environ=os.environ) -> tuple[int, ...]:
+    """The adaptive width's candidates, speculative first: all of `candidate_widths` by default, or those
+    WIDTHS_ENV lists."""
+    every = candidate_widths(verify_width, chain_width)
     raw = environ.get(WIDTHS_ENV, "").strip()
     if not raw:
-        return both
+        return every
     try:
         listed = [int(part) for part in raw.split(",") if part.strip()]
     except ValueError:
         listed = []
-    if not listed or any(w not in both for w in listed) or len(set(listed)) != len(listed):
+    if not listed or any(w not in every for w in listed) or len(set(listed)) != len(listed):
+        names = [f"{verify_width} (this server's {'tree' if len(every) == 3 else 'speculative'} verify)"]
+        if len(every) == 3:
+            names.append(f"{chain_width} (a chain step of the drafter's block)")
         raise DFlashConfigError([
-            f"{WIDTHS_ENV}={raw!r} must list distinct widths among {verify_width} (this server's speculative "
-            f"verify) and {PLAIN_WIDTH} (a plain step), comma-separated; unset it to let the controller use both"
+            f"{WIDTHS_ENV}={raw!r} must list distinct widths among {', '.join(names)} and {PLAIN_WIDTH} (a plain "
+            f"step), comma-separated; unset it to let the controller use them all"
         ])
-    return tuple(w for w in both if w in listed)
+    return tuple(w for w in every if w in listed)
 
 
 def check_adaptive(server_args) -> list[str]:

@@ -31,8 +31,9 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
     group.add_argument("--speculative-dflash-topk", type=int, default=None,
                        help=f"DFLASH tree mode: candidates per block position (default {tree_mode.DEFAULT_TOPK})")
     group.add_argument("--speculative-dflash-adaptive", action="store_true", default=False,
-                       help="DFLASH: per decode step, speculate or verify the last token alone (a plain decoding "
-                            "step), whichever has been faster at the running batch size")
+                       help="DFLASH: per decode step, speculate (in tree mode: the tree or a chain step) or verify "
+                            "the last token alone (a plain decoding step), whichever has been faster at the running "
+                            "batch size")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):

@@ -70,6 +70,8 @@ from dflash_sglang.sglang.adaptive_width import (
     VerifyResources,
     adaptive_from_env,
     build_plain_resources,
+    build_verify_resources,
+    candidate_widths,
     check_adaptive,
     widths_from_env,
 )
@@ -106,7 +108,7 @@ class DFlashWorker(BaseSpecWorker):
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive)
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
-        widths = widths_from_env(self.verify_width) if adaptive else None
+        widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
 
         use_as_dflash_draft_model()
         self._draft_worker = DraftWorkerHandle(
@@ -127,9 +129,11 @@ class DFlashWorker(BaseSpecWorker):
             )
         self.draft_block_spec = draft_block_spec(self.block_size, self.device)
         # Registered before SGLang captures the target's verify graphs (Scheduler.init_all_cuda_graphs, after this
-        # __init__); chain and plain steps write their context K/V inside them.
+        # __init__); chain and plain steps write their context K/V inside them. A tree's verify width is never
+        # among them (its rows are not consecutive positions).
         self.verify_context = VerifyGraphContext(
-            self.draft_model, self.draft_runner, (PLAIN_WIDTH,) if self.tree else (self.block_size, PLAIN_WIDTH))
+            self.draft_model, self.draft_runner, candidate_widths(self.verify_width, self.chain_width)[1:]
+            if self.tree else (self.block_size, PLAIN_WIDTH))
         self.model_runner.capture_tail_hooks.append(self.verify_context.capture_hook)
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
         # --speculative-dflash-adaptive: the width controller and both widths' verify resources (init_cuda_graphs,
@@ -143,6 +147,12 @@ class DFlashWorker(BaseSpecWorker):
     def verify_width(self) -> int:
         """Tokens per request in a speculative step's target verify."""
         return self.tree.verify_width if self.tree else self.block_size
+
+    @property
+    def chain_width(self) -> int | None:
+        """In tree mode, the width of a chain step over the same drafted block (the adaptive width's middle
+        candidate); None for a chain server, whose speculative width it already is."""
+        return self.block_size if self.tree else None
 
     def __getattr__(self, name):
         # The scheduler treats this worker as its model worker; what we do not define is the target's.
@@ -162,14 +172,19 @@ class DFlashWorker(BaseSpecWorker):
             self.draft_runner.capture_tail_hooks.append(self.draft_head.capture_hook)
         self._draft_worker.init_cuda_graphs()
         if self.width_controller is not None:
+            server_args_objects = (self.model_runner.server_args, get_server_args())
             self.verify_resources = {self.verify_width: VerifyResources.current(self.model_runner, self.verify_width)}
+            if self.chain_width in self.width_controller.widths and self.chain_width != self.verify_width:
+                self.verify_resources[self.chain_width] = build_verify_resources(
+                    self.model_runner, self.chain_width, server_args_objects)
             if PLAIN_WIDTH in self.width_controller.widths:
-                self.verify_resources[PLAIN_WIDTH] = build_plain_resources(
-                    self.model_runner, (self.model_runner.server_args, get_server_args()))
+                self.verify_resources[PLAIN_WIDTH] = build_plain_resources(self.model_runner, server_args_objects)
             plain = self.verify_resources.get(PLAIN_WIDTH)
-            logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (1: a "
-                        "plain decoding step%s), whichever has been faster at the running batch size",
-                        list(self.width_controller.widths), ", a DECODE forward" if plain and plain.decode else "")
+            kinds = {self.chain_width: "a chain step", self.verify_width: "the tree" if self.tree else "a chain step",
+                     PLAIN_WIDTH: "a plain decoding step" + (", a DECODE forward" if plain and plain.decode else "")}
+            logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (%s), "
+                        "whichever has been faster at the running batch size", list(self.width_controller.widths),
+                        "; ".join(f"{w}: {kinds[w]}" for w in self.width_controller.widths))
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
@@ -194,8 +209,8 @@ class DFlashWorker(BaseSpecWorker):
             return self.idle(on_publish)
         if self.width_controller is not None:
             self.use_width(self.width_controller.choose(batch.seq_lens.shape[0]))
-            if self.active_width == PLAIN_WIDTH:
-                return self.decode(batch, on_publish, PLAIN_WIDTH)
+            if self.active_width != self.verify_width:  # a plain step, or a tree server's chain step
+                return self.decode(batch, on_publish, self.active_width)
         if self.tree:
             return self.decode_tree(batch, on_publish)
         return self.decode(batch, on_publish)
@@ -232,7 +247,8 @@ class DFlashWorker(BaseSpecWorker):
         """One chain step of `width` tokens per request (default: the drafter's block); width 1 is a plain
         decoding step, the anchor alone through the target with no draft (the adaptive width's choice where
         drafting does not pay; a DECODE forward when its resources are DECODE ones, else a one-token verify): its
-        features still become draft context, so drafting can resume at any step."""
+        features still become draft context, so drafting can resume at any step. A tree server runs chain steps
+        too when its adaptive width chooses them: the drafts are the top-1 of the tree's per-position top-k."""
         width = width or self.block_size
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
@@ -245,8 +261,10 @@ class DFlashWorker(BaseSpecWorker):
 
         candidates = block.block_ids
         if width > 1:
-            drafts = self.draft(batch, block, plan_lens).view(seq_lens.shape[0], -1)
-            candidates = torch.cat([block.block_ids[:, :1], drafts], dim=1)
+            drafts = self.draft(batch, block, plan_lens)
+            if self.tree:
+                drafts = drafts[1][:, 0]  # the top-k are in descending order: the first is the argmax
+            candidates = torch.cat([block.block_ids[:, :1], drafts.view(seq_lens.shape[0], -1)], dim=1)
         step.mark()
         resources = self.verify_resources.get(width)
         decode = resources is not None and resources.decode
