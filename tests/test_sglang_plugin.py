@@ -1497,16 +1497,18 @@ def test_adaptive_widths_can_be_pinned_and_a_bad_list_names_the_variable(raw, ex
 @pytest.mark.parametrize("budget,raw,expected", [
     (64, "", (65, 16, 1)), (64, "16,1", (16, 1)), (64, "1, 65", (65, 1)), (64, "16", (16,)),
     (15, "", (16, 1)),  # the tree verifies a block's worth: the chain is no other width
-    (64, "32", None), (64, "16,16", None),
+    (64, "32", None), (64, "16,16", None), (15, "2", None),
 ])
 def test_a_tree_server_adds_the_chain_to_its_adaptive_widths(budget, raw, expected):
     from dflash_sglang.sglang.adaptive_width import WIDTHS_ENV, widths_from_env
 
     if expected is not None:
         assert widths_from_env(budget + 1, 16, environ={WIDTHS_ENV: raw}) == expected
-    else:
-        with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}=.* among 65 .*tree verify.*, 16 .*chain step"):
-            widths_from_env(budget + 1, 16, environ={WIDTHS_ENV: raw})
+        return
+    with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}=.* among {budget + 1} .*tree verify") as error:
+        widths_from_env(budget + 1, 16, environ={WIDTHS_ENV: raw})
+    # The message names every candidate of this server, the chain only where it is one.
+    assert ("16 (a chain step of the drafter's block)" in str(error.value)) is (budget == 64)
 
 
 def test_a_bad_adaptive_width_list_stops_the_worker_before_building_anything(tiny_dirs, monkeypatch):

@@ -64,8 +64,8 @@ def widths_from_env(verify_width: int, chain_width: int | None = None, environ=o
     except ValueError:
         listed = []
     if not listed or any(w not in every for w in listed) or len(set(listed)) != len(listed):
-        names = [f"{verify_width} (this server's {'tree' if len(every) == 3 else 'speculative'} verify)"]
-        if len(every) == 3:
+        names = [f"{verify_width} (this server's {'speculative' if chain_width is None else 'tree'} verify)"]
+        if chain_width not in (None, verify_width):
             names.append(f"{chain_width} (a chain step of the drafter's block)")
         raise DFlashConfigError([
             f"{WIDTHS_ENV}={raw!r} must list distinct widths among {', '.join(names)} and {PLAIN_WIDTH} (a plain "
