@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -34,3 +36,22 @@ def cuda(monkeypatch):
     available, why = jit.kernel_status()
     assert available, why
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def sglang_tp1():
+    """A one-process gloo TP group and published server args: what SGLang layers need to be built on CPU. Once per
+    session: SGLang's parallel groups can be initialized only once in a process."""
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.runtime_context import get_context
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(1)
+    override = get_context().override_server_args()
+    override.install()
+    yield
+    override.restore()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import sys
 import types
 from types import SimpleNamespace
@@ -338,25 +337,7 @@ def test_startup_refuses_a_quantized_head(tiny_dirs):
 # ------------------------------------------------------------------------ drafter on SGLang layers
 
 
-@pytest.fixture(scope="module")
-def sglang_tp1():
-    """A one-process gloo TP group and published server args: what SGLang layers need to be built on CPU."""
-    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.runtime_context import get_context
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
-    initialize_model_parallel(1)
-    override = get_context().override_server_args()
-    override.install()
-    yield
-    override.restore()
-
-
-def sglang_drafter(tmp_path, raw: dict, monkeypatch):
+def sglang_drafter(tmp_path, raw: dict, monkeypatch, quant_config=None):
     """Our SGLang drafter built from a config.json on disk, with the reference drafter's random weights."""
     import json
 
@@ -368,7 +349,7 @@ def sglang_drafter(tmp_path, raw: dict, monkeypatch):
     # SGLang's RoPE picks a device kernel at construction; on this CPU box take its CPU path.
     monkeypatch.setattr(rope_base, "_is_cpu", True)
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    model = DFlashSGLangDrafter(AutoConfig.from_pretrained(tmp_path))
+    model = DFlashSGLangDrafter(AutoConfig.from_pretrained(tmp_path), quant_config=quant_config)
     state = random_drafter_state(raw, seed=5, std=0.2)
     if raw.get("use_gemma_norm"):
         state = {k: (v + 0.3 * torch.randn_like(v)) if "norm" in k else v for k, v in state.items()}
@@ -401,6 +382,12 @@ def drafter_configs():
 def test_context_kv_matches_the_reference_drafter(sglang_tp1, tmp_path, monkeypatch, name):
     raw = drafter_configs()[name]
     model, state = sglang_drafter(tmp_path, raw, monkeypatch)
+    assert_context_kv_matches_the_reference(model, state, raw)
+
+
+def assert_context_kv_matches_the_reference(model, state, raw):
+    """Load `state` (z-lab names, `model.` prefix, a shipped lm_head to skip), then the context K/V of random
+    features at scattered positions equals the reference drafter's."""
     prefixed = {f"model.{k}": v for k, v in state.items()}
     model.load_weights(list(prefixed.items()) + [("lm_head.weight", torch.zeros(64, 32))])
     reference = DFlashDrafter(parse_drafter_config(raw))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dflash_sglang.sglang.verify_context import VerifyGraphContext, row_positions
-from test_sglang_plugin import drafter_configs, sglang_drafter, sglang_tp1  # noqa: F401  (sglang_tp1: a fixture)
+from test_sglang_plugin import drafter_configs, sglang_drafter
 
 
 class RecordingDrafter:

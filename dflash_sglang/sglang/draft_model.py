@@ -96,19 +96,19 @@ def make_norm(cfg: DFlashConfig, dim: int) -> nn.Module:
 
 
 class DrafterAttention(nn.Module):
-    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module):
+    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module, quant_config=None):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
-            bias=cfg.attention_bias, prefix=f"layers.{layer_id}.self_attn.qkv_proj",
+            bias=cfg.attention_bias, quant_config=quant_config, prefix=f"layers.{layer_id}.self_attn.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False,
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False, quant_config=quant_config,
             prefix=f"layers.{layer_id}.self_attn.o_proj",
         )
         self.q_norm = make_norm(cfg, cfg.head_dim)
@@ -139,13 +139,15 @@ class DrafterAttention(nn.Module):
 
 
 class DrafterMLP(nn.Module):
-    def __init__(self, cfg: DFlashConfig, layer_id: int):
+    def __init__(self, cfg: DFlashConfig, layer_id: int, quant_config=None):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False, prefix=f"layers.{layer_id}.mlp.gate_up_proj"
+            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False, quant_config=quant_config,
+            prefix=f"layers.{layer_id}.mlp.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            cfg.intermediate_size, cfg.hidden_size, bias=False, prefix=f"layers.{layer_id}.mlp.down_proj"
+            cfg.intermediate_size, cfg.hidden_size, bias=False, quant_config=quant_config,
+            prefix=f"layers.{layer_id}.mlp.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -156,12 +158,12 @@ class DrafterMLP(nn.Module):
 
 
 class DrafterLayer(nn.Module):
-    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module):
+    def __init__(self, cfg: DFlashConfig, layer_id: int, rotary_emb: nn.Module, quant_config=None):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.hidden_size)
-        self.self_attn = DrafterAttention(cfg, layer_id, rotary_emb)
+        self.self_attn = DrafterAttention(cfg, layer_id, rotary_emb, quant_config)
         self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
-        self.mlp = DrafterMLP(cfg, layer_id)
+        self.mlp = DrafterMLP(cfg, layer_id, quant_config)
 
     def forward(self, positions, hidden_states, forward_batch, residual):
         if residual is None:
@@ -174,12 +176,37 @@ class DrafterLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+def drafter_quant_config(quant_config):
+    """The quantization the drafter's layers take: online FP8 (`--speculative-draft-model-quantization fp8`, or a
+    target's `--quantization fp8` that the drafter inherits), or none.
+
+    Published DFlash drafters ship bf16 weights, so only a method that quantizes unquantized weights while loading
+    applies; one that expects quantized tensors in the checkpoint (a serialized FP8 config, AWQ, GPTQ, ModelOpt,
+    ...) would find none, and MXFP8 needs a newer GPU than Hopper. Those leave the drafter in its own dtype, with a
+    warning that names the flag. `fc`, the stacked context K/V projection and the norms stay unquantized: `fc` and
+    the stack run once per committed token, and the stack is built from the bf16 weights before SGLang quantizes
+    the layers (`post_load_weights` runs inside `load_weights`)."""
+    if quant_config is None:
+        return None
+    from sglang.srt.layers.quantization.fp8 import Fp8Config
+
+    if (isinstance(quant_config, Fp8Config) and not quant_config.is_checkpoint_fp8_serialized
+            and not quant_config.use_mxfp8):
+        return quant_config
+    logger.warning(
+        "dflash_sglang: the drafter stays unquantized: %s cannot quantize its bf16 checkpoint while loading (only "
+        "online FP8 can); pass --speculative-draft-model-quantization fp8 to quantize it, or unquant to silence "
+        "this", quant_config.get_name())
+    return None
+
+
 class DFlashSGLangDrafter(nn.Module):
     """Drafter layers, `fc`, `hidden_norm` and final `norm`; embedding and head are the target's."""
 
     def __init__(self, config, quant_config=None, prefix: str = ""):
-        """SGLang's model constructor signature; `quant_config` is not applied: published drafters are
-        unquantized, and a quantized target's --quantization must not quantize its drafter."""
+        """SGLang's model constructor signature; `quant_config` (`--speculative-draft-model-quantization`, which
+        SGLang defaults to the target's `--quantization`) applies to the layers' linear projections when it
+        quantizes bf16 weights at load (`drafter_quant_config`)."""
         super().__init__()
         self.config = config
         self.cfg = cfg = drafter_config_from_hf(config)
@@ -191,7 +218,9 @@ class DFlashSGLangDrafter(nn.Module):
             is_neox_style=True,
             rope_scaling=rope_scaling(cfg.rope),
         )
-        self.layers = nn.ModuleList(DrafterLayer(cfg, i, self.rotary_emb) for i in range(cfg.num_hidden_layers))
+        layer_quant = drafter_quant_config(quant_config)
+        self.layers = nn.ModuleList(
+            DrafterLayer(cfg, i, self.rotary_emb, layer_quant) for i in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = make_norm(cfg, cfg.hidden_size)

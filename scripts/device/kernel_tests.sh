@@ -35,13 +35,14 @@ tests=${PIPESTATUS[0]}
 timeout 120 $PY -m pytest -m gpu tests/test_context_kv.py -q -p no:cacheprovider -k library_errors \
   2>&1 | tee "$OUT/pytest_gpu_errors.log"
 errors=${PIPESTATUS[0]}
-timeout 90 $PY -m pytest -m gpu tests/test_verify_context.py -q -p no:cacheprovider \
+# Serving-path GPU tests outside the kernels: the context write captured in a graph, the FP8 drafter's projections.
+timeout 120 $PY -m pytest -m gpu tests/test_verify_context.py tests/test_draft_quant.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/pytest_gpu_verify_context.log"
 context=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
-echo "gpu tests exit $tests, error-path test exit $errors, context write in a graph exit $context," \
+echo "gpu tests exit $tests, error-path test exit $errors, graph context write and FP8 drafter exit $context," \
   "benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 if [ "$tests" -ne 0 ]; then
@@ -51,7 +52,7 @@ if [ "$tests" -ne 0 ]; then
   [ -n "$failed" ] && [ "$failed" != all ] && exit 101
   exit "$tests"
 fi
-# The kernels passed; only their timing, their error reports or the graph-captured write failed: a distinct
-# status, so callers can still serve with them.
+# The kernels passed; only their timing, their error reports, the graph-captured write or the FP8 drafter failed:
+# a distinct status, so callers can still serve with them.
 [ "$bench" -ne 0 ] || [ "$errors" -ne 0 ] || [ "$context" -ne 0 ] && exit 100
 exit 0
