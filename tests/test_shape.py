@@ -332,10 +332,24 @@ def test_shape_sh_refuses_bad_arguments(tmp_path):
     script = str(REPO / "scripts" / "device" / "shape.sh")
     env = {**os.environ, "OUT": str(tmp_path)}
     for args, message in ((["--shape", "llama-70b"], "--shape must be gemma-4-31b or qwen3-32b"),
-                          (["--stages", "ar t48"], "--stages takes ar b16 b32 b64 t16 t32 t64, got t48"),
+                          (["--stages", "ar t48"], "--stages takes ar b16 b32 b64 b16fp8 t16 t32 t64, got t48"),
                           (["--stages", "ar b16 ar"], "--stages lists ar twice"),
                           (["--port", "x"], "--port must be a number")):
         run = subprocess.run(["bash", script, "--draft-backend", "triton", *args], env=env, capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_fp8_drafter_stage_is_a_chain_step_held_to_the_chain_bar(tmp_path):
+    qwen_run(tmp_path, stages=("ar", "b16", "b16fp8"))
+    chain = ours_lines((1, [32, 99.0, 99.0, 99.0, 999.0]), (1, [64, 64.0, 1216.0, 64.0, 1344.0]))  # 21 ms step
+    write_stage(tmp_path, "b16fp8", QWEN_STARTUP + chain, {"ms_per_token": 22.0, "ms_per_step": 22.0})
+    summary = shape.summarize(tmp_path)
+    fp8 = summary["stages"]["b16fp8"]
+    assert (fp8["mode"], fp8["block"], fp8["draft_quantization"]) == ("chain", 16, "fp8")
+    assert fp8["bar"] == 1.10 and fp8["step_ratio_gpu"] == pytest.approx(21.0 / 20.0) and fp8["bar_met_gpu"]
+    assert "draft_quantization" not in summary["stages"]["b16"]
+    assert shape.mode_label(fp8) == "chain B=16, fp8 drafter"
+    assert any(line.startswith("  b16fp8 (chain B=16, fp8 drafter): GPU step 21.00 ms") for line in
+               shape.bar_lines(summary))

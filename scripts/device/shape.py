@@ -33,10 +33,12 @@ SHAPES = ("gemma-4-31b", "qwen3-32b")
 DEFAULT_SHAPE = "gemma-4-31b"
 TREE_BLOCK = 16  # the tree stages draft with the published block
 TREE_TOPK = 4
-# name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed.
+# name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. b16fp8: the
+# B = 16 chain with the drafter's projections in FP8 (--speculative-draft-model-quantization fp8).
 STAGES = {
     "ar": {"mode": "ar", "block": None, "tree_budget": None},
     **{f"b{b}": {"mode": "chain", "block": b, "tree_budget": None} for b in (16, 32, 64)},
+    "b16fp8": {"mode": "chain", "block": 16, "tree_budget": None, "draft_quantization": "fp8"},
     **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in (16, 32, 64)},
 }
 # Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
@@ -312,7 +314,8 @@ def mode_label(stage: dict) -> str:
         return "AR"
     if stage["mode"] == "tree":
         return f"tree N={stage['tree_budget']} top-{stage.get('tree_topk', TREE_TOPK)} B={stage['block']}"
-    return f"chain B={stage['block']}"
+    quantized = stage.get("draft_quantization")
+    return f"chain B={stage['block']}" + (f", {quantized} drafter" if quantized else "")
 
 
 def verdict(met) -> str:

@@ -5,6 +5,7 @@
 #   b16   ours, chain, --speculative-num-draft-tokens 16          -> draft / verify / rest GPU ms per step, ms/step
 #   b32   ours, chain, B = 32                                     -> the same, cost only
 #   b64   ours, chain, B = 64                                     -> the same, cost only
+#   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
 #         (N = 16, 32, 64; verify width N + 1)                    -> the same
 # --shape gemma-4-31b (default): the Gemma-4-31B-it layout and the z-lab gemma-4-31B-it-DFlash drafter shape;
@@ -73,8 +74,8 @@ read -ra STAGE_LIST <<< "$STAGES"
 declare -A SEEN=()
 for stage in "${STAGE_LIST[@]}"; do
   case "$stage" in
-    ar|b16|b32|b64|t16|t32|t64) ;;
-    *) echo "--stages takes ar b16 b32 b64 t16 t32 t64, got $stage" >&2; exit 2 ;;
+    ar|b16|b32|b64|b16fp8|t16|t32|t64) ;;
+    *) echo "--stages takes ar b16 b32 b64 b16fp8 t16 t32 t64, got $stage" >&2; exit 2 ;;
   esac
   [ -z "${SEEN[$stage]:-}" ] || { echo "--stages lists $stage twice" >&2; exit 2; }
   SEEN[$stage]=1
@@ -222,6 +223,8 @@ for stage in "${STAGE_LIST[@]}"; do
   case "$stage" in
     ar) run_stage ar ;;
     # shellcheck disable=SC2046  # the flag printers print flags without spaces inside them
+    b16fp8) run_stage "$stage" $(chain_flags 16) --speculative-draft-model-quantization fp8 ;;
+    # shellcheck disable=SC2046
     b*) run_stage "$stage" $(chain_flags "${stage#b}") ;;
     # shellcheck disable=SC2046
     t*) run_stage "$stage" $(tree_flags "${stage#t}") ;;
