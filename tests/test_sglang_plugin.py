@@ -1262,10 +1262,12 @@ def test_plain_steps_between_speculative_ones_keep_the_output_and_the_drafters_c
     assert logged == ["dflash_sglang: adaptive width, per batch size:\n1 results"]
 
 
-def test_a_tree_server_steps_tree_chain_and_plain_widths_in_any_order(markov_worker):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "one-hot sampling"])
+def test_a_tree_server_steps_tree_chain_and_plain_widths_in_any_order(markov_worker, sampled):
     """The adaptive width's three candidates in tree mode: every step's verify has its width's stride and
     resources, a chain step verifies the top-1 of the tree's top-k, and the output and the drafter's context stay
-    exact whatever the order."""
+    exact whatever the order, through greedy acceptance and through each width's sampling acceptance (one-hot
+    rows: greedy's outcome)."""
     from dflash_sglang.sglang.adaptive_width import VerifyResources
 
     worker, world = in_tree_mode(*markov_worker)
@@ -1287,7 +1289,8 @@ def test_a_tree_server_steps_tree_chain_and_plain_widths_in_any_order(markov_wor
 
     worker._target_worker = SimpleNamespace(forward_batch_generation=verify)
     worker.draft_head = RecordingHead(worker.draft_head)
-    prompt_lens, first_tokens, emitted, commits, batch = run_decode(worker, world, steps=16)
+    prompt_lens, first_tokens, emitted, commits, batch = run_decode(
+        worker, world, sampling_info=one_hot_sampling_info() if sampled else None, steps=16)
 
     for i, tokens in enumerate(emitted):
         assert tokens == [int(first_tokens[i])] + world.chain(int(first_tokens[i]), len(tokens) - 1)
