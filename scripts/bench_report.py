@@ -86,6 +86,17 @@ def request_latency_figures(level: dict, name: str) -> tuple[float | None, float
     return (statistics.median(latencies) if latencies else None, statistics.median(tails) if tails else None)
 
 
+def interleaved_load(report: dict) -> str:
+    """What each contender was sent per level and repeat in the interleaved stage (bench --interleave)."""
+    rounds, least = report.get("rounds"), report.get("min_requests") or 1
+    if not rounds:
+        return "the whole prompt set, c requests in flight at a time"
+    if rounds == 1:
+        return f"one batch of max(c, {least}) prompts"
+    return (f"max({rounds} x c, {least}) prompts with c in flight at a time (each finished request makes room "
+            "for the next)")
+
+
 def interleaved_rows(bench: dict) -> list[dict]:
     """The interleaved stage (bench --interleave), per contender (in the suite's order) and level it ran at: the
     repeats counted (complete ones) and planned, the medians over them of tok/s, TPOT, TTFT, tau, the mean request
@@ -232,10 +243,10 @@ def _interleaved_section(bench: dict) -> list[str]:
     out = ["", f"## Interleaved sweep (median of {report['repeats']} repeats, paired ratios)", "",
            "**The figures the bars are judged on.** After every contender's own stages, the servers measured again "
            f"in turn on {SET_TITLES.get(report['prompt_set'], report['prompt_set'])}, {report['max_tokens']} greedy "
-           "tokens per request (EOS ignored): per concurrency and repeat, one batch of prompts on each contender, "
-           "the same prompts for all, in an order rotated every repeat. The machine's speed drifts over tens of "
-           "seconds, so the sequential sweep above compares runs a minute apart; here each ratio is of two runs "
-           "seconds apart in the same repeat (paired), and the table gives its median over the repeats with its "
+           f"tokens per request (EOS ignored): per concurrency c and repeat, {interleaved_load(report)} on each "
+           "contender, the same prompts for all, in an order rotated every repeat. The machine's speed drifts over "
+           "tens of seconds, so the sequential sweep above compares runs a minute apart; here each ratio is of two "
+           "runs seconds apart in the same repeat (paired), and the table gives its median over the repeats with its "
            "min..max. tok/s, TPOT, TTFT and tau are medians over the repeats; repeats: those every contender of "
            "the level completed, of those planned (a level stops repeating when the next repeat would not fit its "
            "share of the stage's time). Latency: a request's, mean over the repeat's requests. Tail: the repeat's "

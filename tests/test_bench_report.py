@@ -390,6 +390,16 @@ def test_interleaved_table_is_the_json_right_after_the_throughput_table():
     assert "- ours (chain), interleaved c=1 repeat 2: math500-301@40" in md.splitlines()
 
 
+def test_interleaved_load_says_how_many_prompts_and_how_many_in_flight():
+    bench = interleaved_bench()
+    report = bench["interleaved"]["report"]
+    for rounds, expected in ((None, "the whole prompt set, c requests in flight at a time"),
+                             (1, "one batch of max(c, 4) prompts"),
+                             (3, "max(3 x c, 4) prompts with c in flight at a time")):
+        report.update(rounds=rounds, min_requests=4)
+        assert f"per concurrency c and repeat, {expected}" in bench_report.markdown(bench)
+
+
 def test_interleaved_latency_and_tail_are_the_requests():
     """Mean request latency and tail per repeat from the runs' requests (failed ones and incomplete repeats left
     out), their medians in the table: a closed batch of 4 at c4 whose slowest request sets its duration."""
