@@ -217,6 +217,18 @@ def run_requests(url: str, prompts: list[dict], concurrency: int, sampling: dict
     return results, time.perf_counter() - started
 
 
+def flush_cache(url: str, timeout: float = 30.0) -> str | None:
+    """Empty the server's radix cache (SGLang's /flush_cache; refused while requests run): None when it did, else
+    why not."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}: {e.read()[:300].decode(errors='replace').strip()}"
+    except (OSError, http.client.HTTPException) as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def _mean(values) -> float | None:
     values = list(values)
     return statistics.fmean(values) if values else None
@@ -460,17 +472,25 @@ def run_interleaved(contenders: dict[str, str], concurrencies: list[int], repeat
                     max_tokens: int = 256, skip: int = 0, limit: int | None = None, rounds: int | None = None,
                     min_requests: int = 1, tokenizer: str | None = None, reference: list[str] | None = None,
                     ignore_eos: bool = True, time_limit: float | None = None, warmup: int = 0, progress: bool = True,
-                    timeout: float = 600.0, reference_contender: str = "ar", baselines=BASELINES) -> dict:
+                    timeout: float = 600.0, reference_contender: str = "ar", baselines=BASELINES,
+                    flush: bool = True) -> dict:
     """Several servers (`contenders`: name -> URL) measured in turn: after `warmup` throw-away requests on each,
     for each concurrency, `repeats` times, one batch of the set's `limit` prompts after the first `skip`
     (`level_prompts`: fresh prompts per level and repeat while they last) on every contender of the level, in the
-    order `rotated` by the repeat, the same prompts for all. A contender runs only at the concurrencies `contender_levels` lists for it (all when absent);
-    a level with fewer than two contenders is skipped. With `time_limit`, each level gets an equal share of the
-    time left when it starts (a level that ends early leaves its time to the next), starts a repeat only while
-    `next_repeat_fits`, and requests still running at the limit are stopped; a repeat that did not run on every
-    contender to the end is kept in `runs` as incomplete and left out of the summary. Outputs are checked against
-    the `reference_contender`'s for the same prompt (and against the `reference` files' runs, e.g. one with top-2
-    margins), each level summarized by `interleaved_summary`."""
+    order `rotated` by the repeat, the same prompts for all. A contender runs only at the concurrencies
+    `contender_levels` lists for it (all when absent); a level with fewer than two contenders is skipped.
+
+    With `flush`, each run starts from an empty radix cache (`flush_cache`; a refusal is kept in the run's
+    `flush_errors`). Once the set starts over, a prompt an earlier repeat sent would prefill a single token, which
+    SGLang's prefill graphs refuse (padded over 2x): an eager forward per request on a server whose requests
+    finish, and so prefill, one at a time (a speculative one), one per batch on AR, whose requests finish together.
+
+    With `time_limit`, each level gets an equal share of the time left when it starts (a level that ends early
+    leaves its time to the next), starts a repeat only while `next_repeat_fits`, and requests still running at the
+    limit are stopped; a repeat that did not run on every contender to the end is kept in `runs` as incomplete and
+    left out of the summary. Outputs are checked against the `reference_contender`'s for the same prompt (and
+    against the `reference` files' runs, e.g. one with top-2 margins), each level summarized by
+    `interleaved_summary`."""
     unknown = set(contender_levels or {}) - set(contenders)
     if unknown:
         raise ValueError(f"levels given for {', '.join(sorted(unknown))}, which is not a contender")
@@ -493,6 +513,7 @@ def run_interleaved(contenders: dict[str, str], concurrencies: list[int], repeat
               "repeats": repeats, "prompt_set": prompt_set, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
               "tokenizer": tokenizer, "skip": skip, "limit": limit, "rounds": rounds, "min_requests": min_requests,
               "time_limit": time_limit, "reference_contender": reference_contender, "baselines": list(baselines),
+              "flush": flush,
               "prepare_seconds": started - preparing, "warmup": {}, "levels": []}
     if warmup:
         for name, url in contenders.items():
@@ -525,6 +546,10 @@ def run_interleaved(contenders: dict[str, str], concurrencies: list[int], repeat
             for name in run["order"]:
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
+                if flush:
+                    error = flush_cache(contenders[name])
+                    if error is not None:
+                        run.setdefault("flush_errors", {})[name] = error
                 done, seconds = run_requests(contenders[name], batch, c, sampling, timeout, deadline,
                                              Progress(f"{name} c={c} repeat {r + 1}/{repeats}", len(batch), progress))
                 run["results"][name] = asdict(summarize(LevelResult(prompt_set, c, max_tokens, ignore_eos), done,

@@ -157,7 +157,8 @@ def cmd_bench_interleaved(args) -> int:
                              prompt_set=args.sets[0], max_tokens=args.max_tokens, skip=args.skip, limit=args.limit,
                              rounds=args.rounds, min_requests=args.min_requests, tokenizer=args.tokenizer,
                              reference=args.reference, ignore_eos=not args.stop_at_eos, time_limit=args.time_limit,
-                             warmup=args.warmup, progress=not args.no_progress, timeout=args.timeout)
+                             warmup=args.warmup, progress=not args.no_progress, timeout=args.timeout,
+                             flush=not args.keep_cache)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     print(format_interleaved(report))
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="with --interleave: repeats per concurrency")
     p.add_argument("--contender-concurrency", nargs="+", metavar="NAME=C,C", default=None,
                    help="with --interleave: run NAME only at these of the --concurrency levels (default: all)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="with --interleave: do not empty each server's radix cache (POST /flush_cache) before its "
+                        "run; prompts sent again then prefill from the cache")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="reference-engine demo on the embedded pair: tok/s and acceptance per mode")

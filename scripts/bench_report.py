@@ -90,11 +90,13 @@ def interleaved_load(report: dict) -> str:
     """What each contender was sent per level and repeat in the interleaved stage (bench --interleave)."""
     rounds, least = report.get("rounds"), report.get("min_requests") or 1
     if not rounds:
-        return "the whole prompt set, c requests in flight at a time"
-    if rounds == 1:
-        return f"one batch of max(c, {least}) prompts"
-    return (f"max({rounds} x c, {least}) prompts with c in flight at a time (each finished request makes room "
-            "for the next)")
+        load = "the whole prompt set, c requests in flight at a time"
+    elif rounds == 1:
+        load = f"one batch of max(c, {least}) prompts"
+    else:
+        load = (f"max({rounds} x c, {least}) prompts with c in flight at a time (each finished request makes room "
+                "for the next)")
+    return load + (", from an empty radix cache" if report.get("flush") else "")
 
 
 def interleaved_rows(bench: dict) -> list[dict]:

@@ -35,9 +35,17 @@ class FakeSGLang(BaseHTTPRequestHandler):
     chunk_delay = 0.0
     spec = True
     top_logprobs = True
+    busy = False  # /flush_cache answers as SGLang does while requests run
     bodies: list[dict] = []
+    flushes: list[str] = []  # the class of each server that emptied its cache
 
     def do_POST(self):
+        if self.path == "/flush_cache":
+            FakeSGLang.flushes.append(type(self).__name__)
+            self.send_response(400 if self.busy else 200)
+            self.end_headers()
+            self.wfile.write(b"Cache not flushed: requests running.\n" if self.busy else b"Cache flushed.\n")
+            return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeSGLang.bodies.append(body)
         params = body["sampling_params"]

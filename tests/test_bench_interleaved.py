@@ -85,9 +85,19 @@ def canned(monkeypatch):
                                  error=STOPPED_AT_TIME_LIMIT if stopped else None) for p in prompts]
         return results, clock.now - start
 
+    def flush_cache(url):
+        calls.append({"url": url, "flush": True, "start": clock.now})
+        return None
+
     monkeypatch.setattr(bench, "time", clock)
     monkeypatch.setattr(bench, "run_requests", run_requests)
+    monkeypatch.setattr(bench, "flush_cache", flush_cache)
     return seconds, calls
+
+
+def runs_of(calls):
+    """The recorded request batches, without the cache flushes."""
+    return [call for call in calls if not call.get("flush")]
 
 
 def test_order_rotates_and_prompts_are_shared_within_a_repeat(canned):
@@ -101,6 +111,9 @@ def test_order_rotates_and_prompts_are_shared_within_a_repeat(canned):
     assert c1["contenders"] == ["ar", "builtin", "ours", "tree"] and c4["contenders"] == ["ar", "builtin", "ours"]
     assert [run["order"] for run in c4["runs"]] == [["ar", "builtin", "ours"], ["builtin", "ours", "ar"],
                                                     ["ours", "ar", "builtin"]]
+    assert [call.get("flush", False) for call in calls[:4]] == [True, False, True, False]
+    assert all(flush["url"] == run["url"] for flush, run in zip(calls[::2], calls[1::2]))  # each run right after
+    calls = runs_of(calls)
     assert [call["url"] for call in calls[:8]] == ["ar", "builtin", "ours", "tree", "builtin", "ours", "tree", "ar"]
     by_repeat = [calls[i:i + 4] for i in range(0, 12, 4)] + [calls[12 + i:15 + i] for i in range(0, 9, 3)] \
         + [calls[21 + i:25 + i] for i in range(0, 12, 4)]
@@ -141,7 +154,7 @@ def test_time_limit_stops_repeats_and_drops_an_incomplete_one(canned):
     assert (second["repeats"], [run["complete"] for run in second["runs"]]) == (0, [False])
     assert list(second["runs"][0]["results"]) == ["a"] and second["summary"]["a"]["median_tok_s"] is None
     assert third["skipped"] == "time limit (3s) reached before this level" and third["runs"] == []
-    assert [call["url"] for call in calls] == ["a", "b", "a"]
+    assert [call["url"] for call in runs_of(calls)] == ["a", "b", "a"]
 
     calls.clear()
     seconds.update(b=5.0)  # the deadline stops b's requests mid-repeat: that repeat is not counted
@@ -150,6 +163,20 @@ def test_time_limit_stops_repeats_and_drops_an_incomplete_one(canned):
     (level,) = report["levels"]
     assert [run["complete"] for run in level["runs"]] == [False] and level["repeats"] == 0
     assert level["runs"][0]["results"]["b"]["errors"] == 1
+
+
+def test_each_run_starts_from_an_empty_cache_unless_told_otherwise(canned, monkeypatch):
+    seconds, calls = canned
+    seconds.update(a=1.0, b=1.0)
+    run_interleaved({"a": "a", "b": "b"}, [1], 2, rounds=1, progress=False, max_tokens=8, flush=False)
+    assert calls and not any(call.get("flush") for call in calls)
+
+    monkeypatch.setattr(bench, "flush_cache", lambda url: "HTTP 400: Cache not flushed" if url == "b" else None)
+    report = run_interleaved({"a": "a", "b": "b"}, [1], 2, rounds=1, progress=False, max_tokens=8)
+    (level,) = report["levels"]
+    assert report["flush"] and [run.get("flush_errors") for run in level["runs"]] == [
+        {"b": "HTTP 400: Cache not flushed"}] * 2
+    assert level["repeats"] == 2  # a refused flush is recorded, the run still measured
 
 
 # Delays well above a request's own overhead (a few ms, more on a loaded 2-core machine: at 12/6/4 ms the
@@ -179,7 +206,21 @@ def three_servers():
         httpd.shutdown()
 
 
+def test_flush_cache_reports_a_refusal(three_servers):
+    server = three_servers["ar"]
+    FakeSGLang.flushes.clear()
+    assert bench.flush_cache(server) is None
+    FakeSGLang.busy = True
+    try:
+        assert bench.flush_cache(server) == "HTTP 400: Cache not flushed: requests running."
+    finally:
+        FakeSGLang.busy = False
+    assert FakeSGLang.flushes == ["SlowAR", "SlowAR"]
+    assert bench.flush_cache("http://127.0.0.1:9").startswith("URLError")
+
+
 def test_three_servers_at_different_speeds(three_servers, tmp_path, capsys):
+    FakeSGLang.flushes.clear()
     out = tmp_path / "interleaved.json"
     assert main(["bench", "--interleave", *(f"{name}={url}" for name, url in three_servers.items()),
                  "--contender-concurrency", "ar=1,2", "--concurrency", "1", "2", "--repeats", "3", "--sets", "gsm8k",
@@ -200,6 +241,10 @@ def test_three_servers_at_different_speeds(three_servers, tmp_path, capsys):
         assert summary["ours"]["mismatches"] > 0 and summary["ours"]["unchecked"] == 0
         assert all(m["index"] == 7 and m["margin"] is None for run in level["runs"]
                    for m in run["results"]["ours"]["mismatched"])
+    runs = [run for level in report["levels"] for run in level["runs"]]
+    assert not any("flush_errors" in run for run in runs)
+    assert sorted(FakeSGLang.flushes) == sorted({"ar": "SlowAR", "builtin": "Builtin", "ours": "Ours"}[name]
+                                                for run in runs for name in run["order"])
     assert [run["order"] for run in report["levels"][0]["runs"]] == [["ar", "builtin", "ours"],
                                                                      ["builtin", "ours", "ar"],
                                                                      ["ours", "ar", "builtin"]]

@@ -395,9 +395,13 @@ def test_interleaved_load_says_how_many_prompts_and_how_many_in_flight():
     report = bench["interleaved"]["report"]
     for rounds, expected in ((None, "the whole prompt set, c requests in flight at a time"),
                              (1, "one batch of max(c, 4) prompts"),
-                             (3, "max(3 x c, 4) prompts with c in flight at a time")):
-        report.update(rounds=rounds, min_requests=4)
-        assert f"per concurrency c and repeat, {expected}" in bench_report.markdown(bench)
+                             (3, "max(3 x c, 4) prompts with c in flight at a time (each finished request makes "
+                                 "room for the next)")):
+        report.update(rounds=rounds, min_requests=4, flush=False)
+        assert f"per concurrency c and repeat, {expected} on each" in bench_report.markdown(bench)
+    report.update(flush=True)
+    assert "c in flight at a time (each finished request makes room for the next), from an empty radix cache on " \
+        "each contender" in bench_report.markdown(bench)
 
 
 def test_interleaved_latency_and_tail_are_the_requests():

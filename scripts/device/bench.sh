@@ -18,8 +18,9 @@
 #          --tree-concurrency levels), --interleave-repeats times, one short batch of MATH-500 prompts
 #          (max(--interleave-rounds x c, 4), default 1 round; none of the earlier stages' while the set lasts)
 #          on each in turn, in an order rotated every repeat
-#          (A B C D, B C D A, ...), the same prompts for all -> per repeat tok/s and its ratios to AR and the
-#          builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
+#          (A B C D, B C D A, ...), the same prompts for all, each run from an empty radix cache (a prompt sent
+#          again would prefill one token eagerly: see bench.run_interleaved) -> per repeat tok/s and its ratios
+#          to AR and the builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
 #          seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours' sets stage
 #          and its sweep ten seconds later, and the sweep said 0.68x the builtin at c1 where a profile said as
 #          fast), so a ratio of two sweeps a minute apart measures the drift too; a ratio of two runs seconds
