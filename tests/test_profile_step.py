@@ -58,6 +58,11 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
     assert summary["top_ops_by_host_time"] == [{"op": "aten::argmax", "calls_per_step": 0.5, "us_per_step": 3.0}]
     assert summary["top_kernels_by_launches"] == [{"kernel": "argmax_kernel", "launches_per_step": 1.0},
                                                   {"kernel": "cat_kernel", "launches_per_step": 0.5}]
+    # Runtime calls by host time: the two synchronizations inside the steps, not the one between them.
+    assert summary["top_runtime_by_host_time"][0] == {"call": "cudaStreamSynchronize", "calls_per_step": 0.5,
+                                                      "us_per_step": 4.5, "max_us": 9}
+    launches = next(c for c in summary["top_runtime_by_host_time"] if c["call"] == "cudaLaunchKernel")
+    assert (launches["calls_per_step"], launches["us_per_step"], launches["max_us"]) == (1.5, 3.0, 2)
 
 
 def test_scheduler_steps_are_summarized_for_any_server(tmp_path):

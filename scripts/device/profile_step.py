@@ -88,7 +88,8 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
     for e in complete:
         if e.get("name") != range_name and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
-    runtime, ops, op_time, kernels = Counter(), Counter(), Counter(), Counter()
+    runtime, runtime_time, runtime_max, ops, op_time, kernels = Counter(), Counter(), Counter(), Counter(), \
+        Counter(), Counter()
     for step in steps:
         start, end = step["ts"], step["ts"] + step["dur"]
         for e in by_thread[(step.get("pid"), step.get("tid"))]:
@@ -98,6 +99,8 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
                     op_time[e["name"]] += e["dur"]
                 else:
                     runtime[e["name"]] += 1
+                    runtime_time[e["name"]] += e["dur"]
+                    runtime_max[e["name"]] = max(runtime_max[e["name"]], e["dur"])
                     if e["name"] in KERNEL_LAUNCHES:
                         kernels[kernel_of.get(e.get("args", {}).get("correlation"), "(no kernel event)")] += 1
     n = max(len(steps), 1)
@@ -120,6 +123,13 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
         "top_ops_by_host_time": [
             {"op": name, "calls_per_step": ops[name] / n, "us_per_step": op_time[name] / n}
             for name, _ in op_time.most_common(15)
+        ],
+        # A runtime call that waits (a launch behind a full queue, a copy into pageable memory) shows here as
+        # host time far above its few microseconds, where the operator table only shows its caller.
+        "top_runtime_by_host_time": [
+            {"call": name, "calls_per_step": runtime[name] / n, "us_per_step": runtime_time[name] / n,
+             "max_us": runtime_max[name]}
+            for name, _ in runtime_time.most_common(10)
         ],
         "top_kernels_by_launches": [
             {"kernel": name[:120], "launches_per_step": count / n} for name, count in kernels.most_common(25)
@@ -151,6 +161,10 @@ def print_table(summary: dict, title: str) -> None:
     print("top operators inside the step (inclusive host us / step, calls / step):")
     for op in summary["top_ops_by_host_time"][:10]:
         print(f"  {op['op'][:60]:<60} {op['us_per_step']:9.1f} {op['calls_per_step']:6.1f}")
+    print("CUDA runtime calls inside the step (host us / step, calls / step, longest call us):")
+    for call in summary["top_runtime_by_host_time"][:8]:
+        print(f"  {call['call'][:60]:<60} {call['us_per_step']:9.1f} {call['calls_per_step']:6.1f} "
+              f"{call['max_us']:9.1f}")
     print("kernels launched inside the step (launches / step):")
     for kernel in summary["top_kernels_by_launches"][:15]:
         print(f"  {kernel['kernel'][:80]:<80} {kernel['launches_per_step']:6.1f}")
