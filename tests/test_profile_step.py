@@ -63,6 +63,10 @@ def test_counts_only_what_happens_inside_the_decode_ranges(tmp_path):
                                                       "us_per_step": 4.5, "max_us": 9}
     launches = next(c for c in summary["top_runtime_by_host_time"] if c["call"] == "cudaLaunchKernel")
     assert (launches["calls_per_step"], launches["us_per_step"], launches["max_us"]) == (1.5, 3.0, 2)
+    # GPU time per kernel: the three launched kernels (3 us each); the other thread's is not the step's.
+    assert summary["gpu_kernel_us_per_step"] == 4.5
+    assert summary["top_kernels_by_gpu_time"] == [{"kernel": "argmax_kernel", "runs_per_step": 1.0, "us_per_step": 3.0},
+                                                  {"kernel": "cat_kernel", "runs_per_step": 0.5, "us_per_step": 1.5}]
 
 
 def test_scheduler_steps_are_summarized_for_any_server(tmp_path):
@@ -84,3 +88,24 @@ def test_scheduler_steps_are_summarized_for_any_server(tmp_path):
     assert scheduler["gpu_span_ms_per_step_median"] == 0.03
     decode = profile_step.summarize(events)
     assert decode["steps"] == 1 and decode["kernel_launches_per_step"] == 1.0 and decode["graph_launches_per_step"] == 0
+
+
+def test_graph_replays_count_their_kernels_gpu_time():
+    """A cudaGraphLaunch's kernels carry its correlation id: they are the step's GPU time, not launches."""
+    graph = {**event("cudaGraphLaunch", 105, 4, "cuda_runtime"), "args": {"correlation": 9}}
+    events = [
+        event("dflash_sglang.decode", 100, 50, "user_annotation"),
+        graph,
+        launch(120, 10),
+        {**event("gemm", 200, 40, "kernel", tid=7, pid=0), "args": {"correlation": 9}},
+        {**event("gemm", 240, 40, "kernel", tid=7, pid=0), "args": {"correlation": 9}},
+        {**event("attention", 280, 20, "kernel", tid=7, pid=0), "args": {"correlation": 9}},
+        kernel("argmax_kernel", 300, 10),
+    ]
+    summary = profile_step.summarize(events)
+    assert summary["kernel_launches_per_step"] == 1.0 and summary["graph_launches_per_step"] == 1.0
+    assert summary["gpu_kernel_us_per_step"] == 103
+    assert summary["top_kernels_by_gpu_time"] == [{"kernel": "gemm", "runs_per_step": 2.0, "us_per_step": 80.0},
+                                                  {"kernel": "attention", "runs_per_step": 1.0, "us_per_step": 20.0},
+                                                  {"kernel": "argmax_kernel", "runs_per_step": 1.0, "us_per_step": 3.0}]
+    assert summary["top_kernels_by_launches"] == [{"kernel": "argmax_kernel", "launches_per_step": 1.0}]

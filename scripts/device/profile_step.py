@@ -81,15 +81,18 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
     ranges = [e for e in complete if e.get("name") == range_name]
     steps = [e for e in ranges if e.get("cat") != GPU_RANGE_CATEGORY]
     gpu_us = sorted(e["dur"] for e in ranges if e.get("cat") == GPU_RANGE_CATEGORY)
-    # A launch's kernel: the GPU event with the same correlation id (what the launch ran, not who asked for it).
-    kernel_of = {e["args"]["correlation"]: e["name"] for e in complete
-                 if e.get("cat") == "kernel" and "correlation" in e.get("args", {})}
+    # A launch's kernel: the GPU event with the same correlation id (what the launch ran, not who asked for it). A
+    # graph replay's kernels all carry its cudaGraphLaunch's id.
+    kernels_of = defaultdict(list)
+    for e in complete:
+        if e.get("cat") == "kernel" and "correlation" in e.get("args", {}):
+            kernels_of[e["args"]["correlation"]].append((e["name"], e["dur"]))
     by_thread = defaultdict(list)
     for e in complete:
         if e.get("name") != range_name and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
-    runtime, runtime_time, runtime_max, ops, op_time, kernels = Counter(), Counter(), Counter(), Counter(), \
-        Counter(), Counter()
+    runtime, runtime_time, runtime_max, ops, op_time = Counter(), Counter(), Counter(), Counter(), Counter()
+    kernels, kernel_runs, kernel_time = Counter(), Counter(), Counter()
     for step in steps:
         start, end = step["ts"], step["ts"] + step["dur"]
         for e in by_thread[(step.get("pid"), step.get("tid"))]:
@@ -101,8 +104,12 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
                     runtime[e["name"]] += 1
                     runtime_time[e["name"]] += e["dur"]
                     runtime_max[e["name"]] = max(runtime_max[e["name"]], e["dur"])
+                    launched = kernels_of.get(e.get("args", {}).get("correlation"), [])
                     if e["name"] in KERNEL_LAUNCHES:
-                        kernels[kernel_of.get(e.get("args", {}).get("correlation"), "(no kernel event)")] += 1
+                        kernels[launched[-1][0] if launched else "(no kernel event)"] += 1
+                    for name, dur in launched:
+                        kernel_runs[name] += 1
+                        kernel_time[name] += dur
     n = max(len(steps), 1)
 
     def per_step(names) -> float:
@@ -130,6 +137,12 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
             {"call": name, "calls_per_step": runtime[name] / n, "us_per_step": runtime_time[name] / n,
              "max_us": runtime_max[name]}
             for name, _ in runtime_time.most_common(10)
+        ],
+        # GPU time of what the step launched, graph replays included: where a step's GPU time goes.
+        "gpu_kernel_us_per_step": sum(kernel_time.values()) / n,
+        "top_kernels_by_gpu_time": [
+            {"kernel": name[:120], "runs_per_step": kernel_runs[name] / n, "us_per_step": kernel_time[name] / n}
+            for name, _ in kernel_time.most_common(25)
         ],
         "top_kernels_by_launches": [
             {"kernel": name[:120], "launches_per_step": count / n} for name, count in kernels.most_common(25)
@@ -165,6 +178,10 @@ def print_table(summary: dict, title: str) -> None:
     for call in summary["top_runtime_by_host_time"][:8]:
         print(f"  {call['call'][:60]:<60} {call['us_per_step']:9.1f} {call['calls_per_step']:6.1f} "
               f"{call['max_us']:9.1f}")
+    print(f"GPU time of the kernels the step ran, graphs included ({summary['gpu_kernel_us_per_step']:.1f} us / step;"
+          " us / step, runs / step):")
+    for kernel in summary["top_kernels_by_gpu_time"][:12]:
+        print(f"  {kernel['kernel'][:80]:<80} {kernel['us_per_step']:9.1f} {kernel['runs_per_step']:6.1f}")
     print("kernels launched inside the step (launches / step):")
     for kernel in summary["top_kernels_by_launches"][:15]:
         print(f"  {kernel['kernel'][:80]:<80} {kernel['launches_per_step']:6.1f}")
