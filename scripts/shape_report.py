@@ -86,6 +86,28 @@ def stage_row(name: str, stage: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def profile_lines(stages: dict, top: int = 8) -> list[str]:
+    """The --profile section: per profiled stage, the GPU time of one decode step's kernels (graph replays
+    included) and its heaviest kernels, each against AR's step where AR was profiled."""
+    profiled = {name: stage["profile"] for name, stage in stages.items() if stage.get("profile")}
+    if not profiled:
+        return []
+    ar = profiled.get("ar")
+    lines = ["", "## GPU time of one decode step by kernel (`shape.sh --profile`)", "",
+             "SGLang's torch profiler over 12 steps at concurrency 1 (`scripts/device/profile_step.py`): the kernels "
+             "of our worker's decode step, or of an AR scheduler step that replayed the decode graph; us per step, "
+             "runs per step.", ""]
+    for name, profile in profiled.items():
+        total = profile["gpu_kernel_us_per_step"]
+        versus = f", {total / ar['gpu_kernel_us_per_step']:.3f}x AR's" if ar and name != "ar" else ""
+        lines.append(f"- **{name}** ({mode_label(stages[name])}): {num(total / 1000, 3)} ms of kernels per step"
+                     f"{versus}, {profile['steps']} steps:")
+        for kernel in profile["top_kernels_by_gpu_time"][:top]:
+            lines.append(f"  - `{kernel['kernel'][:90]}`: {kernel['us_per_step']:.1f} us, "
+                         f"{kernel['runs_per_step']:.1f} runs")
+    return lines
+
+
 def render(summary: dict) -> str:
     run, stages, shape = summary.get("run", {}), summary["stages"], summary.get("shape", DEFAULT_SHAPE)
     gpu = (run.get("gpu") or {}).get("gpu", "GPU not recorded")
@@ -116,6 +138,7 @@ def render(summary: dict) -> str:
             "both sides (it includes the host gaps between steps that the GPU figure leaves out). Bold: the bar "
             "applies; (over): above it.",
         ]
+    lines += profile_lines(stages)
     published = summary.get("published_tau_b16") or {}
     if published:
         lines += ["", "## The bound at the published acceptance length (B = 16)", ""]

@@ -109,3 +109,19 @@ def test_graph_replays_count_their_kernels_gpu_time():
                                                   {"kernel": "attention", "runs_per_step": 1.0, "us_per_step": 20.0},
                                                   {"kernel": "argmax_kernel", "runs_per_step": 1.0, "us_per_step": 3.0}]
     assert summary["top_kernels_by_launches"] == [{"kernel": "argmax_kernel", "launches_per_step": 1.0}]
+
+
+def test_graph_steps_only_leaves_out_the_eager_prefill():
+    events = [
+        event("scheduler.run_batch", 0, 100, "user_annotation"),  # an eager prefill: kernel launches only
+        launch(10, 1),
+        kernel("prefill_kernel", 20, 1),
+        event("scheduler.run_batch", 200, 50, "user_annotation"),  # a decode step: one graph replay
+        {**event("cudaGraphLaunch", 210, 4, "cuda_runtime"), "args": {"correlation": 2}},
+        {**event("decode_kernel", 220, 30, "kernel", tid=7, pid=0), "args": {"correlation": 2}},
+    ]
+    every = profile_step.summarize(events, profile_step.SCHEDULER_RANGE)
+    decode = profile_step.summarize(events, profile_step.SCHEDULER_RANGE, graph_steps_only=True)
+    assert every["steps"] == 2 and every["gpu_kernel_us_per_step"] == 16.5
+    assert decode["steps"] == 1 and decode["gpu_kernel_us_per_step"] == 30
+    assert [k["kernel"] for k in decode["top_kernels_by_gpu_time"]] == ["decode_kernel"]

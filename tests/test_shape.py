@@ -231,6 +231,8 @@ if spec:
     step = 20.0 + width / 16
     for _ in range(3):
         print(format_line(1, [32, 32 * 2.0, 32 * (step - 2.5), 32 * 0.5, 32 * step]))
+else:
+    width = 1
 sys.stdout.flush()
 
 
@@ -242,6 +244,23 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/start_profile":  # a trace of one step: a graph replay whose kernel takes 100 us per row
+            rows = width if spec else 1
+            events = [{"ph": "X", "name": "scheduler.run_batch", "ts": 0, "dur": 900, "cat": "user_annotation",
+                       "pid": 1, "tid": 1},
+                      {"ph": "X", "name": "cudaGraphLaunch", "ts": 500, "dur": 5, "cat": "cuda_runtime", "pid": 1,
+                       "tid": 1, "args": {"correlation": 1}},
+                      {"ph": "X", "name": "gemm", "ts": 600, "dur": 100 * rows, "cat": "kernel", "pid": 0, "tid": 7,
+                       "args": {"correlation": 1}}]
+            if spec:
+                events.append({"ph": "X", "name": "dflash_sglang.decode", "ts": 100, "dur": 700,
+                               "cat": "user_annotation", "pid": 1, "tid": 1})
+            with open(os.path.join(body["output_dir"], "trace.json"), "w") as f:
+                json.dump({"traceEvents": events}, f)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
         n = body["sampling_params"]["max_new_tokens"]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -286,14 +305,15 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
            "NVIDIA_SMI_CALLS": str(calls), "CUDA_VISIBLE_DEVICES": "3,1",
            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "shape.sh"), "--shape", "qwen3-32b", "--port", "30217",
-           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton", "--stages", "ar b16 t16 t64"]
+           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton", "--stages", "ar b16 t16 t64 t63fp8",
+           "--profile"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = out / "shape-qwen3-32b"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["shape"] == "qwen3-32b" and summary["run"]["port"] == 30217
-    assert summary["run"]["stages"] == ["ar", "b16", "t16", "t64"] and summary["run"]["gpu"]["index"] == "3"
-    assert list(summary["stages"]) == ["ar", "b16", "t16", "t64"]
+    assert summary["run"]["stages"] == ["ar", "b16", "t16", "t64", "t63fp8"] and summary["run"]["gpu"]["index"] == "3"
+    assert list(summary["stages"]) == ["ar", "b16", "t16", "t64", "t63fp8"]
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
     assert summary["stages"]["t64"]["tree_mode_seen"] == {"budget": 64, "topk": 4}
     assert summary["stages"]["t64"]["step_timing"]["step_ms"] == pytest.approx(20.0 + 65 / 16, abs=1e-3)
@@ -312,7 +332,15 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
     b16 = argv("b16")
     assert b16[b16.index("--speculative-num-draft-tokens") + 1] == "16"
     assert "--speculative-dflash-tree-budget" not in b16
-    for name, budget in (("t16", "16"), ("t64", "64")):
+    # --profile: each stage's step, its kernels' GPU time (the fake's: 100 us per verify row).
+    for name, rows in (("ar", 1), ("b16", 16), ("t16", 17), ("t64", 65), ("t63fp8", 64)):
+        profile = summary["stages"][name]["profile"]
+        assert profile["steps"] == 1 and profile["gpu_kernel_us_per_step"] == 100 * rows, name
+    assert "--speculative-draft-model-quantization" not in argv("t64")
+    t63 = argv("t63fp8")
+    assert t63[t63.index("--speculative-draft-model-quantization") + 1] == "fp8"
+    assert summary["stages"]["t63fp8"]["tree_mode_seen"] == {"budget": 63, "topk": 4}
+    for name, budget in (("t16", "16"), ("t64", "64"), ("t63fp8", "63")):
         args = argv(name)
         assert args[args.index("--speculative-dflash-tree-budget") + 1] == budget
         assert args[args.index("--speculative-dflash-topk") + 1] == "4"
@@ -332,13 +360,44 @@ def test_shape_sh_refuses_bad_arguments(tmp_path):
     script = str(REPO / "scripts" / "device" / "shape.sh")
     env = {**os.environ, "OUT": str(tmp_path)}
     for args, message in ((["--shape", "llama-70b"], "--shape must be gemma-4-31b or qwen3-32b"),
-                          (["--stages", "ar t48"], "--stages takes ar b16 b32 b64 b16fp8 t16 t32 t64, got t48"),
+                          (["--stages", "ar t48"],
+                           "--stages takes ar b16 b32 b64 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8, got t48"),
                           (["--stages", "ar b16 ar"], "--stages lists ar twice"),
                           (["--port", "x"], "--port must be a number")):
         run = subprocess.run(["bash", script, "--draft-backend", "triton", *args], env=env, capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_report_sets_each_profiled_step_against_ar_kernel_by_kernel(tmp_path):
+    report = load("shape_report", REPO / "scripts" / "shape_report.py")
+    qwen_run(tmp_path, stages=("ar", "b16"))
+
+    def profile(steps, kernels):
+        return {"steps": steps, "gpu_kernel_us_per_step": sum(us for _, us in kernels),
+                "top_kernels_by_gpu_time": [{"kernel": k, "runs_per_step": 64.0, "us_per_step": us}
+                                            for k, us in kernels]}
+
+    # profile_step.py's summaries: AR's decode graph steps under scheduler_graph_step, ours at the top level.
+    (tmp_path / "ar.profile.json").write_text(json.dumps({"steps": 0, "scheduler_step": profile(12, []),
+                                                          "scheduler_graph_step": profile(11, [("gemv", 17000.0)])}))
+    (tmp_path / "b16.profile.json").write_text(json.dumps({**profile(12, [("gemm", 17500.0), ("attn", 900.0)]),
+                                                           "scheduler_graph_step": profile(12, [])}))
+    summary = shape.summarize(tmp_path)
+    assert summary["stages"]["ar"]["profile"]["steps"] == 11
+    assert summary["stages"]["b16"]["profile"]["gpu_kernel_us_per_step"] == 18400.0
+    lines = report.render(summary).splitlines()
+    assert "## GPU time of one decode step by kernel (`shape.sh --profile`)" in lines
+    assert "- **ar** (AR): 17.000 ms of kernels per step, 11 steps:" in lines
+    assert f"- **b16** (chain B=16): 18.400 ms of kernels per step, {18400 / 17000:.3f}x AR's, 12 steps:" in lines
+    assert "  - `attn`: 900.0 us, 64.0 runs" in lines
+
+
+def test_shape_sh_knows_every_stage_of_shape_py():
+    line = next(x for x in (REPO / "scripts" / "device" / "shape.sh").read_text().splitlines()
+                if x.startswith("STAGE_NAMES="))
+    assert line.split('"')[1].split() == list(shape.STAGES)
 
 
 def test_the_fp8_drafter_stage_is_a_chain_step_held_to_the_chain_bar(tmp_path):

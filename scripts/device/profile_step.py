@@ -72,8 +72,9 @@ def load_events(path: Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
-    """Per-step counts inside every `range_name` range (same host thread, nested in time)."""
+def summarize(events: list[dict], range_name: str = DECODE_RANGE, graph_steps_only: bool = False) -> dict:
+    """Per-step counts inside every `range_name` range (same host thread, nested in time); with `graph_steps_only`,
+    only the ranges that replayed a CUDA graph (a scheduler's decode steps, not its eager prefills)."""
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     # With GPU activities on, each range is in the trace twice: on its host thread, and as a gpu_user_annotation
     # on the stream (pid = device, tid = stream) spanning the step's GPU work. The GPU copy holds no runtime calls,
@@ -91,6 +92,10 @@ def summarize(events: list[dict], range_name: str = DECODE_RANGE) -> dict:
     for e in complete:
         if e.get("name") != range_name and e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op"):
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    if graph_steps_only:
+        steps = [step for step in steps if any(
+            e["name"] in GRAPH_LAUNCHES and step["ts"] <= e["ts"] and e["ts"] + e["dur"] <= step["ts"] + step["dur"]
+            for e in by_thread[(step.get("pid"), step.get("tid"))])]
     runtime, runtime_time, runtime_max, ops, op_time = Counter(), Counter(), Counter(), Counter(), Counter()
     kernels, kernel_runs, kernel_time = Counter(), Counter(), Counter()
     for step in steps:
@@ -216,7 +221,8 @@ def main() -> int:
         return 1
     events = [e for path in files for e in load_events(path)]
     summary = {"traces": [str(p) for p in files], "concurrency": args.concurrency, **summarize(events),
-               "scheduler_step": summarize(events, SCHEDULER_RANGE)}
+               "scheduler_step": summarize(events, SCHEDULER_RANGE),
+               "scheduler_graph_step": summarize(events, SCHEDULER_RANGE, graph_steps_only=True)}
     (folder / "profile-summary.json").write_text(json.dumps(summary, indent=1))
     if summary["steps"]:
         print_table(summary, f"== {DECODE_RANGE} (our worker's decode step)")

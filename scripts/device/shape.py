@@ -33,13 +33,19 @@ SHAPES = ("gemma-4-31b", "qwen3-32b")
 DEFAULT_SHAPE = "gemma-4-31b"
 TREE_BLOCK = 16  # the tree stages draft with the published block
 TREE_TOPK = 4
-# name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. b16fp8: the
-# B = 16 chain with the drafter's projections in FP8 (--speculative-draft-model-quantization fp8).
+# Tree budgets with a stage. N + 1 rows per request go through the verify: 31 and 63 make whole multiples of 32 and
+# 64 rows. On the H200 (2026-11-29, two runs) the verify cost +0.4 ms from 17 to 33 rows and +2.3 ms from 33 to 65,
+# which is what a GEMM paying a second row tile for its 65th row would do.
+TREE_BUDGETS = (16, 31, 32, 63, 64)
+# name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. A name ending
+# in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8).
 STAGES = {
     "ar": {"mode": "ar", "block": None, "tree_budget": None},
     **{f"b{b}": {"mode": "chain", "block": b, "tree_budget": None} for b in (16, 32, 64)},
     "b16fp8": {"mode": "chain", "block": 16, "tree_budget": None, "draft_quantization": "fp8"},
-    **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in (16, 32, 64)},
+    **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in TREE_BUDGETS},
+    **{f"t{n}fp8": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "draft_quantization": "fp8"}
+       for n in (31, 63)},
 }
 # Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
 # Math500 c1, vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.
@@ -253,11 +259,26 @@ def summarize(out: Path) -> dict:
         bench_path = out / f"{name}.json"
         if bench_path.exists():
             stage["client"] = json.loads(bench_path.read_text())
+        profile_path = out / f"{name}.profile.json"
+        if profile_path.exists():
+            stage["profile"] = step_profile(json.loads(profile_path.read_text()), stage["mode"])
         stages[name] = stage
     derive(stages, shape)
     date = run.get("started_utc", datetime.now(timezone.utc).isoformat())[:10]
     return {"date": date, "shape": shape, "published_tau_b16": PUBLISHED_TAU_B16.get(shape, {}),
             "bars": BARS.get(shape), "run": run, "stages": stages}
+
+
+def step_profile(summary: dict, mode: str) -> dict | None:
+    """From profile_step.py's summary (shape.sh --profile), one decode step's figures: our worker's decode range
+    for a DFLASH stage, for AR SGLang's scheduler steps that replayed a decode graph (not the eager prefill); None
+    when it has no such steps."""
+    part = summary.get("scheduler_graph_step", {}) if mode == "ar" else summary
+    if not part.get("steps"):
+        return None
+    keys = ("steps", "host_ms_per_step_median", "gpu_span_ms_per_step_median", "gpu_kernel_us_per_step",
+            "top_kernels_by_gpu_time")
+    return {key: part.get(key) for key in keys}
 
 
 def stage_bar(stage: dict, shape: str) -> float | None:
@@ -313,9 +334,11 @@ def mode_label(stage: dict) -> str:
     if stage["mode"] == "ar":
         return "AR"
     if stage["mode"] == "tree":
-        return f"tree N={stage['tree_budget']} top-{stage.get('tree_topk', TREE_TOPK)} B={stage['block']}"
+        label = f"tree N={stage['tree_budget']} top-{stage.get('tree_topk', TREE_TOPK)} B={stage['block']}"
+    else:
+        label = f"chain B={stage['block']}"
     quantized = stage.get("draft_quantization")
-    return f"chain B={stage['block']}" + (f", {quantized} drafter" if quantized else "")
+    return label + (f", {quantized} drafter" if quantized else "")
 
 
 def verdict(met) -> str:

@@ -7,7 +7,8 @@
 #   b64   ours, chain, B = 64                                     -> the same, cost only
 #   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
-#         (N = 16, 32, 64; verify width N + 1)                    -> the same
+#         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same
+#   tNfp8 the tree with the FP8 drafter (N = 31, 63)              -> the same
 # --shape gemma-4-31b (default): the Gemma-4-31B-it layout and the z-lab gemma-4-31B-it-DFlash drafter shape;
 # --shape qwen3-32b: Qwen3-32B and a z-lab-style 5-layer drafter (dflash_sglang/shapes.py). The drafter has random
 # weights, so acceptance is ~1 and only cost is measured; B = 32 / 64 reuse it with block_size changed. Each
@@ -22,7 +23,7 @@
 #
 #   usage: source .device/unpack.sh && bash scripts/device/shape.sh [--shape gemma-4-31b|qwen3-32b]
 #            [--draft-backend fa4|triton] [--stages "ar b16 ..."] [--budget S] [--min-stage S]
-#            [--prompts N] [--max-tokens N] [--mem-fraction F] [--port P]
+#            [--prompts N] [--max-tokens N] [--mem-fraction F] [--port P] [--profile]
 #   env:   EXTRA_SERVER_ARGS="..." appended to every launch; CUDA_VISIBLE_DEVICES picks the GPU (its first entry is
 #          the one nvidia-smi is asked about; GPU 0 when unset)
 # --stages defaults to "ar b16 b32 b64" for gemma-4-31b and "ar b16 t32 t64" for qwen3-32b: a server start is
@@ -30,6 +31,10 @@
 # a stage that does not fit is skipped, to run in a next command (shape_report.py merges the summaries).
 # --port P is the only port set: SGLang picks a free NCCL port itself, so P alone keeps this beside other servers.
 # --draft-backend defaults to fa4 when the FA4 site is unpacked (import cutlass, flash_attn.cute), else triton.
+# --profile: after a stage's requests, scripts/device/profile_step.py records 12 steps at concurrency 1 with SGLang's
+# torch profiler (~30 s a stage; skipped when less than a minute of the budget is left): GPU time per kernel of one
+# decode step (ours: the worker's step; AR: a scheduler step that replayed the decode graph), for setting a verify
+# against an AR step kernel by kernel. The summary lands in <stage>.profile.json, the trace is deleted.
 # Turn summary.json into docs/results/<shape>-shape-DATE.md with scripts/shape_report.py.
 set -euo pipefail
 
@@ -42,7 +47,9 @@ PROMPTS=4
 MAX_TOKENS=128
 MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the rest for activations and graphs
 PORT=30000
+PROFILE=0
 TREE_TOPK=4         # shape.py's TREE_TOPK
+STAGE_NAMES="ar b16 b32 b64 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -54,6 +61,7 @@ while [ $# -gt 0 ]; do
     --max-tokens) MAX_TOKENS="$2"; shift 2 ;;
     --mem-fraction) MEM_FRACTION="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
+    --profile) PROFILE=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -73,9 +81,9 @@ read -ra STAGE_LIST <<< "$STAGES"
 [ "${#STAGE_LIST[@]}" -gt 0 ] || { echo "--stages is empty" >&2; exit 2; }
 declare -A SEEN=()
 for stage in "${STAGE_LIST[@]}"; do
-  case "$stage" in
-    ar|b16|b32|b64|b16fp8|t16|t32|t64) ;;
-    *) echo "--stages takes ar b16 b32 b64 b16fp8 t16 t32 t64, got $stage" >&2; exit 2 ;;
+  case " $STAGE_NAMES " in
+    *" $stage "*) ;;
+    *) echo "--stages takes $STAGE_NAMES, got $stage" >&2; exit 2 ;;
   esac
   [ -z "${SEEN[$stage]:-}" ] || { echo "--stages lists $stage twice" >&2; exit 2; }
   SEEN[$stage]=1
@@ -96,7 +104,7 @@ WORK="$(mktemp -d /tmp/dflash-shape.XXXXXX)"
 export PYTHONPATH="$REPO:$WORK/dist${PYTHONPATH:+:$PYTHONPATH}"
 HELPER=(python3 "$REPO/scripts/device/shape.py")
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.profile.txt
 SERVER_PID=""
 
 stop_server() {
@@ -205,6 +213,13 @@ run_stage() {
     --prompts "$PROMPTS" --max-tokens "$MAX_TOKENS" || rc=$?
   if [ "$rc" -eq 0 ]; then
     "${HELPER[@]}" stage --dir "$OUT" --stage "$name" --status ok --startup-s "$startup" --flags "$@"
+    if [ "$PROFILE" = 1 ] && [ $(( BUDGET - SECONDS )) -ge 60 ]; then
+      timeout 90 python3 "$REPO/scripts/device/profile_step.py" --port "$PORT" --out "$WORK/profile-$name" \
+        --steps 12 --max-tokens 48 > "$OUT/$name.profile.txt" 2>&1 \
+        || echo "== $name: the profile failed (see $name.profile.txt)"
+      cp "$WORK/profile-$name/profile-summary.json" "$OUT/$name.profile.json" 2>/dev/null || true
+      rm -rf "$WORK/profile-$name"
+    fi
   elif [ "$rc" -eq 124 ]; then
     echo "== $name: the budget ran out during the requests"
     "${HELPER[@]}" stage --dir "$OUT" --stage "$name" --status skipped --reason "budget ran out during requests" \
@@ -223,9 +238,13 @@ for stage in "${STAGE_LIST[@]}"; do
   case "$stage" in
     ar) run_stage ar ;;
     # shellcheck disable=SC2046  # the flag printers print flags without spaces inside them
-    b16fp8) run_stage "$stage" $(chain_flags 16) --speculative-draft-model-quantization fp8 ;;
+    b*fp8) size="${stage#b}"; run_stage "$stage" $(chain_flags "${size%fp8}") \
+             --speculative-draft-model-quantization fp8 ;;
     # shellcheck disable=SC2046
     b*) run_stage "$stage" $(chain_flags "${stage#b}") ;;
+    # shellcheck disable=SC2046
+    t*fp8) size="${stage#t}"; run_stage "$stage" $(tree_flags "${size%fp8}") \
+             --speculative-draft-model-quantization fp8 ;;
     # shellcheck disable=SC2046
     t*) run_stage "$stage" $(tree_flags "${stage#t}") ;;
   esac
