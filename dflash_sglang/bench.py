@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import re
 import statistics
 import sys
 import time
@@ -631,6 +632,20 @@ def profile_runs(directory: Path, order: list[str]) -> list[dict]:
     return sorted(runs, key=lambda r: (rank.get(r["contender"], len(rank)), r["concurrency"]))
 
 
+# SGLang 0.5.16's line for each prefill batch it runs (scheduler metrics, --log-level info).
+PREFILL_LINE = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+),.*cuda graph: (True|False)")
+
+
+def prefill_batches(log: str) -> dict:
+    """The prefill batches of a server's log: how many, how many held a single request, how many ran eagerly (no
+    prefill CUDA graph), and how many computed a single token (a prompt found whole in the radix cache). A
+    speculative server's requests finish on different steps, so they reach prefill one at a time; each such
+    batch is a scheduler step without decoding."""
+    batches = [(int(seqs), int(tokens), graph == "True") for seqs, tokens, graph in PREFILL_LINE.findall(log)]
+    return {"batches": len(batches), "single_request": sum(seqs == 1 for seqs, _, _ in batches),
+            "eager": sum(not graph for _, _, graph in batches), "one_token": sum(t == 1 for _, t, _ in batches)}
+
+
 def assemble_suite(directory: str, reference: str = "ar") -> dict:
     """bench.json of scripts/device/bench.sh from what it left in `directory`: meta.json (settings, versions,
     GPU, contender order), `<name>.status` (first line "ok" or "<status>: <reason>") and `<name>.<stage>.json`
@@ -639,7 +654,7 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
     file). Every level is checked against the reference contender's outputs
     (its own too: a prompt it ran at several concurrencies is checked against the lowest, which shows bf16
     batch-shape noise), preferring at the same concurrency its runs with top-2 margins (bench.sh's `margins`
-    stage: AR's sweep again, untimed)."""
+    stage: AR's sweep again, untimed). Each contender also gets its server log's `prefill_batches`."""
     root = Path(directory)
     meta = json.loads((root / "meta.json").read_text())
     runs = {name: {p.name[len(name) + 1:-len(".json")]: json.loads(p.read_text())
@@ -656,8 +671,10 @@ def assemble_suite(directory: str, reference: str = "ar") -> dict:
                     if ref is not None:
                         check_level(level, ref)
             report["overall"] = overall(report)
+        log = root / f"{name}.log"
         contenders.append({"name": name, "status": status, "reason": reason or None,
-                           "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()}})
+                           "runs": {stage: strip_outputs(r) for stage, r in runs[name].items()},
+                           "prefills": prefill_batches(log.read_text(errors="replace")) if log.exists() else None})
     return {**{k: v for k, v in meta.items() if k != "contenders"}, "reference": reference,
             "near_tie_tolerance": NEAR_TIE, "contenders": contenders,
             "profiles": profile_runs(root / "profile", meta["contenders"]), "interleaved": interleaved_stage(root)}

@@ -321,6 +321,22 @@ def _throughput_section(bench: dict, sweep: dict) -> list[str]:
     return out
 
 
+def _prefill_section(bench: dict) -> list[str]:
+    """Each server's prefill batches over the whole run, from its log (bench.prefill_batches)."""
+    counted = [(c["name"], c["prefills"]) for c in bench["contenders"] if c.get("prefills")]
+    if not counted:
+        return []
+    out = ["", "## Prefill batches per server (whole run, from its log)", "",
+           "A prefill batch is a scheduler step with no decoding in it. AR's requests finish together when EOS is "
+           "ignored, so they prefill together; a speculative server's finish on different steps and prefill one by "
+           "one. Eager: no prefill CUDA graph (graphs off, or a batch SGLang would pad more than 2x, e.g. one "
+           "token: a prompt found whole in the radix cache).", "",
+           "| server | prefill batches | of one request | eager | of one token |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {title(bench, name)} | {p['batches']} | {p['single_request']} | {p['eager']} | {p['one_token']} |"
+            for name, p in counted]
+    return out
+
+
 def markdown(bench: dict) -> str:
     s = bench.get("settings", {})
     v = bench.get("versions", {})
@@ -333,6 +349,7 @@ def markdown(bench: dict) -> str:
                + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     out += _throughput_section(bench, sweep)
     out += _interleaved_section(bench)
+    out += _prefill_section(bench)
     rows = set_rows(bench)
     if rows:
         names = list(dict.fromkeys(name for r in rows for name in r["tau"]))

@@ -286,3 +286,20 @@ def test_assemble_suite_carries_the_interleaved_stage(tmp_path):
 
 def test_bench_sh_parses():
     subprocess.run(["bash", "-n", str(REPO / "scripts" / "device" / "bench.sh")], check=True)
+
+
+def test_assemble_suite_counts_each_servers_prefill_batches(tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"date": "2026-12-01", "settings": {}, "contenders": ["ar",
+                                                                                                        "ours"]}))
+    (tmp_path / "ar.log").write_text(
+        "[2026-11-30 11:41:10] Prefill batch, #new-seq: 20, #new-token: 20, #cached-token: 1829, token usage: 0.03, "
+        "#running-req: 44, #queue-req: 0, #pending-token: 0, cuda graph: True, input throughput (token/s): 1943.38\n"
+        "[2026-11-30 11:41:10] Decode batch, #running-req: 8, #token: 3225, cuda graph: True\n"
+        "[2026-11-30 11:41:11] Prefill batch, #new-seq: 1, #new-token: 1, #cached-token: 136, token usage: 0.02, "
+        "#running-req: 0, #queue-req: 0, #pending-token: 0, cuda graph: False, input throughput (token/s): 1.07\n"
+        "[2026-11-30 11:41:12] Prefill batch, #new-seq: 1, #new-token: 34, #cached-token: 0, token usage: 0.00, "
+        "#running-req: 0, #queue-req: 0, #pending-token: 0, cuda graph: True, input throughput (token/s): 0.33\n")
+    suite = assemble_suite(str(tmp_path))
+    ar, ours = suite["contenders"]
+    assert ar["prefills"] == {"batches": 3, "single_request": 2, "eager": 1, "one_token": 1}
+    assert ours["prefills"] is None  # no log

@@ -475,3 +475,16 @@ def test_a_sweep_no_contender_ran_says_so_instead_of_an_empty_table():
     assert lines[at + 2].startswith("Not run: no contender had time left for the sequential sweep")
     assert "| contender | conc | requests | tok/s |" not in "\n".join(lines)
     assert "## Interleaved sweep (median of 3 repeats, paired ratios)" in lines
+
+
+def test_prefill_batches_per_server_are_the_logs_counts():
+    bench = synthetic_bench()
+    assert "## Prefill batches" not in bench_report.markdown(bench)  # no counts in the JSON: no section
+    counts = {"ar": (160, 94, 37, 37), "builtin": (416, 308, 206, 206), "ours": (413, 292, 192, 192)}
+    for contender in bench["contenders"]:
+        if contender["name"] in counts:
+            contender["prefills"] = dict(zip(("batches", "single_request", "eager", "one_token"),
+                                             counts[contender["name"]]))
+    rows = table(bench_report.markdown(bench), "| server | prefill batches | of one request | eager | of one token |")
+    assert rows == [["AR", "160", "94", "37", "37"], ["builtin DFLASH", "416", "308", "206", "206"],
+                    ["ours (chain)", "413", "292", "192", "192"]]
