@@ -245,7 +245,8 @@ def _interleaved_section(bench: dict) -> list[str]:
     out = ["", f"## Interleaved sweep (median of {report['repeats']} repeats, paired ratios)", "",
            "**The figures the bars are judged on.** After every contender's own stages, the servers measured again "
            f"in turn on {SET_TITLES.get(report['prompt_set'], report['prompt_set'])}, {report['max_tokens']} greedy "
-           f"tokens per request (EOS ignored): per concurrency c and repeat, {interleaved_load(report)} on each "
+           f"tokens per request ({'EOS ignored' if report.get('ignore_eos', True) else 'at most; stopping at EOS'}): "
+           f"per concurrency c and repeat, {interleaved_load(report)} on each "
            "contender, the same prompts for all, in an order rotated every repeat. The machine's speed drifts over "
            "tens of seconds, so the sequential sweep above compares runs a minute apart; here each ratio is of two "
            "runs seconds apart in the same repeat (paired), and the table gives its median over the repeats with its "

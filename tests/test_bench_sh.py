@@ -71,6 +71,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"{}")
 
     def do_POST(self):
+        if self.path == "/flush_cache":
+            print("flush_cache", flush=True)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"Cache flushed.\n")
+            return
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/start_profile":
             threading.Thread(target=trace, args=(body["output_dir"], body["num_steps"])).start()
@@ -224,7 +230,8 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
-                                  "--interleave-rounds", "3", "--prefill-graphs", timeout=400)
+                                  "--interleave-rounds", "3", "--prefill-graphs", "--interleave-stop-at-eos",
+                                  timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -243,8 +250,14 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     c1, c2 = report["levels"]
     assert c1["contenders"] == everyone and c2["contenders"] == ["ar", "builtin", "ours", "ours-adaptive"]
     assert (c1["repeats"], c2["repeats"]) == (2, 2)
-    # Three rounds: max(3 x c, 4) prompts per run.
+    # Three rounds: max(3 x c, 4) prompts per run, each run after its server emptied its radix cache.
     assert bench["settings"]["interleave_rounds"] == 3
+    runs = [run_ for level in report["levels"] for run_ in level["runs"]]
+    assert report["flush"] and not any("flush_errors" in run_ for run_ in runs)
+    flushes = {name: (bench_dir / f"{name}.log").read_text().splitlines().count("flush_cache") for name in everyone}
+    assert flushes == {name: sum(name in run_["order"] for run_ in runs) for name in everyone}
+    # --interleave-stop-at-eos: the stage's requests stop at EOS (the fake's odd prompts end at half length).
+    assert report["ignore_eos"] is False and "at most; stopping at EOS" in run.stdout
     assert {r["results"]["ours"]["requests"] for r in c1["runs"]} == {4}
     assert {r["results"]["ours"]["requests"] for r in c2["runs"]} == {6}
     assert [run_["order"] for run_ in c1["runs"]] == [everyone, everyone[1:] + everyone[:1]]

@@ -74,7 +74,7 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
-#            [--prefill-graphs]
+#            [--prefill-graphs] [--interleave-stop-at-eos]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
 # a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
@@ -104,6 +104,10 @@ INTERLEAVE_REPEATS=5
 # which lasts as long as its slowest request (2026-11-30: the adaptive tree's mean TPOT beat AR's at c32 and c64
 # while its tok/s lost). More rounds keep the batch full longer, at the cost of repeats.
 INTERLEAVE_ROUNDS=1
+# The interleaved stage ignores EOS by default, like the sweep: every contender emits the same token count per
+# request, and AR's requests (the same length) finish together and prefill together. --interleave-stop-at-eos
+# lets answers end where the target ends them, so AR's requests finish on different steps too, as in service.
+INTERLEAVE_EOS=()
 ADAPTIVE=0
 PREFILL_GRAPHS=0
 while [ $# -gt 0 ]; do
@@ -127,6 +131,7 @@ while [ $# -gt 0 ]; do
     --interleave-share) INTERLEAVE_SHARE="$2"; shift 2 ;;
     --interleave-repeats) INTERLEAVE_REPEATS="$2"; shift 2 ;;
     --interleave-rounds) INTERLEAVE_ROUNDS="$2"; shift 2 ;;
+    --interleave-stop-at-eos) INTERLEAVE_EOS=(--stop-at-eos); shift ;;
     --adaptive) ADAPTIVE=1; shift ;;
     --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -533,7 +538,7 @@ if [ "$INTERLEAVE_LIMIT" -gt 0 ]; then
     if timeout $(( limit + 30 )) "${BENCH[@]}" --interleave "${pairs[@]}" "${only[@]}" --sets math500 \
          --skip "$INTERLEAVE_SKIP" --concurrency "${levels[@]}" --rounds "$INTERLEAVE_ROUNDS" \
          --min-requests "$INTERLEAVE_MIN_REQUESTS" --repeats "$INTERLEAVE_REPEATS" --time-limit "$limit" \
-         --out "$DIR/interleaved.json"; then
+         "${INTERLEAVE_EOS[@]}" --out "$DIR/interleaved.json"; then
       status interleaved ok
     else
       status interleaved "failed: dflash_sglang bench --interleave exited with $?"
