@@ -20,10 +20,10 @@
 #          on each in turn, in an order rotated every repeat
 #          (A B C D, B C D A, ...), the same prompts for all, each run from an empty radix cache (a prompt sent
 #          again would prefill one token eagerly: see bench.run_interleaved) -> per repeat tok/s and its ratios
-#          to AR and the builtin, their medians and min..max (bench --interleave). The machine's speed drifts over tens of
-#          seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours' sets stage
-#          and its sweep ten seconds later, and the sweep said 0.68x the builtin at c1 where a profile said as
-#          fast), so a ratio of two sweeps a minute apart measures the drift too; a ratio of two runs seconds
+#          to AR and the builtin, their medians and min..max (bench --interleave). The machine's speed drifts over
+#          tens of seconds (H200, 2026-11-30: our worker's step went from 1.6-1.8 to 2.4-2.9 ms between ours'
+#          sets stage and its sweep ten seconds later, and the sweep said 0.68x the builtin at c1 where a profile
+#          said as fast), so a ratio of two sweeps a minute apart measures the drift too; a ratio of two runs seconds
 #          apart hardly does. These medians are the figures the bars are judged on; the sequential sweep stays for
 #          TPOT, TTFT and tau per contender and for the budget sweep's c1 tok/s.
 # EOS: the sweep ignores it so every contender emits the same tokens per request and batches stay full for the
