@@ -218,11 +218,13 @@ def run_requests(url: str, prompts: list[dict], concurrency: int, sampling: dict
     return results, time.perf_counter() - started
 
 
-def flush_cache(url: str, timeout: float = 30.0) -> str | None:
-    """Empty the server's radix cache (SGLang's /flush_cache; refused while requests run): None when it did, else
-    why not."""
+def flush_cache(url: str, idle_wait: float = 10.0) -> str | None:
+    """Empty the server's radix cache (SGLang's /flush_cache): None when it did, else why not. SGLang flushes only
+    when idle; the client can have every answer while the scheduler still finishes its last step, so the server
+    waits up to `idle_wait` seconds for idle before refusing."""
+    request = urllib.request.Request(f"{url}/flush_cache?timeout={idle_wait:g}", method="POST")
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"{url}/flush_cache", method="POST"), timeout=timeout):
+        with urllib.request.urlopen(request, timeout=idle_wait + 30):
             return None
     except urllib.error.HTTPError as e:
         return f"HTTP {e.code}: {e.read()[:300].decode(errors='replace').strip()}"

@@ -40,7 +40,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
     flushes: list[str] = []  # the class of each server that emptied its cache
 
     def do_POST(self):
-        if self.path == "/flush_cache":
+        if self.path == "/flush_cache?timeout=10":  # bench.flush_cache waits up to 10 s for idle
             FakeSGLang.flushes.append(type(self).__name__)
             self.send_response(400 if self.busy else 200)
             self.end_headers()

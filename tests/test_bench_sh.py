@@ -71,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"{}")
 
     def do_POST(self):
-        if self.path == "/flush_cache":
+        if self.path == "/flush_cache?timeout=10":  # bench.flush_cache waits up to 10 s for idle
             print("flush_cache", flush=True)
             self.send_response(200)
             self.end_headers()
