@@ -276,6 +276,11 @@ def _interleaved_section(bench: dict) -> list[str]:
               for level in report["levels"] if (dropped := sum(not run["complete"] for run in level["runs"]))]
     if notes:
         out += ["", "Repeats cut short:", ""] + notes
+    refused = [f"- {title(bench, name)}, c{level['concurrency']} repeat {run['repeat']}: {error}"
+               for level in report["levels"] for run in level["runs"]
+               for name, error in run.get("flush_errors", {}).items()]
+    if refused:
+        out += ["", "Runs that kept the server's radix cache (its flush was refused):", ""] + refused
     return out
 
 

@@ -400,8 +400,13 @@ def test_interleaved_load_says_how_many_prompts_and_how_many_in_flight():
         report.update(rounds=rounds, min_requests=4, flush=False)
         assert f"per concurrency c and repeat, {expected} on each" in bench_report.markdown(bench)
     report.update(flush=True)
+    md = bench_report.markdown(bench)
     assert "c in flight at a time (each finished request makes room for the next), from an empty radix cache on " \
-        "each contender" in bench_report.markdown(bench)
+        "each contender" in md
+    assert "its flush was refused" not in md
+    report["levels"][0]["runs"][1]["flush_errors"] = {"ours": "HTTP 400: Timed out waiting for idle state."}
+    assert "- ours (chain), c1 repeat 2: HTTP 400: Timed out waiting for idle state." in \
+        bench_report.markdown(bench).splitlines()
 
 
 def test_interleaved_latency_and_tail_are_the_requests():
