@@ -282,15 +282,8 @@ class DFlashWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(accepted.new_seq_lens)
 
-        result = GenerationBatchResult(
-            logits_output=verify.logits_output,
-            next_token_ids=accepted.emitted.reshape(-1),
-            accept_lens=accepted.commit_lens,
-            can_run_cuda_graph=verify.can_run_cuda_graph,
-            next_draft_input=next_draft_state(accepted.bonus, accepted.new_seq_lens),
-            speculative_num_draft_tokens=width,
-            new_seq_lens=accepted.new_seq_lens,
-        )
+        result = step_result(verify.logits_output, accepted.emitted, accepted.commit_lens, accepted.bonus,
+                             accepted.new_seq_lens, verify.can_run_cuda_graph, width)
         self.step_timer.end(step)
         return result
 
@@ -343,15 +336,8 @@ class DFlashWorker(BaseSpecWorker):
             # rows of the accepted path's nodes, in path order.
             path_rows = accepted.path.long().clamp(min=0) + (torch.arange(bs, device=self.device) * width)[:, None]
             logits_output.next_token_logits = logits_output.next_token_logits[path_rows.reshape(-1)]
-        result = GenerationBatchResult(
-            logits_output=logits_output,
-            next_token_ids=committed.emitted.reshape(-1),
-            accept_lens=committed.commit_lens,
-            can_run_cuda_graph=verify.can_run_cuda_graph,
-            next_draft_input=next_draft_state(accepted.bonus, committed.new_seq_lens),
-            speculative_num_draft_tokens=block,
-            new_seq_lens=committed.new_seq_lens,
-        )
+        result = step_result(logits_output, committed.emitted, committed.commit_lens, accepted.bonus,
+                             committed.new_seq_lens, verify.can_run_cuda_graph, block)
         self.step_timer.end(step)
         return result
 
@@ -625,6 +611,22 @@ def draft_block_spec(block_size: int, device) -> DFlashVerifyInput:
         draft_token_num=block_size,
         custom_mask=None,
         capture_hidden_mode=CaptureHiddenMode.NULL,
+    )
+
+
+def step_result(logits_output, emitted: torch.Tensor, commit_lens: torch.Tensor, bonus: torch.Tensor,
+                new_seq_lens: torch.Tensor, can_run_cuda_graph: bool, draft_tokens: int) -> GenerationBatchResult:
+    """A decode step's result for SGLang's scheduler: the emitted tokens [bs, W] (the first commit_lens of each row
+    count), the next step's anchors and lengths, and `draft_tokens`, the row stride of `emitted` and of the logits
+    it reads per request."""
+    return GenerationBatchResult(
+        logits_output=logits_output,
+        next_token_ids=emitted.reshape(-1),
+        accept_lens=commit_lens,
+        can_run_cuda_graph=can_run_cuda_graph,
+        next_draft_input=next_draft_state(bonus, new_seq_lens),
+        speculative_num_draft_tokens=draft_tokens,
+        new_seq_lens=new_seq_lens,
     )
 
 
