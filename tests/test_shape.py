@@ -305,15 +305,16 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
            "NVIDIA_SMI_CALLS": str(calls), "CUDA_VISIBLE_DEVICES": "3,1",
            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "shape.sh"), "--shape", "qwen3-32b", "--port", "30217",
-           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton", "--stages", "ar b16 t16 t64 t63fp8",
+           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton", "--stages", "ar b16 t16 t64 t63fp8 b8fp8",
            "--profile"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = out / "shape-qwen3-32b"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["shape"] == "qwen3-32b" and summary["run"]["port"] == 30217
-    assert summary["run"]["stages"] == ["ar", "b16", "t16", "t64", "t63fp8"] and summary["run"]["gpu"]["index"] == "3"
-    assert list(summary["stages"]) == ["ar", "b16", "t16", "t64", "t63fp8"]
+    stages = ["ar", "b16", "t16", "t64", "t63fp8", "b8fp8"]
+    assert summary["run"]["stages"] == stages and summary["run"]["gpu"]["index"] == "3"
+    assert list(summary["stages"]) == ["ar", "b16", "b8fp8", "t16", "t64", "t63fp8"]  # shape.py's order
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
     assert summary["stages"]["t64"]["tree_mode_seen"] == {"budget": 64, "topk": 4}
     assert summary["stages"]["t64"]["step_timing"]["step_ms"] == pytest.approx(20.0 + 65 / 16, abs=1e-3)
@@ -333,12 +334,16 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
     assert b16[b16.index("--speculative-num-draft-tokens") + 1] == "16"
     assert "--speculative-dflash-tree-budget" not in b16
     # --profile: each stage's step, its kernels' GPU time (the fake's: 100 us per verify row).
-    for name, rows in (("ar", 1), ("b16", 16), ("t16", 17), ("t64", 65), ("t63fp8", 64)):
+    for name, rows in (("ar", 1), ("b16", 16), ("t16", 17), ("t64", 65), ("t63fp8", 64), ("b8fp8", 8)):
         profile = summary["stages"][name]["profile"]
         assert profile["steps"] == 1 and profile["gpu_kernel_us_per_step"] == 100 * rows, name
     assert "--speculative-draft-model-quantization" not in argv("t64")
-    t63 = argv("t63fp8")
-    assert t63[t63.index("--speculative-draft-model-quantization") + 1] == "fp8"
+    for name in ("t63fp8", "b8fp8"):
+        args = argv(name)
+        assert args[args.index("--speculative-draft-model-quantization") + 1] == "fp8"
+    b8 = argv("b8fp8")
+    assert b8[b8.index("--speculative-num-draft-tokens") + 1] == "8"
+    assert b8[b8.index("--speculative-draft-model-path") + 1].endswith("/drafter-b8")
     assert summary["stages"]["t63fp8"]["tree_mode_seen"] == {"budget": 63, "topk": 4}
     for name, budget in (("t16", "16"), ("t64", "64"), ("t63fp8", "63")):
         args = argv(name)
@@ -361,7 +366,7 @@ def test_shape_sh_refuses_bad_arguments(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     for args, message in ((["--shape", "llama-70b"], "--shape must be gemma-4-31b or qwen3-32b"),
                           (["--stages", "ar t48"],
-                           "--stages takes ar b16 b32 b64 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8, got t48"),
+                           "--stages takes ar b8 b16 b32 b64 b8fp8 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8, got t48"),
                           (["--stages", "ar b16 ar"], "--stages lists ar twice"),
                           (["--port", "x"], "--port must be a number")):
         run = subprocess.run(["bash", script, "--draft-backend", "triton", *args], env=env, capture_output=True,

@@ -2,16 +2,18 @@
 # A published model shape with random weights (--load-format dummy), served by real SGLang 0.5.16 on one H200, one
 # server at a time, in the order --stages lists them:
 #   ar    plain decoding                                          -> AR ms/token (t_AR)
-#   b16   ours, chain, --speculative-num-draft-tokens 16          -> draft / verify / rest GPU ms per step, ms/step
+#   b8    ours, chain, B = 8 (a shorter verify)                   -> draft / verify / rest GPU ms per step, ms/step
+#   b16   ours, chain, --speculative-num-draft-tokens 16          -> the same
 #   b32   ours, chain, B = 32                                     -> the same, cost only
 #   b64   ours, chain, B = 64                                     -> the same, cost only
 #   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
+#   b8fp8 the same at B = 8
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
 #         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same
 #   tNfp8 the tree with the FP8 drafter (N = 31, 63)              -> the same
 # --shape gemma-4-31b (default): the Gemma-4-31B-it layout and the z-lab gemma-4-31B-it-DFlash drafter shape;
 # --shape qwen3-32b: Qwen3-32B and a z-lab-style 5-layer drafter (dflash_sglang/shapes.py). The drafter has random
-# weights, so acceptance is ~1 and only cost is measured; B = 32 / 64 reuse it with block_size changed. Each
+# weights, so acceptance is ~1 and only cost is measured; B = 8 / 32 / 64 reuse it with block_size changed. Each
 # stage: SGLang's memory lines (weights, KV pools, CUDA graphs, memory left), nvidia-smi while serving, then greedy
 # concurrency-1 streaming requests (ignore_eos, so every request has exactly --max-tokens tokens). Our worker logs
 # per-step GPU times (DFLASH_SGLANG_STEP_TIMING=1; in tree mode `draft` includes the tree build). The summary sets
@@ -49,7 +51,7 @@ MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the r
 PORT=30000
 PROFILE=0
 TREE_TOPK=4         # shape.py's TREE_TOPK
-STAGE_NAMES="ar b16 b32 b64 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
+STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -145,7 +147,7 @@ trap finish EXIT
 python3 "$REPO/scripts/device/plugin_dist.py" "$WORK/dist"
 
 # 2. The shape pair: target config + tokenizer (+ processor), drafter configs for B = 16, 32, 64 (pairs validated).
-"${HELPER[@]}" prepare --shape "$SHAPE" --out "$WORK/shape" --blocks 16 32 64 > "$OUT/prepare.log" 2>&1 \
+"${HELPER[@]}" prepare --shape "$SHAPE" --out "$WORK/shape" --blocks 8 16 32 64 > "$OUT/prepare.log" 2>&1 \
   || { cat "$OUT/prepare.log"; exit 1; }
 mkdir -p "$OUT/configs"
 cp "$WORK/shape/target/config.json" "$OUT/configs/target.json"
