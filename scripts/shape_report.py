@@ -99,7 +99,9 @@ def profile_lines(stages: dict, top: int = 8) -> list[str]:
              "runs per step.", ""]
     for name, profile in profiled.items():
         total = profile["gpu_kernel_us_per_step"]
-        versus = f", {total / ar['gpu_kernel_us_per_step']:.3f}x AR's" if ar and name != "ar" else ""
+        # A trace without GPU activity has steps but no kernel time: no ratio then.
+        versus = (f", {total / ar['gpu_kernel_us_per_step']:.3f}x AR's"
+                  if ar and ar["gpu_kernel_us_per_step"] and name != "ar" else "")
         lines.append(f"- **{name}** ({mode_label(stages[name])}): {num(total / 1000, 3)} ms of kernels per step"
                      f"{versus}, {profile['steps']} steps:")
         for kernel in profile["top_kernels_by_gpu_time"][:top]:

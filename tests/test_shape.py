@@ -305,7 +305,8 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
            "NVIDIA_SMI_CALLS": str(calls), "CUDA_VISIBLE_DEVICES": "3,1",
            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "shape.sh"), "--shape", "qwen3-32b", "--port", "30217",
-           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton", "--stages", "ar b16 t16 t64 t63fp8 b8fp8",
+           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton",
+           "--stages", "ar b16 t16 t64 t63fp8 b8fp8",
            "--profile"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -397,6 +398,10 @@ def test_report_sets_each_profiled_step_against_ar_kernel_by_kernel(tmp_path):
     assert "- **ar** (AR): 17.000 ms of kernels per step, 11 steps:" in lines
     assert f"- **b16** (chain B=16): 18.400 ms of kernels per step, {18400 / 17000:.3f}x AR's, 12 steps:" in lines
     assert "  - `attn`: 900.0 us, 64.0 runs" in lines
+    # An AR trace that recorded no kernels gives no ratio rather than a division by zero.
+    summary["stages"]["ar"]["profile"] = {**summary["stages"]["ar"]["profile"], "gpu_kernel_us_per_step": 0,
+                                          "top_kernels_by_gpu_time": []}
+    assert "- **b16** (chain B=16): 18.400 ms of kernels per step, 12 steps:" in report.render(summary).splitlines()
 
 
 def test_shape_sh_knows_every_stage_of_shape_py():
