@@ -107,6 +107,10 @@ def sglang_only_cases(target: Path, drafter: Path, work: Path) -> list[tuple[str
 
     rows.append(("adaptive width with tensor parallelism",
                  check_adaptive(SimpleNamespace(tp_size=2, pp_size=1, dp_size=1))[0]))
+    from dflash_sglang.sglang.verify_attention import check_splitkv
+
+    rows.append(("split-KV verify on another target backend",
+                 check_splitkv(SimpleNamespace(attention_backend="fa3", decode_attention_backend=None))[0]))
     return rows
 
 

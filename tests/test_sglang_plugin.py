@@ -5,6 +5,7 @@ scripts/device/e2e.sh."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import sys
@@ -99,20 +100,20 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.speculative import dflash_utils
 
-    from dflash_sglang.sglang import adaptive_width, tree_mode
+    from dflash_sglang.sglang import adaptive_width, tree_mode, verify_attention
 
-    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV):
+    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV):
         monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
                               "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4",
-                              "--speculative-dflash-adaptive"])
+                              "--speculative-dflash-adaptive", "--speculative-dflash-verify-splitkv"])
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
     assert args.speculative_num_draft_tokens == 32
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
-    assert adaptive_width.adaptive_from_env()
+    assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env()
     assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
 
 
@@ -272,6 +273,17 @@ def test_startup_refuses_a_mismatched_pair_with_every_reason(tiny_dirs):
     text = str(err.value)
     assert "`num_target_layers` = 4 but the target has 6 layers" in text
     assert "--speculative-draft-window-size is not supported" in text
+
+
+def test_startup_refuses_the_split_kv_verify_off_the_triton_backend(tiny_dirs):
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, drafter = tiny_dirs["qwen3"]
+    args = startup_args(target, drafter)
+    args.attention_backend, args.decode_attention_backend = "fa3", None
+    assert check_startup(args, fake_target_runner(target))[1].model_type == "qwen3"
+    with pytest.raises(DFlashConfigError, match=re.escape("--speculative-dflash-verify-splitkv runs SGLang's triton")):
+        check_startup(args, fake_target_runner(target), splitkv=True)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -1319,6 +1331,7 @@ class RecordingHead:
         return self.outputs[-1]
 
 
+@pytest.mark.parametrize("splitkv", [False, True])
 @pytest.mark.parametrize("tree_budget,widths,built,logged", [
     (None, (6, 1), [("plain", 1)], "6: a chain step; 1: a plain decoding step"),
     (12, (13, 6, 1), [("verify", 6), ("plain", 1)], "13: the tree; 6: a chain step; 1: a plain decoding step"),
@@ -1326,7 +1339,7 @@ class RecordingHead:
     (5, (6, 1), [("plain", 1)], "6: the tree; 1: a plain decoding step"),  # a tree as wide as the block
 ])
 def test_init_cuda_graphs_builds_resources_for_each_adaptive_width(monkeypatch, caplog, tree_budget, widths, built,
-                                                                   logged):
+                                                                   logged, splitkv):
     from dflash_sglang.adaptive import WidthController
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.adaptive_width import VerifyResources
@@ -1336,10 +1349,11 @@ def test_init_cuda_graphs_builds_resources_for_each_adaptive_width(monkeypatch, 
     calls = []
     monkeypatch.setattr(worker_module, "get_server_args", lambda: "published args")
     monkeypatch.setattr(worker_module, "build_verify_resources",
-                        lambda runner, width, args: calls.append(("verify", width, args)) or VerifyResources(
-                            width, f"backend {width}", None))
+                        lambda runner, width, args, split: calls.append(("verify", width, args, split)) or
+                        VerifyResources(width, f"backend {width}", None))
     monkeypatch.setattr(worker_module, "build_plain_resources",
-                        lambda runner, args: calls.append(("plain", 1, args)) or VerifyResources(1, "plain", None))
+                        lambda runner, args, split: calls.append(("plain", 1, args, split)) or
+                        VerifyResources(1, "plain", None))
     worker = DFlashWorker.__new__(DFlashWorker)
     model_runner = SimpleNamespace(attn_backend="spec backend", decode_cuda_graph_runner="spec graphs",
                                    server_args="runner args")
@@ -1348,13 +1362,14 @@ def test_init_cuda_graphs_builds_resources_for_each_adaptive_width(monkeypatch, 
         _draft_worker=SimpleNamespace(init_cuda_graphs=lambda: calls.append(("drafter graphs",))),
         model_runner=model_runner, block_size=6,
         tree=tree_budget and TreeSettings(budget=tree_budget, topk=2),
-        width_controller=WidthController(widths),
+        width_controller=WidthController(widths), splitkv=splitkv,
     )
     with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
         worker.init_cuda_graphs()
     assert f"tokens per request ({logged}), whichever" in caplog.text
     assert calls[0] == ("drafter graphs",)
-    assert calls[1:] == [(kind, width, ("runner args", "published args")) for kind, width in built]
+    # The split-KV verify reaches every causal width's backend (a chain step's, a one-token verify's).
+    assert calls[1:] == [(kind, width, ("runner args", "published args"), splitkv) for kind, width in built]
     assert sorted(worker.verify_resources) == sorted(widths)
     assert worker.verify_resources[widths[0]].attn_backend == "spec backend"
 
@@ -1521,3 +1536,89 @@ def test_a_bad_adaptive_width_list_stops_the_worker_before_building_anything(tin
     args.tp_size = args.pp_size = args.dp_size = 1
     with pytest.raises(DFlashConfigError, match=f"{WIDTHS_ENV}='8'"):
         worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0, target_worker=target_worker)
+
+
+def test_split_kv_verify_needs_the_triton_backend():
+    from dflash_sglang.sglang.verify_attention import FLAG, check_splitkv
+
+    assert check_splitkv(SimpleNamespace(attention_backend="triton", decode_attention_backend=None)) == []
+    assert check_splitkv(SimpleNamespace(attention_backend="triton", decode_attention_backend="triton")) == []
+    errors = check_splitkv(SimpleNamespace(attention_backend="fa3", decode_attention_backend="flashinfer"))
+    assert len(errors) == 2 and all(FLAG in e and "triton" in e for e in errors)
+    assert "--attention-backend is fa3" in errors[0] and "--decode-attention-backend is flashinfer" in errors[1]
+
+
+def test_split_kv_verify_switches_sglangs_triton_backend_and_refuses_others():
+    """use_splitkv_verify on SGLang's real TritonAttnBackend class (an instance without its GPU-only __init__):
+    the flag its forward_extend reads for TARGET_VERIFY goes on; any other backend is refused by name."""
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    from dflash_sglang.sglang.verify_attention import FLAG, use_splitkv_verify
+
+    assert "self.use_verify_splitkv" in inspect.getsource(TritonAttnBackend.forward_extend)
+    backend = TritonAttnBackend.__new__(TritonAttnBackend)
+    backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
+    use_splitkv_verify(backend)
+    assert backend.use_verify_splitkv is True
+    with pytest.raises(DFlashConfigError, match=re.escape(FLAG)) as refused:
+        use_splitkv_verify(SimpleNamespace(use_verify_splitkv=False))
+    assert "SimpleNamespace" in str(refused.value)
+
+
+@pytest.mark.parametrize("splitkv", [False, True])
+def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_captured(monkeypatch, splitkv):
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.model_executor import runner as runner_module
+
+    from dflash_sglang.sglang.adaptive_width import new_backend_and_graphs
+
+    seen = {}
+
+    class Runner:
+        def __init__(self, model_runner, *, attn_backend=None, speculative_num_draft_tokens=None):
+            seen["at capture"] = attn_backend.use_verify_splitkv
+
+    def new_backend(init_new_workspace=False):
+        backend = TritonAttnBackend.__new__(TritonAttnBackend)
+        backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
+        return backend
+
+    monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", Runner)
+    model_runner = SimpleNamespace(decode_cuda_graph_runner="graphs", _get_attention_backend=new_backend)
+    backend, _ = new_backend_and_graphs(model_runner, 16, splitkv)
+    assert backend.use_verify_splitkv is splitkv and seen["at capture"] is splitkv
+
+
+@pytest.mark.parametrize("tree_budget", [None, 15])
+def test_the_worker_switches_the_chain_verify_to_split_kv_before_anything_is_built(tiny_dirs, monkeypatch,
+                                                                                   tree_budget):
+    """A chain server's target backend takes the split-KV verify in the constructor, before SGLang captures its
+    graphs; a tree server's keeps its kernel (the tree's mask is not causal)."""
+    from dflash_sglang.sglang import worker as worker_module
+    from dflash_sglang.sglang.adaptive_width import ADAPTIVE_ENV
+    from dflash_sglang.sglang.tree_mode import BUDGET_ENV, TOPK_ENV
+    from dflash_sglang.sglang.verify_attention import SPLITKV_ENV
+
+    class Built(Exception):
+        pass
+
+    switched = []
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(worker_module, "use_splitkv_verify", switched.append)
+    monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    monkeypatch.setenv(BUDGET_ENV, str(tree_budget or ""))
+    monkeypatch.setenv(TOPK_ENV, "4")
+    monkeypatch.setenv(ADAPTIVE_ENV, "")
+    monkeypatch.setenv(SPLITKV_ENV, "1")
+    target, drafter = tiny_dirs["qwen3"]
+    runner = fake_target_runner(target)
+    runner.attn_backend = "the target's backend"
+    args = startup_args(target, drafter)
+    args.attention_backend, args.decode_attention_backend = "triton", None
+    with pytest.raises(Built):
+        worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0,
+                                   target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
+    assert switched == ([] if tree_budget else ["the target's backend"])

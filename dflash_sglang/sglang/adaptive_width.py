@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from dflash_sglang.adaptive import PLAIN_WIDTH
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.sglang import tree_mode
+from dflash_sglang.sglang.verify_attention import use_splitkv_verify
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,14 @@ class VerifyResources:
         model_runner.decode_cuda_graph_runner = self.graph_runner
 
 
-def build_verify_resources(model_runner, width: int, server_args_objects) -> VerifyResources:
+def build_verify_resources(model_runner, width: int, server_args_objects, splitkv: bool = False) -> VerifyResources:
     """A fresh attention backend and (when the runner has decode graphs) a graph runner for verifies of `width`
     tokens per request, built and captured while every object in `server_args_objects` says that width; they are
-    restored after, so the KV reservation and everything else keep the speculative width."""
+    restored after, so the KV reservation and everything else keep the speculative width. `splitkv`: their causal
+    verifies attend through the split-KV kernel (verify_attention.py)."""
     with overridden_arguments(server_args_objects, speculative_num_draft_tokens=width):
         with tree_mode.causal_verify_capture():
-            return VerifyResources(width, *new_backend_and_graphs(model_runner, width))
+            return VerifyResources(width, *new_backend_and_graphs(model_runner, width, splitkv))
 
 
 def build_plain_decode_resources(model_runner, server_args_objects) -> VerifyResources:
@@ -129,7 +131,7 @@ def build_plain_decode_resources(model_runner, server_args_objects) -> VerifyRes
         model_runner.spec_algorithm = saved_algorithm
 
 
-def build_plain_resources(model_runner, server_args_objects) -> VerifyResources:
+def build_plain_resources(model_runner, server_args_objects, splitkv: bool = False) -> VerifyResources:
     """A plain step's resources: DECODE ones, or width-1 TARGET_VERIFY ones on a target with sliding-window layers
     (SGLang 0.5.16's triton decode reads one key fewer than the window, its verify the whole window: a DECODE plain
     step would not compute what the verifies around it do) or if the DECODE ones cannot be built."""
@@ -143,7 +145,7 @@ def build_plain_resources(model_runner, server_args_objects) -> VerifyResources:
         except Exception:
             logger.warning("dflash_sglang: plain steps cannot run as DECODE forwards here; they verify one token "
                            "(TARGET_VERIFY) instead", exc_info=True)
-    return build_verify_resources(model_runner, PLAIN_WIDTH, server_args_objects)
+    return build_verify_resources(model_runner, PLAIN_WIDTH, server_args_objects, splitkv)
 
 
 @contextlib.contextmanager
@@ -160,15 +162,17 @@ def overridden_arguments(server_args_objects, **fields):
             args.override("dflash_sglang.adaptive_width", **values)
 
 
-def new_backend_and_graphs(model_runner, width: int) -> tuple[object, object | None]:
-    """A new attention backend of the runner's kind (its own workspace) and, when the runner has decode graphs, a
-    graph runner over it capturing `width` tokens per request."""
+def new_backend_and_graphs(model_runner, width: int, splitkv: bool = False) -> tuple[object, object | None]:
+    """A new attention backend of the runner's kind (its own workspace), on the split-KV verify kernel if `splitkv`,
+    and, when the runner has decode graphs, a graph runner over it capturing `width` tokens per request."""
     from sglang.srt.model_executor.runner import DecodeCudaGraphRunner
 
     had_workspace_flag = hasattr(model_runner, "init_new_workspace")
     workspace_flag = getattr(model_runner, "init_new_workspace", None)
     try:
         backend = model_runner._get_attention_backend(init_new_workspace=True)
+        if splitkv:
+            use_splitkv_verify(backend)
         runner = None
         if model_runner.decode_cuda_graph_runner is not None:
             runner = DecodeCudaGraphRunner(model_runner, attn_backend=backend, speculative_num_draft_tokens=width)

@@ -4,6 +4,8 @@
   --speculative-dflash-topk K          tree mode: candidates per block position (default 4)
   --speculative-dflash-adaptive        each step speculates or decodes plainly, whichever is faster at the running
                                        batch size (adaptive_width.py)
+  --speculative-dflash-verify-splitkv  chain verifies attend through SGLang's split-KV verify kernel
+                                       (verify_attention.py)
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
 environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
@@ -15,7 +17,7 @@ import argparse
 import os
 
 from dflash_sglang.config import DFlashConfigError
-from dflash_sglang.sglang import adaptive_width, tree_mode
+from dflash_sglang.sglang import adaptive_width, tree_mode, verify_attention
 
 ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -24,7 +26,7 @@ FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 def add_cli_args_hook(original, parser: argparse.ArgumentParser):
     """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
     original(parser)
-    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width)")
+    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width, split-KV verify)")
     group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
                        help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
                             "sets --speculative-num-draft-tokens to budget + 1")
@@ -34,6 +36,10 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                        help="DFLASH: per decode step, speculate (in tree mode: the tree or a chain step) or verify "
                             "the last token alone (a plain decoding step), whichever has been faster at the running "
                             "batch size")
+    group.add_argument(verify_attention.FLAG, action="store_true", default=False,
+                       help="DFLASH: the target's chain verifies attend through SGLang's split-KV verify kernel "
+                            "(flash-decode over the context) instead of its prefill kernel; needs --attention-backend "
+                            "triton; tree verifies keep theirs")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):
@@ -49,4 +55,6 @@ def from_cli_args_hook(original, cls, args: argparse.Namespace):
             args.speculative_num_draft_tokens = budget + 1
     if getattr(args, "speculative_dflash_adaptive", False):
         os.environ[adaptive_width.ADAPTIVE_ENV] = "1"
+    if getattr(args, "speculative_dflash_verify_splitkv", False):
+        os.environ[verify_attention.SPLITKV_ENV] = "1"
     return original(cls, args)

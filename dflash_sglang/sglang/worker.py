@@ -80,6 +80,7 @@ from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.draft_state import DraftState
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
+from dflash_sglang.sglang.verify_attention import check_splitkv, splitkv_from_env, use_splitkv_verify
 from dflash_sglang.sglang.verify_context import VerifyGraphContext
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,14 @@ class DFlashWorker(BaseSpecWorker):
         self.device = target_worker.device
         self.tree = settings_from_env()
         adaptive = adaptive_from_env()
+        self.splitkv = splitkv_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
-        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive)
+        self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
+                                                              self.splitkv)
+        if self.splitkv and not self.tree:
+            # Before SGLang captures the verify graphs; a tree's verifies are masked, not causal, and keep theirs.
+            use_splitkv_verify(self.model_runner.attn_backend)
+            logger.info("dflash_sglang: chain verifies attend through SGLang's split-KV verify kernel")
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
@@ -176,9 +183,10 @@ class DFlashWorker(BaseSpecWorker):
             self.verify_resources = {self.verify_width: VerifyResources.current(self.model_runner, self.verify_width)}
             if self.chain_width in self.width_controller.widths and self.chain_width != self.verify_width:
                 self.verify_resources[self.chain_width] = build_verify_resources(
-                    self.model_runner, self.chain_width, server_args_objects)
+                    self.model_runner, self.chain_width, server_args_objects, self.splitkv)
             if PLAIN_WIDTH in self.width_controller.widths:
-                self.verify_resources[PLAIN_WIDTH] = build_plain_resources(self.model_runner, server_args_objects)
+                self.verify_resources[PLAIN_WIDTH] = build_plain_resources(self.model_runner, server_args_objects,
+                                                                           self.splitkv)
             plain = self.verify_resources.get(PLAIN_WIDTH)
             kinds = {self.chain_width: "a chain step", self.verify_width: "the tree" if self.tree else "a chain step",
                      PLAIN_WIDTH: "a plain decoding step" + (", a DECODE forward" if plain and plain.decode else "")}
@@ -449,8 +457,8 @@ class DFlashWorker(BaseSpecWorker):
         return VerifyResult(*(torch.cat(fields) for fields in zip(*chunks)))
 
 
-def check_startup(server_args, target_runner, tree: TreeSettings | None = None,
-                  adaptive: bool = False) -> tuple[DFlashConfig, TargetInfo]:
+def check_startup(server_args, target_runner, tree: TreeSettings | None = None, adaptive: bool = False,
+                  splitkv: bool = False) -> tuple[DFlashConfig, TargetInfo]:
     """Validate the drafter/target pair and the serving flags; raise DFlashConfigError listing every problem."""
     block = int(server_args.speculative_num_draft_tokens)
     errors: list[str] = []
@@ -506,6 +514,8 @@ def check_startup(server_args, target_runner, tree: TreeSettings | None = None,
             )
     if adaptive:
         errors += check_adaptive(server_args)
+    if splitkv:
+        errors += check_splitkv(server_args)
     if server_args.speculative_draft_window_size is not None:
         errors.append(
             "--speculative-draft-window-size is not supported by dflash_sglang; drop it, or set "
