@@ -168,10 +168,12 @@ def render(summary: dict) -> str:
         "costs the same per step whatever its values, but the drafter's acceptance is ~1 (tokens/step column), so "
         "speed-up is not measured, only the cost of each part of a step. step / t_AR is the acceptance length at "
         "which a step breaks even with AR.",
-        f"- One server at a time, `--cuda-graph-max-bs 4 --disable-prefill-cuda-graph --context-length 8192 "
-        f"--sampling-backend pytorch`, overlap scheduling on. Per stage {run.get('prompts', '?')} greedy streaming "
-        f"`/generate` requests of {run.get('max_tokens', '?')} tokens (`ignore_eos`) at concurrency 1 after one "
-        "warm-up request.",
+        f"- One server at a time, `--cuda-graph-max-bs 4 --disable-prefill-cuda-graph --context-length "
+        f"{flag_value(run.get('common_flags', []), '--context-length', '8192')} --sampling-backend pytorch`, "
+        f"overlap scheduling on. Per stage {run.get('prompts', '?')} greedy streaming `/generate` requests of "
+        f"{run.get('max_tokens', '?')} tokens (`ignore_eos`) at concurrency 1 after one warm-up request"
+        + (f"; each prompt {run['prompt_tokens']} token ids (distinct per request), so every step attends over "
+           f"that much context and more" if run.get("prompt_tokens") else "") + ".",
         "- ms/token and ms/step are client-side: time from the first streamed chunk (the prefill's token) to the "
         "last, over the tokens after the first / over the verify steps SGLang counted (`spec_verify_ct`).",
         "- draft / verify / rest / step ms are GPU times of our worker's decode step (`DFLASH_SGLANG_STEP_TIMING=1`: "
@@ -189,6 +191,11 @@ def render(summary: dict) -> str:
             "(z-lab/gemma-4-31B-it-DFlash, vLLM on a B300, thinking on; quoted by the issue, the table row itself not "
             "verified).")
     return "\n".join(lines) + "\n"
+
+
+def flag_value(flags: list[str], name: str, default: str) -> str:
+    """The value after `name` in a server's flag list, else `default`."""
+    return flags[flags.index(name) + 1] if name in flags[:-1] else default
 
 
 def main() -> int:

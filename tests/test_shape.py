@@ -261,6 +261,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"{}")
             return
+        print("prompt %s" % (len(body["input_ids"]) if "input_ids" in body else "text"), flush=True)
         n = body["sampling_params"]["max_new_tokens"]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -305,17 +306,18 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
            "NVIDIA_SMI_CALLS": str(calls), "CUDA_VISIBLE_DEVICES": "3,1",
            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "shape.sh"), "--shape", "qwen3-32b", "--port", "30217",
-           "--prompts", "2", "--max-tokens", "12", "--draft-backend", "triton",
-           "--stages", "ar b16 t16 t64 t63fp8 b8fp8",
+           "--prompts", "2", "--prompt-tokens", "40", "--max-tokens", "12", "--draft-backend", "triton",
+           "--stages", "ar b16 t16 t64 t63fp8 b8fp8 b16fp8sk",
            "--profile"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = out / "shape-qwen3-32b"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["shape"] == "qwen3-32b" and summary["run"]["port"] == 30217
-    stages = ["ar", "b16", "t16", "t64", "t63fp8", "b8fp8"]
+    stages = ["ar", "b16", "t16", "t64", "t63fp8", "b8fp8", "b16fp8sk"]
     assert summary["run"]["stages"] == stages and summary["run"]["gpu"]["index"] == "3"
-    assert list(summary["stages"]) == ["ar", "b16", "b8fp8", "t16", "t64", "t63fp8"]  # shape.py's order
+    assert list(summary["stages"]) == ["ar", "b16", "b8fp8", "b16fp8sk", "t16", "t64", "t63fp8"]  # shape.py's order
+    assert summary["run"]["prompt_tokens"] == 40
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
     assert summary["stages"]["t64"]["tree_mode_seen"] == {"budget": 64, "topk": 4}
     assert summary["stages"]["t64"]["step_timing"]["step_ms"] == pytest.approx(20.0 + 65 / 16, abs=1e-3)
@@ -339,9 +341,18 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
         profile = summary["stages"][name]["profile"]
         assert profile["steps"] == 1 and profile["gpu_kernel_us_per_step"] == 100 * rows, name
     assert "--speculative-draft-model-quantization" not in argv("t64")
-    for name in ("t63fp8", "b8fp8"):
+    for name in ("t63fp8", "b8fp8", "b16fp8sk"):
         args = argv(name)
         assert args[args.index("--speculative-draft-model-quantization") + 1] == "fp8"
+    # Only the sk stage asks for the split-KV verify; every stage's requests are the 40-token prompts.
+    assert [name for name in stages if "--speculative-dflash-verify-splitkv" in argv(name)] == ["b16fp8sk"]
+    sk = argv("b16fp8sk")
+    assert sk[sk.index("--speculative-num-draft-tokens") + 1] == "16" and sk[sk.index("--context-length") + 1] == "8192"
+    assert summary["stages"]["b16fp8sk"]["verify_splitkv"] is True
+    for name in stages:
+        prompts = [x for x in (folder / f"{name}.log").read_text().splitlines() if x.startswith("prompt ")]
+        # The warm-up, then the long prompts (then the profiler's own requests).
+        assert prompts[:3] == ["prompt text"] + ["prompt 40"] * 2, name
     b8 = argv("b8fp8")
     assert b8[b8.index("--speculative-num-draft-tokens") + 1] == "8"
     assert b8[b8.index("--speculative-draft-model-path") + 1].endswith("/drafter-b8")
@@ -366,10 +377,10 @@ def test_shape_sh_refuses_bad_arguments(tmp_path):
     script = str(REPO / "scripts" / "device" / "shape.sh")
     env = {**os.environ, "OUT": str(tmp_path)}
     for args, message in ((["--shape", "llama-70b"], "--shape must be gemma-4-31b or qwen3-32b"),
-                          (["--stages", "ar t48"],
-                           "--stages takes ar b8 b16 b32 b64 b8fp8 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8, got t48"),
+                          (["--stages", "ar t48"], f"--stages takes {' '.join(shape.STAGES)}, got t48"),
                           (["--stages", "ar b16 ar"], "--stages lists ar twice"),
-                          (["--port", "x"], "--port must be a number")):
+                          (["--port", "x"], "--port must be a number"),
+                          (["--prompt-tokens", "4k"], "--prompt-tokens must be a number")):
         run = subprocess.run(["bash", script, "--draft-backend", "triton", *args], env=env, capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
@@ -422,3 +433,15 @@ def test_the_fp8_drafter_stage_is_a_chain_step_held_to_the_chain_bar(tmp_path):
     assert shape.mode_label(fp8) == "chain B=16, fp8 drafter"
     assert any(line.startswith("  b16fp8 (chain B=16, fp8 drafter): GPU step 21.00 ms") for line in
                shape.bar_lines(summary))
+
+
+def test_long_prompts_are_distinct_token_ids_inside_every_shapes_vocabulary():
+    prompts = [shape.long_prompt(i, 4096) for i in range(4)]
+    assert all(len(p) == 4096 for p in prompts)
+    assert len({tuple(p) for p in prompts}) == 4 and len({p[0] for p in prompts}) == 4  # no shared prefix
+    assert min(min(p) for p in prompts) >= 1000 and max(max(p) for p in prompts) < 31000
+
+
+def test_the_split_kv_stage_is_a_chain_step_labelled_as_such():
+    assert shape.mode_label(shape.STAGES["b16fp8sk"]) == "chain B=16, fp8 drafter, split-KV verify"
+    assert shape.mode_label(shape.STAGES["b16sk"]) == "chain B=16, split-KV verify"

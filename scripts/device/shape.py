@@ -38,7 +38,9 @@ TREE_TOPK = 4
 # which is what a GEMM paying a second row tile for its 65th row would do.
 TREE_BUDGETS = (16, 31, 32, 63, 64)
 # name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. A name ending
-# in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8).
+# in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); in sk: the chain's verify
+# attention on the split-KV kernel (--speculative-dflash-verify-splitkv), whose gain grows with the context
+# (shape.sh --prompt-tokens).
 # Chain blocks with a stage. B = 8 prices a shorter verify: on Qwen3-32B the 16-row verify alone cost 1.055x an AR
 # step (2026-11-30), and the step's bar is 1.10x.
 CHAIN_BLOCKS = (8, 16, 32, 64)
@@ -46,6 +48,9 @@ STAGES = {
     "ar": {"mode": "ar", "block": None, "tree_budget": None},
     **{f"b{b}": {"mode": "chain", "block": b, "tree_budget": None} for b in CHAIN_BLOCKS},
     **{f"b{b}fp8": {"mode": "chain", "block": b, "tree_budget": None, "draft_quantization": "fp8"} for b in (8, 16)},
+    "b16sk": {"mode": "chain", "block": 16, "tree_budget": None, "verify_splitkv": True},
+    "b16fp8sk": {"mode": "chain", "block": 16, "tree_budget": None, "draft_quantization": "fp8",
+                 "verify_splitkv": True},
     **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in TREE_BUDGETS},
     **{f"t{n}fp8": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "draft_quantization": "fp8"}
        for n in (31, 63)},
@@ -94,9 +99,10 @@ def cmd_prepare(args) -> int:
 # --------------------------------------------------------------------------------------------- client
 
 
-def stream_generate(port: int, prompt: str, max_tokens: int, timeout: float) -> dict:
-    """One greedy streaming /generate: arrival times of the first and last chunks, tokens, verify steps."""
-    body = {"text": prompt, "stream": True,
+def stream_generate(port: int, prompt: str | list[int], max_tokens: int, timeout: float) -> dict:
+    """One greedy streaming /generate of a text or of token ids: arrival times of the first and last chunks,
+    tokens, verify steps."""
+    body = {"text" if isinstance(prompt, str) else "input_ids": prompt, "stream": True,
             "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -137,13 +143,21 @@ def gpu_memory_mib() -> dict | None:
     return {"gpu": name, "index": visible_gpu(), "used_mib": int(used), "total_mib": int(total)}
 
 
+def long_prompt(index: int, tokens: int) -> list[int]:
+    """Prompt `index` of `tokens` token ids, distinct per index (no radix-cache hit between requests) and below
+    every shape's vocabulary (the weights are random: only the length matters)."""
+    return [1000 + (7919 * (i + 1) + 104729 * index) % 30000 for i in range(tokens)]
+
+
 def cmd_bench(args) -> int:
     stream_generate(args.port, "Say hello.", args.warmup_tokens, args.timeout)  # first calls compile kernels
-    requests = [stream_generate(args.port, PROMPTS[i % len(PROMPTS)], args.max_tokens, args.timeout)
-                for i in range(args.prompts)]
+    prompts = [long_prompt(i, args.prompt_tokens) if args.prompt_tokens else PROMPTS[i % len(PROMPTS)]
+               for i in range(args.prompts)]
+    requests = [stream_generate(args.port, prompt, args.max_tokens, args.timeout) for prompt in prompts]
     decode_ms = sum(r["decode_ms"] for r in requests)
     later_tokens = sum(r["tokens"] - 1 for r in requests)  # the first token comes from prefill
-    report = {"prompts": args.prompts, "max_tokens": args.max_tokens, "requests": requests,
+    report = {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+              "requests": requests,
               "ms_per_token": decode_ms / later_tokens, "gpu_memory_serving": gpu_memory_mib()}
     steps = [r["verify_steps"] for r in requests]
     if all(s for s in steps):
@@ -160,7 +174,7 @@ def cmd_run_info(args) -> int:
     record = {"started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
               "stages": args.stages, "gpu": gpu_memory_mib(), "draft_backend": args.draft_backend,
               "tree_topk": TREE_TOPK, "mem_fraction_static": args.mem_fraction, "prompts": args.prompts,
-              "max_tokens": args.max_tokens, "budget_s": args.budget, "port": args.port,
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "budget_s": args.budget, "port": args.port,
               "common_flags": args.flags}
     Path(args.dir, "run.json").write_text(json.dumps(record, indent=1))
     return 0
@@ -341,7 +355,8 @@ def mode_label(stage: dict) -> str:
     else:
         label = f"chain B={stage['block']}"
     quantized = stage.get("draft_quantization")
-    return label + (f", {quantized} drafter" if quantized else "")
+    label += f", {quantized} drafter" if quantized else ""
+    return label + (", split-KV verify" if stage.get("verify_splitkv") else "")
 
 
 def verdict(met) -> str:
@@ -466,6 +481,7 @@ def main() -> int:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--out", required=True)
     p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=0, help="prompts of this many token ids (0: short texts)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--timeout", type=float, default=120, help="seconds per request")
@@ -477,6 +493,7 @@ def main() -> int:
     p.add_argument("--draft-backend", required=True)
     p.add_argument("--mem-fraction", type=float, required=True)
     p.add_argument("--prompts", type=int, required=True)
+    p.add_argument("--prompt-tokens", type=int, default=0)
     p.add_argument("--max-tokens", type=int, required=True)
     p.add_argument("--budget", type=int, required=True)
     p.add_argument("--port", type=int)

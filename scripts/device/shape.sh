@@ -8,6 +8,8 @@
 #   b64   ours, chain, B = 64                                     -> the same, cost only
 #   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
 #   b8fp8 the same at B = 8
+#   b16sk, b16fp8sk  b16 and b16fp8 with the chain's verify attention on SGLang's split-KV kernel
+#         (--speculative-dflash-verify-splitkv; its gain grows with the context: --prompt-tokens)
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
 #         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same
 #   tNfp8 the tree with the FP8 drafter (N = 31, 63)              -> the same
@@ -25,7 +27,7 @@
 #
 #   usage: source .device/unpack.sh && bash scripts/device/shape.sh [--shape gemma-4-31b|qwen3-32b]
 #            [--draft-backend fa4|triton] [--stages "ar b16 ..."] [--budget S] [--min-stage S]
-#            [--prompts N] [--max-tokens N] [--mem-fraction F] [--port P] [--profile]
+#            [--prompts N] [--prompt-tokens N] [--max-tokens N] [--mem-fraction F] [--port P] [--profile]
 #   env:   EXTRA_SERVER_ARGS="..." appended to every launch; CUDA_VISIBLE_DEVICES picks the GPU (its first entry is
 #          the one nvidia-smi is asked about; GPU 0 when unset)
 # --stages defaults to "ar b16 b32 b64" for gemma-4-31b and "ar b16 t32 t64" for qwen3-32b: a server start is
@@ -37,7 +39,9 @@
 # torch profiler (~30 s a stage; skipped when less than a minute of the budget is left): GPU time per kernel of one
 # decode step (ours: the worker's step; AR: a scheduler step that replayed the decode graph), for setting a verify
 # against an AR step kernel by kernel. The summary lands in <stage>.profile.json, the trace is deleted.
-# Turn summary.json into docs/results/<shape>-shape-DATE.md with scripts/shape_report.py.
+# --prompt-tokens N: each request's prompt is N token ids (distinct per request) instead of a short text, so the
+# steps attend over ~N tokens of context, as a long answer's later steps do; the servers' context length grows to
+# fit. Turn summary.json into docs/results/<shape>-shape-DATE.md with scripts/shape_report.py.
 set -euo pipefail
 
 SHAPE=gemma-4-31b
@@ -46,12 +50,13 @@ STAGES=""           # per shape, below
 BUDGET=530          # seconds for this script; unpack.sh, shutdowns and the device's 600 s limit leave no more
 MIN_STAGE=100       # a server start at this size is ~80-120 s
 PROMPTS=4
+PROMPT_TOKENS=0     # 0: the short text prompts
 MAX_TOKENS=128
 MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the rest for activations and graphs
 PORT=30000
 PROFILE=0
 TREE_TOPK=4         # shape.py's TREE_TOPK
-STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
+STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 b16sk b16fp8sk t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -60,6 +65,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift 2 ;;
     --min-stage) MIN_STAGE="$2"; shift 2 ;;
     --prompts) PROMPTS="$2"; shift 2 ;;
+    --prompt-tokens) PROMPT_TOKENS="$2"; shift 2 ;;
     --max-tokens) MAX_TOKENS="$2"; shift 2 ;;
     --mem-fraction) MEM_FRACTION="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
@@ -92,6 +98,11 @@ for stage in "${STAGE_LIST[@]}"; do
 done
 [ "$MIN_STAGE" -ge 60 ] || { echo "--min-stage must be at least 60 seconds, got $MIN_STAGE" >&2; exit 2; }
 case "$PORT" in ''|*[!0-9]*) echo "--port must be a number, got $PORT" >&2; exit 2 ;; esac
+case "$PROMPT_TOKENS" in ''|*[!0-9]*) echo "--prompt-tokens must be a number, got $PROMPT_TOKENS" >&2; exit 2 ;; esac
+# Room for the prompt, the answer and a block or tree past it (a verify writes up to 65 tokens ahead).
+CONTEXT_LENGTH=$(( PROMPT_TOKENS + MAX_TOKENS + 128 > 8192 ? PROMPT_TOKENS + MAX_TOKENS + 128 : 8192 ))
+PROMPT_DESC="$PROMPTS prompts"
+[ "$PROMPT_TOKENS" = 0 ] || PROMPT_DESC="$PROMPTS prompts of $PROMPT_TOKENS tokens"
 # The GPU this script's servers get: the first entry of CUDA_VISIBLE_DEVICES (index or UUID), else 0. nvidia-smi
 # does not read CUDA_VISIBLE_DEVICES, so it is asked about this one by -i.
 GPU="${CUDA_VISIBLE_DEVICES:-}"
@@ -137,7 +148,7 @@ finish() {
   rm -rf "$WORK"
   echo
   echo "$SHAPE shape, bf16, dummy weights; target attention triton, draft attention $DRAFT_BACKEND;" \
-       "$PROMPTS prompts x $MAX_TOKENS tokens at concurrency 1; GPU $GPU, port $PORT; ${SECONDS}s"
+       "$PROMPT_DESC x $MAX_TOKENS tokens at concurrency 1; GPU $GPU, port $PORT; ${SECONDS}s"
   # Exit status: 1 if a stage failed (skipped for lack of time is not a failure).
   "${HELPER[@]}" summarize --dir "$OUT" --print || exit 1
 }
@@ -154,7 +165,7 @@ cp "$WORK/shape/target/config.json" "$OUT/configs/target.json"
 cp "$WORK/shape/drafter-b16/config.json" "$OUT/configs/drafter-b16.json"
 
 COMMON=(--model-path "$WORK/shape/target" --load-format dummy --dtype bfloat16 --attention-backend triton
-        --sampling-backend pytorch --mem-fraction-static "$MEM_FRACTION" --context-length 8192
+        --sampling-backend pytorch --mem-fraction-static "$MEM_FRACTION" --context-length "$CONTEXT_LENGTH"
         --cuda-graph-max-bs 4 --disable-prefill-cuda-graph --host 127.0.0.1 --port "$PORT" --log-level info)
 if [ "$SHAPE" = gemma-4-31b ]; then
   # SGLang builds Gemma 4's vision tower; its default attention, FA3, is not in the box's sgl_kernel.
@@ -163,8 +174,8 @@ fi
 # shellcheck disable=SC2206  # word splitting of the extra flags is the point
 EXTRA=(${EXTRA_SERVER_ARGS:-})
 "${HELPER[@]}" run-info --dir "$OUT" --shape "$SHAPE" --stages "${STAGE_LIST[@]}" --draft-backend "$DRAFT_BACKEND" \
-  --mem-fraction "$MEM_FRACTION" --prompts "$PROMPTS" --max-tokens "$MAX_TOKENS" --budget "$BUDGET" --port "$PORT" \
-  --flags "${COMMON[@]}" "${EXTRA[@]}"
+  --mem-fraction "$MEM_FRACTION" --prompts "$PROMPTS" --prompt-tokens "$PROMPT_TOKENS" --max-tokens "$MAX_TOKENS" \
+  --budget "$BUDGET" --port "$PORT" --flags "${COMMON[@]}" "${EXTRA[@]}"
 
 chain_flags() {  # block
   echo --speculative-algorithm DFLASH --speculative-draft-model-path "$WORK/shape/drafter-b$1" \
@@ -209,12 +220,12 @@ run_stage() {
     return 0
   fi
   local startup=$(( SECONDS - start ))
-  echo "== $name: serving after ${startup}s; $PROMPTS greedy requests of $MAX_TOKENS tokens at concurrency 1"
+  echo "== $name: serving after ${startup}s; $PROMPT_DESC, $MAX_TOKENS greedy tokens each at concurrency 1"
   local request_s=$(( BUDGET - SECONDS - 15 ))
   [ "$request_s" -ge 10 ] || request_s=10
   rc=0
   timeout "$request_s" "${HELPER[@]}" bench --port "$PORT" --out "$OUT/$name.json" \
-    --prompts "$PROMPTS" --max-tokens "$MAX_TOKENS" || rc=$?
+    --prompts "$PROMPTS" --prompt-tokens "$PROMPT_TOKENS" --max-tokens "$MAX_TOKENS" || rc=$?
   if [ "$rc" -eq 0 ]; then
     "${HELPER[@]}" stage --dir "$OUT" --stage "$name" --status ok --startup-s "$startup" --flags "$@"
     if [ "$PROFILE" = 1 ] && [ $(( BUDGET - SECONDS )) -ge 60 ]; then
@@ -238,18 +249,21 @@ run_stage() {
   "${HELPER[@]}" summarize --dir "$OUT"   # what is measured so far survives a kill at the device's limit
 }
 
+stage_flags() {  # stage name: bN / tN, then fp8 (FP8 drafter), then sk (split-KV verify)
+  local base="$1" extra=()
+  case "$base" in *sk) base="${base%sk}"; extra+=(--speculative-dflash-verify-splitkv) ;; esac
+  case "$base" in *fp8) base="${base%fp8}"; extra+=(--speculative-draft-model-quantization fp8) ;; esac
+  case "$base" in
+    b*) chain_flags "${base#b}" ;;
+    t*) tree_flags "${base#t}" ;;
+  esac
+  echo "${extra[@]}"
+}
+
 for stage in "${STAGE_LIST[@]}"; do
   case "$stage" in
     ar) run_stage ar ;;
     # shellcheck disable=SC2046  # the flag printers print flags without spaces inside them
-    b*fp8) size="${stage#b}"; run_stage "$stage" $(chain_flags "${size%fp8}") \
-             --speculative-draft-model-quantization fp8 ;;
-    # shellcheck disable=SC2046
-    b*) run_stage "$stage" $(chain_flags "${stage#b}") ;;
-    # shellcheck disable=SC2046
-    t*fp8) size="${stage#t}"; run_stage "$stage" $(tree_flags "${size%fp8}") \
-             --speculative-draft-model-quantization fp8 ;;
-    # shellcheck disable=SC2046
-    t*) run_stage "$stage" $(tree_flags "${stage#t}") ;;
+    *) run_stage "$stage" $(stage_flags "$stage") ;;
   esac
 done
