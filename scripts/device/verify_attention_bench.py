@@ -1,0 +1,142 @@
+"""A chain verify's attention, kernel against kernel, on the GPU: SGLang 0.5.16's triton prefill kernel
+(`extend_attention_fwd`, what its TARGET_VERIFY runs by default), its split-KV verify kernel (`verify_splitkv_fwd`,
+what --speculative-dflash-verify-splitkv switches on) and, for scale, its decode kernel over one row (an AR step's
+attention). Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
+request; the two verify kernels' outputs are checked against a float32 reference on the same inputs.
+
+    python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json
+
+Prints a table last: us per layer for each kernel, the split kernel's ratio to the prefill one, max |error|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+# name -> (query heads, KV heads, head dim): Qwen3-32B and SmolLM2-135M.
+LAYOUTS = {"qwen3-32b": (64, 8, 128), "smollm2-135m": (9, 3, 64)}
+
+
+def timed_us(fn, iters: int) -> float:
+    """Median microseconds of `fn` over `iters` CUDA-event-timed runs, after a warm-up."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def reference(q, k_prefix, v_prefix, k_block, v_block, scale):
+    """float32 attention of one request's B rows over its prefix and, causally, the block: [B, Hq, D]."""
+    rows, heads, _ = q.shape
+    group = heads // k_prefix.shape[1]
+    keys = torch.cat([k_prefix, k_block]).float().repeat_interleave(group, dim=1)
+    values = torch.cat([v_prefix, v_block]).float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("rhd,khd->hrk", q.float(), keys) * scale
+    prefix = k_prefix.shape[0]
+    blocked = torch.arange(rows, device=q.device)[:, None] < torch.arange(rows, device=q.device)[None, :]
+    scores[:, :, prefix:] = scores[:, :, prefix:].masked_fill(blocked, float("-inf"))
+    return torch.einsum("hrk,khd->rhd", scores.softmax(-1), values)
+
+
+def case(layout: str, bs: int, context: int, block: int, iters: int) -> dict:
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
+
+    heads, kv_heads, dim = LAYOUTS[layout]
+    dev, dtype = "cuda", torch.bfloat16
+    scale = dim ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(bs * 100003 + context)
+    slots = bs * (context + block) + 1
+    k_buffer = torch.randn(slots, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
+    v_buffer = torch.randn(slots, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
+    # Each request's prefix in scattered slots, as a paged pool leaves them.
+    order = torch.randperm(slots - 1, device=dev, generator=gen) + 1
+    prefix_slots = order[: bs * context].view(bs, context)
+    kv_indices = prefix_slots.reshape(-1).to(torch.int64)
+    kv_indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * context
+    qo_indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * block
+    q = torch.randn(bs * block, heads, dim, device=dev, dtype=dtype, generator=gen)
+    k_block = torch.randn(bs * block, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
+    v_block = torch.randn(bs * block, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
+    args = lambda o: (q, k_block, v_block, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,  # noqa: E731
+                      None, True, None, block, 1.0, 1.0, scale)
+    out_extend, out_split = torch.empty_like(q), torch.empty_like(q)
+    extend_us = timed_us(lambda: extend_attention_fwd(*args(out_extend)), iters)
+    served = verify_splitkv_fwd(*args(out_split), max_bs=bs)
+    split_us = timed_us(lambda: verify_splitkv_fwd(*args(out_split), max_bs=bs), iters) if served else None
+
+    # An AR step's attention: one row per request over its prefix plus itself (decode kernel, 8 KV splits).
+    splits = 8
+    decode_indices = torch.cat([prefix_slots, order[bs * context: bs * context + bs, None]], 1).reshape(-1)
+    decode_indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * (context + 1)
+    q_row = q.view(bs, block, heads, dim)[:, 0].contiguous()
+    out_row = torch.empty_like(q_row)
+    logits = torch.empty(bs, heads, splits, dim, device=dev, dtype=torch.float32)
+    lse = torch.empty(bs, heads, splits, device=dev, dtype=torch.float32)
+    num_splits = torch.full((bs,), splits, device=dev, dtype=torch.int32)
+    decode_us = timed_us(lambda: decode_attention_fwd(q_row, k_buffer, v_buffer, out_row, decode_indptr,
+                                                      decode_indices.to(torch.int64), logits, lse, num_splits,
+                                                      splits, scale, 1.0, 1.0), iters)
+
+    errors = {"extend": 0.0, "split": 0.0}
+    for r in range(min(bs, 2)):
+        rows = slice(r * block, (r + 1) * block)
+        want = reference(q[rows], k_buffer[prefix_slots[r]], v_buffer[prefix_slots[r]], k_block[rows], v_block[rows],
+                         scale)
+        errors["extend"] = max(errors["extend"], (out_extend[rows].float() - want).abs().max().item())
+        if served:
+            errors["split"] = max(errors["split"], (out_split[rows].float() - want).abs().max().item())
+    return {"layout": layout, "bs": bs, "context": context, "block": block, "extend_us": extend_us,
+            "split_us": split_us, "split_served": bool(served), "decode_us": decode_us,
+            "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--time-limit", type=float, default=150, help="seconds; the cases left are skipped")
+    args = parser.parse_args()
+    plan = [("qwen3-32b", bs, ctx) for bs in (1, 4) for ctx in (256, 1024, 4096, 8192)]
+    plan += [("smollm2-135m", bs, ctx) for bs in (1, 32) for ctx in (256, 1024, 4096)]
+    start, rows = time.monotonic(), []
+    for layout, bs, ctx in plan:
+        if time.monotonic() - start > args.time_limit:
+            rows.append({"layout": layout, "bs": bs, "context": ctx, "skipped": "time limit"})
+            continue
+        try:
+            rows.append(case(layout, bs, ctx, args.block, args.iters))
+        except Exception as e:  # one case's failure is recorded; the others still run
+            rows.append({"layout": layout, "bs": bs, "context": ctx, "error": f"{type(e).__name__}: {e}"})
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"{'layout':14} {'bs':>3} {'ctx':>5} {'extend us':>10} {'split us':>9} {'split/ext':>9} {'decode us':>10} "
+          f"{'err ext':>8} {'err split':>9}")
+    for r in rows:
+        if "extend_us" not in r:
+            print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r.get('error') or r.get('skipped')}")
+            continue
+        split = r["split_us"]
+        split_text = "-" if split is None else f"{split:.1f}"
+        ratio = "-" if split is None else f"{split / r['extend_us']:.2f}x"
+        split_err = "-" if split is None else f"{r['max_err_split']:.4f}"
+        print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r['extend_us']:>10.1f} {split_text:>9} {ratio:>9} "
+              f"{r['decode_us']:>10.1f} {r['max_err_extend']:>8.4f} {split_err:>9}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
