@@ -12,6 +12,11 @@ never reads the custom mask, so it is switched on here for the backends that ser
 server's target backend, and the adaptive width's chain and one-token backends. A tree's backend keeps the prefill
 kernel (its mask is not causal). The kernel itself declines what it cannot serve (sliding windows, logit caps,
 sinks) and the backend falls back to the prefill kernel there.
+
+Measured per layer in CUDA graphs on the H200 (docs/results/verify-attention-h200-2026-11-30.md): in the server's
+graphs the kernel always runs 16 splits (it sizes them from the whole preallocated index buffer), which makes it
+0.36x the prefill kernel at 8k tokens of context and 0.5x at 4k, but 1.1-1.3x at 1k and ~3x at 256 on Qwen3-32B.
+Hence a flag, for long contexts, and not the default.
 """
 
 from __future__ import annotations

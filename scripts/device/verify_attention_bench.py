@@ -1,7 +1,7 @@
 """A chain verify's attention, kernel against kernel, on the GPU: SGLang 0.5.16's triton prefill kernel
 (`extend_attention_fwd`, what its TARGET_VERIFY runs by default), its split-KV verify kernel (`verify_splitkv_fwd`,
 what --speculative-dflash-verify-splitkv switches on) and, for scale, its decode kernel over one row (an AR step's
-attention). Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
+attention), timed as CUDA-graph replays the way the server runs them. Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
 request; the two verify kernels' outputs are checked against a float32 reference on the same inputs.
 
     python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json
@@ -21,18 +21,27 @@ import torch
 LAYOUTS = {"qwen3-32b": (64, 8, 128), "smollm2-135m": (9, 3, 64)}
 
 
-def timed_us(fn, iters: int) -> float:
-    """Median microseconds of `fn` over `iters` CUDA-event-timed runs, after a warm-up."""
-    for _ in range(5):
-        fn()
+def timed_us(fn, iters: int, per_graph: int = 10) -> float:
+    """Median GPU microseconds of one `fn`: `per_graph` calls captured in a CUDA graph (as the server replays
+    them: no launch cost), each replay CUDA-event-timed, `iters` replays after a warm-up."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / per_graph)
     return sorted(times)[len(times) // 2]
 
 
@@ -49,7 +58,7 @@ def reference(q, k_prefix, v_prefix, k_block, v_block, scale):
     return torch.einsum("hrk,khd->rhd", scores.softmax(-1), values)
 
 
-def case(layout: str, bs: int, context: int, block: int, iters: int) -> dict:
+def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffer: bool = False) -> dict:
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
@@ -65,6 +74,10 @@ def case(layout: str, bs: int, context: int, block: int, iters: int) -> dict:
     order = torch.randperm(slots - 1, device=dev, generator=gen) + 1
     prefix_slots = order[: bs * context].view(bs, context)
     kv_indices = prefix_slots.reshape(-1).to(torch.int64)
+    if graph_buffer:
+        # The server's graphs pass the whole preallocated index buffer, and the split kernel sizes its split count
+        # from that buffer's length per request: 16 splits whatever the context.
+        kv_indices = torch.cat([kv_indices, torch.zeros(bs * 16384, dtype=torch.int64, device=dev)])
     kv_indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * context
     qo_indptr = torch.arange(0, bs + 1, device=dev, dtype=torch.int32) * block
     q = torch.randn(bs * block, heads, dim, device=dev, dtype=dtype, generator=gen)
@@ -74,7 +87,7 @@ def case(layout: str, bs: int, context: int, block: int, iters: int) -> dict:
                       None, True, None, block, 1.0, 1.0, scale)
     out_extend, out_split = torch.empty_like(q), torch.empty_like(q)
     extend_us = timed_us(lambda: extend_attention_fwd(*args(out_extend)), iters)
-    served = verify_splitkv_fwd(*args(out_split), max_bs=bs)
+    served = verify_splitkv_fwd(*args(out_split), max_bs=bs)  # sizes its scratch outside the graph
     split_us = timed_us(lambda: verify_splitkv_fwd(*args(out_split), max_bs=bs), iters) if served else None
 
     # An AR step's attention: one row per request over its prefix plus itself (decode kernel, 8 KV splits).
@@ -98,7 +111,8 @@ def case(layout: str, bs: int, context: int, block: int, iters: int) -> dict:
         errors["extend"] = max(errors["extend"], (out_extend[rows].float() - want).abs().max().item())
         if served:
             errors["split"] = max(errors["split"], (out_split[rows].float() - want).abs().max().item())
-    return {"layout": layout, "bs": bs, "context": context, "block": block, "extend_us": extend_us,
+    return {"layout": layout, "bs": bs, "context": context, "block": block, "graph_buffer": graph_buffer,
+            "extend_us": extend_us,
             "split_us": split_us, "split_served": bool(served), "decode_us": decode_us,
             "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None}
 
@@ -109,6 +123,8 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--time-limit", type=float, default=150, help="seconds; the cases left are skipped")
+    parser.add_argument("--graph-buffer", action="store_true",
+                        help="index buffers as long as the server's CUDA graphs pass them (16 KV splits)")
     args = parser.parse_args()
     plan = [("qwen3-32b", bs, ctx) for bs in (1, 4) for ctx in (256, 1024, 4096, 8192)]
     plan += [("smollm2-135m", bs, ctx) for bs in (1, 32) for ctx in (256, 1024, 4096)]
@@ -118,7 +134,7 @@ def main() -> int:
             rows.append({"layout": layout, "bs": bs, "context": ctx, "skipped": "time limit"})
             continue
         try:
-            rows.append(case(layout, bs, ctx, args.block, args.iters))
+            rows.append(case(layout, bs, ctx, args.block, args.iters, args.graph_buffer))
         except Exception as e:  # one case's failure is recorded; the others still run
             rows.append({"layout": layout, "bs": bs, "context": ctx, "error": f"{type(e).__name__}: {e}"})
         with open(args.out, "w") as f:
