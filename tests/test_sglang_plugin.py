@@ -282,7 +282,7 @@ def test_startup_refuses_the_split_kv_verify_off_the_triton_backend(tiny_dirs):
     args = startup_args(target, drafter)
     args.attention_backend, args.decode_attention_backend = "fa3", None
     assert check_startup(args, fake_target_runner(target))[1].model_type == "qwen3"
-    with pytest.raises(DFlashConfigError, match=re.escape("--speculative-dflash-verify-splitkv runs SGLang's triton")):
+    with pytest.raises(DFlashConfigError, match=re.escape("--speculative-dflash-verify-splitkv replaces SGLang's")):
         check_startup(args, fake_target_runner(target), splitkv=True)
 
 
@@ -1550,16 +1550,18 @@ def test_split_kv_verify_needs_the_triton_backend():
 
 def test_split_kv_verify_switches_sglangs_triton_backend_and_refuses_others():
     """use_splitkv_verify on SGLang's real TritonAttnBackend class (an instance without its GPU-only __init__):
-    the flag its forward_extend reads for TARGET_VERIFY goes on; any other backend is refused by name."""
+    the hook its forward_extend calls for TARGET_VERIFY becomes our kernel's, and the switch that enables it goes
+    on; any other backend is refused by name."""
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    from dflash_sglang.sglang.verify_attention import FLAG, use_splitkv_verify
+    from dflash_sglang.sglang.verify_attention import FLAG, chain_verify_fwd, use_splitkv_verify
 
-    assert "self.use_verify_splitkv" in inspect.getsource(TritonAttnBackend.forward_extend)
+    source = inspect.getsource(TritonAttnBackend.forward_extend)
+    assert "self.use_verify_splitkv" in source and "and self.verify_splitkv_fwd(" in source
     backend = TritonAttnBackend.__new__(TritonAttnBackend)
     backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
     use_splitkv_verify(backend)
-    assert backend.use_verify_splitkv is True
+    assert backend.use_verify_splitkv is True and backend.verify_splitkv_fwd is chain_verify_fwd
     with pytest.raises(DFlashConfigError, match=re.escape(FLAG)) as refused:
         use_splitkv_verify(SimpleNamespace(use_verify_splitkv=False))
     assert "SimpleNamespace" in str(refused.value)
@@ -1622,3 +1624,39 @@ def test_the_worker_switches_the_chain_verify_to_split_kv_before_anything_is_bui
         worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0,
                                    target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
     assert switched == ([] if tree_budget else ["the target's backend"])
+
+
+def test_the_verify_hook_serves_causal_chains_and_declines_the_rest():
+    """chain_verify_fwd called as SGLang's triton backend calls its split-KV verify hook (the same positional and
+    keyword arguments): a causal chain is served, exactly our kernel's output; what the kernel does not model
+    returns False with the output untouched, so the backend runs its prefill kernel."""
+    from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
+
+    from dflash_sglang.kernels.chain_attention import chain_verify_attention_reference
+    from dflash_sglang.sglang.verify_attention import chain_verify_fwd
+    from tests.test_chain_attention import attention_inputs
+
+    assert list(inspect.signature(chain_verify_fwd).parameters) == list(inspect.signature(verify_splitkv_fwd).parameters)
+    block = 4
+    q, k_block, v_block, pool_k, pool_v, indptr, indices = attention_inputs(6, 2, 16, block, [5, 0, 9], seed=3)
+    qo_indptr = torch.arange(0, 4, dtype=torch.int32) * block
+
+    def call(o, **changes):
+        kwargs = dict(sm_scale=0.3, logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+                      xai_temperature_len=-1, max_bs=8)
+        positional = dict(custom_mask=None, is_causal=True, mask_indptr=None, max_len_extend=block, k_scale=1.0,
+                          v_scale=1.0)
+        for name, value in changes.items():
+            (positional if name in positional else kwargs)[name] = value
+        return chain_verify_fwd(q, k_block, v_block, o, pool_k, pool_v, qo_indptr, indptr, indices,
+                                *positional.values(), **kwargs)
+
+    out = torch.zeros_like(q)
+    assert call(out) is True
+    assert torch.equal(out, chain_verify_attention_reference(q, k_block, v_block, pool_k, pool_v, indptr, indices,
+                                                             block, 0.3, torch.empty_like(q)))
+    for change in (dict(is_causal=False), dict(sinks=torch.zeros(6)), dict(sliding_window_size=8),
+                   dict(logit_cap=30.0), dict(xai_temperature_len=4), dict(k_scale=0.5),
+                   dict(v_scale=torch.tensor(1.0)), dict(max_len_extend=3)):
+        untouched = torch.zeros_like(q)
+        assert call(untouched, **change) is False and not untouched.any(), change

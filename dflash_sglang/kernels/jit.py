@@ -162,6 +162,23 @@ def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) ->
     return log_choice(op, tensor, available, why)
 
 
+def use_triton(op: str, tensor: torch.Tensor, triton_module) -> bool:
+    """The same switch and log as `use_kernel`, for a kernel Triton builds itself (`triton_module`: the imported
+    triton, or None where it is not installed)."""
+    mode = kernels_mode()
+    if mode == "reference":
+        available, why = False, "DFLASH_KERNELS=reference"
+    elif not tensor.is_cuda:
+        available, why = False, f"inputs on {tensor.device.type}"
+    elif triton_module is None:
+        available, why = False, "triton is not installed"
+    else:
+        available, why = True, f"Triton {triton_module.__version__}"
+    if mode == "cuda" and not available:
+        raise RuntimeError(f"{op}: DFLASH_KERNELS=cuda but the Triton kernel cannot run: {why}")
+    return log_choice(op, tensor, available, why)
+
+
 def kernels_mode() -> str:
     """DFLASH_KERNELS: auto (kernels where they run), reference (torch everywhere) or cuda (kernels or an error)."""
     mode = os.environ.get("DFLASH_KERNELS", "auto")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from dflash_sglang.kernels.jit import kernels_mode, log_choice
+from dflash_sglang.kernels.jit import use_triton
 
 OP = "soft_cross_entropy_rows"
 BLOCK = 2048  # vocabulary columns a program handles per iteration of its row loop
@@ -74,7 +74,7 @@ def soft_cross_entropy_rows(logits: torch.Tensor, teacher_logits: torch.Tensor |
     `logits` may be overwritten (the reference reuses its memory)."""
     if teacher_logits is None and soft:
         raise ValueError("soft labels need teacher logits")
-    if not _use_triton(logits):
+    if not use_triton(OP, logits, triton):
         return soft_cross_entropy_rows_reference(logits, teacher_logits, target, soft, softcap, grad_dtype,
                                                  need_grad)
     loss, grad = soft_cross_entropy_rows_triton(logits, teacher_logits, target, soft, softcap, grad_dtype)
@@ -132,18 +132,3 @@ def soft_cross_entropy_rows_reference(logits: torch.Tensor, teacher_logits: torc
         grad.mul_(logits.div_(softcap).square_().neg_().add_(1.0))
     return loss, grad.to(grad_dtype)
 
-
-def _use_triton(logits: torch.Tensor) -> bool:
-    """The same switch and log as the CUDA ops (`jit.use_kernel`), for a kernel Triton builds itself."""
-    mode = kernels_mode()
-    if mode == "reference":
-        available, why = False, "DFLASH_KERNELS=reference"
-    elif not logits.is_cuda:
-        available, why = False, f"inputs on {logits.device.type}"
-    elif triton is None:
-        available, why = False, "triton is not installed"
-    else:
-        available, why = True, f"Triton {triton.__version__}"
-    if mode == "cuda" and not available:
-        raise RuntimeError(f"{OP}: DFLASH_KERNELS=cuda but the Triton kernel cannot run: {why}")
-    return log_choice(OP, logits, available, why)

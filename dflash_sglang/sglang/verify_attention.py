@@ -1,32 +1,28 @@
-"""`--speculative-dflash-verify-splitkv`: the target's chain verifies attend through SGLang's split-KV verify kernel.
+"""`--speculative-dflash-verify-splitkv`: the target's chain verifies attend through our split-KV verify kernel.
 
 SGLang 0.5.16's triton backend runs a TARGET_VERIFY's attention with its prefill kernel (`extend_attention_fwd`):
-one program per (request, query head) walks the whole committed prefix, so with B = 16 queries per request at c1 a
-64-head target keeps 64 programs busy however long the context. Its decode kernel splits the prefix across programs
-instead. On the Qwen3-32B shape (2026-11-30, 128-token contexts) the verify's attention already cost 0.61 ms a step
-against the decode step's 0.36; the prefix walk grows with the context, the split one is spread over the GPU.
+one program per (request, query head) walks the whole committed prefix. On the H200 that is 450 us a layer at 8k
+tokens of context on Qwen3-32B, 29 ms a step, against 62 us for an AR step's one row. The backend also carries a
+split-KV kernel for verifies (`verify_splitkv_fwd`, enabled only on AMD gfx95), but inside the server's CUDA graphs
+it always runs 16 splits, which makes it ~3x the prefill kernel at 256 tokens (docs/results/
+verify-attention-h200-2026-11-30.md).
 
-The same backend carries a split-KV kernel for verifies (`verify_splitkv_fwd`, flash-decode over the prefix, then
-the causal block), which it enables only on AMD gfx95 and at EAGLE top-k 1. It computes causal attention only and
-never reads the custom mask, so it is switched on here for the backends that serve causal verifies alone: a chain
-server's target backend, and the adaptive width's chain and one-token backends. A tree's backend keeps the prefill
-kernel (its mask is not causal). The kernel itself declines what it cannot serve (sliding windows, logit caps,
-sinks) and the backend falls back to the prefill kernel there.
-
-Measured per layer in CUDA graphs on the H200 (docs/results/verify-attention-h200-2026-11-30.md): in the server's
-graphs the kernel always runs 16 splits (it sizes them from the whole preallocated index buffer), which makes it
-0.36x the prefill kernel at 8k tokens of context and 0.5x at 4k, but 1.1-1.3x at 1k and ~3x at 256 on Qwen3-32B.
-Hence a flag, for long contexts, and not the default.
+The backend calls that kernel through an instance attribute and falls back to the prefill kernel when it declines.
+This module puts ours there (`dflash_sglang.kernels.chain_attention`: one program per request, KV head and prefix
+split, each request's split count from its own length at run time) and turns the path on, for the backends that
+serve causal verifies alone: a chain server's target backend, and the adaptive width's chain and one-token
+backends. A tree's backend keeps the prefill kernel (the kernel reads no mask). What the kernel does not model
+(sliding windows, logit caps, sinks, scaled FP8 KV caches) is declined and goes to the prefill kernel.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
-from dflash_sglang.config import DFlashConfigError
+import torch
 
-logger = logging.getLogger(__name__)
+from dflash_sglang.config import DFlashConfigError
+from dflash_sglang.kernels.chain_attention import chain_verify_attention
 
 SPLITKV_ENV = "DFLASH_SGLANG_VERIFY_SPLITKV"
 FLAG = "--speculative-dflash-verify-splitkv"
@@ -42,19 +38,39 @@ def check_splitkv(server_args) -> list[str]:
     backends = {"--attention-backend": server_args.attention_backend,
                 "--decode-attention-backend": server_args.decode_attention_backend}
     return [
-        f"{FLAG} runs SGLang's triton verify kernel, but {flag} is {name}: pass {flag} triton, or drop {FLAG}"
+        f"{FLAG} replaces SGLang's triton verify attention, but {flag} is {name}: pass {flag} triton, or drop {FLAG}"
         for flag, name in backends.items()
         if name is not None and name not in SPLITKV_BACKENDS
     ]
 
 
 def use_splitkv_verify(attn_backend) -> None:
-    """Send `attn_backend`'s TARGET_VERIFY attention through the split-KV kernel (before its graphs are captured)."""
+    """Send `attn_backend`'s causal TARGET_VERIFY attention through our kernel (before its graphs are captured)."""
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     if not isinstance(attn_backend, TritonAttnBackend) or not hasattr(attn_backend, "verify_splitkv_fwd"):
         raise DFlashConfigError([
-            f"{FLAG} needs the target's verify on SGLang 0.5.16's TritonAttnBackend with its split-KV verify kernel; "
+            f"{FLAG} needs the target's verify on SGLang 0.5.16's TritonAttnBackend with its split-KV verify hook; "
             f"this one is {type(attn_backend).__name__}: drop {FLAG}"
         ])
+    attn_backend.verify_splitkv_fwd = chain_verify_fwd
     attn_backend.use_verify_splitkv = True
+
+
+def chain_verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+                     custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale, sm_scale=None,
+                     logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None,
+                     window_kv_offsets=None, xai_temperature_len=-1, max_bs=None) -> bool:
+    """SGLang's `verify_splitkv_fwd` contract: attention of a causal verify of `max_len_extend` rows per request
+    into `o_extend`, True if served; False (nothing written) for what our kernel does not model, and the backend
+    then runs its prefill kernel. Reads no device value."""
+    batch = qo_indptr.shape[0] - 1
+    unscaled = all(not isinstance(s, torch.Tensor) and float(s) == 1.0 for s in (k_scale, v_scale))
+    if (not is_causal or sinks is not None or (sliding_window_size or -1) > 0 or (logit_cap or 0) > 0
+            or (xai_temperature_len or -1) > 0 or not unscaled or k_buffer.dtype != q_extend.dtype
+            or q_extend.dim() != 3 or batch < 1 or q_extend.shape[0] != batch * int(max_len_extend)):
+        return False
+    scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
+    chain_verify_attention(q_extend, k_extend, v_extend, k_buffer, v_buffer, kv_indptr, kv_indices,
+                           int(max_len_extend), scale, out=o_extend)
+    return True

@@ -39,7 +39,7 @@ TREE_TOPK = 4
 TREE_BUDGETS = (16, 31, 32, 63, 64)
 # name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. A name ending
 # in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); in sk: the chain's verify
-# attention on the split-KV kernel (--speculative-dflash-verify-splitkv), whose gain grows with the context
+# attention on our split-KV kernel (--speculative-dflash-verify-splitkv), whose gain grows with the context
 # (shape.sh --prompt-tokens).
 # Chain blocks with a stage. B = 8 prices a shorter verify: on Qwen3-32B the 16-row verify alone cost 1.055x an AR
 # step (2026-11-30), and the step's bar is 1.10x.

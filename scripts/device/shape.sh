@@ -8,7 +8,7 @@
 #   b64   ours, chain, B = 64                                     -> the same, cost only
 #   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
 #   b8fp8 the same at B = 8
-#   b16sk, b16fp8sk  b16 and b16fp8 with the chain's verify attention on SGLang's split-KV kernel
+#   b16sk, b16fp8sk  b16 and b16fp8 with the chain's verify attention on our split-KV kernel
 #         (--speculative-dflash-verify-splitkv; its gain grows with the context: --prompt-tokens)
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
 #         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same

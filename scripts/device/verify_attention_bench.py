@@ -1,12 +1,14 @@
 """A chain verify's attention, kernel against kernel, on the GPU: SGLang 0.5.16's triton prefill kernel
-(`extend_attention_fwd`, what its TARGET_VERIFY runs by default), its split-KV verify kernel (`verify_splitkv_fwd`,
-what --speculative-dflash-verify-splitkv switches on) and, for scale, its decode kernel over one row (an AR step's
-attention), timed as CUDA-graph replays the way the server runs them. Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
-request; the two verify kernels' outputs are checked against a float32 reference on the same inputs.
+(`extend_attention_fwd`, what its TARGET_VERIFY runs by default), its split-KV verify kernel (`verify_splitkv_fwd`),
+ours (`dflash_sglang.kernels.chain_attention`, what --speculative-dflash-verify-splitkv switches on) and, for scale,
+SGLang's decode kernel over one row (an AR step's attention), timed as CUDA-graph replays the way the server runs
+them. Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
+request; the verify kernels' outputs are checked against a float32 reference on the same inputs.
 
-    python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json
+    PYTHONPATH=$PWD python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json [--graph-buffer]
 
-Prints a table last: us per layer for each kernel, the split kernel's ratio to the prefill one, max |error|.
+Prints a table last: us per layer for each kernel, ours against the prefill kernel, max |error|. The committed
+results (docs/results/verify-attention-h200-2026-11-30*.json) predate our kernel's column.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
+    from dflash_sglang.kernels.chain_attention import chain_verify_attention
+
     heads, kv_heads, dim = LAYOUTS[layout]
     dev, dtype = "cuda", torch.bfloat16
     scale = dim ** -0.5
@@ -89,6 +93,10 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     extend_us = timed_us(lambda: extend_attention_fwd(*args(out_extend)), iters)
     served = verify_splitkv_fwd(*args(out_split), max_bs=bs)  # sizes its scratch outside the graph
     split_us = timed_us(lambda: verify_splitkv_fwd(*args(out_split), max_bs=bs), iters) if served else None
+    out_ours = torch.empty_like(q)
+    ours = lambda: chain_verify_attention(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices,  # noqa: E731
+                                          block, scale, out=out_ours)
+    ours_us = timed_us(ours, iters)
 
     # An AR step's attention: one row per request over its prefix plus itself (decode kernel, 8 KV splits).
     splits = 8
@@ -103,18 +111,20 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
                                                       decode_indices.to(torch.int64), logits, lse, num_splits,
                                                       splits, scale, 1.0, 1.0), iters)
 
-    errors = {"extend": 0.0, "split": 0.0}
+    errors = {"extend": 0.0, "split": 0.0, "ours": 0.0}
     for r in range(min(bs, 2)):
         rows = slice(r * block, (r + 1) * block)
         want = reference(q[rows], k_buffer[prefix_slots[r]], v_buffer[prefix_slots[r]], k_block[rows], v_block[rows],
                          scale)
         errors["extend"] = max(errors["extend"], (out_extend[rows].float() - want).abs().max().item())
+        errors["ours"] = max(errors["ours"], (out_ours[rows].float() - want).abs().max().item())
         if served:
             errors["split"] = max(errors["split"], (out_split[rows].float() - want).abs().max().item())
     return {"layout": layout, "bs": bs, "context": context, "block": block, "graph_buffer": graph_buffer,
             "extend_us": extend_us,
-            "split_us": split_us, "split_served": bool(served), "decode_us": decode_us,
-            "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None}
+            "split_us": split_us, "split_served": bool(served), "ours_us": ours_us, "decode_us": decode_us,
+            "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None,
+            "max_err_ours": errors["ours"]}
 
 
 def main() -> int:
@@ -139,18 +149,19 @@ def main() -> int:
             rows.append({"layout": layout, "bs": bs, "context": ctx, "error": f"{type(e).__name__}: {e}"})
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
-    print(f"{'layout':14} {'bs':>3} {'ctx':>5} {'extend us':>10} {'split us':>9} {'split/ext':>9} {'decode us':>10} "
-          f"{'err ext':>8} {'err split':>9}")
+    print(f"{'layout':14} {'bs':>3} {'ctx':>5} {'extend us':>10} {'split us':>9} {'ours us':>8} {'ours/ext':>8} "
+          f"{'decode us':>10} {'err ext':>8} {'err split':>9} {'err ours':>8}")
     for r in rows:
         if "extend_us" not in r:
             print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r.get('error') or r.get('skipped')}")
             continue
         split = r["split_us"]
         split_text = "-" if split is None else f"{split:.1f}"
-        ratio = "-" if split is None else f"{split / r['extend_us']:.2f}x"
         split_err = "-" if split is None else f"{r['max_err_split']:.4f}"
-        print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r['extend_us']:>10.1f} {split_text:>9} {ratio:>9} "
-              f"{r['decode_us']:>10.1f} {r['max_err_extend']:>8.4f} {split_err:>9}")
+        ratio = f"{r['ours_us'] / r['extend_us']:.2f}x"
+        print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r['extend_us']:>10.1f} {split_text:>9} "
+              f"{r['ours_us']:>8.1f} {ratio:>8} {r['decode_us']:>10.1f} {r['max_err_extend']:>8.4f} {split_err:>9} "
+              f"{r['max_err_ours']:>8.4f}")
     return 0
 
 

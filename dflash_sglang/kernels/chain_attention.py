@@ -1,0 +1,218 @@
+"""A chain verify's attention: B query rows per request over the request's committed prefix (K/V in the paged pool)
+and, causally, over the block's own B keys. A Triton kernel on CUDA, `chain_verify_attention_reference` elsewhere
+(and under DFLASH_KERNELS=reference).
+
+Why a kernel: SGLang 0.5.16's triton backend runs a verify's attention with its prefill kernel, one program per
+request and query head walking the whole prefix; on the H200 that is 450 us a layer at 8k tokens on Qwen3-32B
+against 62 us for the decode kernel's one row, and its split-KV verify kernel takes ~3x the prefill kernel's time
+at 256 tokens inside the server's graphs (docs/results/verify-attention-h200-2026-11-30.md). Here, flash-decoding
+shaped for a verify:
+
+- one program per (request, KV head, prefix split) holds all G x B query rows that share the KV head (G query
+  heads per KV head), so each prefix key is read once for all of them and the scores are one matrix product;
+- the split count is each request's own, from its prefix length at run time (at least MIN_SPLIT keys a split, at
+  most `max_splits`), so a CUDA graph replayed at any length splits as that length needs;
+- a second program per (request, KV head) adds the block's causal keys and merges the splits' partial softmaxes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dflash_sglang.kernels.jit import use_triton
+
+OP = "chain_verify_attention"
+MIN_SPLIT = 64  # prefix keys per split at least: shorter splits cost more in the merge than they save
+BLOCK_N = 64  # prefix keys per iteration of a split's loop
+TARGET_PROGRAMS = 256  # splits per (request, KV head) are capped so the first pass launches about this many programs
+MAX_SPLITS = 16
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: the reference serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _query_tile(q_ptr, b, h, stride_qt, stride_qh, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Row m of the tile is query head h * G + m // B at the request's block row m % B.
+        m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        rows = (b * B + m % B).to(tl.int64) * stride_qt + (h * G + m // B) * stride_qh
+        return tl.load(q_ptr + rows[:, None] + d[None, :], mask=(m < G * B)[:, None] & (d < D)[None, :], other=0.0)
+
+    @triton.jit
+    def _prefix_splits_kernel(q_ptr, k_ptr, v_ptr, kv_indptr, kv_indices, part_o, part_lse, stride_qt, stride_qh,
+                              stride_ks, stride_kh, stride_vs, stride_vh, sm_scale, max_splits, min_split,
+                              B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        num_kv_heads = tl.num_programs(1)
+        start = tl.load(kv_indptr + b).to(tl.int32)
+        length = tl.load(kv_indptr + b + 1).to(tl.int32) - start
+        splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
+        split_len = tl.cdiv(length, splits)
+        lo = s * split_len
+        hi = tl.minimum(lo + split_len, length)  # empty past this request's splits
+        q = _query_tile(q_ptr, b, h, stride_qt, stride_qh, B, G, D, BLOCK_M, BLOCK_D)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        i = lo
+        while i < hi:  # a while loop: Triton's CPU interpreter (the CPU test) takes no runtime range bounds
+            n = i + tl.arange(0, BLOCK_N)
+            inside = n < hi
+            slots = tl.load(kv_indices + start + n, mask=inside, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slots[:, None] * stride_ks + h * stride_kh + d[None, :],
+                        mask=inside[:, None] & (d < D)[None, :], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(inside[None, :], scores * sm_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + slots[:, None] * stride_vs + h * stride_vh + dv[None, :],
+                        mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            i += BLOCK_N
+        m = tl.arange(0, BLOCK_M)
+        base = ((b * num_kv_heads + h) * max_splits + s).to(tl.int64) * BLOCK_M
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(part_o + (base + m)[:, None] * BLOCK_DV + dv[None, :], acc / safe_l[:, None])
+        tl.store(part_lse + base + m, tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf")))
+
+    @triton.jit
+    def _block_and_merge_kernel(q_ptr, kb_ptr, vb_ptr, o_ptr, kv_indptr, part_o, part_lse, stride_qt, stride_qh,
+                                stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ot, stride_oh, sm_scale,
+                                max_splits, min_split, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                                DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
+        q = _query_tile(q_ptr, b, h, stride_qt, stride_qh, B, G, D, BLOCK_M, BLOCK_D)
+        m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        c = tl.arange(0, BLOCK_B)
+        # The block: row m % B sees the block's keys 0..m % B (itself included), so no row is empty.
+        block_rows = (b * B + c).to(tl.int64)
+        kb = tl.load(kb_ptr + block_rows[:, None] * stride_kbt + h * stride_kbh + d[None, :],
+                     mask=(c < B)[:, None] & (d < D)[None, :], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(kb))
+        scores = tl.where((c[None, :] <= (m % B)[:, None]) & (c < B)[None, :], scores * sm_scale, float("-inf"))
+        m_run = tl.max(scores, 1)
+        p = tl.exp(scores - m_run[:, None])
+        l_run = tl.sum(p, 1)
+        vb = tl.load(vb_ptr + block_rows[:, None] * stride_vbt + h * stride_vbh + dv[None, :],
+                     mask=(c < B)[:, None] & (dv < DV)[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vb.dtype), vb)
+        # The prefix's splits, each a normalized partial output and its log-sum-exp.
+        length = tl.load(kv_indptr + b + 1).to(tl.int32) - tl.load(kv_indptr + b).to(tl.int32)
+        splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
+        s = 0
+        while s < splits:
+            base = ((b * num_kv_heads + h) * max_splits + s).to(tl.int64) * BLOCK_M
+            lse = tl.load(part_lse + base + m)
+            part = tl.load(part_o + (base + m)[:, None] * BLOCK_DV + dv[None, :])
+            m_new = tl.maximum(m_run, lse)
+            keep = tl.exp(m_run - m_new)
+            add = tl.exp(lse - m_new)
+            acc = acc * keep[:, None] + part * add[:, None]
+            l_run = l_run * keep + add
+            m_run = m_new
+            s += 1
+        out = acc / l_run[:, None]
+        rows = (b * B + m % B).to(tl.int64) * stride_ot + (h * G + m // B) * stride_oh
+        tl.store(o_ptr + rows[:, None] + dv[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(m < G * B)[:, None] & (dv < DV)[None, :])
+
+
+def chain_verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_buffer: torch.Tensor,
+                           v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, block: int,
+                           sm_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a chain verify, written into `out` (or a new tensor) [bs * B, Hq, Dv] and returned.
+
+    q [bs * B, Hq, D]: the block's queries, request-major; k_block / v_block [bs * B, Hkv, D / Dv]: the block's own
+    keys and values; k_buffer / v_buffer [slots, Hkv, D / Dv]: the KV pool; kv_indptr [bs + 1], kv_indices: each
+    request's committed prefix as pool slots. Row j of a request attends to its whole prefix and to block rows 0..j.
+    """
+    out = torch.empty(q.shape[:2] + (v_block.shape[-1],), dtype=q.dtype, device=q.device) if out is None else out
+    if use_triton(OP, q, triton):
+        return chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block,
+                                             sm_scale, out)
+    return chain_verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block,
+                                            sm_scale, out)
+
+
+def split_count(batch: int, kv_heads: int) -> int:
+    """The most prefix splits a (request, KV head) gets: enough programs to fill the GPU, no more."""
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(1, batch * kv_heads)))
+
+
+def chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
+                                  sm_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The kernels' launch, wherever Triton runs them (CUDA; CPU tensors under TRITON_INTERPRET=1, as the test
+    does). No host sync: the splits come from kv_indptr on the device."""
+    tokens, heads, dim = q.shape
+    batch, kv_heads, dim_v = tokens // block, k_buffer.shape[1], v_buffer.shape[-1]
+    group = heads // kv_heads
+    block_m = max(16, triton.next_power_of_2(group * block))
+    block_dv = max(16, triton.next_power_of_2(dim_v))
+    max_splits = split_count(batch, kv_heads)
+    part_o = torch.empty((batch, kv_heads, max_splits, block_m, block_dv), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, kv_heads, max_splits, block_m), dtype=torch.float32, device=q.device)
+    common = dict(B=block, G=group, D=dim, DV=dim_v, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                  BLOCK_DV=block_dv, IEEE=q.dtype == torch.float32)
+    wide = {"num_warps": 8} if block_m >= 128 and q.is_cuda else {}
+    _prefix_splits_kernel[(batch, kv_heads, max_splits)](
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, part_o, part_lse, q.stride(0), q.stride(1),
+        k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), float(sm_scale), max_splits,
+        MIN_SPLIT, BLOCK_N=BLOCK_N, **common, **wide)
+    _block_and_merge_kernel[(batch, kv_heads)](
+        q, k_block, v_block, out, kv_indptr, part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0),
+        k_block.stride(1), v_block.stride(0), v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale),
+        max_splits, MIN_SPLIT, BLOCK_B=max(16, triton.next_power_of_2(block)), **common, **wide)
+    return out
+
+
+def chain_verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
+                                     sm_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The same in float32 torch, one request at a time."""
+    heads, kv_heads = q.shape[1], k_buffer.shape[1]
+    group = heads // kv_heads
+    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    bounds = kv_indptr.tolist()
+    for r in range(len(bounds) - 1):
+        rows = slice(r * block, (r + 1) * block)
+        slots = kv_indices[bounds[r]:bounds[r + 1]].long()
+        keys = torch.cat([k_buffer[slots], k_block[rows]]).float().repeat_interleave(group, dim=1)
+        values = torch.cat([v_buffer[slots], v_block[rows]]).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("rhd,khd->hrk", q[rows].float(), keys) * sm_scale
+        visible = torch.cat([torch.ones(block, len(slots), dtype=torch.bool, device=q.device), causal], dim=1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[rows] = torch.einsum("hrk,khd->rhd", scores.softmax(-1), values).to(out.dtype)
+    return out
+

@@ -1,0 +1,122 @@
+"""The chain verify's attention kernel (dflash_sglang/kernels/chain_attention.py): its torch reference against a plain
+softmax over each request's prefix and causal block, the Triton kernel against the reference in Triton's CPU
+interpreter, and on the GPU (`-m gpu`, run on the box by scripts/device/kernel_tests.sh)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dflash_sglang.kernels import chain_attention
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (query heads, KV heads, head dim, block, prefix lengths): GQA groups of 1, 3 and 8, a head dim that is no power of
+# two, blocks of 16, 8 and 1, empty prefixes, prefixes shorter than a split and longer than several.
+CASES = [
+    (4, 4, 32, 16, [0, 5, 64]),
+    (9, 3, 64, 16, [200, 1, 70, 0]),
+    (8, 1, 80, 8, [300]),
+    (16, 2, 32, 1, [3, 129]),
+]
+
+
+def attention_inputs(heads, kv_heads, dim, block, lengths, seed, dtype=torch.float32, device="cpu"):
+    """Random queries, block K/V and a pool whose prefixes sit in scattered slots; kv_indptr and kv_indices."""
+    g = torch.Generator().manual_seed(seed)
+    batch, slots = len(lengths), sum(lengths) + 7
+    pool_k = torch.randn(slots, kv_heads, dim, generator=g)
+    pool_v = torch.randn(slots, kv_heads, dim, generator=g)
+    indices = torch.randperm(slots, generator=g)[: sum(lengths)]
+    indptr = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q = torch.randn(batch * block, heads, dim, generator=g)
+    k_block = torch.randn(batch * block, kv_heads, dim, generator=g)
+    v_block = torch.randn(batch * block, kv_heads, dim, generator=g)
+    floats = [t.to(device=device, dtype=dtype) for t in (q, k_block, v_block, pool_k, pool_v)]
+    return (*floats, indptr.to(device), indices.to(device))
+
+
+def plain_attention(q, k_block, v_block, pool_k, pool_v, indptr, indices, block, scale):
+    """Row j of request r, query head h: softmax over its prefix's keys and block keys 0..j, one row at a time."""
+    heads, kv_heads = q.shape[1], pool_k.shape[1]
+    out = torch.empty(q.shape[0], heads, pool_v.shape[-1], dtype=torch.float64)
+    for r in range(len(indptr) - 1):
+        slots = indices[int(indptr[r]):int(indptr[r + 1])].long()
+        for j in range(block):
+            row = r * block + j
+            for h in range(heads):
+                kv = h // (heads // kv_heads)
+                keys = torch.cat([pool_k[slots, kv], k_block[r * block: row + 1, kv]]).double()
+                values = torch.cat([pool_v[slots, kv], v_block[r * block: row + 1, kv]]).double()
+                weights = torch.softmax(keys @ q[row, h].double() * scale, dim=0)
+                out[row, h] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_reference_is_each_rows_softmax_over_its_prefix_and_the_causal_block(case):
+    heads, kv_heads, dim, block, lengths = CASES[case]
+    inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=case)
+    scale = dim ** -0.5
+    out = chain_attention.chain_verify_attention_reference(*inputs, block, scale, torch.empty_like(inputs[0]))
+    assert torch.allclose(out.double(), plain_attention(*inputs, block, scale), atol=1e-5)
+
+
+def test_cpu_inputs_run_the_reference():
+    inputs = attention_inputs(4, 2, 16, 4, [3, 9], seed=11)
+    out = chain_attention.chain_verify_attention(*inputs, 4, 0.25)
+    want = chain_attention.chain_verify_attention_reference(*inputs, 4, 0.25, torch.empty_like(inputs[0]))
+    assert torch.equal(out, want)
+
+
+def test_split_count_fills_the_gpu_and_stays_within_bounds():
+    assert chain_attention.split_count(1, 8) == chain_attention.MAX_SPLITS
+    assert chain_attention.split_count(4, 8) == 8 and chain_attention.split_count(32, 3) == 2
+    assert chain_attention.split_count(48, 8) == 1 and chain_attention.split_count(0, 0) == chain_attention.MAX_SPLITS
+
+
+def test_kernel_matches_its_reference_in_tritons_interpreter():
+    """Both Triton kernels run by Triton's CPU interpreter (a subprocess: the interpreter is chosen when triton is
+    first imported), float32, every case above, against the reference on fresh random inputs."""
+    pytest.importorskip("triton")
+    script = """
+import torch
+from dflash_sglang.kernels import chain_attention
+from tests.test_chain_attention import CASES, attention_inputs
+for seed, (heads, kv_heads, dim, block, lengths) in enumerate(CASES):
+    inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=100 + seed)
+    scale = dim ** -0.5
+    got = chain_attention.chain_verify_attention_triton(*inputs, block, scale, torch.empty_like(inputs[0]))
+    want = chain_attention.chain_verify_attention_reference(*inputs, block, scale, torch.empty_like(inputs[0]))
+    assert torch.allclose(got, want, atol=1e-5), (seed, (got - want).abs().max())
+print("ok", len(CASES))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok", str(len(CASES))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,lengths", [((64, 8, 128, 16), [37, 1024, 4100]),
+                                            ((9, 3, 64, 16), [0, 200, 511, 64] * 8),
+                                            ((32, 8, 128, 1), [5, 3000])])
+def test_kernel_matches_its_reference_on_cuda(dtype, layout, lengths):
+    """On the GPU at Qwen3-32B's and SmolLM2's head layouts (and a one-row verify), against the float32 reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    heads, kv_heads, dim, block = layout
+    inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=5, dtype=dtype, device="cuda")
+    scale = dim ** -0.5
+    got = chain_attention.chain_verify_attention(*inputs, block, scale)
+    want = chain_attention.chain_verify_attention_reference(*[t.float() if t.is_floating_point() else t
+                                                               for t in inputs], block, scale,
+                                                             torch.empty(inputs[0].shape, device="cuda"))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()
