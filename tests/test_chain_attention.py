@@ -16,13 +16,15 @@ from dflash_sglang.kernels import chain_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (query heads, KV heads, head dim, block, prefix lengths): GQA groups of 1, 3 and 8, a head dim that is no power of
-# two, blocks of 16, 8 and 1, empty prefixes, prefixes shorter than a split and longer than several.
+# (query heads, KV heads, head dim, block, prefix lengths): GQA groups of 1, 3, 8 and 16 (16 x 16 rows: two row
+# tiles), a head dim that is no power of two, blocks of 16, 8 and 1, empty prefixes, prefixes shorter than a split
+# and longer than several.
 CASES = [
     (4, 4, 32, 16, [0, 5, 64]),
     (9, 3, 64, 16, [200, 1, 70, 0]),
     (8, 1, 80, 8, [300]),
     (16, 2, 32, 1, [3, 129]),
+    (32, 2, 16, 16, [150, 7]),
 ]
 
 

@@ -9,7 +9,8 @@ at 256 tokens inside the server's graphs (docs/results/verify-attention-h200-202
 shaped for a verify:
 
 - one program per (request, KV head, prefix split) holds all G x B query rows that share the KV head (G query
-  heads per KV head), so each prefix key is read once for all of them and the scores are one matrix product;
+  heads per KV head), so each prefix key is read once for all of them and the scores are one matrix product
+  (past MAX_BLOCK_M rows, as with 16 query heads per KV head, the rows are tiled over programs);
 - the split count is each request's own, from its prefix length at run time (at least MIN_SPLIT keys a split, at
   most `max_splits`), so a CUDA graph replayed at any length splits as that length needs;
 - a second program per (request, KV head) adds the block's causal keys and merges the splits' partial softmaxes.
@@ -24,6 +25,7 @@ from dflash_sglang.kernels.jit import use_triton
 OP = "chain_verify_attention"
 MIN_SPLIT = 64  # prefix keys per split at least: shorter splits cost more in the merge than they save
 BLOCK_N = 64  # prefix keys per iteration of a split's loop
+MAX_BLOCK_M = 128  # query rows a program holds (its fp32 accumulator is MAX_BLOCK_M x head dim)
 TARGET_PROGRAMS = 256  # splits per (request, KV head) are capped so the first pass launches about this many programs
 MAX_SPLITS = 16
 
@@ -36,10 +38,9 @@ except ImportError:  # the CPU-only install: the reference serves
 if triton is not None:
 
     @triton.jit
-    def _query_tile(q_ptr, b, h, stride_qt, stride_qh, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Row m of the tile is query head h * G + m // B at the request's block row m % B.
-        m = tl.arange(0, BLOCK_M)
+    def _query_tile(q_ptr, b, h, m, stride_qt, stride_qh, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        # Row m (of the KV head's G x B) is query head h * G + m // B at the request's block row m % B.
         d = tl.arange(0, BLOCK_D)
         rows = (b * B + m % B).to(tl.int64) * stride_qt + (h * G + m // B) * stride_qh
         return tl.load(q_ptr + rows[:, None] + d[None, :], mask=(m < G * B)[:, None] & (d < D)[None, :], other=0.0)
@@ -48,19 +49,20 @@ if triton is not None:
     def _prefix_splits_kernel(q_ptr, k_ptr, v_ptr, kv_indptr, kv_indices, part_o, part_lse, stride_qt, stride_qh,
                               stride_ks, stride_kh, stride_vs, stride_vh, sm_scale, max_splits, min_split,
                               B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                              BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                              BLOCK_M: tl.constexpr, TILES: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        tile = tl.program_id(1)  # KV head h's row tile tile % TILES
         s = tl.program_id(2)
-        num_kv_heads = tl.num_programs(1)
+        h = tile // TILES
+        m = (tile % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         start = tl.load(kv_indptr + b).to(tl.int32)
         length = tl.load(kv_indptr + b + 1).to(tl.int32) - start
         splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
         split_len = tl.cdiv(length, splits)
         lo = s * split_len
         hi = tl.minimum(lo + split_len, length)  # empty past this request's splits
-        q = _query_tile(q_ptr, b, h, stride_qt, stride_qh, B, G, D, BLOCK_M, BLOCK_D)
+        q = _query_tile(q_ptr, b, h, m, stride_qt, stride_qh, B, G, D, BLOCK_D)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -91,23 +93,25 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             i += BLOCK_N
-        m = tl.arange(0, BLOCK_M)
-        base = ((b * num_kv_heads + h) * max_splits + s).to(tl.int64) * BLOCK_M
+        local = tl.arange(0, BLOCK_M)
+        base = ((b * tl.num_programs(1) + tile) * max_splits + s).to(tl.int64) * BLOCK_M
         safe_l = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(part_o + (base + m)[:, None] * BLOCK_DV + dv[None, :], acc / safe_l[:, None])
-        tl.store(part_lse + base + m, tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf")))
+        tl.store(part_o + (base + local)[:, None] * BLOCK_DV + dv[None, :], acc / safe_l[:, None])
+        tl.store(part_lse + base + local, tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf")))
 
     @triton.jit
     def _block_and_merge_kernel(q_ptr, kb_ptr, vb_ptr, o_ptr, kv_indptr, part_o, part_lse, stride_qt, stride_qh,
                                 stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ot, stride_oh, sm_scale,
                                 max_splits, min_split, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                                DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                                DV: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
+                                IEEE: tl.constexpr):
         b = tl.program_id(0)
-        h = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
-        q = _query_tile(q_ptr, b, h, stride_qt, stride_qh, B, G, D, BLOCK_M, BLOCK_D)
-        m = tl.arange(0, BLOCK_M)
+        tile = tl.program_id(1)
+        h = tile // TILES
+        local = tl.arange(0, BLOCK_M)
+        m = (tile % TILES) * BLOCK_M + local
+        q = _query_tile(q_ptr, b, h, m, stride_qt, stride_qh, B, G, D, BLOCK_D)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         c = tl.arange(0, BLOCK_B)
@@ -134,9 +138,9 @@ if triton is not None:
         splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
         s = 0
         while s < splits:
-            base = ((b * num_kv_heads + h) * max_splits + s).to(tl.int64) * BLOCK_M
-            lse = tl.load(part_lse + base + m)
-            part = tl.load(part_o + (base + m)[:, None] * BLOCK_DV + dv[None, :])
+            base = ((b * tl.num_programs(1) + tile) * max_splits + s).to(tl.int64) * BLOCK_M
+            lse = tl.load(part_lse + base + local)
+            part = tl.load(part_o + (base + local)[:, None] * BLOCK_DV + dv[None, :])
             m_new = tl.maximum(m_run, lse)
             keep = tl.exp(m_run - m_new)
             add = tl.exp(lse - m_new)
@@ -167,9 +171,9 @@ def chain_verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torc
                                             sm_scale, out)
 
 
-def split_count(batch: int, kv_heads: int) -> int:
-    """The most prefix splits a (request, KV head) gets: enough programs to fill the GPU, no more."""
-    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(1, batch * kv_heads)))
+def split_count(batch: int, row_tiles: int) -> int:
+    """The most prefix splits a (request, row tile) gets: enough programs to fill the GPU, no more."""
+    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(1, batch * row_tiles)))
 
 
 def chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
@@ -179,19 +183,21 @@ def chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_in
     tokens, heads, dim = q.shape
     batch, kv_heads, dim_v = tokens // block, k_buffer.shape[1], v_buffer.shape[-1]
     group = heads // kv_heads
-    block_m = max(16, triton.next_power_of_2(group * block))
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * block)))
+    tiles = triton.cdiv(group * block, block_m)
     block_dv = max(16, triton.next_power_of_2(dim_v))
-    max_splits = split_count(batch, kv_heads)
-    part_o = torch.empty((batch, kv_heads, max_splits, block_m, block_dv), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, kv_heads, max_splits, block_m), dtype=torch.float32, device=q.device)
-    common = dict(B=block, G=group, D=dim, DV=dim_v, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-                  BLOCK_DV=block_dv, IEEE=q.dtype == torch.float32)
+    max_splits = split_count(batch, kv_heads * tiles)
+    part_o = torch.empty((batch, kv_heads * tiles, max_splits, block_m, block_dv), dtype=torch.float32,
+                         device=q.device)
+    part_lse = torch.empty((batch, kv_heads * tiles, max_splits, block_m), dtype=torch.float32, device=q.device)
+    common = dict(B=block, G=group, D=dim, DV=dim_v, BLOCK_M=block_m, TILES=tiles,
+                  BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=block_dv, IEEE=q.dtype == torch.float32)
     wide = {"num_warps": 8} if block_m >= 128 and q.is_cuda else {}
-    _prefix_splits_kernel[(batch, kv_heads, max_splits)](
+    _prefix_splits_kernel[(batch, kv_heads * tiles, max_splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, part_o, part_lse, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), float(sm_scale), max_splits,
         MIN_SPLIT, BLOCK_N=BLOCK_N, **common, **wide)
-    _block_and_merge_kernel[(batch, kv_heads)](
+    _block_and_merge_kernel[(batch, kv_heads * tiles)](
         q, k_block, v_block, out, kv_indptr, part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0),
         k_block.stride(1), v_block.stride(0), v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale),
         max_splits, MIN_SPLIT, BLOCK_B=max(16, triton.next_power_of_2(block)), **common, **wide)
