@@ -102,7 +102,8 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
 
     from dflash_sglang.sglang import adaptive_width, tree_mode, verify_attention
 
-    for name in (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV):
+    envs = (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV)
+    for name in envs:
         monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
@@ -1554,14 +1555,14 @@ def test_split_kv_verify_switches_sglangs_triton_backend_and_refuses_others():
     on; any other backend is refused by name."""
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    from dflash_sglang.sglang.verify_attention import FLAG, chain_verify_fwd, use_splitkv_verify
+    from dflash_sglang.sglang.verify_attention import FLAG, split_kv_verify_fwd, use_splitkv_verify
 
     source = inspect.getsource(TritonAttnBackend.forward_extend)
     assert "self.use_verify_splitkv" in source and "and self.verify_splitkv_fwd(" in source
     backend = TritonAttnBackend.__new__(TritonAttnBackend)
     backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
     use_splitkv_verify(backend)
-    assert backend.use_verify_splitkv is True and backend.verify_splitkv_fwd is chain_verify_fwd
+    assert backend.use_verify_splitkv is True and backend.verify_splitkv_fwd is split_kv_verify_fwd
     with pytest.raises(DFlashConfigError, match=re.escape(FLAG)) as refused:
         use_splitkv_verify(SimpleNamespace(use_verify_splitkv=False))
     assert "SimpleNamespace" in str(refused.value)
@@ -1592,10 +1593,9 @@ def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_ca
 
 
 @pytest.mark.parametrize("tree_budget", [None, 15])
-def test_the_worker_switches_the_chain_verify_to_split_kv_before_anything_is_built(tiny_dirs, monkeypatch,
-                                                                                   tree_budget):
-    """A chain server's target backend takes the split-KV verify in the constructor, before SGLang captures its
-    graphs; a tree server's keeps its kernel (the tree's mask is not causal)."""
+def test_the_worker_switches_the_verify_to_split_kv_before_anything_is_built(tiny_dirs, monkeypatch, tree_budget):
+    """A chain or tree server's target backend takes the split-KV verify in the constructor, before SGLang captures
+    its graphs."""
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.adaptive_width import ADAPTIVE_ENV
     from dflash_sglang.sglang.tree_mode import BUDGET_ENV, TOPK_ENV
@@ -1623,40 +1623,45 @@ def test_the_worker_switches_the_chain_verify_to_split_kv_before_anything_is_bui
     with pytest.raises(Built):
         worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0,
                                    target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
-    assert switched == ([] if tree_budget else ["the target's backend"])
+    assert switched == ["the target's backend"]
 
 
-def test_the_verify_hook_serves_causal_chains_and_declines_the_rest():
-    """chain_verify_fwd called as SGLang's triton backend calls its split-KV verify hook (the same positional and
-    keyword arguments): a causal chain is served, exactly our kernel's output; what the kernel does not model
-    returns False with the output untouched, so the backend runs its prefill kernel."""
+def test_the_verify_hook_serves_chains_and_trees_and_declines_the_rest():
+    """split_kv_verify_fwd called as SGLang's triton backend calls its split-KV verify hook (the same positional and
+    keyword arguments): a causal chain and a tree (its custom mask in SGLang's layout) are served, exactly our
+    kernel's output; what the kernel does not model returns False with the output untouched, so the backend runs
+    its prefill kernel."""
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
-    from dflash_sglang.kernels.chain_attention import chain_verify_attention_reference
-    from dflash_sglang.sglang.verify_attention import chain_verify_fwd
-    from tests.test_chain_attention import attention_inputs
+    from dflash_sglang.kernels.split_attention import verify_attention_reference
+    from dflash_sglang.sglang.verify_attention import split_kv_verify_fwd
+    from tests.test_split_attention import attention_inputs, tree_mask
 
-    assert list(inspect.signature(chain_verify_fwd).parameters) == list(inspect.signature(verify_splitkv_fwd).parameters)
-    block = 4
-    q, k_block, v_block, pool_k, pool_v, indptr, indices = attention_inputs(6, 2, 16, block, [5, 0, 9], seed=3)
+    assert list(inspect.signature(split_kv_verify_fwd).parameters) == list(inspect.signature(verify_splitkv_fwd).parameters)
+    block, lengths = 4, [5, 0, 9]
+    inputs = attention_inputs(6, 2, 16, block, lengths, seed=3)
+    q = inputs[0]
     qo_indptr = torch.arange(0, 4, dtype=torch.int32) * block
+    _, mask, mask_indptr = tree_mask(lengths, block, seed=4)
 
     def call(o, **changes):
-        kwargs = dict(sm_scale=0.3, logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
-                      xai_temperature_len=-1, max_bs=8)
+        kwargs = dict(sm_scale=0.3, logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None,
+                      window_kv_offsets=None, xai_temperature_len=-1, max_bs=8)
         positional = dict(custom_mask=None, is_causal=True, mask_indptr=None, max_len_extend=block, k_scale=1.0,
                           v_scale=1.0)
         for name, value in changes.items():
             (positional if name in positional else kwargs)[name] = value
-        return chain_verify_fwd(q, k_block, v_block, o, pool_k, pool_v, qo_indptr, indptr, indices,
-                                *positional.values(), **kwargs)
+        return split_kv_verify_fwd(*inputs[:3], o, *inputs[3:5], qo_indptr, *inputs[5:], *positional.values(), **kwargs)
 
-    out = torch.zeros_like(q)
-    assert call(out) is True
-    assert torch.equal(out, chain_verify_attention_reference(q, k_block, v_block, pool_k, pool_v, indptr, indices,
-                                                             block, 0.3, torch.empty_like(q)))
+    for tree in ({}, dict(custom_mask=mask, mask_indptr=mask_indptr)):
+        out = torch.zeros_like(q)
+        assert call(out, **tree) is True
+        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q), tree.get("custom_mask"),
+                                          tree.get("mask_indptr"))
+        assert torch.equal(out, want)
     for change in (dict(is_causal=False), dict(sinks=torch.zeros(6)), dict(sliding_window_size=8),
                    dict(logit_cap=30.0), dict(xai_temperature_len=4), dict(k_scale=0.5),
-                   dict(v_scale=torch.tensor(1.0)), dict(max_len_extend=3)):
+                   dict(v_scale=torch.tensor(1.0)), dict(max_len_extend=3), dict(custom_mask=mask),
+                   dict(custom_mask=mask, mask_indptr=mask_indptr, skip_prefix_custom_mask=False)):
         untouched = torch.zeros_like(q)
         assert call(untouched, **change) is False and not untouched.any(), change

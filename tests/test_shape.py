@@ -416,9 +416,9 @@ def test_report_sets_each_profiled_step_against_ar_kernel_by_kernel(tmp_path):
 
 
 def test_shape_sh_knows_every_stage_of_shape_py():
-    line = next(x for x in (REPO / "scripts" / "device" / "shape.sh").read_text().splitlines()
-                if x.startswith("STAGE_NAMES="))
-    assert line.split('"')[1].split() == list(shape.STAGES)
+    lines = [x for x in (REPO / "scripts" / "device" / "shape.sh").read_text().splitlines()
+             if x.startswith(("STAGE_NAMES=", "STAGE_NAMES+="))]
+    assert " ".join(x.split('"')[1] for x in lines).split() == list(shape.STAGES)
 
 
 def test_the_fp8_drafter_stage_is_a_chain_step_held_to_the_chain_bar(tmp_path):

@@ -4,8 +4,7 @@
   --speculative-dflash-topk K          tree mode: candidates per block position (default 4)
   --speculative-dflash-adaptive        each step speculates or decodes plainly, whichever is faster at the running
                                        batch size (adaptive_width.py)
-  --speculative-dflash-verify-splitkv  chain verifies attend through SGLang's split-KV verify kernel
-                                       (verify_attention.py)
+  --speculative-dflash-verify-splitkv  verifies attend through our split-KV verify kernel (verify_attention.py)
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
 environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
@@ -37,9 +36,9 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                             "the last token alone (a plain decoding step), whichever has been faster at the running "
                             "batch size")
     group.add_argument(verify_attention.FLAG, action="store_true", default=False,
-                       help="DFLASH: the target's chain verifies attend through SGLang's split-KV verify kernel "
-                            "(flash-decode over the context) instead of its prefill kernel; needs --attention-backend "
-                            "triton; tree verifies keep theirs")
+                       help="DFLASH: the target's verifies (chain or tree) attend through dflash_sglang's split-KV "
+                            "verify kernel (flash-decoding over the context) instead of SGLang's prefill kernel; "
+                            "needs --attention-backend triton")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):

@@ -109,10 +109,10 @@ class DFlashWorker(BaseSpecWorker):
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
                                                               self.splitkv)
-        if self.splitkv and not self.tree:
-            # Before SGLang captures the verify graphs; a tree's verifies are masked, not causal, and keep theirs.
+        if self.splitkv:
+            # Before SGLang captures the verify graphs.
             use_splitkv_verify(self.model_runner.attn_backend)
-            logger.info("dflash_sglang: chain verifies attend through SGLang's split-KV verify kernel")
+            logger.info("dflash_sglang: verifies attend through our split-KV verify kernel")
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None

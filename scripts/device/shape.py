@@ -38,7 +38,7 @@ TREE_TOPK = 4
 # which is what a GEMM paying a second row tile for its 65th row would do.
 TREE_BUDGETS = (16, 31, 32, 63, 64)
 # name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. A name ending
-# in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); in sk: the chain's verify
+# in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); in sk: the verify's
 # attention on our split-KV kernel (--speculative-dflash-verify-splitkv), whose gain grows with the context
 # (shape.sh --prompt-tokens).
 # Chain blocks with a stage. B = 8 prices a shorter verify: on Qwen3-32B the 16-row verify alone cost 1.055x an AR
@@ -54,6 +54,9 @@ STAGES = {
     **{f"t{n}": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n} for n in TREE_BUDGETS},
     **{f"t{n}fp8": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "draft_quantization": "fp8"}
        for n in (31, 63)},
+    **{f"t{n}sk": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "verify_splitkv": True} for n in (31, 63)},
+    **{f"t{n}fp8sk": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "draft_quantization": "fp8",
+                      "verify_splitkv": True} for n in (31, 63)},
 }
 # Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
 # Math500 c1, vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.

@@ -8,11 +8,12 @@
 #   b64   ours, chain, B = 64                                     -> the same, cost only
 #   b16fp8 ours, chain, B = 16, drafter projections in FP8         -> the same (--speculative-draft-model-quantization)
 #   b8fp8 the same at B = 8
-#   b16sk, b16fp8sk  b16 and b16fp8 with the chain's verify attention on our split-KV kernel
+#   b16sk, b16fp8sk  b16 and b16fp8 with the verify's attention on our split-KV kernel
 #         (--speculative-dflash-verify-splitkv; its gain grows with the context: --prompt-tokens)
 #   tN    ours, tree mode: --speculative-dflash-tree-budget N --speculative-dflash-topk 4 over the B = 16 drafter
 #         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same
 #   tNfp8 the tree with the FP8 drafter (N = 31, 63)              -> the same
+#   tNsk, tNfp8sk  t31 / t63 (and with the FP8 drafter) on our split-KV verify kernel, the tree's mask in it
 # --shape gemma-4-31b (default): the Gemma-4-31B-it layout and the z-lab gemma-4-31B-it-DFlash drafter shape;
 # --shape qwen3-32b: Qwen3-32B and a z-lab-style 5-layer drafter (dflash_sglang/shapes.py). The drafter has random
 # weights, so acceptance is ~1 and only cost is measured; B = 8 / 32 / 64 reuse it with block_size changed. Each
@@ -56,7 +57,9 @@ MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the r
 PORT=30000
 PROFILE=0
 TREE_TOPK=4         # shape.py's TREE_TOPK
-STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 b16sk b16fp8sk t16 t31 t32 t63 t64 t31fp8 t63fp8"  # shape.py's STAGES
+# shape.py's STAGES, in its order
+STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 b16sk b16fp8sk t16 t31 t32 t63 t64 t31fp8 t63fp8 t31sk t63sk t31fp8sk"
+STAGE_NAMES+=" t63fp8sk"
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;

@@ -1,6 +1,6 @@
 """A chain verify's attention, kernel against kernel, on the GPU: SGLang 0.5.16's triton prefill kernel
 (`extend_attention_fwd`, what its TARGET_VERIFY runs by default), its split-KV verify kernel (`verify_splitkv_fwd`),
-ours (`dflash_sglang.kernels.chain_attention`, what --speculative-dflash-verify-splitkv switches on) and, for scale,
+ours (`dflash_sglang.kernels.split_attention`, what --speculative-dflash-verify-splitkv switches on) and, for scale,
 SGLang's decode kernel over one row (an AR step's attention), timed as CUDA-graph replays the way the server runs
 them. Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
 request; the verify kernels' outputs are checked against a float32 reference on the same inputs.
@@ -65,7 +65,7 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
-    from dflash_sglang.kernels.chain_attention import chain_verify_attention
+    from dflash_sglang.kernels.split_attention import verify_attention
 
     heads, kv_heads, dim = LAYOUTS[layout]
     dev, dtype = "cuda", torch.bfloat16
@@ -94,7 +94,7 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     served = verify_splitkv_fwd(*args(out_split), max_bs=bs)  # sizes its scratch outside the graph
     split_us = timed_us(lambda: verify_splitkv_fwd(*args(out_split), max_bs=bs), iters) if served else None
     out_ours = torch.empty_like(q)
-    ours = lambda: chain_verify_attention(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices,  # noqa: E731
+    ours = lambda: verify_attention(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices,  # noqa: E731
                                           block, scale, out=out_ours)
     ours_us = timed_us(ours, iters)
 

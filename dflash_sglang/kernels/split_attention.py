@@ -1,6 +1,6 @@
-"""A chain verify's attention: B query rows per request over the request's committed prefix (K/V in the paged pool)
-and, causally, over the block's own B keys. A Triton kernel on CUDA, `chain_verify_attention_reference` elsewhere
-(and under DFLASH_KERNELS=reference).
+"""A verify's attention: B query rows per request over the request's committed prefix (K/V in the paged pool) and
+over the block's own B keys, causally (a chain) or as a mask says (a tree). A Triton kernel on CUDA,
+`verify_attention_reference` elsewhere (and under DFLASH_KERNELS=reference).
 
 Why a kernel: SGLang 0.5.16's triton backend runs a verify's attention with its prefill kernel, one program per
 request and query head walking the whole prefix; on the H200 that is 450 us a layer at 8k tokens on Qwen3-32B
@@ -13,7 +13,8 @@ shaped for a verify:
   (past MAX_BLOCK_M rows, as with 16 query heads per KV head, the rows are tiled over programs);
 - the split count is each request's own, from its prefix length at run time (at least MIN_SPLIT keys a split, at
   most `max_splits`), so a CUDA graph replayed at any length splits as that length needs;
-- a second program per (request, KV head) adds the block's causal keys and merges the splits' partial softmaxes.
+- a second program per (request, KV head) adds the block's keys (causal, or the tree's mask rows) and merges the
+  splits' partial softmaxes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from dflash_sglang.kernels.jit import use_triton
 
-OP = "chain_verify_attention"
+OP = "verify_attention"
 MIN_SPLIT = 64  # prefix keys per split at least: shorter splits cost more in the merge than they save
 BLOCK_N = 64  # prefix keys per iteration of a split's loop
 MAX_BLOCK_M = 128  # query rows a program holds (its fp32 accumulator is MAX_BLOCK_M x head dim)
@@ -100,12 +101,12 @@ if triton is not None:
         tl.store(part_lse + base + local, tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf")))
 
     @triton.jit
-    def _block_and_merge_kernel(q_ptr, kb_ptr, vb_ptr, o_ptr, kv_indptr, part_o, part_lse, stride_qt, stride_qh,
-                                stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ot, stride_oh, sm_scale,
-                                max_splits, min_split, B: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                                DV: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
+    def _block_and_merge_kernel(q_ptr, kb_ptr, vb_ptr, o_ptr, kv_indptr, mask_ptr, mask_indptr, part_o, part_lse,
+                                stride_qt, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ot,
+                                stride_oh, sm_scale, max_splits, min_split, B: tl.constexpr, G: tl.constexpr,
+                                D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
-                                IEEE: tl.constexpr):
+                                HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         tile = tl.program_id(1)
         h = tile // TILES
@@ -115,7 +116,16 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         c = tl.arange(0, BLOCK_B)
-        # The block: row m % B sees the block's keys 0..m % B (itself included), so no row is empty.
+        length = tl.load(kv_indptr + b + 1).to(tl.int32) - tl.load(kv_indptr + b).to(tl.int32)
+        # The block: row m % B sees block keys 0..m % B (a chain), or those its mask row sets (a tree: SGLang's
+        # layout, B rows of prefix + B entries from mask_indptr[b], the prefix's all set).
+        inside = (c < B)[None, :] & (m < G * B)[:, None]
+        if HAS_MASK:
+            bits = tl.load(mask_ptr + tl.load(mask_indptr + b).to(tl.int64) + (m % B)[:, None].to(tl.int64)
+                           * (length + B) + length + c[None, :], mask=inside, other=0)
+            visible = inside & (bits != 0)
+        else:
+            visible = inside & (c[None, :] <= (m % B)[:, None])
         block_rows = (b * B + c).to(tl.int64)
         kb = tl.load(kb_ptr + block_rows[:, None] * stride_kbt + h * stride_kbh + d[None, :],
                      mask=(c < B)[:, None] & (d < D)[None, :], other=0.0)
@@ -123,8 +133,10 @@ if triton is not None:
             scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(kb))
-        scores = tl.where((c[None, :] <= (m % B)[:, None]) & (c < B)[None, :], scores * sm_scale, float("-inf"))
+        scores = tl.where(visible, scores * sm_scale, float("-inf"))
+        # A row that sees no block key (padding rows) keeps a finite maximum and contributes nothing.
         m_run = tl.max(scores, 1)
+        m_run = tl.where(m_run == float("-inf"), 0.0, m_run)
         p = tl.exp(scores - m_run[:, None])
         l_run = tl.sum(p, 1)
         vb = tl.load(vb_ptr + block_rows[:, None] * stride_vbt + h * stride_vbh + dv[None, :],
@@ -134,7 +146,6 @@ if triton is not None:
         else:
             acc = tl.dot(p.to(vb.dtype), vb)
         # The prefix's splits, each a normalized partial output and its log-sum-exp.
-        length = tl.load(kv_indptr + b + 1).to(tl.int32) - tl.load(kv_indptr + b).to(tl.int32)
         splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
         s = 0
         while s < splits:
@@ -148,27 +159,28 @@ if triton is not None:
             l_run = l_run * keep + add
             m_run = m_new
             s += 1
-        out = acc / l_run[:, None]
+        out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
         rows = (b * B + m % B).to(tl.int64) * stride_ot + (h * G + m // B) * stride_oh
         tl.store(o_ptr + rows[:, None] + dv[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(m < G * B)[:, None] & (dv < DV)[None, :])
 
-
-def chain_verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_buffer: torch.Tensor,
-                           v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, block: int,
-                           sm_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of a chain verify, written into `out` (or a new tensor) [bs * B, Hq, Dv] and returned.
+def verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_buffer: torch.Tensor,
+                     v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, block: int,
+                     sm_scale: float, out: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                     mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a verify, written into `out` (or a new tensor) [bs * B, Hq, Dv] and returned.
 
     q [bs * B, Hq, D]: the block's queries, request-major; k_block / v_block [bs * B, Hkv, D / Dv]: the block's own
     keys and values; k_buffer / v_buffer [slots, Hkv, D / Dv]: the KV pool; kv_indptr [bs + 1], kv_indices: each
-    request's committed prefix as pool slots. Row j of a request attends to its whole prefix and to block rows 0..j.
+    request's committed prefix as pool slots. Every row attends to its request's whole prefix; in the block, row j
+    attends to rows 0..j (a chain), or, given `mask` (bool or uint8) and `mask_indptr` [bs + 1] in SGLang's
+    custom-mask layout (request b's B rows of prefix + B entries from mask_indptr[b]; a tree), to the block rows its
+    mask row sets.
     """
     out = torch.empty(q.shape[:2] + (v_block.shape[-1],), dtype=q.dtype, device=q.device) if out is None else out
-    if use_triton(OP, q, triton):
-        return chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block,
-                                             sm_scale, out)
-    return chain_verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block,
-                                            sm_scale, out)
+    run = verify_attention_triton if use_triton(OP, q, triton) else verify_attention_reference
+    return run(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block, sm_scale, out, mask,
+               mask_indptr)
 
 
 def split_count(batch: int, row_tiles: int) -> int:
@@ -176,8 +188,9 @@ def split_count(batch: int, row_tiles: int) -> int:
     return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // max(1, batch * row_tiles)))
 
 
-def chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
-                                  sm_scale: float, out: torch.Tensor) -> torch.Tensor:
+def verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
+                            sm_scale: float, out: torch.Tensor, mask: torch.Tensor | None = None,
+                            mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
     """The kernels' launch, wherever Triton runs them (CUDA; CPU tensors under TRITON_INTERPRET=1, as the test
     does). No host sync: the splits come from kv_indptr on the device."""
     tokens, heads, dim = q.shape
@@ -197,15 +210,18 @@ def chain_verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_in
         q, k_buffer, v_buffer, kv_indptr, kv_indices, part_o, part_lse, q.stride(0), q.stride(1),
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), float(sm_scale), max_splits,
         MIN_SPLIT, BLOCK_N=BLOCK_N, **common, **wide)
+    has_mask = mask is not None
     _block_and_merge_kernel[(batch, kv_heads * tiles)](
-        q, k_block, v_block, out, kv_indptr, part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0),
-        k_block.stride(1), v_block.stride(0), v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale),
-        max_splits, MIN_SPLIT, BLOCK_B=max(16, triton.next_power_of_2(block)), **common, **wide)
+        q, k_block, v_block, out, kv_indptr, mask if has_mask else kv_indptr, mask_indptr if has_mask else kv_indptr,
+        part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
+        v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale), max_splits, MIN_SPLIT,
+        BLOCK_B=max(16, triton.next_power_of_2(block)), HAS_MASK=has_mask, **common, **wide)
     return out
 
 
-def chain_verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
-                                     sm_scale: float, out: torch.Tensor) -> torch.Tensor:
+def verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
+                               sm_scale: float, out: torch.Tensor, mask: torch.Tensor | None = None,
+                               mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
     """The same in float32 torch, one request at a time."""
     heads, kv_heads = q.shape[1], k_buffer.shape[1]
     group = heads // kv_heads
@@ -213,12 +229,16 @@ def chain_verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv
     bounds = kv_indptr.tolist()
     for r in range(len(bounds) - 1):
         rows = slice(r * block, (r + 1) * block)
+        prefix = bounds[r + 1] - bounds[r]
         slots = kv_indices[bounds[r]:bounds[r + 1]].long()
         keys = torch.cat([k_buffer[slots], k_block[rows]]).float().repeat_interleave(group, dim=1)
         values = torch.cat([v_buffer[slots], v_block[rows]]).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("rhd,khd->hrk", q[rows].float(), keys) * sm_scale
-        visible = torch.cat([torch.ones(block, len(slots), dtype=torch.bool, device=q.device), causal], dim=1)
+        seen = causal
+        if mask is not None:
+            start = int(mask_indptr[r])
+            seen = mask[start:start + block * (prefix + block)].view(block, prefix + block)[:, prefix:] != 0
+        visible = torch.cat([torch.ones(block, prefix, dtype=torch.bool, device=q.device), seen], dim=1)
         scores = scores.masked_fill(~visible, float("-inf"))
         out[rows] = torch.einsum("hrk,khd->rhd", scores.softmax(-1), values).to(out.dtype)
     return out
-
