@@ -1593,44 +1593,44 @@ def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_ca
 
 
 @pytest.mark.parametrize("tree_budget", [None, 15])
-def test_the_worker_switches_the_verify_to_split_kv_before_anything_is_built(tiny_dirs, monkeypatch, tree_budget):
+@pytest.mark.parametrize("draft_backend", ["triton", "fa4"])
+def test_the_worker_switches_the_verify_to_split_kv_before_anything_is_captured(tiny_dirs, monkeypatch, tree_budget,
+                                                                               draft_backend):
     """A chain or tree server's target backend takes the split-KV verify in the constructor, before SGLang captures
-    its graphs."""
+    its graphs, and so does the drafter's backend when it is a triton one."""
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.adaptive_width import ADAPTIVE_ENV
     from dflash_sglang.sglang.tree_mode import BUDGET_ENV, TOPK_ENV
     from dflash_sglang.sglang.verify_attention import SPLITKV_ENV
 
-    class Built(Exception):
-        pass
-
     switched = []
-
-    def built(*args, **kwargs):
-        raise Built
-
+    drafter_runner = SimpleNamespace(attn_backend=f"{draft_backend} draft backend", model=SimpleNamespace())
     monkeypatch.setattr(worker_module, "use_splitkv_verify", switched.append)
-    monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", built)
+    monkeypatch.setattr(worker_module, "is_triton_backend", lambda backend: backend.startswith("triton"))
+    monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", lambda: None)
+    monkeypatch.setattr(worker_module, "build_draft_worker",
+                        lambda *args: SimpleNamespace(model_runner=drafter_runner))
     monkeypatch.setenv(BUDGET_ENV, str(tree_budget or ""))
     monkeypatch.setenv(TOPK_ENV, "4")
     monkeypatch.setenv(ADAPTIVE_ENV, "")
     monkeypatch.setenv(SPLITKV_ENV, "1")
     target, drafter = tiny_dirs["qwen3"]
     runner = fake_target_runner(target)
-    runner.attn_backend = "the target's backend"
+    runner.attn_backend = "triton target backend"
     args = startup_args(target, drafter)
     args.attention_backend, args.decode_attention_backend = "triton", None
-    with pytest.raises(Built):
+    args.speculative_draft_attention_backend = draft_backend
+    with pytest.raises(AttributeError, match="use_target_embedding"):  # the fake drafter ends the constructor here
         worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0,
                                    target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
-    assert switched == ["the target's backend"]
+    assert switched == ["triton target backend"] + (["triton draft backend"] if draft_backend == "triton" else [])
 
 
-def test_the_verify_hook_serves_chains_and_trees_and_declines_the_rest():
+def test_the_verify_hook_serves_chains_trees_and_the_drafters_block_and_declines_the_rest():
     """split_kv_verify_fwd called as SGLang's triton backend calls its split-KV verify hook (the same positional and
-    keyword arguments): a causal chain and a tree (its custom mask in SGLang's layout) are served, exactly our
-    kernel's output; what the kernel does not model returns False with the output untouched, so the backend runs
-    its prefill kernel."""
+    keyword arguments): a causal chain, a tree (its custom mask in SGLang's layout) and a non-causal block (the
+    drafter's) are served, exactly our kernel's output; what the kernel does not model returns False with the output
+    untouched, so the backend runs its prefill kernel."""
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
     from dflash_sglang.kernels.split_attention import verify_attention_reference
@@ -1653,13 +1653,14 @@ def test_the_verify_hook_serves_chains_and_trees_and_declines_the_rest():
             (positional if name in positional else kwargs)[name] = value
         return split_kv_verify_fwd(*inputs[:3], o, *inputs[3:5], qo_indptr, *inputs[5:], *positional.values(), **kwargs)
 
-    for tree in ({}, dict(custom_mask=mask, mask_indptr=mask_indptr)):
+    for served in ({}, dict(custom_mask=mask, mask_indptr=mask_indptr), dict(is_causal=False)):
         out = torch.zeros_like(q)
-        assert call(out, **tree) is True
-        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q), tree.get("custom_mask"),
-                                          tree.get("mask_indptr"))
+        assert call(out, **served) is True
+        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q), served.get("custom_mask"),
+                                          served.get("mask_indptr"), served.get("is_causal", True))
         assert torch.equal(out, want)
-    for change in (dict(is_causal=False), dict(sinks=torch.zeros(6)), dict(sliding_window_size=8),
+    for change in (dict(custom_mask=mask, mask_indptr=mask_indptr, is_causal=False), dict(sinks=torch.zeros(6)),
+                   dict(sliding_window_size=8),
                    dict(logit_cap=30.0), dict(xai_temperature_len=4), dict(k_scale=0.5),
                    dict(v_scale=torch.tensor(1.0)), dict(max_len_extend=3), dict(custom_mask=mask),
                    dict(custom_mask=mask, mask_indptr=mask_indptr, skip_prefix_custom_mask=False)):

@@ -61,16 +61,17 @@ def tree_mask(lengths, block, seed):
     return torch.stack(ancestors), torch.cat(flat), indptr
 
 
-def plain_attention(q, k_block, v_block, pool_k, pool_v, indptr, indices, block, scale, ancestors=None):
-    """Row j of request r, query head h: softmax over its prefix's keys and the block keys it sees (0..j, or its
-    tree ancestors), one row at a time."""
+def plain_attention(q, k_block, v_block, pool_k, pool_v, indptr, indices, block, scale, ancestors=None,
+                    causal=True):
+    """Row j of request r, query head h: softmax over its prefix's keys and the block keys it sees (0..j, its tree
+    ancestors, or all), one row at a time."""
     heads, kv_heads = q.shape[1], pool_k.shape[1]
     out = torch.empty(q.shape[0], heads, pool_v.shape[-1], dtype=torch.float64)
     for r in range(len(indptr) - 1):
         slots = indices[int(indptr[r]):int(indptr[r + 1])].long()
         for j in range(block):
             row = r * block + j
-            seen = torch.arange(block) <= j if ancestors is None else ancestors[r, j]
+            seen = (torch.arange(block) <= j) | (not causal) if ancestors is None else ancestors[r, j]
             for h in range(heads):
                 kv = h // (heads // kv_heads)
                 keys = torch.cat([pool_k[slots, kv], k_block[r * block:(r + 1) * block, kv][seen]]).double()
@@ -80,16 +81,17 @@ def plain_attention(q, k_block, v_block, pool_k, pool_v, indptr, indices, block,
     return out
 
 
-@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("mode", ["chain", "tree", "full"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_reference_is_each_rows_softmax_over_its_prefix_and_the_block_rows_it_sees(case, tree):
+def test_reference_is_each_rows_softmax_over_its_prefix_and_the_block_rows_it_sees(case, mode):
     heads, kv_heads, dim, block, lengths = CASES[case]
     inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=case)
     scale = dim ** -0.5
-    ancestors, mask, mask_indptr = tree_mask(lengths, block, seed=case) if tree else (None, None, None)
+    ancestors, mask, mask_indptr = tree_mask(lengths, block, seed=case) if mode == "tree" else (None, None, None)
     out = split_attention.verify_attention_reference(*inputs, block, scale, torch.empty_like(inputs[0]), mask,
-                                                     mask_indptr)
-    assert torch.allclose(out.double(), plain_attention(*inputs, block, scale, ancestors), atol=1e-5)
+                                                     mask_indptr, mode != "full")
+    want = plain_attention(*inputs, block, scale, ancestors, causal=mode != "full")
+    assert torch.allclose(out.double(), want, atol=1e-5)
 
 
 def test_cpu_inputs_run_the_reference():
@@ -107,8 +109,8 @@ def test_split_count_fills_the_gpu_and_stays_within_bounds():
 
 def test_kernel_matches_its_reference_in_tritons_interpreter():
     """Both Triton kernels run by Triton's CPU interpreter (a subprocess: the interpreter is chosen when triton is
-    first imported), float32, every case above as a chain and as a tree (bool and uint8 masks), against the
-    reference on fresh random inputs."""
+    first imported), float32, every case above as a chain, as a tree (bool and uint8 masks) and as the drafter's
+    full block, against the reference on fresh random inputs."""
     pytest.importorskip("triton")
     script = """
 import torch
@@ -118,12 +120,11 @@ for seed, (heads, kv_heads, dim, block, lengths) in enumerate(CASES):
     inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=100 + seed)
     scale = dim ** -0.5
     _, mask, mask_indptr = tree_mask(lengths, block, seed=200 + seed)
-    for tree in (None, (mask, mask_indptr), (mask.to(torch.uint8), mask_indptr)):
-        got = split_attention.verify_attention_triton(*inputs, block, scale, torch.empty_like(inputs[0]),
-                                                      *(tree or ()))
-        want = split_attention.verify_attention_reference(*inputs, block, scale, torch.empty_like(inputs[0]),
-                                                          *(tree or ()))
-        assert torch.allclose(got, want, atol=1e-5), (seed, tree is not None, (got - want).abs().max())
+    for how in ((None, None, True), (mask, mask_indptr, True), (mask.to(torch.uint8), mask_indptr, True),
+                (None, None, False)):
+        got = split_attention.verify_attention_triton(*inputs, block, scale, torch.empty_like(inputs[0]), *how)
+        want = split_attention.verify_attention_reference(*inputs, block, scale, torch.empty_like(inputs[0]), *how)
+        assert torch.allclose(got, want, atol=1e-5), (seed, how[0] is not None, how[2], (got - want).abs().max())
 print("ok", len(CASES))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
@@ -133,27 +134,27 @@ print("ok", len(CASES))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tree", [False, True])
+@pytest.mark.parametrize("mode", ["chain", "tree", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout,lengths", [((64, 8, 128, 16), [37, 1024, 4100]),
                                             ((9, 3, 64, 16), [0, 200, 511, 64] * 8),
                                             ((32, 8, 128, 1), [5, 3000]),
                                             ((64, 8, 128, 64), [300, 2000])])
-def test_kernel_matches_its_reference_on_cuda(dtype, layout, lengths, tree):
-    """On the GPU at Qwen3-32B's and SmolLM2's head layouts (a one-row verify, a 64-node tree's width), chains and
-    trees, against the float32 reference."""
+def test_kernel_matches_its_reference_on_cuda(dtype, layout, lengths, mode):
+    """On the GPU at Qwen3-32B's and SmolLM2's head layouts (a one-row verify, a 64-node tree's width), chains,
+    trees and the drafter's full block, against the float32 reference."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     heads, kv_heads, dim, block = layout
     inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=5, dtype=dtype, device="cuda")
-    masks = ()
-    if tree:
+    how = (None, None, mode == "chain")
+    if mode == "tree":
         _, mask, mask_indptr = tree_mask(lengths, block, seed=6)
-        masks = (mask.to(device="cuda", dtype=torch.uint8), mask_indptr.cuda())
+        how = (mask.to(device="cuda", dtype=torch.uint8), mask_indptr.cuda(), True)
     scale = dim ** -0.5
-    got = split_attention.verify_attention(*inputs, block, scale, None, *masks)
+    got = split_attention.verify_attention(*inputs, block, scale, None, *how)
     floats = [t.float() if t.is_floating_point() else t for t in inputs]
     want = split_attention.verify_attention_reference(*floats, block, scale, torch.empty(inputs[0].shape,
-                                                      device="cuda"), *masks)
+                                                      device="cuda"), *how)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tol), (got.float() - want).abs().max()

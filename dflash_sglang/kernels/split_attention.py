@@ -1,6 +1,6 @@
 """A verify's attention: B query rows per request over the request's committed prefix (K/V in the paged pool) and
-over the block's own B keys, causally (a chain) or as a mask says (a tree). A Triton kernel on CUDA,
-`verify_attention_reference` elsewhere (and under DFLASH_KERNELS=reference).
+over the block's own B keys: causally (a chain), as a mask says (a tree) or all of them (the drafter's block). A
+Triton kernel on CUDA, `verify_attention_reference` elsewhere (and under DFLASH_KERNELS=reference).
 
 Why a kernel: SGLang 0.5.16's triton backend runs a verify's attention with its prefill kernel, one program per
 request and query head walking the whole prefix; on the H200 that is 450 us a layer at 8k tokens on Qwen3-32B
@@ -29,6 +29,7 @@ BLOCK_N = 64  # prefix keys per iteration of a split's loop
 MAX_BLOCK_M = 128  # query rows a program holds (its fp32 accumulator is MAX_BLOCK_M x head dim)
 TARGET_PROGRAMS = 256  # splits per (request, KV head) are capped so the first pass launches about this many programs
 MAX_SPLITS = 16
+CAUSAL, MASKED, FULL = 0, 1, 2  # what a block row sees of its block: rows up to itself, its mask row's, all
 
 try:
     import triton
@@ -106,7 +107,7 @@ if triton is not None:
                                 stride_oh, sm_scale, max_splits, min_split, B: tl.constexpr, G: tl.constexpr,
                                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
-                                HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+                                BLOCK_MODE: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         tile = tl.program_id(1)
         h = tile // TILES
@@ -117,13 +118,16 @@ if triton is not None:
         dv = tl.arange(0, BLOCK_DV)
         c = tl.arange(0, BLOCK_B)
         length = tl.load(kv_indptr + b + 1).to(tl.int32) - tl.load(kv_indptr + b).to(tl.int32)
-        # The block: row m % B sees block keys 0..m % B (a chain), or those its mask row sets (a tree: SGLang's
-        # layout, B rows of prefix + B entries from mask_indptr[b], the prefix's all set).
+        # The block: row m % B sees block keys 0..m % B (CAUSAL, a chain), those its mask row sets (MASKED, a tree:
+        # SGLang's layout, B rows of prefix + B entries from mask_indptr[b], the prefix's all set), or all (FULL, the
+        # drafter's bidirectional block).
         inside = (c < B)[None, :] & (m < G * B)[:, None]
-        if HAS_MASK:
+        if BLOCK_MODE == 1:
             bits = tl.load(mask_ptr + tl.load(mask_indptr + b).to(tl.int64) + (m % B)[:, None].to(tl.int64)
                            * (length + B) + length + c[None, :], mask=inside, other=0)
             visible = inside & (bits != 0)
+        elif BLOCK_MODE == 2:
+            visible = inside
         else:
             visible = inside & (c[None, :] <= (m % B)[:, None])
         block_rows = (b * B + c).to(tl.int64)
@@ -167,7 +171,7 @@ if triton is not None:
 def verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, k_buffer: torch.Tensor,
                      v_buffer: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, block: int,
                      sm_scale: float, out: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                     mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
+                     mask_indptr: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """Attention of a verify, written into `out` (or a new tensor) [bs * B, Hq, Dv] and returned.
 
     q [bs * B, Hq, D]: the block's queries, request-major; k_block / v_block [bs * B, Hkv, D / Dv]: the block's own
@@ -175,12 +179,12 @@ def verify_attention(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tens
     request's committed prefix as pool slots. Every row attends to its request's whole prefix; in the block, row j
     attends to rows 0..j (a chain), or, given `mask` (bool or uint8) and `mask_indptr` [bs + 1] in SGLang's
     custom-mask layout (request b's B rows of prefix + B entries from mask_indptr[b]; a tree), to the block rows its
-    mask row sets.
+    mask row sets, or, with `causal` False and no mask, to every block row (the drafter's bidirectional block).
     """
     out = torch.empty(q.shape[:2] + (v_block.shape[-1],), dtype=q.dtype, device=q.device) if out is None else out
     run = verify_attention_triton if use_triton(OP, q, triton) else verify_attention_reference
     return run(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block, sm_scale, out, mask,
-               mask_indptr)
+               mask_indptr, causal)
 
 
 def split_count(batch: int, row_tiles: int) -> int:
@@ -190,7 +194,7 @@ def split_count(batch: int, row_tiles: int) -> int:
 
 def verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
                             sm_scale: float, out: torch.Tensor, mask: torch.Tensor | None = None,
-                            mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
+                            mask_indptr: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """The kernels' launch, wherever Triton runs them (CUDA; CPU tensors under TRITON_INTERPRET=1, as the test
     does). No host sync: the splits come from kv_indptr on the device."""
     tokens, heads, dim = q.shape
@@ -215,17 +219,18 @@ def verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, 
         q, k_block, v_block, out, kv_indptr, mask if has_mask else kv_indptr, mask_indptr if has_mask else kv_indptr,
         part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
         v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale), max_splits, MIN_SPLIT,
-        BLOCK_B=max(16, triton.next_power_of_2(block)), HAS_MASK=has_mask, **common, **wide)
+        BLOCK_B=max(16, triton.next_power_of_2(block)), BLOCK_MODE=MASKED if has_mask else (CAUSAL if causal else FULL),
+        **common, **wide)
     return out
 
 
 def verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices, block: int,
                                sm_scale: float, out: torch.Tensor, mask: torch.Tensor | None = None,
-                               mask_indptr: torch.Tensor | None = None) -> torch.Tensor:
+                               mask_indptr: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """The same in float32 torch, one request at a time."""
     heads, kv_heads = q.shape[1], k_buffer.shape[1]
     group = heads // kv_heads
-    causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
+    block_causal = torch.ones(block, block, dtype=torch.bool, device=q.device).tril()
     bounds = kv_indptr.tolist()
     for r in range(len(bounds) - 1):
         rows = slice(r * block, (r + 1) * block)
@@ -234,7 +239,7 @@ def verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indpt
         keys = torch.cat([k_buffer[slots], k_block[rows]]).float().repeat_interleave(group, dim=1)
         values = torch.cat([v_buffer[slots], v_block[rows]]).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("rhd,khd->hrk", q[rows].float(), keys) * sm_scale
-        seen = causal
+        seen = block_causal if causal else torch.ones_like(block_causal)
         if mask is not None:
             start = int(mask_indptr[r])
             seen = mask[start:start + block * (prefix + block)].view(block, prefix + block)[:, prefix:] != 0

@@ -80,7 +80,12 @@ from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.draft_state import DraftState
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
 from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
-from dflash_sglang.sglang.verify_attention import check_splitkv, splitkv_from_env, use_splitkv_verify
+from dflash_sglang.sglang.verify_attention import (
+    check_splitkv,
+    is_triton_backend,
+    splitkv_from_env,
+    use_splitkv_verify,
+)
 from dflash_sglang.sglang.verify_context import VerifyGraphContext
 
 logger = logging.getLogger(__name__)
@@ -112,7 +117,8 @@ class DFlashWorker(BaseSpecWorker):
         if self.splitkv:
             # Before SGLang captures the verify graphs.
             use_splitkv_verify(self.model_runner.attn_backend)
-            logger.info("dflash_sglang: verifies attend through our split-KV verify kernel")
+            logger.info("dflash_sglang: verifies attend through our split-KV verify kernel (and the drafter's, on a "
+                        "triton draft backend)")
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
@@ -123,6 +129,8 @@ class DFlashWorker(BaseSpecWorker):
         )
         self.draft_runner = self._draft_worker.model_runner
         self.draft_model = self.draft_runner.model
+        if self.splitkv and is_triton_backend(self.draft_runner.attn_backend):
+            use_splitkv_verify(self.draft_runner.attn_backend)  # the drafter's graphs are captured later too
 
         target_model = self.model_runner.model
         self.draft_model.use_target_embedding(target_model.get_input_embeddings())
