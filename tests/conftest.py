@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +59,19 @@ def sglang_tp1():
     override.install()
     yield
     override.restore()
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Runs a Python script under Triton's CPU interpreter and returns what it printed. A subprocess: the interpreter
+    is chosen when triton is first imported. The script imports from the repo (tests included)."""
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(script: str, timeout: float = 900) -> str:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}, cwd=repo)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    return run

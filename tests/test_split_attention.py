@@ -5,17 +5,10 @@ box by scripts/device/kernel_tests.sh)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from dflash_sglang.kernels import split_attention
-
-REPO = Path(__file__).resolve().parents[1]
 
 # (query heads, KV heads, head dim, block, prefix lengths): GQA groups of 1, 3, 8 and 16 (16 x 16 rows: two row
 # tiles), a head dim that is no power of two, blocks of 16, 8 and 1, empty prefixes, prefixes shorter than a split
@@ -107,11 +100,9 @@ def test_split_count_fills_the_gpu_and_stays_within_bounds():
     assert split_attention.split_count(48, 8) == 1 and split_attention.split_count(0, 0) == split_attention.MAX_SPLITS
 
 
-def test_kernel_matches_its_reference_in_tritons_interpreter():
-    """Both Triton kernels run by Triton's CPU interpreter (a subprocess: the interpreter is chosen when triton is
-    first imported), float32, every case above as a chain, as a tree (bool and uint8 masks) and as the drafter's
-    full block, against the reference on fresh random inputs."""
-    pytest.importorskip("triton")
+def test_kernel_matches_its_reference_in_tritons_interpreter(triton_interpreter):
+    """Both Triton kernels run by Triton's CPU interpreter, float32, every case above as a chain, as a tree (bool and
+    uint8 masks) and as the drafter's full block, against the reference on fresh random inputs."""
     script = """
 import torch
 from dflash_sglang.kernels import split_attention
@@ -127,10 +118,7 @@ for seed, (heads, kv_heads, dim, block, lengths) in enumerate(CASES):
         assert torch.allclose(got, want, atol=1e-5), (seed, how[0] is not None, how[2], (got - want).abs().max())
 print("ok", len(CASES))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["ok", str(len(CASES))]
+    assert triton_interpreter(script).split() == ["ok", str(len(CASES))]
 
 
 @pytest.mark.gpu

@@ -4,9 +4,7 @@ the output is a loadable z-lab drafter that runs in the engine."""
 import dataclasses
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,6 @@ from dflash_sglang.train import (PLAN_AFTER_STEPS, TrainConfig, block_targets, d
                                  plan_steps_in_time, sample_anchors, train, weighted_cross_entropy)
 
 VOCAB, BLOCK = 512, 8
-REPO = Path(__file__).resolve().parents[1]
 
 
 def mask_by_loop(anchors, anchor_valid, context_valid, block, causal, window):
@@ -181,15 +178,10 @@ def soft_ce_inputs(rows: int, vocab: int, soft: float, softcap: float | None, se
     return [None if t is None else t.to(device) for t in (logits, teacher, targets)]
 
 
-def test_soft_ce_kernel_matches_its_reference_in_tritons_interpreter():
-    """The Triton kernel of the training loss, run by Triton's CPU interpreter (a subprocess: the interpreter is
-    chosen when triton is first imported), against the torch reference on fresh random rows; a vocabulary that is
-    not a multiple of the kernel's block, soft and hard labels, with and without a softcap, float32 and bfloat16
-    gradients."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
+def test_soft_ce_kernel_matches_its_reference_in_tritons_interpreter(triton_interpreter):
+    """The Triton kernel of the training loss, run by Triton's CPU interpreter, against the torch reference on fresh
+    random rows; a vocabulary that is not a multiple of the kernel's block, soft and hard labels, with and without a
+    softcap, float32 and bfloat16 gradients."""
     script = """
 import torch
 from dflash_sglang.kernels import soft_ce
@@ -206,10 +198,7 @@ for seed, (soft, softcap) in enumerate(SOFT_CE_CASES):
         assert grad.dtype == dtype and torch.allclose(grad.float(), want_grad.float(), atol=tol), (soft, softcap, dtype)
 print("ok", len(SOFT_CE_CASES))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["ok", str(len(SOFT_CE_CASES))]
+    assert triton_interpreter(script, timeout=600).split() == ["ok", str(len(SOFT_CE_CASES))]
 
 
 @pytest.mark.gpu
