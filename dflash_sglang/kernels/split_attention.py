@@ -13,8 +13,8 @@ shaped for a verify:
   (past MAX_BLOCK_M rows, as with 16 query heads per KV head, the rows are tiled over programs);
 - the split count is each request's own, from its prefix length at run time (at least MIN_SPLIT keys a split, at
   most `max_splits`), so a CUDA graph replayed at any length splits as that length needs;
-- a second program per (request, KV head) adds the block's keys (causal, or the tree's mask rows) and merges the
-  splits' partial softmaxes.
+- a second program per (request, KV head, row tile) adds the block's keys (causal, the tree's mask rows, or all of
+  them) and merges the splits' partial softmaxes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ OP = "verify_attention"
 MIN_SPLIT = 64  # prefix keys per split at least: shorter splits cost more in the merge than they save
 BLOCK_N = 64  # prefix keys per iteration of a split's loop
 MAX_BLOCK_M = 128  # query rows a program holds (its fp32 accumulator is MAX_BLOCK_M x head dim)
-TARGET_PROGRAMS = 256  # splits per (request, KV head) are capped so the first pass launches about this many programs
+TARGET_PROGRAMS = 256  # splits per (request, row tile) are capped so the first pass launches about this many programs
 MAX_SPLITS = 16
 CAUSAL, MASKED, FULL = 0, 1, 2  # what a block row sees of its block: rows up to itself, its mask row's, all
 
