@@ -352,6 +352,7 @@ def markdown(bench: dict) -> str:
                f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
                f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
                + prefill_graphs_note(s.get("server_flags"))
+               + (f"; our servers with `{s['ours_flags']}`" if s.get("ours_flags") else "")
                + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     out += _throughput_section(bench, sweep)
     out += _interleaved_section(bench)

@@ -231,7 +231,7 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
                                   "--interleave-rounds", "3", "--prefill-graphs", "--interleave-stop-at-eos",
-                                  timeout=400)
+                                  "--verify-splitkv", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -240,6 +240,12 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     argv = next(line for line in (bench_dir / "ours-adaptive.log").read_text().splitlines() if line.startswith("argv"))
     assert "--speculative-dflash-tree-budget 8" in argv and "--speculative-dflash-adaptive" in argv
     assert "--port 30020" in argv
+    # --verify-splitkv: every server of ours, and only ours, asks for the split-KV verify; the report says so.
+    splitkv = {name: "--speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log", "argv ").split()
+               for name in everyone}
+    assert splitkv == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
+    assert bench["settings"]["ours_flags"] == "--speculative-dflash-verify-splitkv"
+    assert "our servers with `--speculative-dflash-verify-splitkv`" in run.stdout
     # --prefill-graphs: no server is told to skip them, and the report says they were on.
     assert not any("--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ")
                    for name in everyone)

@@ -75,7 +75,7 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
-#            [--prefill-graphs] [--interleave-stop-at-eos]
+#            [--prefill-graphs] [--interleave-stop-at-eos] [--verify-splitkv]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
 # a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
@@ -111,6 +111,7 @@ INTERLEAVE_ROUNDS=1
 INTERLEAVE_EOS=()
 ADAPTIVE=0
 PREFILL_GRAPHS=0
+OURS_EXTRA=()        # --verify-splitkv: every server of ours attends in its verifies through our split-KV kernel
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -135,6 +136,7 @@ while [ $# -gt 0 ]; do
     --interleave-stop-at-eos) INTERLEAVE_EOS=(--stop-at-eos); shift ;;
     --adaptive) ADAPTIVE=1; shift ;;
     --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
+    --verify-splitkv) OURS_EXTRA=(--speculative-dflash-verify-splitkv); shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -278,16 +280,16 @@ launch() {  # name, env setting, flags...
 }
 launch ar DFLASH_SGLANG_DISABLE=0
 launch builtin DFLASH_SGLANG_DISABLE=1 "${SPEC[@]}" --speculative-num-draft-tokens "$BLOCK"
-launch ours DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" --speculative-num-draft-tokens "$BLOCK"
+launch ours DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" --speculative-num-draft-tokens "$BLOCK" "${OURS_EXTRA[@]}"
 # Tree mode is detected by its flag in SGLang's parser (the plugin adds it), so it runs the day it lands.
 TREE_FLAG=--speculative-dflash-tree-budget
 if python3 -m sglang.launch_server --help 2>/dev/null | grep -q -- "$TREE_FLAG"; then
   for name in "${TREES[@]}"; do
     launch "$name" DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "${TREE_OF[$name]}" \
-      ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"}
+      ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"} "${OURS_EXTRA[@]}"
   done
   [ "$ADAPTIVE" = 1 ] && launch ours-adaptive DFLASH_SGLANG_DISABLE=0 "${SPEC[@]}" "$TREE_FLAG" "${TREE_BUDGETS[0]}" \
-    ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"} --speculative-dflash-adaptive
+    ${TREE_TOPK:+--speculative-dflash-topk "$TREE_TOPK"} --speculative-dflash-adaptive "${OURS_EXTRA[@]}"
 else
   UNSERVED=("${TREES[@]}")
   [ "$ADAPTIVE" = 1 ] && UNSERVED+=(ours-adaptive)
@@ -312,7 +314,7 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "interleave_share=$INTERLEAVE_SHARE" "interleave_repeats=$INTERLEAVE_REPEATS" \
   "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
   "interleaved=${INTERLEAVED[*]}" "adaptive=$ADAPTIVE" \
-  "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}")" \
+  "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}" "ours_flags=${OURS_EXTRA[*]}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
 from importlib.metadata import PackageNotFoundError, version
