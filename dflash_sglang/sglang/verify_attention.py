@@ -62,10 +62,10 @@ def use_splitkv_verify(attn_backend) -> None:
     attn_backend.use_verify_splitkv = True
 
 
-def split_kv_verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
-                     custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale, sm_scale=None,
-                     logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None,
-                     window_kv_offsets=None, xai_temperature_len=-1, max_bs=None) -> bool:
+def split_kv_verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
+                        kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale,
+                        sm_scale=None, logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1,
+                        sinks=None, window_kv_offsets=None, xai_temperature_len=-1, max_bs=None) -> bool:
     """SGLang's `verify_splitkv_fwd` contract: attention of a verify of `max_len_extend` rows per request (causal, a
     tree's `custom_mask` over the block, or, not causal, the whole block: the drafter's) into `o_extend`, True if
     served; False (nothing written) for what our kernel does not model, and the backend then runs its prefill
