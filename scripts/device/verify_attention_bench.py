@@ -3,7 +3,8 @@
 ours (`dflash_sglang.kernels.split_attention`, what --speculative-dflash-verify-splitkv switches on) and, for scale,
 SGLang's decode kernel over one row (an AR step's attention), timed as CUDA-graph replays the way the server runs
 them. Per layer of the given head layout, at several context lengths and batch sizes, B query rows per
-request; the verify kernels' outputs are checked against a float32 reference on the same inputs.
+request (a chain, or with --tree a random tree under its custom mask); the verify kernels' outputs are checked
+against the float32 reference (`verify_attention_reference`) on the same inputs.
 
     PYTHONPATH=$PWD python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json [--graph-buffer]
 
@@ -47,28 +48,30 @@ def timed_us(fn, iters: int, per_graph: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def reference(q, k_prefix, v_prefix, k_block, v_block, scale):
-    """float32 attention of one request's B rows over its prefix and, causally, the block: [B, Hq, D]."""
-    rows, heads, _ = q.shape
-    group = heads // k_prefix.shape[1]
-    keys = torch.cat([k_prefix, k_block]).float().repeat_interleave(group, dim=1)
-    values = torch.cat([v_prefix, v_block]).float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("rhd,khd->hrk", q.float(), keys) * scale
-    prefix = k_prefix.shape[0]
-    blocked = torch.arange(rows, device=q.device)[:, None] < torch.arange(rows, device=q.device)[None, :]
-    scores[:, :, prefix:] = scores[:, :, prefix:].masked_fill(blocked, float("-inf"))
-    return torch.einsum("hrk,khd->rhd", scores.softmax(-1), values)
+def tree_mask(bs: int, context: int, block: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random tree of `block` nodes per request (each node under an earlier one), flattened in SGLang's
+    custom-mask layout (block rows of context + block, the context's set) as uint8, and its mask_indptr."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(bs):
+        seen = torch.eye(block, dtype=torch.bool)
+        for node in range(1, block):
+            seen[node] |= seen[int(torch.randint(0, node, (1,), generator=g))]
+        rows.append(torch.cat([torch.ones(block, context, dtype=torch.bool), seen], dim=1).reshape(-1))
+    indptr = torch.arange(0, bs + 1, dtype=torch.int64) * block * (context + block)
+    return torch.cat(rows).to(device, torch.uint8), indptr.to(device)
 
 
-def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffer: bool = False) -> dict:
+def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffer: bool = False,
+         tree: bool = False, dev: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One row of the table (`dev` and `dtype` other than CUDA / bf16 only for a dry run of the plumbing)."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
-    from dflash_sglang.kernels.split_attention import verify_attention
+    from dflash_sglang.kernels.split_attention import verify_attention, verify_attention_reference
 
     heads, kv_heads, dim = LAYOUTS[layout]
-    dev, dtype = "cuda", torch.bfloat16
     scale = dim ** -0.5
     gen = torch.Generator(device=dev).manual_seed(bs * 100003 + context)
     slots = bs * (context + block) + 1
@@ -87,15 +90,17 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     q = torch.randn(bs * block, heads, dim, device=dev, dtype=dtype, generator=gen)
     k_block = torch.randn(bs * block, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
     v_block = torch.randn(bs * block, kv_heads, dim, device=dev, dtype=dtype, generator=gen)
+    mask, mask_indptr = tree_mask(bs, context, block, seed=context, device=dev) if tree else (None, None)
     args = lambda o: (q, k_block, v_block, o, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,  # noqa: E731
-                      None, True, None, block, 1.0, 1.0, scale)
+                      mask, True, mask_indptr, block, 1.0, 1.0, scale)
     out_extend, out_split = torch.empty_like(q), torch.empty_like(q)
     extend_us = timed_us(lambda: extend_attention_fwd(*args(out_extend)), iters)
-    served = verify_splitkv_fwd(*args(out_split), max_bs=bs)  # sizes its scratch outside the graph
+    # SGLang's split kernel computes causal attention only (it never reads a tree's mask).
+    served = not tree and verify_splitkv_fwd(*args(out_split), max_bs=bs)  # sizes its scratch outside the graph
     split_us = timed_us(lambda: verify_splitkv_fwd(*args(out_split), max_bs=bs), iters) if served else None
     out_ours = torch.empty_like(q)
     ours = lambda: verify_attention(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices,  # noqa: E731
-                                          block, scale, out=out_ours)
+                                    block, scale, out=out_ours, mask=mask, mask_indptr=mask_indptr)
     ours_us = timed_us(ours, iters)
 
     # An AR step's attention: one row per request over its prefix plus itself (decode kernel, 8 KV splits).
@@ -111,17 +116,13 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
                                                       decode_indices.to(torch.int64), logits, lse, num_splits,
                                                       splits, scale, 1.0, 1.0), iters)
 
-    errors = {"extend": 0.0, "split": 0.0, "ours": 0.0}
-    for r in range(min(bs, 2)):
-        rows = slice(r * block, (r + 1) * block)
-        want = reference(q[rows], k_buffer[prefix_slots[r]], v_buffer[prefix_slots[r]], k_block[rows], v_block[rows],
-                         scale)
-        errors["extend"] = max(errors["extend"], (out_extend[rows].float() - want).abs().max().item())
-        errors["ours"] = max(errors["ours"], (out_ours[rows].float() - want).abs().max().item())
-        if served:
-            errors["split"] = max(errors["split"], (out_split[rows].float() - want).abs().max().item())
+    want = verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr[: bs + 1],
+                                      kv_indices[: bs * context], block, scale, torch.empty(q.shape, device=dev),
+                                      mask, mask_indptr)
+    errors = {name: (out.float() - want).abs().max().item()
+              for name, out in (("extend", out_extend), ("split", out_split), ("ours", out_ours))}
     return {"layout": layout, "bs": bs, "context": context, "block": block, "graph_buffer": graph_buffer,
-            "extend_us": extend_us,
+            "tree": tree, "extend_us": extend_us,
             "split_us": split_us, "split_served": bool(served), "ours_us": ours_us, "decode_us": decode_us,
             "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None,
             "max_err_ours": errors["ours"]}
@@ -135,6 +136,9 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=150, help="seconds; the cases left are skipped")
     parser.add_argument("--graph-buffer", action="store_true",
                         help="index buffers as long as the server's CUDA graphs pass them (16 KV splits)")
+    parser.add_argument("--tree", action="store_true",
+                        help="a random tree of --block nodes per request under its custom mask (try --block 64); "
+                             "SGLang's split kernel, causal only, sits out")
     args = parser.parse_args()
     plan = [("qwen3-32b", bs, ctx) for bs in (1, 4) for ctx in (256, 1024, 4096, 8192)]
     plan += [("smollm2-135m", bs, ctx) for bs in (1, 32) for ctx in (256, 1024, 4096)]
@@ -144,7 +148,7 @@ def main() -> int:
             rows.append({"layout": layout, "bs": bs, "context": ctx, "skipped": "time limit"})
             continue
         try:
-            rows.append(case(layout, bs, ctx, args.block, args.iters, args.graph_buffer))
+            rows.append(case(layout, bs, ctx, args.block, args.iters, args.graph_buffer, args.tree))
         except Exception as e:  # one case's failure is recorded; the others still run
             rows.append({"layout": layout, "bs": bs, "context": ctx, "error": f"{type(e).__name__}: {e}"})
         with open(args.out, "w") as f:
