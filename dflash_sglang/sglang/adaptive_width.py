@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from dflash_sglang.adaptive import PLAIN_WIDTH
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.sglang import tree_mode
+from dflash_sglang.sglang.env import env_flag
 from dflash_sglang.sglang.verify_attention import use_splitkv_verify
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ WIDTHS_ENV = "DFLASH_SGLANG_ADAPTIVE_WIDTHS"
 
 
 def adaptive_from_env(environ=os.environ) -> bool:
-    return environ.get(ADAPTIVE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(ADAPTIVE_ENV, environ)
 
 
 def candidate_widths(verify_width: int, chain_width: int | None = None) -> tuple[int, ...]:

@@ -12,10 +12,10 @@ capture, KV budget, verify CUDA graphs, request validation) still applies.
 from __future__ import annotations
 
 import logging
-import os
 
 from dflash_sglang.sglang import flags, tree_mode
 from dflash_sglang.sglang.compat import check_sglang_version
+from dflash_sglang.sglang.env import env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def register() -> None:
 
 
 def is_disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(DISABLE_ENV)
 
 
 def create_worker_hook(original, algorithm, server_args):

@@ -24,6 +24,7 @@ import torch
 
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.kernels.split_attention import verify_attention
+from dflash_sglang.sglang.env import env_flag
 
 SPLITKV_ENV = "DFLASH_SGLANG_VERIFY_SPLITKV"
 FLAG = "--speculative-dflash-verify-splitkv"
@@ -31,7 +32,7 @@ SPLITKV_BACKENDS = ("triton",)
 
 
 def splitkv_from_env(environ=os.environ) -> bool:
-    return environ.get(SPLITKV_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(SPLITKV_ENV, environ)
 
 
 def check_splitkv(server_args) -> list[str]:
@@ -78,8 +79,6 @@ def split_kv_verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buff
             or (custom_mask is not None and (mask_indptr is None or not skip_prefix_custom_mask or not is_causal))):
         return False
     scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
-    tree = custom_mask is not None
     verify_attention(q_extend, k_extend, v_extend, k_buffer, v_buffer, kv_indptr, kv_indices, int(max_len_extend),
-                     scale, out=o_extend, mask=custom_mask, mask_indptr=mask_indptr if tree else None,
-                     causal=bool(is_causal))
+                     scale, out=o_extend, mask=custom_mask, mask_indptr=mask_indptr, causal=bool(is_causal))
     return True
