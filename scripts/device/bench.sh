@@ -534,7 +534,8 @@ if [ "$INTERLEAVE_LIMIT" -gt 0 ]; then
     echo "== interleaved: ${pairs[*]%%=*} in turn, ${INTERLEAVE_REPEATS} repeats per level, at most ${limit}s"
     if timeout $(( limit + 30 )) "${BENCH[@]}" --interleave "${pairs[@]}" "${only[@]}" --sets math500 \
          --concurrency "${levels[@]}" --rounds "$INTERLEAVE_ROUNDS" --min-requests "$INTERLEAVE_MIN_REQUESTS" \
-         --repeats "$INTERLEAVE_REPEATS" --time-limit "$limit" "${INTERLEAVE_EOS[@]}" --out "$DIR/interleaved.json"; then
+         --repeats "$INTERLEAVE_REPEATS" --time-limit "$limit" "${INTERLEAVE_EOS[@]}" \
+         --out "$DIR/interleaved.json"; then
       status interleaved ok
     else
       status interleaved "failed: dflash_sglang bench --interleave exited with $?"

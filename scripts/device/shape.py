@@ -177,8 +177,8 @@ def cmd_run_info(args) -> int:
     record = {"started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
               "stages": args.stages, "gpu": gpu_memory_mib(), "draft_backend": args.draft_backend,
               "tree_topk": TREE_TOPK, "mem_fraction_static": args.mem_fraction, "prompts": args.prompts,
-              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "budget_s": args.budget, "port": args.port,
-              "common_flags": args.flags}
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "budget_s": args.budget,
+              "port": args.port, "common_flags": args.flags}
     Path(args.dir, "run.json").write_text(json.dumps(record, indent=1))
     return 0
 
