@@ -48,6 +48,23 @@ if triton is not None:
         return tl.load(q_ptr + rows[:, None] + d[None, :], mask=(m < G * B)[:, None] & (d < D)[None, :], other=0.0)
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # float32 inputs (the fp32 equality runs) multiply exactly; bf16 ones on the tensor cores.
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _split_count(length, min_split, max_splits):
+        # A request's prefix splits: at least min_split keys each, at most max_splits, one for an empty prefix.
+        return tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
+
+    @triton.jit
+    def _scratch_row(b, tile, s, max_splits, BLOCK_M: tl.constexpr):
+        # The first scratch row of request b's row tile `tile` in split s ([batch, tiles, max_splits, BLOCK_M]).
+        return ((b * tl.num_programs(1) + tile) * max_splits + s).to(tl.int64) * BLOCK_M
+
+    @triton.jit
     def _prefix_splits_kernel(q_ptr, k_ptr, v_ptr, kv_indptr, kv_indices, part_o, part_lse, stride_qt, stride_qh,
                               stride_ks, stride_kh, stride_vs, stride_vh, sm_scale, max_splits, min_split,
                               B: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -60,8 +77,7 @@ if triton is not None:
         m = (tile % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         start = tl.load(kv_indptr + b).to(tl.int32)
         length = tl.load(kv_indptr + b + 1).to(tl.int32) - start
-        splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
-        split_len = tl.cdiv(length, splits)
+        split_len = tl.cdiv(length, _split_count(length, min_split, max_splits))
         lo = s * split_len
         hi = tl.minimum(lo + split_len, length)  # empty past this request's splits
         q = _query_tile(q_ptr, b, h, m, stride_qt, stride_qh, B, G, D, BLOCK_D)
@@ -77,26 +93,18 @@ if triton is not None:
             slots = tl.load(kv_indices + start + n, mask=inside, other=0).to(tl.int64)
             k = tl.load(k_ptr + slots[:, None] * stride_ks + h * stride_kh + d[None, :],
                         mask=inside[:, None] & (d < D)[None, :], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(inside[None, :], scores * sm_scale, float("-inf"))
+            scores = tl.where(inside[None, :], _dot(q, tl.trans(k), IEEE) * sm_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             v = tl.load(v_ptr + slots[:, None] * stride_vs + h * stride_vh + dv[None, :],
                         mask=inside[:, None] & (dv < DV)[None, :], other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             i += BLOCK_N
         local = tl.arange(0, BLOCK_M)
-        base = ((b * tl.num_programs(1) + tile) * max_splits + s).to(tl.int64) * BLOCK_M
+        base = _scratch_row(b, tile, s, max_splits, BLOCK_M)
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         tl.store(part_o + (base + local)[:, None] * BLOCK_DV + dv[None, :], acc / safe_l[:, None])
         tl.store(part_lse + base + local, tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf")))
@@ -133,11 +141,7 @@ if triton is not None:
         block_rows = (b * B + c).to(tl.int64)
         kb = tl.load(kb_ptr + block_rows[:, None] * stride_kbt + h * stride_kbh + d[None, :],
                      mask=(c < B)[:, None] & (d < D)[None, :], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(kb), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(kb))
-        scores = tl.where(visible, scores * sm_scale, float("-inf"))
+        scores = tl.where(visible, _dot(q, tl.trans(kb), IEEE) * sm_scale, float("-inf"))
         # A row that sees no block key (padding rows) keeps a finite maximum and contributes nothing.
         m_run = tl.max(scores, 1)
         m_run = tl.where(m_run == float("-inf"), 0.0, m_run)
@@ -145,15 +149,12 @@ if triton is not None:
         l_run = tl.sum(p, 1)
         vb = tl.load(vb_ptr + block_rows[:, None] * stride_vbt + h * stride_vbh + dv[None, :],
                      mask=(c < B)[:, None] & (dv < DV)[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(vb.dtype), vb)
+        acc = _dot(p.to(vb.dtype), vb, IEEE)
         # The prefix's splits, each a normalized partial output and its log-sum-exp.
-        splits = tl.minimum(tl.maximum(tl.cdiv(length, min_split), 1), max_splits)
+        splits = _split_count(length, min_split, max_splits)
         s = 0
         while s < splits:
-            base = ((b * tl.num_programs(1) + tile) * max_splits + s).to(tl.int64) * BLOCK_M
+            base = _scratch_row(b, tile, s, max_splits, BLOCK_M)
             lse = tl.load(part_lse + base + local)
             part = tl.load(part_o + (base + local)[:, None] * BLOCK_DV + dv[None, :])
             m_new = tl.maximum(m_run, lse)
