@@ -1592,21 +1592,46 @@ def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_ca
     assert backend.use_verify_splitkv is splitkv and seen["at capture"] is splitkv
 
 
-@pytest.mark.parametrize("tree_budget", [None, 15])
+@pytest.mark.parametrize("splitkv", [False, True])
 @pytest.mark.parametrize("draft_backend", ["triton", "fa4"])
-def test_the_worker_switches_the_verify_to_split_kv_before_anything_is_captured(tiny_dirs, monkeypatch, tree_budget,
-                                                                               draft_backend):
-    """A chain or tree server's target backend takes the split-KV verify in the constructor, before SGLang captures
-    its graphs, and so does the drafter's backend when it is a triton one."""
+def test_the_worker_switches_the_verify_to_split_kv_once_sglang_has_built_the_backends(monkeypatch, draft_backend,
+                                                                                     splitkv):
+    """SGLang builds the runners' attention backends after every worker's constructor (Scheduler.init_model_worker,
+    then init_all_attention_backends: the target's, then ours) and captures graphs after that, so the switch happens
+    in our init_attention_backends: the target's backend, and the drafter's when it is a triton one. (On
+    2026-11-30 the constructor did it and the server died: the runner had no attn_backend yet.)"""
+    from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+    from dflash_sglang.sglang import worker as worker_module
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    switched = []
+    target_runner, drafter_runner = SimpleNamespace(), SimpleNamespace()
+
+    def sglang_builds_backends(worker):  # the target's exists already; the base class builds the drafter's
+        target_runner.attn_backend = "triton target backend"
+        drafter_runner.attn_backend = f"{draft_backend} draft backend"
+
+    monkeypatch.setattr(BaseSpecWorker, "init_attention_backends", sglang_builds_backends)
+    monkeypatch.setattr(worker_module, "use_splitkv_verify", switched.append)
+    monkeypatch.setattr(worker_module, "is_triton_backend", lambda backend: backend.startswith("triton"))
+    worker = DFlashWorker.__new__(DFlashWorker)
+    worker.__dict__.update(model_runner=target_runner, draft_runner=drafter_runner, splitkv=splitkv)
+    worker.init_attention_backends()
+    want = ["triton target backend"] + (["triton draft backend"] if draft_backend == "triton" else [])
+    assert switched == (want if splitkv else [])
+
+
+@pytest.mark.parametrize("tree_budget", [None, 15])
+def test_the_worker_constructor_reads_no_attention_backend(tiny_dirs, monkeypatch, tree_budget):
+    """With the split-KV verify on, a chain or tree worker's constructor runs to its end (here, the fake drafter's
+    missing embedding hook) on runners that have no attention backend yet, as SGLang's have then."""
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.adaptive_width import ADAPTIVE_ENV
     from dflash_sglang.sglang.tree_mode import BUDGET_ENV, TOPK_ENV
     from dflash_sglang.sglang.verify_attention import SPLITKV_ENV
 
-    switched = []
-    drafter_runner = SimpleNamespace(attn_backend=f"{draft_backend} draft backend", model=SimpleNamespace())
-    monkeypatch.setattr(worker_module, "use_splitkv_verify", switched.append)
-    monkeypatch.setattr(worker_module, "is_triton_backend", lambda backend: backend.startswith("triton"))
+    drafter_runner = SimpleNamespace(model=SimpleNamespace())
     monkeypatch.setattr(worker_module, "use_as_dflash_draft_model", lambda: None)
     monkeypatch.setattr(worker_module, "build_draft_worker",
                         lambda *args: SimpleNamespace(model_runner=drafter_runner))
@@ -1616,14 +1641,12 @@ def test_the_worker_switches_the_verify_to_split_kv_before_anything_is_captured(
     monkeypatch.setenv(SPLITKV_ENV, "1")
     target, drafter = tiny_dirs["qwen3"]
     runner = fake_target_runner(target)
-    runner.attn_backend = "triton target backend"
+    assert not hasattr(runner, "attn_backend")
     args = startup_args(target, drafter)
     args.attention_backend, args.decode_attention_backend = "triton", None
-    args.speculative_draft_attention_backend = draft_backend
-    with pytest.raises(AttributeError, match="use_target_embedding"):  # the fake drafter ends the constructor here
+    with pytest.raises(AttributeError, match="use_target_embedding"):
         worker_module.DFlashWorker(args, gpu_id=0, ps=None, nccl_port=0,
                                    target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
-    assert switched == ["triton target backend"] + (["triton draft backend"] if draft_backend == "triton" else [])
 
 
 def test_the_verify_hook_serves_chains_trees_and_the_drafters_block_and_declines_the_rest():

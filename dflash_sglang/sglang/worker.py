@@ -114,11 +114,6 @@ class DFlashWorker(BaseSpecWorker):
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
                                                               self.splitkv)
-        if self.splitkv:
-            # Before SGLang captures the verify graphs.
-            use_splitkv_verify(self.model_runner.attn_backend)
-            logger.info("dflash_sglang: verifies attend through our split-KV verify kernel (and the drafter's, on a "
-                        "triton draft backend)")
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
@@ -129,8 +124,6 @@ class DFlashWorker(BaseSpecWorker):
         )
         self.draft_runner = self._draft_worker.model_runner
         self.draft_model = self.draft_runner.model
-        if self.splitkv and is_triton_backend(self.draft_runner.attn_backend):
-            use_splitkv_verify(self.draft_runner.attn_backend)  # the drafter's graphs are captured later too
 
         target_model = self.model_runner.model
         self.draft_model.use_target_embedding(target_model.get_input_embeddings())
@@ -178,6 +171,17 @@ class DFlashWorker(BaseSpecWorker):
     @property
     def spec_v2_attn_backends(self) -> tuple:
         return (self.model_runner.attn_backend, self.draft_runner.attn_backend)
+
+    def init_attention_backends(self) -> None:
+        super().init_attention_backends()
+        if self.splitkv:
+            # SGLang builds the runners' backends after every worker's __init__ (the target's first, then ours via
+            # this method) and captures the graphs after that: here both backends exist and nothing is captured yet.
+            use_splitkv_verify(self.model_runner.attn_backend)
+            if is_triton_backend(self.draft_runner.attn_backend):
+                use_splitkv_verify(self.draft_runner.attn_backend)
+            logger.info("dflash_sglang: verifies attend through our split-KV verify kernel (and the drafter's, on a "
+                        "triton draft backend)")
 
     def init_cuda_graphs(self) -> None:
         max_graph_batch = max(self.server_args.cuda_graph_config.decode.bs or [], default=0)
