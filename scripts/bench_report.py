@@ -353,6 +353,7 @@ def markdown(bench: dict) -> str:
                f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
                + prefill_graphs_note(s.get("server_flags"))
                + (f"; our servers with `{s['ours_flags']}`" if s.get("ours_flags") else "")
+               + (f"; every server (AR's too) with `{s['all_flags']}`" if s.get("all_flags") else "")
                + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     out += _throughput_section(bench, sweep)
     out += _interleaved_section(bench)

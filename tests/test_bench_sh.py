@@ -231,7 +231,8 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
                                   "--interleave-rounds", "3", "--prefill-graphs", "--interleave-stop-at-eos",
-                                  "--verify-splitkv", timeout=400)
+                                  "--verify-splitkv", "--server-args",
+                                  "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -246,6 +247,11 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     assert splitkv == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
     assert bench["settings"]["ours_flags"] == "--speculative-dflash-verify-splitkv"
     assert "our servers with `--speculative-dflash-verify-splitkv`" in run.stdout
+    # --server-args: every server, AR's included, gets them; the report says so.
+    delayer = "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8"
+    assert all(delayer in server_lines(bench_dir / f"{name}.log", "argv ") for name in everyone)
+    assert bench["settings"]["all_flags"] == delayer
+    assert f"every server (AR's too) with `{delayer}`" in run.stdout
     # --prefill-graphs: no server is told to skip them, and the report says they were on.
     assert not any("--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ")
                    for name in everyone)

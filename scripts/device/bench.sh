@@ -75,7 +75,7 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
-#            [--prefill-graphs] [--interleave-stop-at-eos] [--verify-splitkv]
+#            [--prefill-graphs] [--interleave-stop-at-eos] [--verify-splitkv] [--server-args "ARGS"]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
 # a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
@@ -112,6 +112,10 @@ INTERLEAVE_EOS=()
 ADAPTIVE=0
 PREFILL_GRAPHS=0
 OURS_EXTRA=()        # --verify-splitkv: every server of ours attends in its verifies through our split-KV kernel
+# --server-args "ARGS": SGLang flags for every server, AR's included, so a scheduler setting tried for the
+# speculative servers (e.g. --enable-prefill-delayer, which batches the one-request prefills they run in a closed
+# loop) is measured against an AR that has it too.
+ALL_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -137,6 +141,7 @@ while [ $# -gt 0 ]; do
     --adaptive) ADAPTIVE=1; shift ;;
     --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     --verify-splitkv) OURS_EXTRA=(--speculative-dflash-verify-splitkv); shift ;;
+    --server-args) read -ra ALL_EXTRA <<< "$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -248,6 +253,7 @@ print(load_drafter_config(sys.argv[1]).block_size)" "$DRAFTER") \
 COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
         --mem-fraction-static 0.85 --max-total-tokens "$KV_TOKENS" --sleep-on-idle --host 127.0.0.1 --log-level info)
 [ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
+COMMON+=("${ALL_EXTRA[@]}")
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER"
       --speculative-draft-attention-backend "$DRAFT_BACKEND")
 PROFILE_ENV=(SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false)
@@ -314,7 +320,8 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "interleave_share=$INTERLEAVE_SHARE" "interleave_repeats=$INTERLEAVE_REPEATS" \
   "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
   "interleaved=${INTERLEAVED[*]}" "adaptive=$ADAPTIVE" \
-  "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}" "ours_flags=${OURS_EXTRA[*]}")" \
+  "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}" "ours_flags=${OURS_EXTRA[*]}" \
+  "all_flags=${ALL_EXTRA[*]}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
 from importlib.metadata import PackageNotFoundError, version
