@@ -1550,21 +1550,22 @@ def test_split_kv_verify_needs_the_triton_backend():
 
 
 def test_split_kv_verify_switches_sglangs_triton_backend_and_refuses_others():
-    """use_splitkv_verify on SGLang's real TritonAttnBackend class (an instance without its GPU-only __init__):
-    the hook its forward_extend calls for TARGET_VERIFY becomes our kernel's, and the switch that enables it goes
-    on; any other backend is refused by name."""
+    """use_splitkv_verify on SGLang's real TritonAttnBackend class (an instance without its GPU-only __init__): its
+    forward_extend becomes ours, wrapping the class's own (once, however often it is called); the private method
+    ours stores the block's K/V through is still there; any other backend is refused by name."""
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    from dflash_sglang.sglang.verify_attention import FLAG, split_kv_verify_fwd, use_splitkv_verify
+    from dflash_sglang.sglang.verify_attention import FLAG, SplitKVVerifyExtend, use_splitkv_verify
 
     source = inspect.getsource(TritonAttnBackend.forward_extend)
-    assert "self.use_verify_splitkv" in source and "and self.verify_splitkv_fwd(" in source
+    assert "self._set_kv_buffer(forward_batch, layer, loc_info, k, v)" in source  # the unscaled store ours mirrors
     backend = TritonAttnBackend.__new__(TritonAttnBackend)
-    backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
     use_splitkv_verify(backend)
-    assert backend.use_verify_splitkv is True and backend.verify_splitkv_fwd is split_kv_verify_fwd
+    use_splitkv_verify(backend)
+    assert isinstance(backend.forward_extend, SplitKVVerifyExtend)
+    assert backend.forward_extend.extend.__func__ is TritonAttnBackend.forward_extend
     with pytest.raises(DFlashConfigError, match=re.escape(FLAG)) as refused:
-        use_splitkv_verify(SimpleNamespace(use_verify_splitkv=False))
+        use_splitkv_verify(SimpleNamespace(forward_extend=None))
     assert "SimpleNamespace" in str(refused.value)
 
 
@@ -1574,22 +1575,21 @@ def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_ca
     from sglang.srt.model_executor import runner as runner_module
 
     from dflash_sglang.sglang.adaptive_width import new_backend_and_graphs
+    from dflash_sglang.sglang.verify_attention import SplitKVVerifyExtend
 
     seen = {}
 
     class Runner:
         def __init__(self, model_runner, *, attn_backend=None, speculative_num_draft_tokens=None):
-            seen["at capture"] = attn_backend.use_verify_splitkv
+            seen["at capture"] = isinstance(attn_backend.forward_extend, SplitKVVerifyExtend)
 
     def new_backend(init_new_workspace=False):
-        backend = TritonAttnBackend.__new__(TritonAttnBackend)
-        backend.verify_splitkv_fwd, backend.use_verify_splitkv = object(), False
-        return backend
+        return TritonAttnBackend.__new__(TritonAttnBackend)
 
     monkeypatch.setattr(runner_module, "DecodeCudaGraphRunner", Runner)
     model_runner = SimpleNamespace(decode_cuda_graph_runner="graphs", _get_attention_backend=new_backend)
     backend, _ = new_backend_and_graphs(model_runner, 16, splitkv)
-    assert backend.use_verify_splitkv is splitkv and seen["at capture"] is splitkv
+    assert isinstance(backend.forward_extend, SplitKVVerifyExtend) is splitkv and seen["at capture"] is splitkv
 
 
 @pytest.mark.parametrize("splitkv", [False, True])
@@ -1649,44 +1649,93 @@ def test_the_worker_constructor_reads_no_attention_backend(tiny_dirs, monkeypatc
                                    target_worker=SimpleNamespace(model_runner=runner, device="cpu"))
 
 
-def test_the_verify_hook_serves_chains_trees_and_the_drafters_block_and_declines_the_rest():
-    """split_kv_verify_fwd called as SGLang's triton backend calls its split-KV verify hook (the same positional and
-    keyword arguments): a causal chain, a tree (its custom mask in SGLang's layout) and a non-causal block (the
-    drafter's) are served, exactly our kernel's output; what the kernel does not model returns False with the output
-    untouched, so the backend runs its prefill kernel."""
-    from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
+def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=None, mode="TARGET_VERIFY",
+                         layer_changes=None, backend_changes=None, call_changes=None, pool_dtype=torch.float32):
+    """One call of a triton backend's forward_extend after use_splitkv_verify, as SGLang's RadixAttention makes it:
+    q a view of the fused qkv projection, k and v views of it shaped per head (not contiguous). The backend is the
+    real class without its GPU-only __init__, its pool stores what set_kv_buffer is given, its own forward_extend a
+    recorder. Returns what the call returned, the expected inputs, the store calls and the recorder's calls."""
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.sglang.verify_attention import use_splitkv_verify
+    from tests.test_split_attention import attention_inputs
+
+    heads, kv_heads, dim = 6, 2, 16
+    q3, k3, v3, pool_k, pool_v, indptr, indices = attention_inputs(heads, kv_heads, dim, block, lengths, seed=3)
+    tokens = q3.shape[0]
+    qkv = torch.cat([q3.reshape(tokens, -1), k3.reshape(tokens, -1), v3.reshape(tokens, -1)], dim=1)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    k, v = k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+    assert not k.is_contiguous() and not v.is_contiguous()
+    layer = RadixAttention(heads, dim, 0.3, kv_heads, layer_id=0,
+                           attn_type=attn_type if attn_type is not None else AttentionType.DECODER)
+    for name, value in (layer_changes or {}).items():
+        setattr(layer, name, value)
+    stored, extended = [], []
+    backend = TritonAttnBackend.__new__(TritonAttnBackend)
+    backend.token_to_kv_pool = SimpleNamespace(
+        get_key_buffer=lambda layer_id: pool_k.to(pool_dtype), get_value_buffer=lambda layer_id: pool_v.to(pool_dtype),
+        set_kv_buffer=lambda layer_, loc, k_, v_: stored.append((loc, k_.clone(), v_.clone())))
+    backend.dcp_size, backend.enable_deterministic, backend.allow_bidirectional_attention_in_extend = 1, False, True
+    backend.forward_metadata = SimpleNamespace(
+        qo_indptr=torch.arange(len(lengths) + 1, dtype=torch.int32) * block, kv_indptr=indptr, kv_indices=indices,
+        custom_mask=mask, mask_indptr=mask_indptr, max_extend_len=block, swa_out_cache_loc=None,
+        out_cache_loc_full_physical=None)
+    for name, value in (backend_changes or {}).items():
+        setattr(backend, name, value)
+    backend.forward_extend = lambda *args, **kwargs: extended.append((args, kwargs)) or "the backend's own"
+    use_splitkv_verify(backend)
+    forward_batch = SimpleNamespace(forward_mode=getattr(ForwardMode, mode),
+                                    out_cache_loc=torch.arange(tokens) + 1000)
+    out = backend.forward_extend(q, k, v, layer, forward_batch, **(call_changes or {}))
+    return out, (q3, k3, v3, pool_k, pool_v, indptr, indices), stored, extended
+
+
+def test_split_kv_verify_serves_chains_trees_and_the_drafters_block_and_passes_on_the_rest():
+    """A TARGET_VERIFY call is served by our kernel (here its reference, on the CPU) on the strided block K/V the
+    model left, with no copy of them: the chain causally, a tree under its custom mask in SGLang's layout, the
+    drafter's bidirectional block whole; the block's K/V are stored first, at out_cache_loc, as the backend does.
+    What the kernel does not model reaches the backend's own forward_extend untouched."""
+    from sglang.srt.layers.radix_attention import AttentionType
 
     from dflash_sglang.kernels.split_attention import verify_attention_reference
-    from dflash_sglang.sglang.verify_attention import split_kv_verify_fwd
-    from tests.test_split_attention import attention_inputs, tree_mask
+    from tests.test_split_attention import tree_mask
 
-    parameters = lambda fn: list(inspect.signature(fn).parameters)  # noqa: E731
-    assert parameters(split_kv_verify_fwd) == parameters(verify_splitkv_fwd)
     block, lengths = 4, [5, 0, 9]
-    inputs = attention_inputs(6, 2, 16, block, lengths, seed=3)
-    q = inputs[0]
-    qo_indptr = torch.arange(0, 4, dtype=torch.int32) * block
     _, mask, mask_indptr = tree_mask(lengths, block, seed=4)
+    served = [
+        (dict(), None, True),
+        (dict(mask=mask, mask_indptr=mask_indptr), mask, True),
+        (dict(attn_type=AttentionType.DECODER_BIDIRECTIONAL), None, False),
+    ]
+    for changes, want_mask, causal in served:
+        out, inputs, stored, extended = split_kv_verify_call(block, lengths, **changes)
+        q3, k3, v3 = inputs[:3]
+        assert not extended and out.shape == (q3.shape[0], q3.shape[1] * q3.shape[2])
+        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q3), want_mask,
+                                          changes.get("mask_indptr"), causal)
+        assert torch.equal(out.view_as(q3), want), changes
+        [(loc, k_stored, v_stored)] = stored
+        assert torch.equal(loc.loc, torch.arange(q3.shape[0]) + 1000)
+        assert torch.equal(k_stored, k3) and torch.equal(v_stored, v3)
+    out, *_, stored, extended = split_kv_verify_call(block, lengths, call_changes=dict(save_kv_cache=False))
+    assert not stored and not extended and out.shape[0] == block * len(lengths)
 
-    def call(o, **changes):
-        kwargs = dict(sm_scale=0.3, logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None,
-                      window_kv_offsets=None, xai_temperature_len=-1, max_bs=8)
-        positional = dict(custom_mask=None, is_causal=True, mask_indptr=None, max_len_extend=block, k_scale=1.0,
-                          v_scale=1.0)
-        for name, value in changes.items():
-            (positional if name in positional else kwargs)[name] = value
-        return split_kv_verify_fwd(*inputs[:3], o, *inputs[3:5], qo_indptr, *inputs[5:], *positional.values(), **kwargs)
-
-    for served in ({}, dict(custom_mask=mask, mask_indptr=mask_indptr), dict(is_causal=False)):
-        out = torch.zeros_like(q)
-        assert call(out, **served) is True
-        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q), served.get("custom_mask"),
-                                          served.get("mask_indptr"), served.get("is_causal", True))
-        assert torch.equal(out, want)
-    for change in (dict(custom_mask=mask, mask_indptr=mask_indptr, is_causal=False), dict(sinks=torch.zeros(6)),
-                   dict(sliding_window_size=8),
-                   dict(logit_cap=30.0), dict(xai_temperature_len=4), dict(k_scale=0.5),
-                   dict(v_scale=torch.tensor(1.0)), dict(max_len_extend=3), dict(custom_mask=mask),
-                   dict(custom_mask=mask, mask_indptr=mask_indptr, skip_prefix_custom_mask=False)):
-        untouched = torch.zeros_like(q)
-        assert call(untouched, **change) is False and not untouched.any(), change
+    passed_on = [
+        dict(mode="EXTEND"), dict(mode="DECODE"), dict(call_changes=dict(sinks=torch.zeros(6))),
+        dict(call_changes=dict(score_mod=object())), dict(layer_changes=dict(k_scale=torch.tensor(0.5))),
+        dict(layer_changes=dict(sliding_window_size=8)), dict(layer_changes=dict(logit_cap=30.0)),
+        dict(layer_changes=dict(xai_temperature_len=4)), dict(backend_changes=dict(dcp_size=2)),
+        dict(backend_changes=dict(enable_deterministic=True)), dict(pool_dtype=torch.float16),
+        dict(mask=mask), dict(mask=mask, mask_indptr=mask_indptr, attn_type=AttentionType.DECODER_BIDIRECTIONAL),
+    ]
+    for changes in passed_on:
+        out, *_, stored, extended = split_kv_verify_call(block, lengths, **changes)
+        assert out == "the backend's own" and not stored and len(extended) == 1, changes
+    # A block of another length than the metadata's (a ragged extend) is passed on too.
+    out, *_, stored, extended = split_kv_verify_call(3, [2, 2], backend_changes=dict(
+        forward_metadata=SimpleNamespace(qo_indptr=torch.tensor([0, 3, 6]), max_extend_len=4, custom_mask=None,
+                                         mask_indptr=None)))
+    assert out == "the backend's own" and not stored

@@ -7,20 +7,20 @@ split-KV kernel for verifies (`verify_splitkv_fwd`, enabled only on AMD gfx95), 
 it always runs 16 splits, which makes it ~3x the prefill kernel at 256 tokens (docs/results/
 verify-attention-h200-2026-11-30.md).
 
-The backend calls that kernel through an instance attribute and falls back to the prefill kernel when it declines.
-This module puts ours there (`dflash_sglang.kernels.split_attention`: one program per request, KV head and prefix
-split, each request's split count from its own length at run time; the block causal, or a tree's custom mask in
-SGLang's layout, or, for the drafter's bidirectional block, all of it) and turns the path on for the target's
-verify backends (the chain's or the tree's, and the adaptive width's chain and one-token ones) and for the
-drafter's, when it is a triton backend. What the kernel does not model (sliding windows, logit caps, sinks, scaled
-FP8 KV caches, a mask over the prefix) is declined and goes to the prefill kernel.
+Ours (`dflash_sglang.kernels.split_attention`: one program per request, KV head and prefix split, each request's
+split count from its own length at run time; the block causal, or a tree's custom mask in SGLang's layout, or, for
+the drafter's bidirectional block, all of it) takes over the backend's `forward_extend` for TARGET_VERIFY batches,
+on the target's verify backends (the chain's or the tree's, and the adaptive width's chain and one-token ones) and
+on the drafter's, when it is a triton backend. It stores the block's K/V as the backend does, then reads the
+block's keys and values where the model left them: the backend's own verify path first copies both into
+contiguous tensors, two copy kernels a layer (0.28 ms of a Qwen3-32B verify step on the H200, 2026-11-30). What
+the kernel does not model (sliding windows, logit caps, sinks, scaled FP8 KV caches, a mask over the prefix,
+decode-context parallelism, deterministic mode, score mods) goes to the backend's own `forward_extend`.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
 
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.kernels.split_attention import verify_attention
@@ -49,36 +49,75 @@ def check_splitkv(server_args) -> list[str]:
 def is_triton_backend(attn_backend) -> bool:
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
-    return isinstance(attn_backend, TritonAttnBackend) and hasattr(attn_backend, "verify_splitkv_fwd")
+    return isinstance(attn_backend, TritonAttnBackend) and hasattr(attn_backend, "_set_kv_buffer")
 
 
 def use_splitkv_verify(attn_backend) -> None:
     """Send `attn_backend`'s TARGET_VERIFY attention through our kernel (before its graphs are captured)."""
     if not is_triton_backend(attn_backend):
         raise DFlashConfigError([
-            f"{FLAG} needs the target's verify on SGLang 0.5.16's TritonAttnBackend with its split-KV verify hook; "
+            f"{FLAG} needs the target's verify on SGLang 0.5.16's TritonAttnBackend; "
             f"this one is {type(attn_backend).__name__}: drop {FLAG}"
         ])
-    attn_backend.verify_splitkv_fwd = split_kv_verify_fwd
-    attn_backend.use_verify_splitkv = True
+    if not isinstance(attn_backend.forward_extend, SplitKVVerifyExtend):
+        attn_backend.forward_extend = SplitKVVerifyExtend(attn_backend)
 
 
-def split_kv_verify_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
-                        kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale,
-                        sm_scale=None, logit_cap=0.0, skip_prefix_custom_mask=True, sliding_window_size=-1,
-                        sinks=None, window_kv_offsets=None, xai_temperature_len=-1, max_bs=None) -> bool:
-    """SGLang's `verify_splitkv_fwd` contract: attention of a verify of `max_len_extend` rows per request (causal, a
-    tree's `custom_mask` over the block, or, not causal, the whole block: the drafter's) into `o_extend`, True if
-    served; False (nothing written) for what our kernel does not model, and the backend then runs its prefill
-    kernel. Reads no device value."""
-    batch = qo_indptr.shape[0] - 1
-    unscaled = all(not isinstance(s, torch.Tensor) and float(s) == 1.0 for s in (k_scale, v_scale))
-    if (sinks is not None or (sliding_window_size or -1) > 0 or (logit_cap or 0) > 0
-            or (xai_temperature_len or -1) > 0 or not unscaled or k_buffer.dtype != q_extend.dtype
-            or q_extend.dim() != 3 or batch < 1 or q_extend.shape[0] != batch * int(max_len_extend)
-            or (custom_mask is not None and (mask_indptr is None or not skip_prefix_custom_mask or not is_causal))):
-        return False
-    scale = sm_scale if sm_scale is not None else q_extend.shape[-1] ** -0.5
-    verify_attention(q_extend, k_extend, v_extend, k_buffer, v_buffer, kv_indptr, kv_indices, int(max_len_extend),
-                     scale, out=o_extend, mask=custom_mask, mask_indptr=mask_indptr, causal=bool(is_causal))
-    return True
+class SplitKVVerifyExtend:
+    """A triton backend's `forward_extend` with its TARGET_VERIFY batches served by our kernel; every other call,
+    and every verify our kernel does not model, goes to the backend's own method."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.extend = backend.forward_extend  # the bound original
+
+    def __call__(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
+                 aux_tensors=None):
+        causal = self.causal(layer)
+        if not self.serves(q, k, v, layer, forward_batch, sinks, score_mod, causal):
+            return self.extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, sinks=sinks,
+                               score_mod=score_mod, aux_tensors=aux_tensors)
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        backend, meta = self.backend, self.backend.forward_metadata
+        if save_kv_cache:  # as the backend stores an unscaled cache, before attending
+            backend._set_kv_buffer(forward_batch, layer, KVWriteLoc(
+                forward_batch.out_cache_loc, meta.swa_out_cache_loc, full_loc=meta.out_cache_loc_full_physical), k, v)
+        out = getattr(forward_batch, "_attn_output", None)
+        if out is None:
+            out = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        pool = backend.token_to_kv_pool
+        verify_attention(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+                         k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
+                         v.view(-1, layer.tp_v_head_num, layer.v_head_dim),
+                         pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id), meta.kv_indptr,
+                         meta.kv_indices, int(meta.max_extend_len), layer.scaling,
+                         out=out.view(-1, layer.tp_q_head_num, layer.v_head_dim), mask=meta.custom_mask,
+                         mask_indptr=meta.mask_indptr, causal=causal)
+        return out
+
+    def causal(self, layer) -> bool:
+        """Whether the block attends causally, as the backend's forward_extend decides it."""
+        from sglang.srt.layers.radix_attention import AttentionType
+
+        return not (layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY
+                    or (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
+                        and self.backend.allow_bidirectional_attention_in_extend))
+
+    def serves(self, q, k, v, layer, forward_batch, sinks, score_mod, causal) -> bool:
+        """Whether our kernel computes what the backend would for this call. Reads no device value."""
+        backend, meta = self.backend, self.backend.forward_metadata
+        if not forward_batch.forward_mode.is_target_verify() or k is None or v is None:
+            return False
+        if (sinks is not None or score_mod is not None or layer.k_scale is not None or backend.dcp_size > 1
+                or backend.enable_deterministic
+                or (layer.sliding_window_size is not None and layer.sliding_window_size > -1)
+                or (layer.logit_cap or 0) > 0 or (layer.xai_temperature_len or -1) > 0):
+            return False
+        if backend.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype != q.dtype or meta.max_extend_len is None:
+            return False
+        batch = meta.qo_indptr.shape[0] - 1
+        if batch < 1 or q.shape[0] != batch * int(meta.max_extend_len):
+            return False
+        # A custom mask (a tree's) is read over the block only: the backend's kernel skips its prefix part too.
+        return meta.custom_mask is None or (meta.mask_indptr is not None and causal)
