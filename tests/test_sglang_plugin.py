@@ -1660,14 +1660,13 @@ def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from dflash_sglang.sglang.verify_attention import use_splitkv_verify
-    from tests.test_split_attention import attention_inputs
+    from tests.test_split_attention import attention_inputs, fused_views
 
     heads, kv_heads, dim = 6, 2, 16
     q3, k3, v3, pool_k, pool_v, indptr, indices = attention_inputs(heads, kv_heads, dim, block, lengths, seed=3)
     tokens = q3.shape[0]
-    qkv = torch.cat([q3.reshape(tokens, -1), k3.reshape(tokens, -1), v3.reshape(tokens, -1)], dim=1)
-    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
-    k, v = k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+    q, k, v = fused_views(q3, k3, v3)
+    q = q.view(tokens, -1)  # RadixAttention shapes k and v per head, and leaves q flat
     assert not k.is_contiguous() and not v.is_contiguous()
     layer = RadixAttention(heads, dim, 0.3, kv_heads, layer_id=0,
                            attn_type=attn_type if attn_type is not None else AttentionType.DECODER)

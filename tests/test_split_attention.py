@@ -37,6 +37,15 @@ def attention_inputs(heads, kv_heads, dim, block, lengths, seed, dtype=torch.flo
     return (*floats, indptr.to(device), indices.to(device))
 
 
+def fused_views(q, k_block, v_block):
+    """The same values as views of one fused qkv tensor, as a model's projection leaves them (rows strided by the
+    fused width): what the serving path hands the kernel."""
+    tokens = q.shape[0]
+    qkv = torch.cat([q.reshape(tokens, -1), k_block.reshape(tokens, -1), v_block.reshape(tokens, -1)], dim=1)
+    q_flat, k_flat, v_flat = qkv.split([q[0].numel(), k_block[0].numel(), v_block[0].numel()], dim=1)
+    return q_flat.view(q.shape), k_flat.view(k_block.shape), v_flat.view(v_block.shape)
+
+
 def tree_mask(lengths, block, seed):
     """A random tree per request (node 0 the root, each later node under an earlier one): [bs, B, B] ancestor
     masks, and the same flattened in SGLang's custom-mask layout (B rows of prefix + B, the prefix's set) with its
@@ -102,13 +111,17 @@ def test_split_count_fills_the_gpu_and_stays_within_bounds():
 
 def test_kernel_matches_its_reference_in_tritons_interpreter(triton_interpreter):
     """Both Triton kernels run by Triton's CPU interpreter, float32, every case above as a chain, as a tree (bool and
-    uint8 masks) and as the drafter's full block, against the reference on fresh random inputs."""
+    uint8 masks) and as the drafter's full block, against the reference on fresh random inputs; every other case with
+    the block's q, K and V strided, as the serving path passes them."""
     script = """
 import torch
 from dflash_sglang.kernels import split_attention
-from tests.test_split_attention import CASES, attention_inputs, tree_mask
+from tests.test_split_attention import CASES, attention_inputs, fused_views, tree_mask
 for seed, (heads, kv_heads, dim, block, lengths) in enumerate(CASES):
     inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=100 + seed)
+    if seed % 2:  # every other case reads q and the block's K/V as strided views of one fused tensor
+        inputs = (*fused_views(*inputs[:3]), *inputs[3:])
+        assert not inputs[1].is_contiguous()
     scale = dim ** -0.5
     _, mask, mask_indptr = tree_mask(lengths, block, seed=200 + seed)
     for how in ((None, None, True), (mask, mask_indptr, True), (mask.to(torch.uint8), mask_indptr, True),
@@ -122,19 +135,23 @@ print("ok", len(CASES))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("mode", ["chain", "tree", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout,lengths", [((64, 8, 128, 16), [37, 1024, 4100]),
                                             ((9, 3, 64, 16), [0, 200, 511, 64] * 8),
                                             ((32, 8, 128, 1), [5, 3000]),
                                             ((64, 8, 128, 64), [300, 2000])])
-def test_kernel_matches_its_reference_on_cuda(dtype, layout, lengths, mode):
+def test_kernel_matches_its_reference_on_cuda(dtype, layout, lengths, mode, fused):
     """On the GPU at Qwen3-32B's and SmolLM2's head layouts (a one-row verify, a 64-node tree's width), chains,
-    trees and the drafter's full block, against the float32 reference."""
+    trees and the drafter's full block, against the float32 reference; q and the block's K/V contiguous, or strided
+    views of one fused tensor as the serving path passes them."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     heads, kv_heads, dim, block = layout
     inputs = attention_inputs(heads, kv_heads, dim, block, lengths, seed=5, dtype=dtype, device="cuda")
+    if fused:
+        inputs = (*fused_views(*inputs[:3]), *inputs[3:])
     how = (None, None, mode == "chain")
     if mode == "tree":
         _, mask, mask_indptr = tree_mask(lengths, block, seed=6)
