@@ -180,13 +180,14 @@ class WidthController:
         return current
 
     def summary(self) -> str:
-        """One line per batch-size group: each width's rate, samples and steps run."""
+        """One line per batch-size group: each width's rate and step time (their product is its tokens per step),
+        samples and steps run."""
         lines = []
         for group in sorted(self.rates):
             cells = []
             for width in self.widths:
                 stats = self.rates[group][width]
-                rate = "-" if stats.rate is None else f"{stats.rate:.1f}/s"
+                rate = "-" if stats.rate is None else f"{stats.rate:.1f}/s at {1e3 * stats.step_seconds:.2f} ms/step"
                 cells.append(f"width {width}: {rate} ({stats.samples} samples, "
                              f"{self.steps.get(group, {}).get(width, 0)} steps)")
             lines.append(f"batch {group_range(group)}: " + ", ".join(cells)

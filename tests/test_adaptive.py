@@ -71,6 +71,9 @@ def test_a_batch_size_change_switches_at_once_and_keeps_what_each_group_learned(
     widths = serve(controller, clock, [1] * 40, tiny_target, tokens)
     assert widths[0] == SPEC  # the small-batch group's choice, not the phase the large batch was in
     assert "batch 32-63" in controller.summary() and "runs width 1" in controller.summary()
+    # Each width's rate with its step time (tiny_target: a plain step at 32 requests takes 1 + 0.02 x 32 ms).
+    plain = controller.rates[batch_group(32)][PLAIN_WIDTH]
+    assert f"width 1: {plain.rate:.1f}/s at 1.64 ms/step (" in controller.summary()
 
 
 def test_acceptance_that_drops_is_noticed_by_the_probes():
