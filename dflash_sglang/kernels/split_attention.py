@@ -13,8 +13,8 @@ shaped for a verify:
   (past MAX_BLOCK_M rows, as with 16 query heads per KV head, the rows are tiled over programs);
 - the split count is each request's own, from its prefix length at run time (at least MIN_SPLIT keys a split, at
   most `max_splits`), so a CUDA graph replayed at any length splits as that length needs;
-- a second program per (request, KV head, row tile) adds the block's keys (causal, the tree's mask rows, or all of
-  them) and merges the splits' partial softmaxes.
+- a second program per (request, KV head, MERGE_M query rows) adds the block's keys (causal, the tree's mask rows,
+  or all of them) and merges the splits' partial softmaxes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ OP = "verify_attention"
 MIN_SPLIT = 64  # prefix keys per split at least: shorter splits cost more in the merge than they save
 BLOCK_N = 64  # prefix keys per iteration of a split's loop
 MAX_BLOCK_M = 128  # query rows a program holds (its fp32 accumulator is MAX_BLOCK_M x head dim)
+# Query rows per program of the second pass: the merge reads every split's partial of its rows, so a program per
+# whole row tile would read all of them serially on a handful of SMs (one request on Qwen3-32B: 8 programs, 1 MB
+# each at 16 splits); 16-row chunks spread that over 8x the programs.
+MERGE_M = 16
 TARGET_PROGRAMS = 256  # splits per (request, row tile) are capped so the first pass launches about this many programs
 MAX_SPLITS = 16
 CAUSAL, MASKED, FULL = 0, 1, 2  # what a block row sees of its block: rows up to itself, its mask row's, all
@@ -114,12 +118,12 @@ if triton is not None:
                                 stride_qt, stride_qh, stride_kbt, stride_kbh, stride_vbt, stride_vbh, stride_ot,
                                 stride_oh, sm_scale, max_splits, min_split, B: tl.constexpr, G: tl.constexpr,
                                 D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, TILES: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr,
-                                BLOCK_MODE: tl.constexpr, IEEE: tl.constexpr):
+                                MERGE_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                BLOCK_B: tl.constexpr, BLOCK_MODE: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         tile = tl.program_id(1)
         h = tile // TILES
-        local = tl.arange(0, BLOCK_M)
+        local = tl.program_id(2) * MERGE_M + tl.arange(0, MERGE_M)  # this program's rows of the tile
         m = (tile % TILES) * BLOCK_M + local
         q = _query_tile(q_ptr, b, h, m, stride_qt, stride_qh, B, G, D, BLOCK_D)
         d = tl.arange(0, BLOCK_D)
@@ -216,12 +220,13 @@ def verify_attention_triton(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, 
         k_buffer.stride(0), k_buffer.stride(1), v_buffer.stride(0), v_buffer.stride(1), float(sm_scale), max_splits,
         MIN_SPLIT, BLOCK_N=BLOCK_N, **common, **wide)
     has_mask = mask is not None
-    _block_and_merge_kernel[(batch, kv_heads * tiles)](
+    chunks = triton.cdiv(min(block_m, group * block), MERGE_M)
+    _block_and_merge_kernel[(batch, kv_heads * tiles, chunks)](
         q, k_block, v_block, out, kv_indptr, mask if has_mask else kv_indptr, mask_indptr if has_mask else kv_indptr,
         part_o, part_lse, q.stride(0), q.stride(1), k_block.stride(0), k_block.stride(1), v_block.stride(0),
         v_block.stride(1), out.stride(0), out.stride(1), float(sm_scale), max_splits, MIN_SPLIT,
         BLOCK_B=max(16, triton.next_power_of_2(block)), BLOCK_MODE=MASKED if has_mask else (CAUSAL if causal else FULL),
-        **common, **wide)
+        MERGE_M=MERGE_M, **common)
     return out
 
 
