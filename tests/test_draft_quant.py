@@ -1,6 +1,8 @@
 """The drafter's quantization: `--speculative-draft-model-quantization` (SGLang defaults it to the target's
 `--quantization`) applies to the drafter's layer projections when it quantizes bf16 weights while loading (online
-FP8), and leaves the drafter unquantized, with a warning, otherwise (draft_model.drafter_quant_config)."""
+FP8), and leaves the drafter unquantized, with a warning, otherwise (draft_model.drafter_quant_config); and
+`--speculative-dflash-draft-head-fp8`'s FP8 GEMM on the GPU (draft_head.Fp8HeadWeight; its CPU reference is tested
+in test_sglang_plugin.py)."""
 
 from __future__ import annotations
 
@@ -89,3 +91,26 @@ def test_fp8_drafter_projections_track_their_bf16_weights_on_the_gpu(tmp_path, m
         out, _ = module(x)
         want = F.linear(x, weight)
         assert (out.float() - want.float()).norm() < 0.08 * want.float().norm()
+
+
+@pytest.mark.gpu
+def test_fp8_draft_head_gemm_matches_its_reference_on_the_gpu():
+    """torch._scaled_mm with row scales against the float32 products of the same FP8 values, at Qwen3-32B's head
+    shape and a chain step's 15 draft rows per request (padded to 16s), and the argmax they draft."""
+    from dflash_sglang.sglang.draft_head import Fp8HeadWeight, fp8_gemm_available, quantize_rows_fp8
+
+    if not torch.cuda.is_available() or not fp8_gemm_available(torch.device("cuda")):
+        pytest.skip("needs a CUDA GPU with FP8 matrix products (sm89+)")
+    torch.manual_seed(0)
+    weight = (torch.randn(151936, 5120, device="cuda") * 0.02).to(torch.bfloat16)
+    fp8 = Fp8HeadWeight.quantize(weight)
+    for count in (15, 4 * 15, 64 * 15):
+        rows = torch.randn(count, 5120, device="cuda").to(torch.bfloat16)
+        got = fp8.logits(rows)
+        q_rows, row_scale = quantize_rows_fp8(rows)
+        want = (q_rows.float() * row_scale[:, None]) @ (fp8.qweight.float() * fp8.scale[:, None]).T
+        assert got.shape == want.shape
+        assert ((got - want).abs() <= want.abs() / 128 + 1e-2).all(), (got - want).abs().max()
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05  # rows whose best token is no bf16 near-tie
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])

@@ -100,21 +100,24 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.speculative import dflash_utils
 
-    from dflash_sglang.sglang import adaptive_width, tree_mode, verify_attention
+    from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention
 
-    envs = (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV)
+    envs = (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV,
+            draft_head.FP8_HEAD_ENV)
     for name in envs:
         monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
                               "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4",
-                              "--speculative-dflash-adaptive", "--speculative-dflash-verify-splitkv"])
+                              "--speculative-dflash-adaptive", "--speculative-dflash-verify-splitkv",
+                              "--speculative-dflash-draft-head-fp8"])
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
     assert args.speculative_num_draft_tokens == 32
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
     assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env()
+    assert draft_head.fp8_head_from_env()
     assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
 
 
@@ -695,6 +698,88 @@ def test_draft_head_matches_the_reference_drafter_logits():
                            logit_multiplier=3.0, softcap=30.0)
     expected = reference.logits(hidden.view(3, 4, 16)[:, 1:], lm_head, 30.0).argmax(dim=-1)
     assert torch.equal(head(hidden), expected.reshape(-1))
+
+
+def test_fp8_rows_keep_each_rows_scale_and_e4m3_precision():
+    from dflash_sglang.sglang.draft_head import FP8_MAX, Fp8HeadWeight, quantize_rows_fp8
+
+    x = torch.randn(37, 48) * torch.logspace(-3, 3, 37)[:, None]  # rows six decades apart
+    x[5] = 0
+    q, scale = quantize_rows_fp8(x)
+    back = q.float() * scale[:, None]
+    assert q.dtype == torch.float8_e4m3fn and torch.equal(q.float().abs().amax(-1)[x.abs().amax(-1) > 0],
+                                                          torch.full((36,), FP8_MAX))
+    assert torch.equal(back[5], torch.zeros(48))
+    # e4m3 keeps 3 mantissa bits: within 1/16 of each value, or of the row's smallest normal step near zero.
+    assert ((back - x).abs() <= x.abs() / 16 + scale[:, None] * 2.0 ** -6).all()
+    # Quantized a chunk of rows at a time, the same as all at once.
+    chunked = Fp8HeadWeight.quantize(x, chunk_rows=8)
+    assert torch.equal(chunked.qweight.float(), q.float()) and torch.equal(chunked.scale, scale)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_fp8_draft_head_drafts_the_argmax_and_top_k_of_its_quantized_logits(topk):
+    """The heads take an FP8 weight as they take a tensor: on the CPU its logits are the float32 products of the
+    dequantized rows and weight (the reference the FP8 GEMM is tested against on the GPU), padding rows past
+    num_rows never drafted, close to the bf16 head's logits."""
+    from dflash_sglang.sglang.draft_head import (Fp8HeadWeight, TopkDraftHead, drafter_logits, quantize_rows_fp8)
+
+    torch.manual_seed(7)
+    weight = torch.cat([torch.randn(40, 16), 100 * torch.ones(8, 16)])  # 8 padding rows that would win if read
+    hidden = 4 * torch.randn(3 * 4, 16)
+    fp8 = Fp8HeadWeight.quantize(weight)
+    rows = hidden.view(3, 4, 16)[:, 1:].reshape(-1, 16)
+    q_rows, row_scale = quantize_rows_fp8(rows)
+    dequantized = (q_rows.float() * row_scale[:, None]) @ (fp8.qweight.float() * fp8.scale[:, None])[:40].T
+    want = 30.0 * torch.tanh(2.0 * dequantized / 30.0)
+    got = drafter_logits(rows, fp8, 2.0, 30.0, num_rows=40)
+    assert got.shape == (9, 40) and torch.allclose(got, want, atol=1e-5)
+    exact, approx = drafter_logits(rows, weight, num_rows=40), drafter_logits(rows, fp8, num_rows=40)
+    assert (approx - exact).abs().max() < 0.05 * exact.abs().max()  # e4m3 rounds each value by up to 1/16
+    common = dict(num_rows=40, logit_multiplier=2.0, softcap=30.0)
+    if topk is None:
+        assert torch.equal(GreedyDraftHead(fp8, 4, **common)(hidden), want.argmax(-1))
+    else:
+        logprobs, ids = TopkDraftHead(fp8, 4, topk=topk, **common)(hidden)
+        values, want_ids = want.topk(topk, dim=-1)
+        assert torch.equal(ids, want_ids) and (ids < 40).all()
+        assert torch.allclose(logprobs, values - torch.logsumexp(want, -1, keepdim=True), atol=1e-5)
+
+
+def test_fp8_draft_head_is_refused_at_startup_off_an_fp8_gpu_and_on_unaligned_shapes(tiny_dirs):
+    """Before the draft worker is built: the CPU has no FP8 GEMM, and a 12-wide head fits no FP8 GEMM shape."""
+    from dflash_sglang.sglang.draft_head import FP8_HEAD_FLAG
+    from dflash_sglang.sglang.worker import check_startup
+
+    target, drafter = tiny_dirs["qwen3"]
+    runner = fake_target_runner(target)
+    check_startup(startup_args(target, drafter), runner)  # the pair itself is fine
+    runner.model.lm_head.weight = torch.randn(40, 12)
+    with pytest.raises(DFlashConfigError) as refused:
+        check_startup(startup_args(target, drafter), runner, fp8_head=True)
+    assert refused.value.messages == [
+        f"{FP8_HEAD_FLAG} needs FP8 matrix products (a CUDA GPU of compute capability 8.9 or newer, e.g. L40S, "
+        f"H100, H200, B200); the head is on cpu: drop {FP8_HEAD_FLAG}",
+        f"{FP8_HEAD_FLAG} needs the head's rows and hidden size in multiples of 16 (FP8 GEMM shapes); this head is "
+        f"[40, 12]: drop {FP8_HEAD_FLAG}"]
+
+
+def test_the_fp8_head_flag_reaches_the_workers_startup_check(tiny_dirs, monkeypatch):
+    from dflash_sglang.sglang import worker as worker_module
+    from dflash_sglang.sglang.draft_head import FP8_HEAD_ENV, FP8_HEAD_FLAG
+    from dflash_sglang.sglang.tree_mode import BUDGET_ENV
+
+    def built(*args, **kwargs):
+        raise AssertionError("the draft worker was built for a refused FP8 head")
+
+    monkeypatch.setattr(worker_module, "build_draft_worker", built)
+    monkeypatch.setenv(BUDGET_ENV, "")
+    monkeypatch.setenv(FP8_HEAD_ENV, "1")
+    target, drafter = tiny_dirs["qwen3"]
+    target_worker = SimpleNamespace(model_runner=fake_target_runner(target), device="cpu")
+    with pytest.raises(DFlashConfigError, match=re.escape(f"{FP8_HEAD_FLAG} needs FP8 matrix products")):
+        worker_module.DFlashWorker(startup_args(target, drafter), gpu_id=0, ps=None, nccl_port=0,
+                                   target_worker=target_worker)
 
 
 # ------------------------------------------------------------------ the worker's step, with fake runners

@@ -307,16 +307,17 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
     cmd = ["bash", str(REPO / "scripts" / "device" / "shape.sh"), "--shape", "qwen3-32b", "--port", "30217",
            "--prompts", "2", "--prompt-tokens", "40", "--max-tokens", "12", "--draft-backend", "triton",
-           "--stages", "ar b16 t16 t64 t63fp8 b8fp8 b16fp8sk",
+           "--stages", "ar b16 t16 t64 t63fp8 b8fp8 b16fp8sk b16fp8fhsk",
            "--profile"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = out / "shape-qwen3-32b"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["shape"] == "qwen3-32b" and summary["run"]["port"] == 30217
-    stages = ["ar", "b16", "t16", "t64", "t63fp8", "b8fp8", "b16fp8sk"]
+    stages = ["ar", "b16", "t16", "t64", "t63fp8", "b8fp8", "b16fp8sk", "b16fp8fhsk"]
     assert summary["run"]["stages"] == stages and summary["run"]["gpu"]["index"] == "3"
-    assert list(summary["stages"]) == ["ar", "b16", "b8fp8", "b16fp8sk", "t16", "t64", "t63fp8"]  # shape.py's order
+    assert list(summary["stages"]) == ["ar", "b16", "b8fp8", "b16fp8sk", "t16", "t64", "t63fp8",
+                                       "b16fp8fhsk"]  # shape.py's order
     assert summary["run"]["prompt_tokens"] == 40
     assert all(s["status"] == "ok" for s in summary["stages"].values()), summary["stages"]
     assert summary["stages"]["t64"]["tree_mode_seen"] == {"budget": 64, "topk": 4}
@@ -341,11 +342,15 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
         profile = summary["stages"][name]["profile"]
         assert profile["steps"] == 1 and profile["gpu_kernel_us_per_step"] == 100 * rows, name
     assert "--speculative-draft-model-quantization" not in argv("t64")
-    for name in ("t63fp8", "b8fp8", "b16fp8sk"):
+    for name in ("t63fp8", "b8fp8", "b16fp8sk", "b16fp8fhsk"):
         args = argv(name)
         assert args[args.index("--speculative-draft-model-quantization") + 1] == "fp8"
-    # Only the sk stage asks for the split-KV verify; every stage's requests are the 40-token prompts.
-    assert [name for name in stages if "--speculative-dflash-verify-splitkv" in argv(name)] == ["b16fp8sk"]
+    # Only the sk stages ask for the split-KV verify, only the fh one for the FP8 head; every stage's requests are
+    # the 40-token prompts.
+    assert [name for name in stages if "--speculative-dflash-verify-splitkv" in argv(name)] == ["b16fp8sk",
+                                                                                              "b16fp8fhsk"]
+    assert [name for name in stages if "--speculative-dflash-draft-head-fp8" in argv(name)] == ["b16fp8fhsk"]
+    assert shape.mode_label(summary["stages"]["b16fp8fhsk"]) == "chain B=16, fp8 drafter, fp8 head, split-KV verify"
     sk = argv("b16fp8sk")
     assert sk[sk.index("--speculative-num-draft-tokens") + 1] == "16" and sk[sk.index("--context-length") + 1] == "8192"
     assert summary["stages"]["b16fp8sk"]["verify_splitkv"] is True

@@ -5,6 +5,7 @@
   --speculative-dflash-adaptive        each step speculates or decodes plainly, whichever is faster at the running
                                        batch size (adaptive_width.py)
   --speculative-dflash-verify-splitkv  verifies attend through our split-KV verify kernel (verify_attention.py)
+  --speculative-dflash-draft-head-fp8  drafts through an FP8 copy of the target's head (draft_head.py)
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
 environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
@@ -16,7 +17,7 @@ import argparse
 import os
 
 from dflash_sglang.config import DFlashConfigError
-from dflash_sglang.sglang import adaptive_width, tree_mode, verify_attention
+from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention
 
 ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -25,7 +26,8 @@ FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 def add_cli_args_hook(original, parser: argparse.ArgumentParser):
     """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
     original(parser)
-    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width, split-KV verify)")
+    group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width, split-KV verify, "
+                                       "FP8 draft head)")
     group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
                        help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
                             "sets --speculative-num-draft-tokens to budget + 1")
@@ -39,6 +41,10 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                        help="DFLASH: the target's verifies (chain or tree) attend through dflash_sglang's split-KV "
                             "verify kernel (flash-decoding over the context) instead of SGLang's prefill kernel; "
                             "needs --attention-backend triton")
+    group.add_argument(draft_head.FP8_HEAD_FLAG, action="store_true", default=False,
+                       help="DFLASH: the drafter's logits come from an FP8 copy of the target's LM head (one scale "
+                            "per vocab row): half the bytes each draft reads, at the head's size in extra memory; "
+                            "drafts only, the target verifies in its own precision; needs an FP8 GPU (sm89+)")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):
@@ -56,4 +62,6 @@ def from_cli_args_hook(original, cls, args: argparse.Namespace):
         os.environ[adaptive_width.ADAPTIVE_ENV] = "1"
     if getattr(args, "speculative_dflash_verify_splitkv", False):
         os.environ[verify_attention.SPLITKV_ENV] = "1"
+    if getattr(args, "speculative_dflash_draft_head_fp8", False):
+        os.environ[draft_head.FP8_HEAD_ENV] = "1"
     return original(cls, args)

@@ -75,7 +75,13 @@ from dflash_sglang.sglang.adaptive_width import (
     check_adaptive,
     widths_from_env,
 )
-from dflash_sglang.sglang.draft_head import GreedyDraftHead, TopkDraftHead
+from dflash_sglang.sglang.draft_head import (
+    Fp8HeadWeight,
+    GreedyDraftHead,
+    TopkDraftHead,
+    check_fp8_head,
+    fp8_head_from_env,
+)
 from dflash_sglang.sglang.draft_model import use_as_dflash_draft_model
 from dflash_sglang.sglang.draft_state import DraftState
 from dflash_sglang.sglang.tree_mode import TreeSettings, check_tree, settings_from_env
@@ -111,9 +117,10 @@ class DFlashWorker(BaseSpecWorker):
         self.tree = settings_from_env()
         adaptive = adaptive_from_env()
         self.splitkv = splitkv_from_env()
+        fp8_head = fp8_head_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
-                                                              self.splitkv)
+                                                              self.splitkv, fp8_head)
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
@@ -128,7 +135,7 @@ class DFlashWorker(BaseSpecWorker):
         target_model = self.model_runner.model
         self.draft_model.use_target_embedding(target_model.get_input_embeddings())
         self.draft_head = make_draft_head(
-            target_model.lm_head, self.drafter_config, self.target_info, self.block_size, self.tree
+            target_model.lm_head, self.drafter_config, self.target_info, self.block_size, self.tree, fp8=fp8_head
         )
         if self.tree:
             logger.info(
@@ -470,7 +477,7 @@ class DFlashWorker(BaseSpecWorker):
 
 
 def check_startup(server_args, target_runner, tree: TreeSettings | None = None, adaptive: bool = False,
-                  splitkv: bool = False) -> tuple[DFlashConfig, TargetInfo]:
+                  splitkv: bool = False, fp8_head: bool = False) -> tuple[DFlashConfig, TargetInfo]:
     """Validate the drafter/target pair and the serving flags; raise DFlashConfigError listing every problem."""
     block = int(server_args.speculative_num_draft_tokens)
     errors: list[str] = []
@@ -544,6 +551,8 @@ def check_startup(server_args, target_runner, tree: TreeSettings | None = None, 
             "the target must expose an unquantized `lm_head.weight` (the drafter reads its logits through it); "
             "serve an unquantized head or set DFLASH_SGLANG_DISABLE=1"
         )
+    elif fp8_head:
+        errors += check_fp8_head(head_weight)
     if errors:
         raise DFlashConfigError(errors)
     return config, target
@@ -603,8 +612,8 @@ def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runn
 
 
 def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_size: int,
-                    tree: TreeSettings | None = None) -> GreedyDraftHead:
-    weight = lm_head.weight
+                    tree: TreeSettings | None = None, fp8: bool = False) -> GreedyDraftHead:
+    weight = Fp8HeadWeight.quantize(lm_head.weight) if fp8 else lm_head.weight
     shard = getattr(lm_head, "shard_indices", None)
     if shard is None:
         # A head without shard metadata (e.g. Gemma's tied embedding) is replicated on every rank.

@@ -40,7 +40,7 @@ TREE_BUDGETS = (16, 31, 32, 63, 64)
 # name -> mode, the drafter's block, tree budget (draft nodes); in the order the stages are listed. A name ending
 # in fp8: the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); in sk: the verify's
 # attention on our split-KV kernel (--speculative-dflash-verify-splitkv), whose gain grows with the context
-# (shape.sh --prompt-tokens).
+# (shape.sh --prompt-tokens); fh before it: the draft head in FP8 (--speculative-dflash-draft-head-fp8).
 # Chain blocks with a stage. B = 8 prices a shorter verify: on Qwen3-32B the 16-row verify alone cost 1.055x an AR
 # step (2026-11-30), and the step's bar is 1.10x.
 CHAIN_BLOCKS = (8, 16, 32, 64)
@@ -57,6 +57,10 @@ STAGES = {
     **{f"t{n}sk": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "verify_splitkv": True} for n in (31, 63)},
     **{f"t{n}fp8sk": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n, "draft_quantization": "fp8",
                       "verify_splitkv": True} for n in (31, 63)},
+    "b16fp8fhsk": {"mode": "chain", "block": 16, "tree_budget": None, "draft_quantization": "fp8",
+                   "draft_head": "fp8", "verify_splitkv": True},
+    "t31fp8fhsk": {"mode": "tree", "block": TREE_BLOCK, "tree_budget": 31, "draft_quantization": "fp8",
+                   "draft_head": "fp8", "verify_splitkv": True},
 }
 # Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
 # Math500 c1, vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.
@@ -359,6 +363,7 @@ def mode_label(stage: dict) -> str:
         label = f"chain B={stage['block']}"
     quantized = stage.get("draft_quantization")
     label += f", {quantized} drafter" if quantized else ""
+    label += f", {stage['draft_head']} head" if stage.get("draft_head") else ""
     return label + (", split-KV verify" if stage.get("verify_splitkv") else "")
 
 

@@ -14,6 +14,7 @@
 #         (N = 16, 31, 32, 63, 64; verify width N + 1)            -> the same
 #   tNfp8 the tree with the FP8 drafter (N = 31, 63)              -> the same
 #   tNsk, tNfp8sk  t31 / t63 (and with the FP8 drafter) on our split-KV verify kernel, the tree's mask in it
+#   b16fp8fhsk, t31fp8fhsk  b16fp8sk / t31fp8sk with the draft head in FP8 too (--speculative-dflash-draft-head-fp8)
 # --shape gemma-4-31b (default): the Gemma-4-31B-it layout and the z-lab gemma-4-31B-it-DFlash drafter shape;
 # --shape qwen3-32b: Qwen3-32B and a z-lab-style 5-layer drafter (dflash_sglang/shapes.py). The drafter has random
 # weights, so acceptance is ~1 and only cost is measured; B = 8 / 32 / 64 reuse it with block_size changed. Each
@@ -59,7 +60,7 @@ PROFILE=0
 TREE_TOPK=4         # shape.py's TREE_TOPK
 # shape.py's STAGES, in its order
 STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 b16sk b16fp8sk t16 t31 t32 t63 t64 t31fp8 t63fp8 t31sk t63sk t31fp8sk"
-STAGE_NAMES+=" t63fp8sk"
+STAGE_NAMES+=" t63fp8sk b16fp8fhsk t31fp8fhsk"
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -252,9 +253,10 @@ run_stage() {
   "${HELPER[@]}" summarize --dir "$OUT"   # what is measured so far survives a kill at the device's limit
 }
 
-stage_flags() {  # stage name: bN / tN, then fp8 (FP8 drafter), then sk (split-KV verify)
+stage_flags() {  # stage name: bN / tN, then fp8 (FP8 drafter), then fh (FP8 draft head), then sk (split-KV verify)
   local base="$1" extra=()
   case "$base" in *sk) base="${base%sk}"; extra+=(--speculative-dflash-verify-splitkv) ;; esac
+  case "$base" in *fh) base="${base%fh}"; extra+=(--speculative-dflash-draft-head-fp8) ;; esac
   case "$base" in *fp8) base="${base%fp8}"; extra+=(--speculative-draft-model-quantization fp8) ;; esac
   case "$base" in
     b*) chain_flags "${base#b}" ;;
