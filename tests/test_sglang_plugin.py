@@ -1735,7 +1735,8 @@ def test_the_worker_constructor_reads_no_attention_backend(tiny_dirs, monkeypatc
 
 
 def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=None, mode="TARGET_VERIFY",
-                         layer_changes=None, backend_changes=None, call_changes=None, pool_dtype=torch.float32):
+                         layer_changes=None, backend_changes=None, call_changes=None, pool_dtype=None,
+                         dtype=torch.float32, device="cpu", layout=(6, 2, 16)):
     """One call of a triton backend's forward_extend after use_splitkv_verify, as SGLang's RadixAttention makes it:
     q a view of the fused qkv projection, k and v views of it shaped per head (not contiguous). The backend is the
     real class without its GPU-only __init__, its pool stores what set_kv_buffer is given, its own forward_extend a
@@ -1747,13 +1748,15 @@ def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=
     from dflash_sglang.sglang.verify_attention import use_splitkv_verify
     from tests.test_split_attention import attention_inputs, fused_views
 
-    heads, kv_heads, dim = 6, 2, 16
-    q3, k3, v3, pool_k, pool_v, indptr, indices = attention_inputs(heads, kv_heads, dim, block, lengths, seed=3)
+    heads, kv_heads, dim = layout
+    q3, k3, v3, pool_k, pool_v, indptr, indices = attention_inputs(heads, kv_heads, dim, block, lengths, seed=3,
+                                                                   dtype=dtype, device=device)
+    pool_dtype = pool_dtype or dtype
     tokens = q3.shape[0]
     q, k, v = fused_views(q3, k3, v3)
     q = q.view(tokens, -1)  # RadixAttention shapes k and v per head, and leaves q flat
     assert not k.is_contiguous() and not v.is_contiguous()
-    layer = RadixAttention(heads, dim, 0.3, kv_heads, layer_id=0,
+    layer = RadixAttention(heads, dim, dim ** -0.5, kv_heads, layer_id=0,
                            attn_type=attn_type if attn_type is not None else AttentionType.DECODER)
     for name, value in (layer_changes or {}).items():
         setattr(layer, name, value)
@@ -1764,7 +1767,8 @@ def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=
         set_kv_buffer=lambda layer_, loc, k_, v_: stored.append((loc, k_.clone(), v_.clone())))
     backend.dcp_size, backend.enable_deterministic, backend.allow_bidirectional_attention_in_extend = 1, False, True
     backend.forward_metadata = SimpleNamespace(
-        qo_indptr=torch.arange(len(lengths) + 1, dtype=torch.int32) * block, kv_indptr=indptr, kv_indices=indices,
+        qo_indptr=torch.arange(len(lengths) + 1, dtype=torch.int32, device=device) * block, kv_indptr=indptr,
+        kv_indices=indices,
         custom_mask=mask, mask_indptr=mask_indptr, max_extend_len=block, swa_out_cache_loc=None,
         out_cache_loc_full_physical=None)
     for name, value in (backend_changes or {}).items():
@@ -1772,7 +1776,7 @@ def split_kv_verify_call(block, lengths, mask=None, mask_indptr=None, attn_type=
     backend.forward_extend = lambda *args, **kwargs: extended.append((args, kwargs)) or "the backend's own"
     use_splitkv_verify(backend)
     forward_batch = SimpleNamespace(forward_mode=getattr(ForwardMode, mode),
-                                    out_cache_loc=torch.arange(tokens) + 1000)
+                                    out_cache_loc=torch.arange(tokens, device=device) + 1000)
     out = backend.forward_extend(q, k, v, layer, forward_batch, **(call_changes or {}))
     return out, (q3, k3, v3, pool_k, pool_v, indptr, indices), stored, extended
 
@@ -1798,7 +1802,7 @@ def test_split_kv_verify_serves_chains_trees_and_the_drafters_block_and_passes_o
         out, inputs, stored, extended = split_kv_verify_call(block, lengths, **changes)
         q3, k3, v3 = inputs[:3]
         assert not extended and out.shape == (q3.shape[0], q3.shape[1] * q3.shape[2])
-        want = verify_attention_reference(*inputs, block, 0.3, torch.empty_like(q3), want_mask,
+        want = verify_attention_reference(*inputs, block, 16 ** -0.5, torch.empty_like(q3), want_mask,
                                           changes.get("mask_indptr"), causal)
         assert torch.equal(out.view_as(q3), want), changes
         [(loc, k_stored, v_stored)] = stored
@@ -1823,3 +1827,37 @@ def test_split_kv_verify_serves_chains_trees_and_the_drafters_block_and_passes_o
         forward_metadata=SimpleNamespace(qo_indptr=torch.tensor([0, 3, 6]), max_extend_len=4, custom_mask=None,
                                          mask_indptr=None)))
     assert out == "the backend's own" and not stored
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["chain", "tree", "full"])
+def test_split_kv_verify_matches_sglangs_extend_kernel_on_the_gpu(mode, dtype):
+    """The takeover against what it replaces: SGLang's own verify attention (`extend_attention_fwd`, the triton
+    backend's TARGET_VERIFY kernel, on contiguous copies of the block K/V as the backend makes them) on the same
+    fresh random inputs, at Qwen3-32B's head layout: a chain, a tree's custom mask and the drafter's full block."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    from tests.test_split_attention import tree_mask
+
+    block, lengths, layout = 16, [37, 1024, 300, 0], (64, 8, 128)
+    mask = mask_indptr = None
+    if mode == "tree":
+        _, mask, mask_indptr = tree_mask(lengths, block, seed=11)
+        mask, mask_indptr = mask.cuda(), mask_indptr.cuda()
+    attn_type = AttentionType.DECODER_BIDIRECTIONAL if mode == "full" else None
+    out, inputs, stored, extended = split_kv_verify_call(block, lengths, mask=mask, mask_indptr=mask_indptr,
+                                                         attn_type=attn_type, dtype=dtype, device="cuda",
+                                                         layout=layout)
+    assert not extended and len(stored) == 1
+    q3, k3, v3, pool_k, pool_v, indptr, indices = inputs
+    want = torch.empty_like(q3)
+    qo_indptr = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda") * block
+    extend_attention_fwd(q3, k3.contiguous(), v3.contiguous(), want, pool_k, pool_v, qo_indptr, indptr,
+                         indices.to(torch.int64), mask, mode != "full", mask_indptr, block, 1.0, 1.0,
+                         layout[2] ** -0.5)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.view_as(q3).float(), want.float(), atol=tol), (out.view_as(q3) - want).abs().max()

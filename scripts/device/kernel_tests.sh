@@ -36,15 +36,16 @@ timeout 120 $PY -m pytest -m gpu tests/test_context_kv.py -q -p no:cacheprovider
   2>&1 | tee "$OUT/pytest_gpu_errors.log"
 errors=${PIPESTATUS[0]}
 # Serving-path GPU tests outside the CUDA library: the context write captured in a graph, the FP8 drafter's
-# projections, the verify attention (a Triton kernel).
+# projections and draft head, the verify attention (a Triton kernel) and its takeover of SGLang's verify path
+# against SGLang's own kernel.
 timeout 180 $PY -m pytest -m gpu tests/test_verify_context.py tests/test_draft_quant.py tests/test_split_attention.py \
-  -q -p no:cacheprovider \
+  tests/test_sglang_plugin.py -q -p no:cacheprovider \
   2>&1 | tee "$OUT/pytest_gpu_verify_context.log"
 context=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
-echo "gpu tests exit $tests, error-path test exit $errors, graph context write, FP8 drafter and verify attention" \
+echo "gpu tests exit $tests, error-path test exit $errors, graph context write, FP8 drafter and head, verify attention" \
   "exit $context," \
   "benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
