@@ -45,8 +45,8 @@ context=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench=$?
-echo "gpu tests exit $tests, error-path test exit $errors, graph context write, FP8 drafter and head, verify attention" \
-  "exit $context," \
+echo "gpu tests exit $tests, error-path test exit $errors," \
+  "graph context write, FP8 drafter and head, verify attention exit $context," \
   "benchmark exit $bench (logs in $OUT)"
 tail -n 48 "$OUT/bench.log"  # the summary tables, or the benchmark's error
 if [ "$tests" -ne 0 ]; then
