@@ -19,10 +19,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DFLASH_KERNEL_CACHE=${DFLASH_KERNEL_CACHE:-/tmp/dflash_kernel_cache} DFLASH_KERNELS=cuda
 PY=${PYTHON:-python3}
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# Seven files in $OUT (eight with reference_ops.txt), the most a device command brings back: the GPU's name heads
+# build.log, and the error-path and serving-path pytest runs share pytest_gpu_serving.log.
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 
-timeout 120 $PY -m dflash_sglang.kernels build --verbose >"$OUT/build.log" 2>&1
+timeout 120 $PY -m dflash_sglang.kernels build --verbose >>"$OUT/build.log" 2>&1
 build=$?
 tail -n 3 "$OUT/build.log"
 if [ "$build" -ne 0 ]; then echo "kernel build failed (exit $build): see $OUT/build.log"; exit "$build"; fi
@@ -33,14 +35,14 @@ timeout 180 $PY -m pytest -m gpu tests/test_kernels.py tests/test_context_kv.py 
   -k "not library_errors" --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
 tests=${PIPESTATUS[0]}
 timeout 120 $PY -m pytest -m gpu tests/test_context_kv.py -q -p no:cacheprovider -k library_errors \
-  2>&1 | tee "$OUT/pytest_gpu_errors.log"
+  2>&1 | tee "$OUT/pytest_gpu_serving.log"
 errors=${PIPESTATUS[0]}
 # Serving-path GPU tests outside the CUDA library: the context write captured in a graph, the FP8 drafter's
 # projections and draft head, the verify attention (a Triton kernel) and its takeover of SGLang's verify path
 # against SGLang's own kernel.
 timeout 180 $PY -m pytest -m gpu tests/test_verify_context.py tests/test_draft_quant.py tests/test_split_attention.py \
   tests/test_sglang_plugin.py -q -p no:cacheprovider \
-  2>&1 | tee "$OUT/pytest_gpu_verify_context.log"
+  2>&1 | tee -a "$OUT/pytest_gpu_serving.log"
 context=${PIPESTATUS[0]}
 
 timeout 90 $PY scripts/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
