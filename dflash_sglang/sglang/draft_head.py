@@ -192,6 +192,7 @@ class Fp8HeadWeight:
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
         self.qweight, self.scale, self.dtype = qweight, scale, dtype  # dtype: the draft rows' (the head's own)
+        self.fp8_gemm = fp8_gemm_available(qweight.device)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, chunk_rows: int = 8192) -> Fp8HeadWeight:
@@ -215,7 +216,7 @@ class Fp8HeadWeight:
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [N, H] -> float32 logits [N, V]."""
         count = rows.shape[0]
-        if fp8_gemm_available(self.device):
+        if self.fp8_gemm:
             padded = torch.nn.functional.pad(rows, (0, 0, 0, (-count) % FP8_ALIGN))
             q_rows, row_scale = quantize_rows_fp8(padded)
             out = torch._scaled_mm(q_rows, self.qweight.t(), scale_a=row_scale[:, None],
