@@ -764,6 +764,28 @@ def test_fp8_draft_head_is_refused_at_startup_off_an_fp8_gpu_and_on_unaligned_sh
         f"[40, 12]: drop {FP8_HEAD_FLAG}"]
 
 
+@pytest.mark.parametrize("tree_budget", [None, 7])
+def test_make_draft_head_builds_the_fp8_head_over_the_whole_padded_head(tiny_dirs, tree_budget):
+    """fp8=True: the head's weight is an FP8 copy of lm_head.weight, its row count taken from the bf16 weight (an
+    FP8 copy has no `shape`); chain and tree heads draft what its logits say."""
+    from dflash_sglang.sglang.draft_head import Fp8HeadWeight, TopkDraftHead, drafter_logits
+    from dflash_sglang.sglang.tree_mode import TreeSettings
+    from dflash_sglang.sglang.worker import check_startup, make_draft_head
+
+    target, drafter = tiny_dirs["qwen3"]
+    config, info = check_startup(startup_args(target, drafter), fake_target_runner(target))
+    lm_head = SimpleNamespace(weight=torch.randn(info.vocab_size, config.hidden_size))
+    tree = tree_budget and TreeSettings(budget=tree_budget, topk=2)
+    head = make_draft_head(lm_head, config, info, 4, tree, fp8=True)
+    assert isinstance(head.weight, Fp8HeadWeight) and head.num_rows == info.vocab_size
+    assert isinstance(head, TopkDraftHead) == bool(tree)
+    hidden = torch.randn(2 * 4, config.hidden_size)
+    rows = hidden.view(2, 4, -1)[:, 1:].reshape(-1, config.hidden_size)
+    logits = drafter_logits(rows, head.weight, head.logit_multiplier, head.softcap, head.num_rows)
+    drafted = head(hidden)
+    assert torch.equal(drafted[1][:, 0] if tree else drafted, logits.argmax(-1))
+
+
 def test_the_fp8_head_flag_reaches_the_workers_startup_check(tiny_dirs, monkeypatch):
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.draft_head import FP8_HEAD_ENV, FP8_HEAD_FLAG

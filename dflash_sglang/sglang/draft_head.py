@@ -209,10 +209,6 @@ class Fp8HeadWeight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.qweight.shape
-
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [N, H] -> float32 logits [N, V]."""
         count = rows.shape[0]

@@ -613,15 +613,15 @@ def build_draft_worker(server_args, gpu_id: int, ps, nccl_port: int, target_runn
 
 def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_size: int,
                     tree: TreeSettings | None = None, fp8: bool = False) -> GreedyDraftHead:
-    weight = Fp8HeadWeight.quantize(lm_head.weight) if fp8 else lm_head.weight
     shard = getattr(lm_head, "shard_indices", None)
     if shard is None:
         # A head without shard metadata (e.g. Gemma's tied embedding) is replicated on every rank.
-        num_rows, vocab_start, tp_group = weight.shape[0], 0, None
+        num_rows, vocab_start, tp_group = lm_head.weight.shape[0], 0, None
     else:
         num_rows, vocab_start = shard.num_org_elements, shard.org_vocab_start_index
         group = get_tp_group()
         tp_group = group if group.world_size > 1 else None
+    weight = Fp8HeadWeight.quantize(lm_head.weight) if fp8 else lm_head.weight
     common = dict(num_rows=num_rows, vocab_start=vocab_start, logit_multiplier=config.output_multiplier,
                   softcap=default_softcap(config, target), tp_group=tp_group)
     if tree is not None:
