@@ -6,10 +6,12 @@ them. Per layer of the given head layout, at several context lengths and batch s
 request (a chain, or with --tree a random tree under its custom mask); the verify kernels' outputs are checked
 against the float32 reference (`verify_attention_reference`) on the same inputs.
 
-    PYTHONPATH=$PWD python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json [--graph-buffer]
+    PYTHONPATH=$PWD:$PYTHONPATH python scripts/device/verify_attention_bench.py --out $OUT/verify-attention.json \
+        [--graph-buffer] [--tree --block 64] [--min-split "128 256"]
 
-Prints a table last: us per layer for each kernel, ours against the prefill kernel, max |error|. The committed
-results (docs/results/verify-attention-h200-2026-11-30*.json) predate our kernel's column.
+(keep `:$PYTHONPATH`: on the box it holds SGLang's site.) Prints a table last: us per layer for each kernel, ours
+against the prefill kernel, max |error|; with --min-split, ours again at each of those least keys per split. The
+committed results: docs/results/verify-attention-h200-2026-11-30*.json.
 """
 
 from __future__ import annotations
@@ -63,12 +65,14 @@ def tree_mask(bs: int, context: int, block: int, seed: int, device: str) -> tupl
 
 
 def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffer: bool = False,
-         tree: bool = False, dev: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+         tree: bool = False, dev: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+         min_splits: tuple[int, ...] = ()) -> dict:
     """One row of the table (`dev` and `dtype` other than CUDA / bf16 only for a dry run of the plumbing)."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.verify_splitkv import verify_splitkv_fwd
 
+    from dflash_sglang.kernels import split_attention
     from dflash_sglang.kernels.split_attention import verify_attention, verify_attention_reference
 
     heads, kv_heads, dim = LAYOUTS[layout]
@@ -102,6 +106,19 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
     ours = lambda: verify_attention(q, k_block, v_block, k_buffer, v_buffer, kv_indptr, kv_indices,  # noqa: E731
                                     block, scale, out=out_ours, mask=mask, mask_indptr=mask_indptr)
     ours_us = timed_us(ours, iters)
+    want = verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr[: bs + 1],
+                                      kv_indices[: bs * context], block, scale, torch.empty(q.shape, device=dev),
+                                      mask, mask_indptr)
+    max_err = lambda out: (out.float() - want).abs().max().item()  # noqa: E731
+    ours_by_min_split, err_by_min_split, default_min_split = {}, {}, split_attention.MIN_SPLIT
+    for min_split in min_splits:  # the kernel reads MIN_SPLIT at each launch
+        split_attention.MIN_SPLIT = min_split
+        try:
+            ours_by_min_split[min_split] = timed_us(ours, iters)
+            err_by_min_split[min_split] = max_err(out_ours)
+        finally:
+            split_attention.MIN_SPLIT = default_min_split
+    ours()  # out_ours as the default split count writes it, for the error below
 
     # An AR step's attention: one row per request over its prefix plus itself (decode kernel, 8 KV splits).
     splits = 8
@@ -116,14 +133,11 @@ def case(layout: str, bs: int, context: int, block: int, iters: int, graph_buffe
                                                       decode_indices.to(torch.int64), logits, lse, num_splits,
                                                       splits, scale, 1.0, 1.0), iters)
 
-    want = verify_attention_reference(q, k_block, v_block, k_buffer, v_buffer, kv_indptr[: bs + 1],
-                                      kv_indices[: bs * context], block, scale, torch.empty(q.shape, device=dev),
-                                      mask, mask_indptr)
-    errors = {name: (out.float() - want).abs().max().item()
-              for name, out in (("extend", out_extend), ("split", out_split), ("ours", out_ours))}
+    errors = {name: max_err(out) for name, out in (("extend", out_extend), ("split", out_split), ("ours", out_ours))}
     return {"layout": layout, "bs": bs, "context": context, "block": block, "graph_buffer": graph_buffer,
             "tree": tree, "extend_us": extend_us,
             "split_us": split_us, "split_served": bool(served), "ours_us": ours_us, "decode_us": decode_us,
+            "ours_us_by_min_split": ours_by_min_split, "max_err_ours_by_min_split": err_by_min_split,
             "max_err_extend": errors["extend"], "max_err_split": errors["split"] if served else None,
             "max_err_ours": errors["ours"]}
 
@@ -139,7 +153,10 @@ def main() -> int:
     parser.add_argument("--tree", action="store_true",
                         help="a random tree of --block nodes per request under its custom mask (try --block 64); "
                              "SGLang's split kernel, causal only, sits out")
+    parser.add_argument("--min-split", default="",
+                        help="ours again with each of these least prefix keys per split (the kernel's MIN_SPLIT)")
     args = parser.parse_args()
+    min_splits = tuple(int(x) for x in args.min_split.split())
     plan = [("qwen3-32b", bs, ctx) for bs in (1, 4) for ctx in (256, 1024, 4096, 8192)]
     plan += [("smollm2-135m", bs, ctx) for bs in (1, 32) for ctx in (256, 1024, 4096)]
     start, rows = time.monotonic(), []
@@ -148,13 +165,15 @@ def main() -> int:
             rows.append({"layout": layout, "bs": bs, "context": ctx, "skipped": "time limit"})
             continue
         try:
-            rows.append(case(layout, bs, ctx, args.block, args.iters, args.graph_buffer, args.tree))
+            rows.append(case(layout, bs, ctx, args.block, args.iters, args.graph_buffer, args.tree,
+                             min_splits=min_splits))
         except Exception as e:  # one case's failure is recorded; the others still run
             rows.append({"layout": layout, "bs": bs, "context": ctx, "error": f"{type(e).__name__}: {e}"})
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"{'layout':14} {'bs':>3} {'ctx':>5} {'extend us':>10} {'split us':>9} {'ours us':>8} {'ours/ext':>8} "
-          f"{'decode us':>10} {'err ext':>8} {'err split':>9} {'err ours':>8}")
+          f"{'decode us':>10} {'err ext':>8} {'err split':>9} {'err ours':>8}"
+          + "".join(f" {f'min {m} us':>11}" for m in min_splits))
     for r in rows:
         if "extend_us" not in r:
             print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r.get('error') or r.get('skipped')}")
@@ -165,7 +184,7 @@ def main() -> int:
         ratio = f"{r['ours_us'] / r['extend_us']:.2f}x"
         print(f"{r['layout']:14} {r['bs']:>3} {r['context']:>5} {r['extend_us']:>10.1f} {split_text:>9} "
               f"{r['ours_us']:>8.1f} {ratio:>8} {r['decode_us']:>10.1f} {r['max_err_extend']:>8.4f} {split_err:>9} "
-              f"{r['max_err_ours']:>8.4f}")
+              f"{r['max_err_ours']:>8.4f}" + "".join(f" {r['ours_us_by_min_split'][m]:>11.1f}" for m in min_splits))
     return 0
 
 
