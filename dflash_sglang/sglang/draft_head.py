@@ -176,8 +176,9 @@ FP8_ALIGN = 16  # torch._scaled_mm wants both matrix dimensions it does not redu
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] -> (float8_e4m3fn [N, H], float32 scales [N]): each row scaled so its largest magnitude is FP8_MAX
     (an all-zero row keeps a tiny scale, so it stays zero)."""
-    scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    return (x / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def fp8_gemm_available(device: torch.device) -> bool:
