@@ -73,8 +73,7 @@ class SplitKVVerifyExtend:
 
     def __call__(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
                  aux_tensors=None):
-        causal = self.causal(layer)
-        if not self.serves(q, k, v, layer, forward_batch, sinks, score_mod, causal):
+        if not self.serves(q, k, v, layer, forward_batch, sinks, score_mod):
             return self.extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, sinks=sinks,
                                score_mod=score_mod, aux_tensors=aux_tensors)
         from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -93,7 +92,7 @@ class SplitKVVerifyExtend:
                          pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id), meta.kv_indptr,
                          meta.kv_indices, int(meta.max_extend_len), layer.scaling,
                          out=out.view(-1, layer.tp_q_head_num, layer.v_head_dim), mask=meta.custom_mask,
-                         mask_indptr=meta.mask_indptr, causal=causal)
+                         mask_indptr=meta.mask_indptr, causal=self.causal(layer))
         return out
 
     def causal(self, layer) -> bool:
@@ -104,8 +103,9 @@ class SplitKVVerifyExtend:
                     or (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
                         and self.backend.allow_bidirectional_attention_in_extend))
 
-    def serves(self, q, k, v, layer, forward_batch, sinks, score_mod, causal) -> bool:
-        """Whether our kernel computes what the backend would for this call. Reads no device value."""
+    def serves(self, q, k, v, layer, forward_batch, sinks, score_mod) -> bool:
+        """Whether our kernel computes what the backend would for this call (a prefill's extend is told apart by its
+        first check). Reads no device value."""
         backend, meta = self.backend, self.backend.forward_metadata
         if not forward_batch.forward_mode.is_target_verify() or k is None or v is None:
             return False
@@ -120,4 +120,4 @@ class SplitKVVerifyExtend:
         if batch < 1 or q.shape[0] != batch * int(meta.max_extend_len):
             return False
         # A custom mask (a tree's) is read over the block only: the backend's kernel skips its prefix part too.
-        return meta.custom_mask is None or (meta.mask_indptr is not None and causal)
+        return meta.custom_mask is None or (meta.mask_indptr is not None and self.causal(layer))
