@@ -482,7 +482,7 @@ def plot(bench: dict, out_dir: Path, stem: str) -> list[Path]:
         ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
         ax.set_xlabel("concurrency")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} vs concurrency ({source}), {bench.get('gpu', '')} {bench['date']}", fontsize=10)
+        ax.set_title(f"{ylabel} vs concurrency ({source})\n{bench.get('gpu', '')} {bench['date']}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
