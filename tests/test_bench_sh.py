@@ -231,7 +231,7 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
                                   "--interleave-rounds", "3", "--prefill-graphs", "--interleave-stop-at-eos",
-                                  "--verify-splitkv", "--server-args",
+                                  "--server-args",
                                   "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
@@ -241,7 +241,7 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     argv = next(line for line in (bench_dir / "ours-adaptive.log").read_text().splitlines() if line.startswith("argv"))
     assert "--speculative-dflash-tree-budget 8" in argv and "--speculative-dflash-adaptive" in argv
     assert "--port 30020" in argv
-    # --verify-splitkv: every server of ours, and only ours, asks for the split-KV verify; the report says so.
+    # By default every server of ours, and only ours, asks for the split-KV verify; the report says so.
     splitkv = {name: "--speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log", "argv ").split()
                for name in everyone}
     assert splitkv == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
@@ -286,9 +286,13 @@ def test_servers_whose_own_stages_found_no_time_still_join_the_interleaved_stage
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "120", "--interleave-share", "50",
                                   "--tree-budget", "8", "--tree-concurrency", "1", "--interleave-repeats", "1",
-                                  "--adaptive", timeout=300)
+                                  "--adaptive", "--no-verify-splitkv", timeout=300)
     bench = json.loads((bench_dir / "bench.json").read_text())
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
+    # --no-verify-splitkv: our servers keep SGLang's verify attention.
+    refused = {name: "--no-speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log", "argv ").split()
+               for name in everyone}
+    assert refused == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
     statuses = {c["name"]: c["status"] for c in bench["contenders"]}
     assert statuses["ar"] == "skipped" and set(statuses.values()) == {"skipped", "ok"}, statuses
     assert bench["interleaved"]["status"] == "ok"

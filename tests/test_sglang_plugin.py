@@ -116,9 +116,32 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
         ServerArgs.from_cli_args(args)
     assert args.speculative_num_draft_tokens == 32
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
-    assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env()
+    assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env() is True
     assert draft_head.fp8_head_from_env()
     assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
+
+
+@pytest.mark.parametrize("argv, want", [([], None), (["--speculative-dflash-verify-splitkv"], True),
+                                        (["--no-speculative-dflash-verify-splitkv"], False)])
+def test_the_split_kv_verify_flag_is_three_way(spec_algorithm, monkeypatch, argv, want):
+    """Unset, the split-KV verify is the worker's choice (on where the target's backend is triton); the flag insists,
+    --no-... refuses; the scheduler processes read which through the environment."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from dflash_sglang.sglang import verify_attention
+
+    monkeypatch.setenv(verify_attention.SPLITKV_ENV, "")
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH", *argv])
+    with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
+        ServerArgs.from_cli_args(args)
+    assert verify_attention.splitkv_from_env() is want
+    monkeypatch.setenv(verify_attention.SPLITKV_ENV, "maybe")
+    with pytest.raises(DFlashConfigError, match=f"{verify_attention.SPLITKV_ENV}='maybe': set it to one of 1, "):
+        verify_attention.splitkv_from_env()
 
 
 def test_dflash_is_served_by_our_worker(spec_algorithm, monkeypatch, caplog):
@@ -1699,16 +1722,18 @@ def test_new_verify_backends_take_the_split_kv_kernel_before_their_graphs_are_ca
     assert isinstance(backend.forward_extend, SplitKVVerifyExtend) is splitkv and seen["at capture"] is splitkv
 
 
-@pytest.mark.parametrize("splitkv", [False, True])
-@pytest.mark.parametrize("draft_backend", ["triton", "fa4"])
-def test_the_worker_switches_the_verify_to_split_kv_once_sglang_has_built_the_backends(monkeypatch, draft_backend,
-                                                                                     splitkv):
+@pytest.mark.parametrize("setting", [None, False, True])
+@pytest.mark.parametrize("target_backend, draft_backend", [("triton", "triton"), ("triton", "fa4"), ("fa3", "fa3")])
+def test_the_worker_switches_the_verify_to_split_kv_once_sglang_has_built_the_backends(monkeypatch, target_backend,
+                                                                                     draft_backend, setting):
     """SGLang builds the runners' attention backends after every worker's constructor (Scheduler.init_model_worker,
     then init_all_attention_backends: the target's, then ours) and captures graphs after that, so the switch happens
     in our init_attention_backends: the target's backend, and the drafter's when it is a triton one. (On
-    2026-11-30 the constructor did it and the server died: the runner had no attn_backend yet.)"""
+    2026-11-30 the constructor did it and the server died: the runner had no attn_backend yet.) Unset, it switches
+    wherever the target's backend is triton; asked for on another backend, use_splitkv_verify refuses it."""
     from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
+    from dflash_sglang.sglang import verify_attention
     from dflash_sglang.sglang import worker as worker_module
     from dflash_sglang.sglang.worker import DFlashWorker
 
@@ -1716,17 +1741,19 @@ def test_the_worker_switches_the_verify_to_split_kv_once_sglang_has_built_the_ba
     target_runner, drafter_runner = SimpleNamespace(), SimpleNamespace()
 
     def sglang_builds_backends(worker):  # the target's exists already; the base class builds the drafter's
-        target_runner.attn_backend = "triton target backend"
+        target_runner.attn_backend = f"{target_backend} target backend"
         drafter_runner.attn_backend = f"{draft_backend} draft backend"
 
     monkeypatch.setattr(BaseSpecWorker, "init_attention_backends", sglang_builds_backends)
     monkeypatch.setattr(worker_module, "use_splitkv_verify", switched.append)
-    monkeypatch.setattr(worker_module, "is_triton_backend", lambda backend: backend.startswith("triton"))
+    monkeypatch.setattr(verify_attention, "is_triton_backend", lambda backend: backend.startswith("triton"))
+    monkeypatch.setattr(worker_module, "is_triton_backend", verify_attention.is_triton_backend)
     worker = DFlashWorker.__new__(DFlashWorker)
-    worker.__dict__.update(model_runner=target_runner, draft_runner=drafter_runner, splitkv=splitkv)
+    worker.__dict__.update(model_runner=target_runner, draft_runner=drafter_runner, splitkv_setting=setting)
     worker.init_attention_backends()
-    want = ["triton target backend"] + (["triton draft backend"] if draft_backend == "triton" else [])
-    assert switched == (want if splitkv else [])
+    on = target_backend == "triton" if setting is None else setting
+    want = [f"{target_backend} target backend"] + (["triton draft backend"] if draft_backend == "triton" else [])
+    assert worker.splitkv is on and switched == (want if on else [])
 
 
 @pytest.mark.parametrize("tree_budget", [None, 15])

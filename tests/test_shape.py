@@ -349,6 +349,8 @@ def test_shape_sh_serves_the_qwen3_32b_stages_in_order_on_the_given_port_and_gpu
     # the 40-token prompts.
     assert [name for name in stages if "--speculative-dflash-verify-splitkv" in argv(name)] == ["b16fp8sk",
                                                                                               "b16fp8fhsk"]
+    assert [name for name in stages if "--no-speculative-dflash-verify-splitkv" in argv(name)] == [
+        name for name in stages if name != "ar" and not name.endswith("sk")]
     assert [name for name in stages if "--speculative-dflash-draft-head-fp8" in argv(name)] == ["b16fp8fhsk"]
     assert shape.mode_label(summary["stages"]["b16fp8fhsk"]) == "chain B=16, fp8 drafter, fp8 head, split-KV verify"
     sk = argv("b16fp8sk")

@@ -4,7 +4,9 @@
   --speculative-dflash-topk K          tree mode: candidates per block position (default 4)
   --speculative-dflash-adaptive        each step speculates or decodes plainly, whichever is faster at the running
                                        batch size (adaptive_width.py)
-  --speculative-dflash-verify-splitkv  verifies attend through our split-KV verify kernel (verify_attention.py)
+  --[no-]speculative-dflash-verify-splitkv
+                                       verifies attend through our split-KV verify kernel (verify_attention.py);
+                                       by default wherever the target's attention backend is triton
   --speculative-dflash-draft-head-fp8  drafts through an FP8 copy of the target's head (draft_head.py)
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
@@ -37,10 +39,11 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                        help="DFLASH: per decode step, speculate (in tree mode: the tree or a chain step) or verify "
                             "the last token alone (a plain decoding step), whichever has been faster at the running "
                             "batch size")
-    group.add_argument(verify_attention.FLAG, action="store_true", default=False,
+    group.add_argument(verify_attention.FLAG, action=argparse.BooleanOptionalAction, default=None,
                        help="DFLASH: the target's verifies (chain or tree) attend through dflash_sglang's split-KV "
-                            "verify kernel (flash-decoding over the context) instead of SGLang's prefill kernel; "
-                            "needs --attention-backend triton")
+                            "verify kernel (flash-decoding over the context) instead of SGLang's prefill kernel. "
+                            "Default: on when the target's attention backend is triton, off otherwise; the flag "
+                            "insists (an error on another backend), --no-... keeps SGLang's kernel")
     group.add_argument(draft_head.FP8_HEAD_FLAG, action="store_true", default=False,
                        help="DFLASH: the drafter's logits come from an FP8 copy of the target's LM head (one scale "
                             "per vocab row): half the bytes each draft reads, at the head's size in extra memory; "
@@ -60,8 +63,9 @@ def from_cli_args_hook(original, cls, args: argparse.Namespace):
             args.speculative_num_draft_tokens = budget + 1
     if getattr(args, "speculative_dflash_adaptive", False):
         os.environ[adaptive_width.ADAPTIVE_ENV] = "1"
-    if getattr(args, "speculative_dflash_verify_splitkv", False):
-        os.environ[verify_attention.SPLITKV_ENV] = "1"
+    splitkv = getattr(args, "speculative_dflash_verify_splitkv", None)
+    if splitkv is not None:
+        os.environ[verify_attention.SPLITKV_ENV] = "1" if splitkv else "0"
     if getattr(args, "speculative_dflash_draft_head_fp8", False):
         os.environ[draft_head.FP8_HEAD_ENV] = "1"
     return original(cls, args)

@@ -1,4 +1,5 @@
-"""`--speculative-dflash-verify-splitkv`: the target's verifies attend through our split-KV verify kernel.
+"""The split-KV verify: the target's verifies attend through our split-KV verify kernel, by default wherever the
+target's attention backend is triton (`--speculative-dflash-verify-splitkv` insists on it, `--no-...` turns it off).
 
 SGLang 0.5.16's triton backend runs a TARGET_VERIFY's attention with its prefill kernel (`extend_attention_fwd`):
 one program per (request, query head) walks the whole committed prefix. On the H200 that is 450 us a layer at 8k
@@ -16,6 +17,7 @@ block's keys and values where the model left them: the backend's own verify path
 contiguous tensors, two copy kernels a layer (0.28 ms of a Qwen3-32B verify step on the H200, 2026-11-30). What
 the kernel does not model (sliding windows, logit caps, sinks, scaled FP8 KV caches, a mask over the prefix,
 decode-context parallelism, deterministic mode, score mods) goes to the backend's own `forward_extend`.
+On by default since a float32 server matched AR token for token with it, chain and tree (2026-11-30).
 """
 
 from __future__ import annotations
@@ -24,15 +26,21 @@ import os
 
 from dflash_sglang.config import DFlashConfigError
 from dflash_sglang.kernels.split_attention import verify_attention
-from dflash_sglang.sglang.env import env_flag
+from dflash_sglang.sglang.env import env_switch
 
 SPLITKV_ENV = "DFLASH_SGLANG_VERIFY_SPLITKV"
 FLAG = "--speculative-dflash-verify-splitkv"
 SPLITKV_BACKENDS = ("triton",)
 
 
-def splitkv_from_env(environ=os.environ) -> bool:
-    return env_flag(SPLITKV_ENV, environ)
+def splitkv_from_env(environ=os.environ) -> bool | None:
+    """True: the flag asked for it; False: `--no-speculative-dflash-verify-splitkv`; None: wherever it applies."""
+    return env_switch(SPLITKV_ENV, environ)
+
+
+def resolve_splitkv(setting: bool | None, target_backend) -> bool:
+    """Whether the verifies take our kernel: as asked, or by default when the target's backend is a triton one."""
+    return is_triton_backend(target_backend) if setting is None else setting
 
 
 def check_splitkv(server_args) -> list[str]:

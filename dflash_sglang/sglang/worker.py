@@ -89,6 +89,7 @@ from dflash_sglang.sglang.step_timing import NoStepTimer, timer_from_env
 from dflash_sglang.sglang.verify_attention import (
     check_splitkv,
     is_triton_backend,
+    resolve_splitkv,
     splitkv_from_env,
     use_splitkv_verify,
 )
@@ -107,6 +108,7 @@ DECODE_RANGE = "dflash_sglang.decode"
 class DFlashWorker(BaseSpecWorker):
     step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
     width_controller: WidthController | None = None  # --speculative-dflash-adaptive
+    splitkv = False  # the split-KV verify, decided in init_attention_backends (verify_attention.py)
     _last_width_summary = 0.0
 
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
@@ -116,11 +118,11 @@ class DFlashWorker(BaseSpecWorker):
         self.device = target_worker.device
         self.tree = settings_from_env()
         adaptive = adaptive_from_env()
-        self.splitkv = splitkv_from_env()
+        self.splitkv_setting = splitkv_from_env()
         fp8_head = fp8_head_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
-                                                              self.splitkv, fp8_head)
+                                                              self.splitkv_setting is True, fp8_head)
         # The drafter's block; in tree mode the target verifies tree.verify_width tokens instead.
         self.block_size = self.drafter_config.block_size if self.tree else int(server_args.speculative_num_draft_tokens)
         widths = widths_from_env(self.verify_width, self.chain_width) if adaptive else None
@@ -181,14 +183,18 @@ class DFlashWorker(BaseSpecWorker):
 
     def init_attention_backends(self) -> None:
         super().init_attention_backends()
+        # SGLang builds the runners' backends after every worker's __init__ (the target's first, then ours via this
+        # method) and captures the graphs after that: here both backends exist and nothing is captured yet.
+        self.splitkv = resolve_splitkv(self.splitkv_setting, self.model_runner.attn_backend)
         if self.splitkv:
-            # SGLang builds the runners' backends after every worker's __init__ (the target's first, then ours via
-            # this method) and captures the graphs after that: here both backends exist and nothing is captured yet.
             use_splitkv_verify(self.model_runner.attn_backend)
             if is_triton_backend(self.draft_runner.attn_backend):
                 use_splitkv_verify(self.draft_runner.attn_backend)
             logger.info("dflash_sglang: verifies attend through our split-KV verify kernel (and the drafter's, on a "
                         "triton draft backend)")
+        else:
+            logger.info("dflash_sglang: verifies attend through %s's own kernels",
+                        type(self.model_runner.attn_backend).__name__)
 
     def init_cuda_graphs(self) -> None:
         max_graph_batch = max(self.server_args.cuda_graph_config.decode.bs or [], default=0)

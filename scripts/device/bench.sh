@@ -75,7 +75,7 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
-#            [--prefill-graphs] [--interleave-stop-at-eos] [--verify-splitkv] [--server-args "ARGS"]
+#            [--prefill-graphs] [--interleave-stop-at-eos] [--no-verify-splitkv] [--server-args "ARGS"]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
 # a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
@@ -111,7 +111,10 @@ INTERLEAVE_ROUNDS=1
 INTERLEAVE_EOS=()
 ADAPTIVE=0
 PREFILL_GRAPHS=0
-OURS_EXTRA=()        # --verify-splitkv: every server of ours attends in its verifies through our split-KV kernel
+# Every server of ours attends in its verifies through our split-KV kernel (the default on triton, named so the
+# report says it and a server that cannot serve it fails at startup); --no-verify-splitkv: SGLang's kernel instead.
+# (--verify-splitkv, the default, is still accepted: earlier results' commands name it.)
+OURS_EXTRA=(--speculative-dflash-verify-splitkv)
 # --server-args "ARGS": SGLang flags for every server, AR's included, so a scheduler setting tried for the
 # speculative servers (e.g. --enable-prefill-delayer, which batches the one-request prefills they run in a closed
 # loop) is measured against an AR that has it too.
@@ -141,6 +144,7 @@ while [ $# -gt 0 ]; do
     --adaptive) ADAPTIVE=1; shift ;;
     --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     --verify-splitkv) OURS_EXTRA=(--speculative-dflash-verify-splitkv); shift ;;
+    --no-verify-splitkv) OURS_EXTRA=(--no-speculative-dflash-verify-splitkv); shift ;;
     --server-args) read -ra ALL_EXTRA <<< "$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac

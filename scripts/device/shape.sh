@@ -254,8 +254,9 @@ run_stage() {
 }
 
 stage_flags() {  # stage name: bN / tN, then fp8 (FP8 drafter), then fh (FP8 draft head), then sk (split-KV verify)
-  local base="$1" extra=()
-  case "$base" in *sk) base="${base%sk}"; extra+=(--speculative-dflash-verify-splitkv) ;; esac
+  # Without sk a stage keeps SGLang's verify attention, as the stage names meant before split-KV became the default.
+  local base="$1" extra=(--no-speculative-dflash-verify-splitkv)
+  case "$base" in *sk) base="${base%sk}"; extra=(--speculative-dflash-verify-splitkv) ;; esac
   case "$base" in *fh) base="${base%fh}"; extra+=(--speculative-dflash-draft-head-fp8) ;; esac
   case "$base" in *fp8) base="${base%fp8}"; extra+=(--speculative-draft-model-quantization fp8) ;; esac
   case "$base" in
