@@ -449,6 +449,16 @@ def test_long_prompts_are_distinct_token_ids_inside_every_shapes_vocabulary():
     assert min(min(p) for p in prompts) >= 1000 and max(max(p) for p in prompts) < 31000
 
 
+def test_a_stage_name_is_read_by_one_rule():
+    assert shape.stage_from_name("t31fp8fhsk") == {"mode": "tree", "block": shape.TREE_BLOCK, "tree_budget": 31,
+                                                   "draft_quantization": "fp8", "draft_head": "fp8",
+                                                   "verify_splitkv": True}
+    assert shape.stage_from_name("b32") == {"mode": "chain", "block": 32, "tree_budget": None}
+    for name in ("b16skfp8", "x16", "b", "t31fh8", "arsk"):
+        with pytest.raises(ValueError, match=f"stage '{name}': not ar, bN or tN"):
+            shape.stage_from_name(name)
+
+
 def test_the_split_kv_stage_is_a_chain_step_labelled_as_such():
     assert shape.mode_label(shape.STAGES["b16fp8sk"]) == "chain B=16, fp8 drafter, split-KV verify"
     assert shape.mode_label(shape.STAGES["b16sk"]) == "chain B=16, split-KV verify"
