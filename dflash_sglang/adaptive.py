@@ -4,13 +4,15 @@ per request per second at the running batch size.
 
 Why measured rates and not a cost model: what makes speculation lose at high concurrency on a small target is
 mostly host time (launches, planning) and a verify that stops being free once the GPU is busy; both depend on
-the machine, the model, the backend and what else runs, and the step's own wall time sees all of it. The rate of
-one step is (tokens committed per request) / (time since the previous step's result), measured where SGLang's
-scheduler hands the worker each step's acceptance on the host (no extra sync). Batch sizes are grouped by powers
-of two; each group keeps a smoothed rate per width.
+the machine, the model, the backend and what else runs, and the step's own wall time sees all of it. A step's
+sample is (tokens committed per request, time since the previous step's result), taken where SGLang's scheduler
+hands the worker each step's acceptance on the host (no extra sync); a width's rate is the ratio of the two
+smoothed means (WidthRate says why not the mean of per-step rates). Batch sizes are grouped by powers of two; each
+group keeps a rate per width.
 
 Policy, per batch-size group: run each width until it has `min_samples` usable samples; then run the best in
-phases of `phase_steps`, switching only when another width's rate beats it by `margin`. Now and then a short
+phases of `phase_steps`, switching only when another width's rate beats it by `margin` and by `switch_z` standard
+errors of the difference (a probe of a few steps at one request is noisy). Now and then a short
 probe of another width measures it again (acceptance changes with the text, the load changes), spaced so that
 probes take about `probe_share` of the time: a probe of a width whose steps cost 5x the best's waits 5x longer
 (at 64 requests a 65-node tree verify costs several plain steps; probing it as often as a cheap width would cost
@@ -33,7 +35,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 PLAIN_WIDTH = 1  # the anchor alone: a plain decoding step
-# A step's wall time above this many times the one its group's rate implies is not a step's (a gap, a prefill).
+# A step's wall time above this many times its width's mean is not a step's (a gap, a prefill); the result after
+# it is not used either, since a late result's successor comes at once (the GPU finished it meanwhile).
 OUTLIER_FACTOR = 3.0
 MAX_STEP_SECONDS = 1.0
 # Samples after a switch whose timing straddles the old width (the in-flight step, the next one's launch).
@@ -55,17 +58,35 @@ def group_range(group: int) -> str:
 
 @dataclass
 class WidthRate:
-    rate: float | None = None  # tokens per request per second, smoothed
-    step_seconds: float | None = None  # wall time per step, smoothed
+    """One width's throughput at one batch-size group, smoothed: tokens committed per request per step over seconds
+    per step. A ratio of the two means, not a mean of per-step rates: under overlap scheduling a result the host
+    reaches late is followed by one it reaches at once (the GPU finished that step meanwhile), and a mean of
+    per-step rates would read that short interval as a burst of speed."""
+    tokens: float | None = None  # tokens committed per request per step
+    step_seconds: float | None = None  # wall time per step
+    spread: float = 0.0  # mean square of (tokens - rate x seconds): the steps' scatter about the rate
     samples: int = 0
 
-    def add(self, rate: float, step_seconds: float, smoothing: float) -> None:
-        if self.rate is None:
-            self.rate, self.step_seconds = rate, step_seconds
+    @property
+    def rate(self) -> float | None:
+        """Tokens per request per second."""
+        return None if self.tokens is None else self.tokens / self.step_seconds
+
+    def add(self, tokens: float, step_seconds: float, smoothing: float) -> None:
+        # The first samples weigh equally (a plain mean), later ones as the smoothing says.
+        weight = max(smoothing, 1.0 / (self.samples + 1))
+        if self.tokens is None:
+            self.tokens, self.step_seconds = tokens, step_seconds
         else:
-            self.rate += smoothing * (rate - self.rate)
-            self.step_seconds += smoothing * (step_seconds - self.step_seconds)
+            self.tokens += weight * (tokens - self.tokens)
+            self.step_seconds += weight * (step_seconds - self.step_seconds)
+        self.spread += weight * ((tokens - self.rate * step_seconds) ** 2 - self.spread)
         self.samples += 1
+
+    def standard_error(self, smoothing: float) -> float:
+        """The rate's standard error (delta method for a ratio), over the samples its smoothing remembers."""
+        remembered = min(self.samples, (2.0 - smoothing) / smoothing)
+        return (self.spread / remembered) ** 0.5 / self.step_seconds if self.samples else float("inf")
 
 
 class WidthController:
@@ -77,12 +98,12 @@ class WidthController:
 
     def __init__(self, widths: Sequence[int], *, phase_steps: int = 32, probe_steps: int = 6,
                  probe_share: float = 0.03, min_samples: int = 4, margin: float = 0.05, smoothing: float = 0.2,
-                 clock: Callable[[], float] = time.perf_counter):
+                 switch_z: float = 2.0, clock: Callable[[], float] = time.perf_counter):
         if len(set(widths)) != len(widths) or not widths or min(widths) < 1:
             raise ValueError(f"widths must be distinct positive integers, got {list(widths)}")
         self.widths = tuple(int(w) for w in widths)
         self.phase_steps, self.probe_steps, self.probe_share = phase_steps, probe_steps, probe_share
-        self.min_samples, self.margin, self.smoothing = min_samples, margin, smoothing
+        self.min_samples, self.margin, self.smoothing, self.switch_z = min_samples, margin, smoothing, switch_z
         self.clock = clock
         self.rates: dict[int, dict[int, WidthRate]] = {}
         self.choice: dict[int, int] = {}  # per group: the width its exploiting phases run
@@ -137,9 +158,10 @@ class WidthController:
             return
         per_request = sum(committed_per_request) / len(committed_per_request)
         stats = self._rates(batch_group(batch_size))[width]
-        if stats.rate is not None and elapsed > OUTLIER_FACTOR * per_request / stats.rate:
+        if stats.samples >= self.min_samples and elapsed > OUTLIER_FACTOR * stats.step_seconds:
+            self._interrupted = max(self._interrupted, 1)
             return
-        stats.add(per_request / elapsed, elapsed, self.smoothing)
+        stats.add(per_request, elapsed, self.smoothing)
 
     # ------------------------------------------------------------------------------------------ policy
 
@@ -171,7 +193,11 @@ class WidthController:
         rates = self._rates(group)
         current = self.choice.get(group, self.widths[0])
         challenger = max(self.widths, key=lambda w: rates[w].rate)
-        if challenger != current and rates[challenger].rate > (1 + self.margin) * rates[current].rate:
+        # Beaten by the margin, and by more than the two rates' noise: otherwise a lucky probe of a few steps wins
+        # a switch that the next phase takes back (2026-11-30: 50 switches in a run, most reversed within a second).
+        noise = self.switch_z * (rates[challenger].standard_error(self.smoothing) ** 2
+                                 + rates[current].standard_error(self.smoothing) ** 2) ** 0.5
+        if challenger != current and rates[challenger].rate > (1 + self.margin) * rates[current].rate + noise:
             logger.info(
                 "dflash_sglang: adaptive width %d -> %d at batch sizes %s (%.1f vs %.1f tokens per request per s)",
                 current, challenger, group_range(group), rates[challenger].rate, rates[current].rate,
