@@ -1864,7 +1864,8 @@ def test_split_kv_verify_serves_chains_trees_and_the_drafters_block_and_passes_o
         dict(mode="EXTEND"), dict(mode="DECODE"), dict(call_changes=dict(sinks=torch.zeros(6))),
         dict(call_changes=dict(score_mod=object())), dict(layer_changes=dict(k_scale=torch.tensor(0.5))),
         dict(layer_changes=dict(sliding_window_size=8)), dict(layer_changes=dict(logit_cap=30.0)),
-        dict(layer_changes=dict(xai_temperature_len=4)), dict(backend_changes=dict(dcp_size=2)),
+        dict(layer_changes=dict(xai_temperature_len=4)), dict(layer_changes=dict(v_head_dim=8)),
+        dict(backend_changes=dict(dcp_size=2)),
         dict(backend_changes=dict(enable_deterministic=True)), dict(pool_dtype=torch.float16),
         dict(mask=mask), dict(mask=mask, mask_indptr=mask_indptr, attn_type=AttentionType.DECODER_BIDIRECTIONAL),
     ]

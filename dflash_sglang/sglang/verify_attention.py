@@ -16,7 +16,8 @@ on the drafter's, when it is a triton backend. It stores the block's K/V as the 
 block's keys and values where the model left them: the backend's own verify path first copies both into
 contiguous tensors, two copy kernels a layer (0.28 ms of a Qwen3-32B verify step on the H200, 2026-11-30). What
 the kernel does not model (sliding windows, logit caps, sinks, scaled FP8 KV caches, a mask over the prefix,
-decode-context parallelism, deterministic mode, score mods) goes to the backend's own `forward_extend`.
+decode-context parallelism, deterministic mode, score mods, value heads narrower than the key's) goes to the
+backend's own `forward_extend`.
 On by default since a float32 server matched AR token for token with it, chain and tree (2026-11-30).
 """
 
@@ -120,7 +121,8 @@ class SplitKVVerifyExtend:
         if (sinks is not None or score_mod is not None or layer.k_scale is not None or backend.dcp_size > 1
                 or backend.enable_deterministic
                 or (layer.sliding_window_size is not None and layer.sliding_window_size > -1)
-                or (layer.logit_cap or 0) > 0 or (layer.xai_temperature_len or -1) > 0):
+                or (layer.logit_cap or 0) > 0 or (layer.xai_temperature_len or -1) > 0
+                or layer.qk_head_dim != layer.v_head_dim):  # (MLA's latent layout: not tested against ours)
             return False
         if backend.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype != q.dtype or meta.max_extend_len is None:
             return False
