@@ -354,6 +354,8 @@ def markdown(bench: dict) -> str:
                + prefill_graphs_note(s.get("server_flags"))
                + (f"; our servers with `{s['ours_flags']}`" if s.get("ours_flags") else "")
                + (f"; every server (AR's too) with `{s['all_flags']}`" if s.get("all_flags") else "")
+               + (f"; the speculative servers (the builtin's and ours, not AR) with `{s['spec_flags']}`"
+                  if s.get("spec_flags") else "")
                + ". Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     out += _throughput_section(bench, sweep)
     out += _interleaved_section(bench)

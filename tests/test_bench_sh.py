@@ -231,8 +231,8 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
                                   "1 2", "--max-tokens", "8", "--budget", "300", "--tree-budget", "8",
                                   "--tree-concurrency", "1", "--interleave-repeats", "2", "--adaptive",
                                   "--interleave-rounds", "3", "--prefill-graphs", "--interleave-stop-at-eos",
-                                  "--server-args",
-                                  "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8", timeout=400)
+                                  "--server-args", "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8",
+                                  "--spec-server-args", "--schedule-conservativeness 0.5", timeout=400)
     bench = json.loads((bench_dir / "bench.json").read_text())
     assert all(c["status"] == "ok" for c in bench["contenders"]), [c["reason"] for c in bench["contenders"]]
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
@@ -252,6 +252,13 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     assert all(delayer in server_lines(bench_dir / f"{name}.log", "argv ") for name in everyone)
     assert bench["settings"]["all_flags"] == delayer
     assert f"every server (AR's too) with `{delayer}`" in run.stdout
+    # --spec-server-args: the speculative servers get them, AR does not; the report says so.
+    spec_only = {name: "--schedule-conservativeness 0.5" in server_lines(bench_dir / f"{name}.log", "argv ")
+                 for name in everyone}
+    assert spec_only == {"ar": False, "builtin": True, "ours": True, "ours-tree": True, "ours-adaptive": True}
+    assert bench["settings"]["spec_flags"] == "--schedule-conservativeness 0.5"
+    assert ("the speculative servers (the builtin's and ours, not AR) with `--schedule-conservativeness 0.5`"
+            in run.stdout)
     # --prefill-graphs: no server is told to skip them, and the report says they were on.
     assert not any("--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ")
                    for name in everyone)
@@ -290,7 +297,8 @@ def test_servers_whose_own_stages_found_no_time_still_join_the_interleaved_stage
     bench = json.loads((bench_dir / "bench.json").read_text())
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
     # --no-verify-splitkv: our servers keep SGLang's verify attention.
-    refused = {name: "--no-speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log", "argv ").split()
+    refused = {name: "--no-speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log",
+                                                                             "argv ").split()
                for name in everyone}
     assert refused == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
     statuses = {c["name"]: c["status"] for c in bench["contenders"]}

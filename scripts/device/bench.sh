@@ -76,6 +76,7 @@
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
 #            [--prefill-graphs] [--interleave-stop-at-eos] [--no-verify-splitkv] [--server-args "ARGS"]
+#            [--spec-server-args "ARGS"]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
 # a closed loop, since they finish on different steps, where AR prefills them together, so an eager prefill's
@@ -117,8 +118,10 @@ PREFILL_GRAPHS=0
 OURS_EXTRA=(--speculative-dflash-verify-splitkv)
 # --server-args "ARGS": SGLang flags for every server, AR's included, so a scheduler setting tried for the
 # speculative servers (e.g. --enable-prefill-delayer, which batches the one-request prefills they run in a closed
-# loop) is measured against an AR that has it too.
+# loop) is measured against an AR that has it too. --spec-server-args "ARGS": for the speculative servers only
+# (the builtin's and ours), so AR serves in its own default setting while they get one meant for them.
 ALL_EXTRA=()
+SPEC_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -146,6 +149,7 @@ while [ $# -gt 0 ]; do
     --verify-splitkv) OURS_EXTRA=(--speculative-dflash-verify-splitkv); shift ;;
     --no-verify-splitkv) OURS_EXTRA=(--no-speculative-dflash-verify-splitkv); shift ;;
     --server-args) read -ra ALL_EXTRA <<< "$2"; shift 2 ;;
+    --spec-server-args) read -ra SPEC_EXTRA <<< "$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -259,7 +263,7 @@ COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sam
 [ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
 COMMON+=("${ALL_EXTRA[@]}")
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER"
-      --speculative-draft-attention-backend "$DRAFT_BACKEND")
+      --speculative-draft-attention-backend "$DRAFT_BACKEND" "${SPEC_EXTRA[@]}")
 PROFILE_ENV=(SGLANG_PROFILE_WITH_STACK=false SGLANG_PROFILE_RECORD_SHAPES=false)
 PROFILE_EXPECTED=25  # seconds one profile run is expected to take, kept out of the contenders' shares
 # Tokens per profiled request: SGLang's profiler stops itself after profile_step.py's 40 forward steps only if the
@@ -325,7 +329,7 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
   "interleaved=${INTERLEAVED[*]}" "adaptive=$ADAPTIVE" \
   "kv_tokens=$KV_TOKENS" "budget_s=$BUDGET" "server_flags=${COMMON[*]:2}" "ours_flags=${OURS_EXTRA[*]}" \
-  "all_flags=${ALL_EXTRA[*]}")" \
+  "all_flags=${ALL_EXTRA[*]}" "spec_flags=${SPEC_EXTRA[*]}")" \
 python3 - "$DIR/meta.json" "$REPO" "${CONTENDERS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
 from importlib.metadata import PackageNotFoundError, version
