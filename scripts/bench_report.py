@@ -86,6 +86,23 @@ def request_latency_figures(level: dict, name: str) -> tuple[float | None, float
     return (statistics.median(latencies) if latencies else None, statistics.median(tails) if tails else None)
 
 
+def pooled_ratio(level: dict, name: str, base: str) -> float | None:
+    """`name`'s throughput over `base`'s with a level's complete repeats pooled: all output tokens over all the
+    seconds they took, one against the other. Beside the median of per-repeat ratios it weighs each repeat by its
+    length, so a short repeat that ran fast counts for its duration only. None when no repeat has both."""
+    tokens, seconds = {name: 0, base: 0}, {name: 0.0, base: 0.0}
+    for run in level["runs"]:
+        results = [run["results"].get(n) if run["complete"] else None for n in (name, base)]
+        if not all(r and r.get("seconds") and r.get("output_tokens") for r in results):
+            continue
+        for n, result in zip((name, base), results):
+            tokens[n] += result["output_tokens"]
+            seconds[n] += result["seconds"]
+    if not seconds[name] or not seconds[base]:
+        return None
+    return (tokens[name] / seconds[name]) / (tokens[base] / seconds[base])
+
+
 def interleaved_load(report: dict) -> str:
     """What each contender was sent per level and repeat in the interleaved stage (bench --interleave)."""
     rounds, least = report.get("rounds"), report.get("min_requests") or 1
@@ -103,8 +120,9 @@ def interleaved_rows(bench: dict) -> list[dict]:
     """The interleaved stage (bench --interleave), per contender (in the suite's order) and level it ran at: the
     repeats counted (complete ones) and planned, the medians over them of tok/s, TPOT, TTFT, tau, the mean request
     latency and the tail (`request_latency_figures`), the median, min and max of the per-repeat tok/s ratios to AR
-    and to the builtin (None where not paired), and mismatches vs AR over the repeats; a skipped level is a row with
-    its reason. Empty when the stage left no report."""
+    and to the builtin (None where not paired), the ratio to AR over the repeats pooled (`pooled_ratio`), and
+    mismatches vs AR over the repeats; a skipped level is a row with its reason. Empty when the stage left no
+    report."""
     report = (bench.get("interleaved") or {}).get("report")
     if not report:
         return []
@@ -122,6 +140,7 @@ def interleaved_rows(bench: dict) -> list[dict]:
                            requests=entry["requests"], errors=entry["errors"], mismatches=entry["mismatches"],
                            checked=entry["requests"] - entry["errors"] - (entry["unchecked"] or 0))
                 row["latency_ms"], row["tail"] = request_latency_figures(level, name)
+                row["vs_ar_pooled"] = pooled_ratio(level, name, "ar") if name != "ar" else None
                 for base in ("ar", "builtin"):
                     vs = entry["vs"].get(base) or {}
                     row.update({f"vs_{base}": vs.get("median"), f"vs_{base}_min": vs.get("min"),
@@ -256,18 +275,21 @@ def _interleaved_section(bench: dict) -> list[str]:
            "duration over what it would take if every request lasted that mean, c at a time; 1.00 when all finish "
            "together. A speculative server's requests finish at different steps, so a batch of them waits for its "
            "slowest, and tok/s can lose to AR's while every request's mean latency wins. Mismatches: against AR's "
-           "outputs in this stage.", "",
-           "| contender | conc | repeats | tok/s | vs AR | vs AR min..max | vs builtin | vs builtin min..max "
-           "| TPOT ms | TTFT ms | latency ms | tail | tau | mismatches vs AR |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "outputs in this stage. vs AR pooled: all the level's output tokens over all their seconds, against AR's "
+           "the same way (each repeat weighs by its duration); when it and the median disagree on a side of 1.0x, "
+           "the level's repeats do not settle it.", "",
+           "| contender | conc | repeats | tok/s | vs AR | vs AR min..max | vs AR pooled | vs builtin "
+           "| vs builtin min..max | TPOT ms | TTFT ms | latency ms | tail | tau | mismatches vs AR |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = title(bench, r["contender"])
         if r["skipped"]:
-            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | | | |")
+            out.append(f"| {name} | {r['concurrency']} | skipped: {r['skipped']} | | | | | | | | | | | | |")
             continue
         out.append(f"| {name} | {r['concurrency']} | {r['repeats']}/{r['planned']} | {_f(r['tok_s'], '.1f')} | "
                    f"{_f(r['vs_ar'], '.2f', 'x')} | {_ratio_range(r['vs_ar_min'], r['vs_ar_max'])} | "
-                   f"{_f(r['vs_builtin'], '.2f', 'x')} | {_ratio_range(r['vs_builtin_min'], r['vs_builtin_max'])} | "
+                   f"{_f(r['vs_ar_pooled'], '.3f', 'x')} | {_f(r['vs_builtin'], '.2f', 'x')} | "
+                   f"{_ratio_range(r['vs_builtin_min'], r['vs_builtin_max'])} | "
                    f"{_f(r['tpot_ms'], '.2f')} | {_f(r['ttft_ms'], '.1f')} | {_f(r['latency_ms'], '.0f')} | "
                    f"{_f(r['tail'], '.2f')} | {_f(r['tau'], '.2f')} | "
                    f"{_mismatch(bench, r['contender'], r['mismatches'], r['checked'])} |")

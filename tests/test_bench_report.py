@@ -370,20 +370,21 @@ def test_interleaved_table_is_the_json_right_after_the_throughput_table():
             continue
         e = level["summary"][name]
         assert cells[2] == f"{level['repeats']}/3" and cells[3] == f"{e['median_tok_s']:.1f}"
-        for col, base in ((4, "ar"), (6, "builtin")):
+        for col, base in ((4, "ar"), (7, "builtin")):
             vs = e["vs"].get(base)
             assert cells[col:col + 2] == (["-", "-"] if vs is None else
                                           [f"{vs['median']:.2f}x", f"{vs['min']:.2f}..{vs['max']:.2f}"])
-        assert cells[8:10] == [f"{e['median_tpot_ms']:.2f}", "12.5"]
-        assert cells[12] == ("-" if name == "ar" else "3.25")
+        assert cells[6] == "-"  # the synthetic runs record no tokens or seconds to pool
+        assert cells[9:11] == [f"{e['median_tpot_ms']:.2f}", "12.5"]
+        assert cells[13] == ("-" if name == "ar" else "3.25")
         checked = e["requests"] - e["errors"]
-        assert cells[13] == ("reference" if name == "ar" else f"{e['mismatches']}/{checked}")
+        assert cells[14] == ("reference" if name == "ar" else f"{e['mismatches']}/{checked}")
     assert seen == [(n, c) for n in ("ar", "builtin", "ours") for c in (1, 8, 64)] + [("ours-tree", 1)]
     tree = next(r for r in rows if r[0] == "ours (tree)")
-    assert tree[3] == "1125.0" and tree[6:8] == [f"{(1300 / 900 + 950 / 700) / 2:.2f}x",
+    assert tree[3] == "1125.0" and tree[7:9] == [f"{(1300 / 900 + 950 / 700) / 2:.2f}x",
                                                  f"{950 / 700:.2f}..{1300 / 900:.2f}"]
-    assert tree[13] == "0/8"  # 12 requests, 4 failed
-    assert tree[10:12] == ["-", "-"]  # no per-request latencies in its results
+    assert tree[14] == "0/8"  # 12 requests, 4 failed
+    assert tree[11:13] == ["-", "-"]  # no per-request latencies in its results
     assert "- c8: after 2 of 3 repeats: time limit (120s) reached" in md.splitlines()
     assert "- c8: 1 incomplete repeat(s) left out (stopped at the time limit)" in md.splitlines()
     assert "then in turn (interleaved sweep)" in md
@@ -430,6 +431,25 @@ def test_interleaved_latency_and_tail_are_the_requests():
     assert bench_report.request_latency_figures(level, "ar") == (None, None)
     level["concurrency"] = 8  # four requests at c8 still run as one wave
     assert bench_report.request_latency_figures(level, "ours")[1] == pytest.approx((0.62 / 0.3 + 0.31 / 0.3) / 2)
+
+
+def test_the_pooled_ratio_weighs_each_repeat_by_its_duration():
+    """All tokens over all seconds, against AR's the same way, over the complete repeats both ran: a short fast repeat
+    counts for its duration (here the median of per-repeat ratios says 1.10x and the pooled ratio 0.87x)."""
+    bench = interleaved_bench()
+    level = bench["interleaved"]["report"]["levels"][0]
+    for run, ours_s, ar_s in zip(level["runs"], (1.0, 4.0, 1.0), (1.1, 3.0, 1.1)):
+        run["results"]["ours"].update(output_tokens=1000, seconds=ours_s)
+        run["results"]["ar"].update(output_tokens=1000, seconds=ar_s)
+    assert bench_report.pooled_ratio(level, "ours", "ar") == pytest.approx((3000 / 6.0) / (3000 / 5.2))
+    row = next(r for r in bench_report.interleaved_rows(bench) if r["contender"] == "ours" and r["concurrency"] == 1)
+    assert row["vs_ar_pooled"] == pytest.approx(5.2 / 6.0)
+    md_row = next(cells for cells in table(bench_report.markdown(bench), "| contender | conc | repeats | tok/s |")
+                  if cells[0] == "ours (chain)" and cells[1] == "1")
+    assert md_row[6] == f"{5.2 / 6.0:.3f}x"
+    level["runs"][1]["complete"] = False  # an incomplete repeat is left out
+    assert bench_report.pooled_ratio(level, "ours", "ar") == pytest.approx((2000 / 2.0) / (2000 / 2.2))
+    assert bench_report.pooled_ratio(level, "builtin", "ar") is None  # no tokens recorded for it
 
 
 def test_interleaved_stage_not_run_is_listed_and_absent_has_no_table():
