@@ -1,4 +1,4 @@
-"""bench.json of scripts/device/bench.sh -> bench-<date>.{json,md} and its plots, for docs/results/.
+"""bench.json of scripts/device/bench.sh -> bench-<date>.{json.xz,md} and its plots, for docs/results/.
 
     python scripts/bench_report.py out/bench/bench.json --out docs/results/
     python scripts/bench_report.py out/bench/bench.json --no-plots      # the markdown to stdout only (the GPU box)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import statistics
 import sys
 from pathlib import Path
@@ -468,7 +469,7 @@ def markdown(bench: dict) -> str:
         out += ["", "## Mismatches (prompt id @ first differing output position; AR's top-2 logprob margin there)",
                 ""] + details
     stem = f"bench-{bench['date']}"
-    out += ["", f"Raw figures: [{stem}.json]({stem}.json).", "",
+    out += ["", f"Raw figures: [{stem}.json.xz]({stem}.json.xz) (xz-compressed JSON).", "",
             f"![output tok/s vs concurrency]({stem}-toks.png) ![speedup vs AR]({stem}-speedup.png)"
             + (f" ![tau and c1 tok/s vs tree budget]({stem}-tree-budget.png)" if sweep_rows else "")]
     return "\n".join(out) + "\n"
@@ -550,14 +551,21 @@ def _plot_tree_sweep(plt, bench: dict, rows: list[dict], path: Path) -> Path:
     return path
 
 
+def load_bench(path: Path) -> dict:
+    """A bench.json, or the xz-compressed copy this script commits (bench-<date>.json.xz)."""
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench_json")
+    parser.add_argument("bench_json", help="bench.sh's bench.json, or a committed bench-<date>.json.xz")
     parser.add_argument("--out", default=None,
-                        help="folder for bench-<date>.{json,md,-toks.png,-speedup.png,-tree-budget.png}")
+                        help="folder for bench-<date>.{json.xz,md,-toks.png,-speedup.png,-tree-budget.png}")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    bench = json.loads(Path(args.bench_json).read_text())
+    bench = load_bench(Path(args.bench_json))
     text = markdown(bench)
     print(text)
     if args.out:
@@ -565,11 +573,14 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"bench-{bench['date']}"
         (out_dir / f"{stem}.md").write_text(text)
-        if Path(args.bench_json).resolve() != (out_dir / f"{stem}.json").resolve():
-            (out_dir / f"{stem}.json").write_text(json.dumps(bench, indent=1) + "\n")
+        # Compressed: a run's JSON holds every request (1-2.4 MB; ~16x smaller in xz), and each device command
+        # carries the whole working tree within 64 MiB.
+        raw = out_dir / f"{stem}.json.xz"
+        if Path(args.bench_json).resolve() != raw.resolve():
+            with lzma.open(raw, "wt", preset=9) as f:
+                f.write(json.dumps(bench, indent=1) + "\n")
         written = [] if args.no_plots else plot(bench, out_dir, stem)
-        print("wrote " + ", ".join(str(p) for p in [out_dir / f"{stem}.md", out_dir / f"{stem}.json", *written]),
-              file=sys.stderr)
+        print("wrote " + ", ".join(str(p) for p in [out_dir / f"{stem}.md", raw, *written]), file=sys.stderr)
     return 0
 
 

@@ -130,7 +130,7 @@ def test_set_table_not_run_and_mismatch_details_are_the_json():
                 assert line in md.splitlines()
     assert "- builtin DFLASH, sets mtbench c=1: mtbench-3@17" in md.splitlines()  # no margins: no parentheses
     assert f"not below {NEAR_TIE:g}" in md
-    assert "bench-2026-12-01.json" in md
+    assert "Raw figures: [bench-2026-12-01.json.xz](bench-2026-12-01.json.xz)" in md
 
 
 def recorded_plot_lines(monkeypatch) -> list:
@@ -151,7 +151,10 @@ def test_main_writes_files_and_plots_carry_the_json(tmp_path, monkeypatch):
     src.write_text(json.dumps(synthetic_bench()))
     out = tmp_path / "results"
     assert bench_report.main([str(src), "--out", str(out), "--no-plots"]) == 0
-    assert json.loads((out / "bench-2026-12-01.json").read_text()) == synthetic_bench()
+    assert bench_report.load_bench(out / "bench-2026-12-01.json.xz") == synthetic_bench()
+    assert (out / "bench-2026-12-01.md").read_text() == bench_report.markdown(synthetic_bench())
+    # The committed copy reads back as the report's input: the same report again.
+    assert bench_report.main([str(out / "bench-2026-12-01.json.xz"), "--out", str(out), "--no-plots"]) == 0
     assert (out / "bench-2026-12-01.md").read_text() == bench_report.markdown(synthetic_bench())
     drawn = recorded_plot_lines(monkeypatch)
     paths = bench_report.plot(synthetic_bench(), out, "bench-2026-12-01")
