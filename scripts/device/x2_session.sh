@@ -28,8 +28,9 @@
 #
 # Results: $OUT of each command (end every command with pack_out.sh: the runner brings back at most 8 files).
 # The machine must stay warm between commands (30 s idle release): the background chain needs its SMOL_BUDGET
-# (1000 s here) + the benchmark (540 s) from `start`, ~26 minutes; `gpu0` spends the wait and copies the training
-# results as soon as they exist, so a machine that is taken back before `collect` still leaves the drafter's figures.
+# (920 s here) + the benchmark (560 s) from `start`, ~25 minutes; `gpu0` (or, while the variant drafter trains on
+# GPU 0, `collect`) spends the wait, and either copies the training results as soon as they exist, so a machine
+# that is taken back before the last `collect` still leaves the drafter's figures.
 #
 #   usage: source scripts/device/site.sh .device-site2 && bash scripts/device/x2_session.sh start [--bench-args "..."]
 #            [--variant "..."]          (after a command that sourced site.sh with .device-site1: the two halves of
@@ -65,15 +66,21 @@ WITH_SHAPE=0
 # left, so training gets 560-600 s (issue 4's allowance is 600) and the regeneration what is left before it.
 # Eighth session: asked for 560, training got 539 s (the mask-token check, 15 s, and the regeneration's last
 # requests ate the slack), with 32k answers and 2.3 epochs for the kept drafter: steps are worth more than the
-# answers a longer regeneration would add, so the regeneration leaves 590.
-SMOL_BUDGET="${SMOL_BUDGET:-1000}"
+# answers a longer regeneration would add, so the regeneration leaves 590. Sixteenth session: 920, so that the
+# boot (~90 s), three payload commands, this chain and collect's copies fit the session's 30 minutes with a minute
+# to spare; the regeneration gives up ~80 s (~13k answers at 48k tok/s), training keeps its 590.
+SMOL_BUDGET="${SMOL_BUDGET:-920}"
 SMOL_TRAIN_MIN="${SMOL_TRAIN_MIN:-590}"
-# The levels issues 7 and 8 set bars at (c16: issue 7); one tree contender (64 nodes gave the best c1 tok/s on
-# 2026-11-29) at c1 and c8, its bars' levels (a 65-wide verify captured up to batch 64 would cost startup time and
-# memory for no bar), and the same tree with the adaptive width at every level (the AR bars at c32 and c64). No
-# profile stage: five contenders' sweeps and the interleaved stage need its time (2026-11-30's profiles stand).
-BENCH_ARGS='--concurrency "1 8 16 32 64" --tree-budget 64 --tree-concurrency "1 8" --adaptive'
-BENCH_ARGS+=' --set-prompts 6 --budget 540'
+# The levels issue 8 sets bars at; one tree contender (63 nodes and the root: 64 verify rows) at c1 and c8, its
+# bars' levels (a 64-wide verify captured up to batch 64 would cost startup time and memory for no bar), and the
+# same tree with the adaptive width at every level (the AR bars at c32 and c64). The interleaved stage, whose
+# paired medians the bars are judged on, gets most of the time: 7 repeats per level (the fifteenth session's 5 left
+# c32 and c64 against AR within their spread). The speculative servers get SGLang's prefill delayer, AR its
+# default setting; prefill CUDA graphs for all. No profile stage (2026-11-30's profiles stand).
+BENCH_ARGS='--concurrency "1 8 32 64" --tree-budget 63 --tree-concurrency "1 8" --adaptive --set-prompts 4'
+BENCH_ARGS+=' --budget 560 --interleave-share 62 --interleave-rounds 3 --interleave-repeats 7 --prefill-graphs'
+BENCH_ARGS+=' --spec-server-args "--enable-prefill-delayer --prefill-delayer-max-delay-passes 20'
+BENCH_ARGS+=' --prefill-delayer-token-usage-low-watermark 0.02"'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
@@ -159,7 +166,9 @@ bench() {
     echo "== no trained SmolLM2 drafter (train_smollm2.sh exit: $trained): benchmarking the embedded demo pair"
   fi
   use_tested_kernels
-  OUT="$SMOL/benchrun" DFLASH_SGLANG_STEP_TIMING=1 eval "$(cpu_share bench)" bash "'$REPO/scripts/device/bench.sh'" \
+  # No step timer (DFLASH_SGLANG_STEP_TIMING): its CUDA events are host work per step that AR does not pay, and the
+  # bars against AR at 32-64 requests are within a few percent.
+  OUT="$SMOL/benchrun" eval "$(cpu_share bench)" bash "'$REPO/scripts/device/bench.sh'" \
     --target "'$target'" --drafter "'$drafter'" "$BENCH_ARGS"
 }
 
@@ -234,13 +243,6 @@ collect() {
   done
   smol_fp32
   OUT="$OUT" bash "$REPO/scripts/device/train_smollm2.sh" --collect | tail -n 3
-  if [ -e "$CHAIN_DONE" ]; then
-    echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
-    # Every server of the session has run: its JIT caches go home for the next session's fresh box.
-    bash "$REPO/scripts/device/jit_cache.sh" pack "$OUT/jitcache"
-  else
-    echo "== bench not finished after waiting ${waited}s (partial results copied)"
-  fi
   mkdir -p "$OUT/bench"
   cp -r "$SMOL/benchrun/bench/." "$OUT/bench/" 2>/dev/null
   if [ -d "$SMOL/fp32" ]; then
@@ -248,6 +250,14 @@ collect() {
     for name in "${FP32_RUNS[@]}"; do sed -n '/^pair=/,$p' "$SMOL/fp32/$name.log" 2>/dev/null; done
   fi
   cp "$SMOL/bench.log" "$OUT/" 2>/dev/null
+  if [ -e "$CHAIN_DONE" ]; then
+    echo "== bench exit $(cat "$CHAIN_DONE") after waiting ${waited}s"
+    # Every server of the session has run: its JIT caches go home for the next session's fresh box. Last, after
+    # the results are in $OUT: a command stopped by the session's device time still returns those.
+    bash "$REPO/scripts/device/jit_cache.sh" pack "$OUT/jitcache"
+  else
+    echo "== bench not finished after waiting ${waited}s (partial results copied)"
+  fi
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps(d['train']))" \
     "$OUT/smollm2/summary.json" 2>/dev/null
   sed -n '/^| contender | conc/,/^$/p' "$OUT/bench.log" 2>/dev/null
