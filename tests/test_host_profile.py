@@ -134,3 +134,40 @@ def test_profile_finds_the_time_each_function_takes_per_token(tmp_path):
     again = subprocess.run([sys.executable, str(DEVICE / "host_profile.py"), "--report", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and again.stdout == table
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for python3 in host_profile.sh: records each server's command line; servers die at once.
+case "$*" in
+  *launch_server*) echo "$*" >> "{launches}"; exit 1 ;;
+  *"print(load_drafter_config"*) echo 16 ;;
+esac
+"""
+
+
+def launched_servers(tmp_path: Path, *args: str) -> dict[str, str]:
+    """host_profile.sh's server command lines by port (the servers die at once, so nothing is measured)."""
+    smol, bin_dir, launches = tmp_path / "smol", tmp_path / "bin", tmp_path / "launches.txt"
+    for folder in ("target", "drafter"):
+        (smol / folder).mkdir(parents=True)
+        (smol / folder / "config.json").write_text("{}")
+    (smol / "drafter" / "model.safetensors").write_bytes(b"")
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON.format(launches=launches))
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SMOL_DIR": str(smol), "OUT": str(tmp_path)}
+    subprocess.run(["bash", str(DEVICE / "host_profile.sh"), *args], env=env, capture_output=True, timeout=60)
+    lines = launches.read_text().splitlines()
+    return {line.split("--port ")[1].split()[0]: line for line in lines}
+
+
+def test_profiled_servers_can_take_the_benchmarks_prefill_settings(tmp_path):
+    """--prefill-graphs keeps SGLang's prefill graphs, --spec-server-args reaches the four speculative servers and
+    not AR (port 30400), as bench.sh gives them; without them prefills run eagerly, as in the earlier profiles."""
+    delayer = "--enable-prefill-delayer --prefill-delayer-max-delay-passes 20"
+    servers = launched_servers(tmp_path / "bench", "--prefill-graphs", "--spec-server-args", delayer)
+    assert len(servers) == 5 and not any("--disable-prefill-cuda-graph" in line for line in servers.values())
+    assert delayer not in servers["30400"]
+    assert all(delayer in line for port, line in servers.items() if port != "30400")
+    default = launched_servers(tmp_path / "default")
+    assert all("--disable-prefill-cuda-graph" in line and "prefill-delayer" not in line for line in default.values())

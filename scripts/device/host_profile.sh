@@ -11,6 +11,7 @@
 #
 #   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
 #            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64] [--step-timing] [--torch-profile C]
+#            [--prefill-graphs] [--spec-server-args "ARGS"]
 #   Defaults: the SmolLM2 pair under /tmp/smol (target converted from the GGUF payload if absent; the drafter
 #   carried in .device-drafter and copied there by this script when found).
 # --step-timing: our servers also time their steps' phases on the GPU (DFLASH_SGLANG_STEP_TIMING; its CUDA events
@@ -20,6 +21,9 @@
 # replays per scheduler step. Host time that the sampler finds in calls that should not block (2026-11-30: 0.7 ms a
 # plain step in FutureMap.resolve_seq_lens_cpu) is either a synchronization, which this counts, or not.
 # Its table: $DIR/<name>-torch.txt, appended to table.txt; the raw traces are deleted once summarized.
+# --prefill-graphs and --spec-server-args "ARGS": as bench.sh's, so the profile describes the servers the benchmark
+# measured (2026-11-30: prefill graphs on, the prefill delayer on the speculative servers). Without them prefills
+# run eagerly, as in the profiles before then.
 # Results: $OUT/host/<name>.json (figures and folded stacks), <name>.log (server), table.txt (printed last).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -33,6 +37,8 @@ TREE_BUDGET=64
 STARTUP_LIMIT=300
 STEP_TIMING=0
 TORCH_PROFILE=""
+PREFILL_GRAPHS=0
+SPEC_SERVER_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -42,6 +48,8 @@ while [ $# -gt 0 ]; do
     --tree-budget) TREE_BUDGET="$2"; shift 2 ;;
     --step-timing) STEP_TIMING=1; shift ;;
     --torch-profile) TORCH_PROFILE="$2"; shift 2 ;;
+    --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
+    --spec-server-args) SPEC_SERVER_ARGS="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -68,10 +76,12 @@ MAX_BS=1
 for c in "${LEVELS[@]}"; do [ "$c" -gt "$MAX_BS" ] && MAX_BS=$c; done
 # bench.sh's server flags, so the figures describe the servers it measures.
 COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
-        --disable-prefill-cuda-graph --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
+        --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
         --cuda-graph-max-bs "$MAX_BS" --host 127.0.0.1 --log-level info)
+[ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
+read -ra SPEC_EXTRA <<< "$SPEC_SERVER_ARGS"
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER" --speculative-draft-attention-backend
-      triton)
+      triton "${SPEC_EXTRA[@]}")
 CHAIN=(--speculative-num-draft-tokens "$BLOCK")
 TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)  # its width: the budget + 1
 NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
