@@ -170,7 +170,7 @@ bench() {
   fi
   use_tested_kernels
   # No step timer (DFLASH_SGLANG_STEP_TIMING): its CUDA events are host work per step that AR does not pay, and the
-  # bars against AR at 32-64 requests are within a few percent.
+  # bars against AR are about our servers as deployed.
   OUT="$SMOL/benchrun" eval "$(cpu_share bench)" bash "'$REPO/scripts/device/bench.sh'" \
     --target "'$target'" --drafter "'$drafter'" "$BENCH_ARGS"
 }
