@@ -375,6 +375,8 @@ def markdown(bench: dict) -> str:
                f"draft attention {s.get('draft_backend')}), {s.get('dtype')}, one server per contender, measured one "
                f"at a time" + (", then in turn (interleaved sweep)" if interleaved_rows(bench) else "")
                + prefill_graphs_note(s.get("server_flags"))
+               + ("; each server runs its largest level's requests at once (`--max-running-requests`; SGLang caps a "
+                  "speculative server at 48 unless told)" if s.get("max_running_requests") else "")
                + (f"; our servers with `{s['ours_flags']}`" if s.get("ours_flags") else "")
                + (f"; every server (AR's too) with `{s['all_flags']}`" if s.get("all_flags") else "")
                + (f"; the speculative servers (the builtin's and ours, not AR) with `{s['spec_flags']}`"

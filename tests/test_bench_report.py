@@ -494,6 +494,15 @@ def test_the_header_says_whether_prefill_graphs_were_on(flags, expected):
     assert ("prefill CUDA graphs" in header) is bool(expected) and (not expected or expected + "." in header)
 
 
+def test_the_header_says_when_every_server_ran_its_largest_level_whole():
+    """bench.json records --max-running-requests per server since 2026-11-30; older ones, without it, say nothing."""
+    bench = synthetic_bench()
+    assert "--max-running-requests" not in bench_report.markdown(bench).splitlines()[2]
+    bench["settings"]["max_running_requests"] = {"ar": 64, "ours": 64}
+    assert "each server runs its largest level's requests at once (`--max-running-requests`" in (
+        bench_report.markdown(bench).splitlines()[2])
+
+
 def test_a_sweep_no_contender_ran_says_so_instead_of_an_empty_table():
     bench = interleaved_bench()
     for contender in bench["contenders"]:

@@ -178,6 +178,11 @@ def test_tree_budget_sweep_and_profile_stage(tmp_path, fake_sglang):
         assert argv[argv.index("--speculative-dflash-tree-budget") + 1] == str(settings["tree_contenders"][name])
         assert argv[argv.index("--speculative-dflash-topk") + 1] == "3"
         assert argv[argv.index("--port") + 1] == str(port) and argv[argv.index("--cuda-graph-max-bs") + 1] == "2"
+    # Every server runs its largest level at once (SGLang caps speculative ones at 48), and bench.json says so.
+    assert settings["max_running_requests"] == settings["cuda_graph_max_bs"]
+    for name in names:
+        argv = server_lines(bench_dir / f"{name}.log", "argv ").split()
+        assert argv[argv.index("--max-running-requests") + 1] == str(settings["max_running_requests"][name])
     for name in names:  # prefill graphs off by default, and said so in the report
         assert "--disable-prefill-cuda-graph" in server_lines(bench_dir / f"{name}.log", "argv ").split()
     assert "prefill CUDA graphs off" in run.stdout

@@ -171,3 +171,5 @@ def test_profiled_servers_can_take_the_benchmarks_prefill_settings(tmp_path):
     assert all(delayer in line for port, line in servers.items() if port != "30400")
     default = launched_servers(tmp_path / "default")
     assert all("--disable-prefill-cuda-graph" in line and "prefill-delayer" not in line for line in default.values())
+    # The largest level runs whole on every server (SGLang caps speculative ones at 48 running requests).
+    assert all("--max-running-requests 64 " in line for line in [*servers.values(), *default.values()])

@@ -282,13 +282,16 @@ graph_bs() {  # name: the largest batch it will run (its sweep levels, its profi
 declare -A GRAPH_BS=()
 for name in "${CONTENDERS[@]}"; do GRAPH_BS[$name]=$(graph_bs "$name"); done
 
+# --max-running-requests: each server runs its largest level whole. SGLang 0.5.16 caps a speculative server at 48
+# running requests unless told otherwise (arg_groups/speculative_hook.py) and AR at what its KV pool allows, so
+# until 2026-11-30 the builtin and ours served "c64" as 48 running and 16 queued, against AR's 64.
 launch() {  # name, env setting, flags...
   local name="$1" env_setting="$2"; shift 2
   local extra_env=()
   [ -n "${PROFILED[$name]:-}" ] && extra_env=("${PROFILE_ENV[@]}")
   env "$env_setting" "${extra_env[@]}" setsid python3 -m sglang.launch_server "${COMMON[@]}" \
-    --cuda-graph-max-bs "${GRAPH_BS[$name]}" --port "${PORT[$name]}" --nccl-port $(( PORT[$name] + 100 )) "$@" \
-    > "$DIR/$name.log" 2>&1 &
+    --cuda-graph-max-bs "${GRAPH_BS[$name]}" --max-running-requests "${GRAPH_BS[$name]}" --port "${PORT[$name]}" \
+    --nccl-port $(( PORT[$name] + 100 )) "$@" > "$DIR/$name.log" 2>&1 &
   PID[$name]=$!
   echo "== $name: starting on :${PORT[$name]} (log: $DIR/$name.log)"
 }
@@ -323,7 +326,8 @@ BENCH_SETTINGS="$(printf '%s\n' "target=$TARGET" "drafter=$DRAFTER" "block_size=
   "dtype=bfloat16" "max_tokens=$MAX_TOKENS" "concurrency=$CONCURRENCY" "sets=$SETS" "set_prompts=$SET_PROMPTS" \
   "rounds=$ROUNDS" "min_requests=8" "tree_budget=$TREE_BUDGET" "tree_topk=${TREE_TOPK:-plugin default}" \
   "tree_concurrency=$TREE_CONCURRENCY" "tree_contenders=$(pairs TREE_OF "${TREES[@]}")" \
-  "cuda_graph_max_bs=$(pairs GRAPH_BS "${CONTENDERS[@]}")" "profile=$PROFILE" \
+  "cuda_graph_max_bs=$(pairs GRAPH_BS "${CONTENDERS[@]}")" "max_running_requests=$(pairs GRAPH_BS "${CONTENDERS[@]}")" \
+  "profile=$PROFILE" \
   "profile_concurrency=$PROFILE_CONCURRENCY" "profile_limit_s=$PROFILE_LIMIT" "profile_max_tokens=$PROFILE_TOKENS" \
   "interleave_share=$INTERLEAVE_SHARE" "interleave_repeats=$INTERLEAVE_REPEATS" \
   "interleave_rounds=$INTERLEAVE_ROUNDS" "interleave_min_requests=$INTERLEAVE_MIN_REQUESTS" \
@@ -347,7 +351,7 @@ for key in ("block_size", "max_tokens", "set_prompts", "rounds", "min_requests",
     settings[key] = int(settings[key])
 for key in ("concurrency", "tree_budget", "tree_concurrency", "profile_concurrency"):
     settings[key] = [int(c) for c in settings[key].split()]
-for key in ("tree_contenders", "cuda_graph_max_bs"):
+for key in ("tree_contenders", "cuda_graph_max_bs", "max_running_requests"):
     settings[key] = {name: int(n) for name, n in (pair.rsplit(":", 1) for pair in settings[key].split())}
 settings["profile"] = settings["profile"] == "1"
 settings["adaptive"] = settings["adaptive"] == "1"

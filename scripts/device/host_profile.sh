@@ -77,7 +77,7 @@ for c in "${LEVELS[@]}"; do [ "$c" -gt "$MAX_BS" ] && MAX_BS=$c; done
 # bench.sh's server flags, so the figures describe the servers it measures.
 COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sampling-backend pytorch
         --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
-        --cuda-graph-max-bs "$MAX_BS" --host 127.0.0.1 --log-level info)
+        --cuda-graph-max-bs "$MAX_BS" --max-running-requests "$MAX_BS" --host 127.0.0.1 --log-level info)
 [ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
 read -ra SPEC_EXTRA <<< "$SPEC_SERVER_ARGS"
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER" --speculative-draft-attention-backend
