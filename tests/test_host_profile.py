@@ -145,8 +145,8 @@ esac
 """
 
 
-def launched_servers(tmp_path: Path, *args: str) -> dict[str, str]:
-    """host_profile.sh's server command lines by port (the servers die at once, so nothing is measured)."""
+def launched_servers(tmp_path: Path, *args: str, script: str = "host_profile.sh") -> list[str]:
+    """The server command lines `script` launches (the servers die at once, so nothing is measured)."""
     smol, bin_dir, launches = tmp_path / "smol", tmp_path / "bin", tmp_path / "launches.txt"
     for folder in ("target", "drafter"):
         (smol / folder).mkdir(parents=True)
@@ -156,8 +156,11 @@ def launched_servers(tmp_path: Path, *args: str) -> dict[str, str]:
     (bin_dir / "python3").write_text(FAKE_PYTHON.format(launches=launches))
     (bin_dir / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SMOL_DIR": str(smol), "OUT": str(tmp_path)}
-    subprocess.run(["bash", str(DEVICE / "host_profile.sh"), *args], env=env, capture_output=True, timeout=60)
-    lines = launches.read_text().splitlines()
+    subprocess.run(["bash", str(DEVICE / script), *args], env=env, capture_output=True, timeout=120)
+    return launches.read_text().splitlines()
+
+
+def by_port(lines: list[str]) -> dict[str, str]:
     return {line.split("--port ")[1].split()[0]: line for line in lines}
 
 
@@ -165,11 +168,35 @@ def test_profiled_servers_can_take_the_benchmarks_prefill_settings(tmp_path):
     """--prefill-graphs keeps SGLang's prefill graphs, --spec-server-args reaches the four speculative servers and
     not AR (port 30400), as bench.sh gives them; without them prefills run eagerly, as in the earlier profiles."""
     delayer = "--enable-prefill-delayer --prefill-delayer-max-delay-passes 20"
-    servers = launched_servers(tmp_path / "bench", "--prefill-graphs", "--spec-server-args", delayer)
+    servers = by_port(launched_servers(tmp_path / "bench", "--prefill-graphs", "--spec-server-args", delayer))
     assert len(servers) == 5 and not any("--disable-prefill-cuda-graph" in line for line in servers.values())
     assert delayer not in servers["30400"]
     assert all(delayer in line for port, line in servers.items() if port != "30400")
-    default = launched_servers(tmp_path / "default")
+    default = by_port(launched_servers(tmp_path / "default"))
     assert all("--disable-prefill-cuda-graph" in line and "prefill-delayer" not in line for line in default.values())
     # The largest level runs whole on every server (SGLang caps speculative ones at 48 running requests).
     assert all("--max-running-requests 64 " in line for line in [*servers.values(), *default.values()])
+
+
+def test_profile_can_run_a_subset_of_servers_with_flags_for_all(tmp_path):
+    """--servers starts only those named (AR 30400, ours 30402); --server-args reaches each of them, AR included;
+    a name that is not a server is refused before anything starts."""
+    backend = "--cuda-graph-backend-prefill full"
+    servers = by_port(launched_servers(tmp_path / "subset", "--servers", "ar ours", "--server-args", backend))
+    assert sorted(servers) == ["30400", "30402"]
+    assert all(backend in line for line in servers.values())
+    assert "--speculative-algorithm DFLASH" in servers["30402"] and "--speculative" not in servers["30400"]
+    bad = subprocess.run(["bash", str(DEVICE / "host_profile.sh"), "--servers", "ar chain"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert bad.returncode == 2 and "no server named chain" in bad.stderr
+
+
+def test_prefill_backends_profiles_each_backend_with_prefill_graphs_on(tmp_path):
+    """scripts/device/prefill_backends.sh: one host_profile.sh run per backend, each server of it given that
+    backend, prefill graphs not disabled."""
+    lines = launched_servers(tmp_path, "--backends", "breakable full", "--servers", "ar ours",
+                             script="prefill_backends.sh")
+    assert len(lines) == 4 and not any("--disable-prefill-cuda-graph" in line for line in lines)
+    for backend in ("breakable", "full"):
+        assert sorted(by_port(line for line in lines if f"--cuda-graph-backend-prefill {backend}" in line)) == [
+            "30400", "30402"]

@@ -11,7 +11,7 @@
 #
 #   usage: source scripts/device/site.sh && bash scripts/device/host_profile.sh [--target DIR] [--drafter DIR]
 #            [--concurrency "1 32 64"] [--rounds 3] [--tree-budget 64] [--step-timing] [--torch-profile C]
-#            [--prefill-graphs] [--spec-server-args "ARGS"]
+#            [--prefill-graphs] [--spec-server-args "ARGS"] [--server-args "ARGS"] [--servers "ar ours ..."]
 #   Defaults: the SmolLM2 pair under /tmp/smol (target converted from the GGUF payload if absent; the drafter
 #   carried in .device-drafter and copied there by this script when found).
 # --step-timing: our servers also time their steps' phases on the GPU (DFLASH_SGLANG_STEP_TIMING; its CUDA events
@@ -23,7 +23,8 @@
 # Its table: $DIR/<name>-torch.txt, appended to table.txt; the raw traces are deleted once summarized.
 # --prefill-graphs and --spec-server-args "ARGS": as bench.sh's, so the profile describes the servers the benchmark
 # measured (2026-11-30: prefill graphs on, the prefill delayer on the speculative servers). Without them prefills
-# run eagerly, as in the profiles before then.
+# run eagerly, as in the profiles before then. --server-args "ARGS": for every server, AR's included (a prefill CUDA
+# graph backend, say, compared with another in a second run). --servers: a subset of NAMES below, in its order.
 # Results: $OUT/host/<name>.json (figures and folded stacks), <name>.log (server), table.txt (printed last).
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -39,6 +40,8 @@ STEP_TIMING=0
 TORCH_PROFILE=""
 PREFILL_GRAPHS=0
 SPEC_SERVER_ARGS=""
+SERVER_ARGS=""
+SERVERS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --target) TARGET="$2"; shift 2 ;;
@@ -50,9 +53,18 @@ while [ $# -gt 0 ]; do
     --torch-profile) TORCH_PROFILE="$2"; shift 2 ;;
     --prefill-graphs) PREFILL_GRAPHS=1; shift ;;
     --spec-server-args) SPEC_SERVER_ARGS="$2"; shift 2 ;;
+    --server-args) SERVER_ARGS="$2"; shift 2 ;;
+    --servers) SERVERS="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
+NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
+if [ -n "$SERVERS" ]; then
+  for name in $SERVERS; do
+    [[ " ${NAMES[*]} " == *" $name "* ]] || { echo "error: --servers: no server named $name (${NAMES[*]})" >&2; exit 2; }
+  done
+  read -ra NAMES <<< "$SERVERS"
+fi
 mkdir -p "$DIR"
 WORK="$(mktemp -d /tmp/dflash-host.XXXXXX)"
 
@@ -79,12 +91,13 @@ COMMON=(--model-path "$TARGET" --dtype bfloat16 --attention-backend triton --sam
         --mem-fraction-static 0.85 --max-total-tokens 131072 --sleep-on-idle
         --cuda-graph-max-bs "$MAX_BS" --max-running-requests "$MAX_BS" --host 127.0.0.1 --log-level info)
 [ "$PREFILL_GRAPHS" = 1 ] || COMMON+=(--disable-prefill-cuda-graph)
+read -ra ALL_EXTRA <<< "$SERVER_ARGS"
+COMMON+=("${ALL_EXTRA[@]}")
 read -ra SPEC_EXTRA <<< "$SPEC_SERVER_ARGS"
 SPEC=(--speculative-algorithm DFLASH --speculative-draft-model-path "$DRAFTER" --speculative-draft-attention-backend
       triton "${SPEC_EXTRA[@]}")
 CHAIN=(--speculative-num-draft-tokens "$BLOCK")
 TREE=(--speculative-dflash-tree-budget "$TREE_BUDGET" --speculative-dflash-adaptive)  # its width: the budget + 1
-NAMES=(ar builtin ours ours-tree-adaptive ours-plain)
 declare -A PORT=([ar]=30400 [builtin]=30401 [ours]=30402 [ours-tree-adaptive]=30403 [ours-plain]=30404)
 # Exact host time of the step's parts (host_sampler_plugin.py's timers), beside the samples.
 TIMED=(
@@ -92,12 +105,19 @@ TIMED=(
   sglang.srt.managers.scheduler:Scheduler.update_running_batch
   sglang.srt.managers.scheduler:Scheduler.run_batch
   sglang.srt.managers.scheduler:Scheduler.process_batch_result
+  sglang.srt.managers.scheduler:Scheduler.get_new_batch_prefill
+  sglang.srt.managers.schedule_batch:ScheduleBatch.prepare_for_extend
+  sglang.srt.managers.schedule_batch:ScheduleBatch.merge_batch
+  sglang.srt.managers.schedule_batch:ScheduleBatch.filter_batch
+  sglang.srt.managers.scheduler_components.batch_result_processor:SchedulerBatchResultProcessor.process_batch_result_prefill
   sglang.srt.managers.schedule_batch:ScheduleBatch.prepare_for_decode
   sglang.srt.speculative.dflash_info_v2:DFlashDraftInputV2.prepare_for_decode
   dflash_sglang.sglang.draft_state:DraftState.prepare_for_decode
   sglang.srt.model_executor.runner.decode_cuda_graph_runner:DecodeCudaGraphRunner.load_batch
   sglang.srt.model_executor.runner.decode_cuda_graph_runner:DecodeCudaGraphRunner.execute
   sglang.srt.model_executor.runner.eager_runner:EagerRunner.execute
+  sglang.srt.model_executor.runner.prefill_cuda_graph_runner:PrefillCudaGraphRunner.load_batch
+  sglang.srt.model_executor.runner.prefill_cuda_graph_runner:PrefillCudaGraphRunner.execute
   dflash_sglang.sglang.worker:DFlashWorker.prefill
   dflash_sglang.sglang.worker:DFlashWorker.decode
   dflash_sglang.sglang.worker:DFlashWorker.decode_tree
@@ -114,7 +134,8 @@ declare -A PID=()
 trap 'for p in "${PID[@]}"; do kill -TERM -- "-$p" 2>/dev/null; done; sleep 2;
       for p in "${PID[@]}"; do kill -KILL -- "-$p" 2>/dev/null; done; rm -rf "$WORK"' EXIT
 
-launch() {  # name, env settings..., -- flags...
+launch() {  # name, env settings..., -- flags... (a server not in NAMES is not started)
+  [[ " ${NAMES[*]} " == *" $1 "* ]] || return 0
   local name="$1" envs=(); shift
   while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
   env DFLASH_HOST_SAMPLES="$WORK/samples/$name" DFLASH_HOST_TIMED="$TIMED_LIST" DFLASH_SGLANG_STEP_TIMING=$STEP_TIMING \
