@@ -191,12 +191,17 @@ def test_profile_can_run_a_subset_of_servers_with_flags_for_all(tmp_path):
     assert bad.returncode == 2 and "no server named chain" in bad.stderr
 
 
-def test_prefill_backends_profiles_each_backend_with_prefill_graphs_on(tmp_path):
-    """scripts/device/prefill_backends.sh: one host_profile.sh run per backend, each server of it given that
-    backend, prefill graphs not disabled."""
-    lines = launched_servers(tmp_path, "--backends", "breakable full", "--servers", "ar ours",
-                             script="prefill_backends.sh")
+def test_scheduler_variants_profiles_each_setting_with_prefill_graphs_on(tmp_path):
+    """scripts/device/scheduler_variants.sh: one host_profile.sh run per variant, its first arguments on every
+    server, its second on the speculative ones only, prefill graphs never disabled; a bad name is refused first."""
+    lines = launched_servers(tmp_path / "ok", "--servers", "ar ours", "--variant", "base||",
+                             "--variant", "recv16|--scheduler-recv-interval 16|--enable-prefill-delayer",
+                             script="scheduler_variants.sh")
     assert len(lines) == 4 and not any("--disable-prefill-cuda-graph" in line for line in lines)
-    for backend in ("breakable", "full"):
-        assert sorted(by_port(line for line in lines if f"--cuda-graph-backend-prefill {backend}" in line)) == [
-            "30400", "30402"]
+    recv = by_port(line for line in lines if "--scheduler-recv-interval 16" in line)
+    assert sorted(recv) == ["30400", "30402"]
+    assert "--enable-prefill-delayer" in recv["30402"] and "--enable-prefill-delayer" not in recv["30400"]
+    assert not any("--enable-prefill-delayer" in line for line in lines if line not in recv.values())
+    bad = subprocess.run(["bash", str(DEVICE / "scheduler_variants.sh"), "--variant", "a b|x|"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert bad.returncode == 2 and "NAME must be" in bad.stderr
