@@ -100,10 +100,10 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.speculative import dflash_utils
 
-    from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention
+    from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention, verify_prefill
 
     envs = (tree_mode.BUDGET_ENV, tree_mode.TOPK_ENV, adaptive_width.ADAPTIVE_ENV, verify_attention.SPLITKV_ENV,
-            draft_head.FP8_HEAD_ENV)
+            draft_head.FP8_HEAD_ENV, verify_prefill.ENV)
     for name in envs:
         monkeypatch.setenv(name, "")  # recorded, so the hook's own writes are undone too (delenv of an unset one is not)
     parser = argparse.ArgumentParser()
@@ -111,10 +111,11 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
     args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH",
                               "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4",
                               "--speculative-dflash-adaptive", "--speculative-dflash-verify-splitkv",
-                              "--speculative-dflash-draft-head-fp8"])
+                              "--speculative-dflash-draft-head-fp8", "--speculative-dflash-verify-prefill"])
+    assert not verify_prefill.setting_from_env()  # off unless asked for
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
-    assert args.speculative_num_draft_tokens == 32
+    assert args.speculative_num_draft_tokens == 32 and verify_prefill.setting_from_env()
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
     assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env() is True
     assert draft_head.fp8_head_from_env()
@@ -1144,6 +1145,121 @@ def test_prefill_captures_features_and_writes_prompt_context(markov_worker, adap
     assert torch.equal(published[0], batch.seq_lens) and torch.equal(result.new_seq_lens, batch.seq_lens)
     if adaptive:
         assert worker.width_controller._interrupted > 0
+
+
+def prefill_batch(world, prefix_lens, extend_lens, pool_rows, **fields):
+    """An EXTEND batch as SGLang's scheduler hands it over: each request's extend tokens and their slots (its
+    req_to_token row past its cached prefix), concatenated."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    g = torch.Generator().manual_seed(sum(extend_lens))
+    tokens = [torch.randint(0, world.vocab - 1, (n,), generator=g) for n in extend_lens]
+    slots = [world.req_to_token[row, p:p + n] for row, p, n in zip(pool_rows, prefix_lens, extend_lens)]
+    seq_lens = torch.tensor([p + n for p, n in zip(prefix_lens, extend_lens)])
+    return SimpleNamespace(
+        forward_mode=ForwardMode.EXTEND, prefix_lens=list(prefix_lens), extend_lens=list(extend_lens),
+        seq_lens=seq_lens, seq_lens_cpu=seq_lens.clone(), seq_lens_sum=int(seq_lens.sum()), orig_seq_lens=seq_lens,
+        req_pool_indices=torch.tensor(pool_rows),
+        input_ids=torch.cat(tokens), out_cache_loc=torch.cat(slots), spec_info=None, sampling_info=None,
+        return_logprob=False, return_hidden_states=False, is_prefill_only=False, input_embeds=None,
+        multimodal_inputs=[None] * len(extend_lens), **fields), tokens
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_prefill_through_verify_rows_samples_the_last_token_and_writes_every_prompt_tokens_context(markov_worker,
+                                                                                                    adaptive):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from dflash_sglang.adaptive import WidthController
+
+    worker, world = markov_worker
+    block = world.block
+    worker.prefill_width, worker.prefill_max_rows = block, 8
+    if adaptive:  # the rows run at the chain's width whatever the last decode step chose
+        worker.width_controller = WidthController((block, 1))
+        worker.active_width, applied = 1, []
+        worker.verify_resources = {w: SimpleNamespace(apply=lambda runner, w=w: applied.append(w)) for w in (block, 1)}
+    sampled, seen = [], []
+    worker.model_runner.model_config = SimpleNamespace(context_len=512)
+    worker.model_runner.sample = lambda out, fb: sampled.append(fb) or out.next_token_logits.argmax(-1)
+    verify_forward = worker._target_worker.forward_batch_generation
+    worker._target_worker = SimpleNamespace(
+        forward_batch_generation=lambda *args, **kw: seen.append(kw) or verify_forward(*args, **kw))
+    batch, tokens = prefill_batch(world, [3, 0, 0], [4, 13, 1], [2, 0, 1])
+    published = []
+    result = worker.forward_batch_generation(batch, on_publish=published.append)
+
+    (call,) = seen
+    forward = call["forward_batch"]
+    assert forward.forward_mode == ForwardMode.TARGET_VERIFY and forward.batch_size == 5  # rows of 1 + 3 + 1
+    assert forward.req_pool_indices.tolist() == [2, 0, 0, 0, 1]
+    assert forward.seq_lens.tolist() == [3, 0, block, 2 * block, 0]
+    rows = forward.input_ids.view(5, block)
+    assert rows[0, :4].tolist() == tokens[0].tolist() and rows[4, 0] == tokens[2][0]
+    assert rows[1:4].reshape(-1)[:13].tolist() == tokens[1].tolist()
+    assert forward.positions.view(5, block)[2].tolist() == list(range(block, 2 * block))
+    slots = forward.out_cache_loc.view(5, block)
+    assert slots[0, 4:].tolist() == [0] * (block - 4) and slots[4, 1:].tolist() == [0] * (block - 1)  # pads
+    # SGLang's sampler, on the EXTEND batch, drew each first token from the last prompt token's logits.
+    last = [int(t[-1]) for t in tokens]
+    assert result.next_token_ids.tolist() == [int(world.table[t]) for t in last]
+    assert sampled[0].forward_mode == ForwardMode.EXTEND
+    assert result.next_draft_input.bonus_tokens.tolist() == result.next_token_ids.tolist()
+    assert torch.equal(published[0], batch.seq_lens) and torch.equal(result.new_seq_lens, batch.seq_lens)
+    # The drafter's context holds every prompt token at its position and slot, written once (in the graph or after).
+    for row, prefix, toks in zip([2, 0, 1], [3, 0, 0], tokens):
+        for i, token in enumerate(toks.tolist()):
+            assert world.draft_pool[int(world.req_to_token[row, prefix + i])] == (prefix + i, token)
+    assert len(world.context_writes) == 1
+    if adaptive:
+        assert applied == [block] and worker.active_width == block
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(return_logprob=True), "logprobs"),
+    (dict(multimodal_inputs=[object(), None]), "multimodal"),
+    (dict(input_embeds=torch.zeros(3)), "input embeddings"),
+    (dict(extend_lens=[40, 3]), "verify rows, above the largest captured graph"),
+    (dict(prefix_lens=[508, 0]), "past the context window"),  # 508 + one padded row of 6 > 512
+    (dict(), None),
+])
+def test_prefills_that_need_sglangs_prefill_keep_it(markov_worker, caplog, change, reason):
+    worker, world = markov_worker
+    worker.prefill_width, worker.prefill_max_rows = world.block, 4
+    worker.model_runner.model_config = SimpleNamespace(context_len=512)
+    batch, _ = prefill_batch(world, [3, 0], [4, 3], [2, 0])
+    for name, value in change.items():
+        setattr(batch, name, value)
+    with caplog.at_level(logging.DEBUG, logger="dflash_sglang.sglang.worker"):
+        assert worker.takes_verify_prefill(batch) is (reason is None)
+    assert reason is None or reason in caplog.text
+    worker.prefill_width = None  # the server's choice comes first
+    assert not worker.takes_verify_prefill(batch)
+
+
+@pytest.mark.parametrize("tree_budget, resources, server, graphs, width", [
+    (None, (), {}, 8, 16), (63, (16,), {}, 8, 16), (63, (), {}, 8, None), (None, (), {}, 0, None),
+    (None, (), dict(enable_lora=True), 8, None), (None, (), dict(sliding_window_size=512), 8, None),
+])
+def test_verify_prefill_needs_causal_verify_graphs_and_a_plain_target(caplog, tree_budget, resources, server, graphs,
+                                                                      width):
+    """Chain servers and adaptive tree servers (their chain steps' graphs) prefill as rows; a tree server without
+    them, a server without graphs, LoRA or sliding windows keep SGLang's prefill and say why."""
+    from dflash_sglang.sglang.tree_mode import TreeSettings
+    from dflash_sglang.sglang.worker import DFlashWorker
+
+    worker = DFlashWorker.__new__(DFlashWorker)
+    worker.__dict__.update(
+        tree=tree_budget and TreeSettings(budget=tree_budget, topk=4), block_size=16,
+        verify_resources={w: None for w in resources},
+        server_args=SimpleNamespace(enable_lora=server.get("enable_lora", False), lora_paths=None),
+        model_runner=SimpleNamespace(model_config=SimpleNamespace(is_multimodal=False, model_is_mrope=False),
+                                     sliding_window_size=server.get("sliding_window_size")))
+    with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
+        worker.enable_verify_prefill(graphs)
+    assert worker.prefill_width == width
+    assert ("prefills run as rows of 16 tokens" in caplog.text) is (width is not None)
+    assert ("prefills run SGLang's prefill here" in caplog.text) is (width is None)
 
 
 def test_idle_step_is_empty(markov_worker):

@@ -8,6 +8,8 @@
                                        verifies attend through our split-KV verify kernel (verify_attention.py);
                                        by default wherever the target's attention backend is triton
   --speculative-dflash-draft-head-fp8  drafts through an FP8 copy of the target's head (draft_head.py)
+  --speculative-dflash-verify-prefill  prefills run as verify rows through the target's verify graphs
+                                       (verify_prefill.py)
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
 environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
@@ -19,7 +21,7 @@ import argparse
 import os
 
 from dflash_sglang.config import DFlashConfigError
-from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention
+from dflash_sglang.sglang import adaptive_width, draft_head, tree_mode, verify_attention, verify_prefill
 
 ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -29,7 +31,7 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
     """AROUND `ServerArgs.add_cli_args`: SGLang's flags, then ours."""
     original(parser)
     group = parser.add_argument_group("dflash_sglang (DFLASH tree drafting, adaptive width, split-KV verify, "
-                                       "FP8 draft head)")
+                                       "FP8 draft head, verify-graph prefill)")
     group.add_argument("--speculative-dflash-tree-budget", type=int, default=None,
                        help="DFLASH: verify a best-first tree of this many draft nodes per request (tree mode); "
                             "sets --speculative-num-draft-tokens to budget + 1")
@@ -48,6 +50,11 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                        help="DFLASH: the drafter's logits come from an FP8 copy of the target's LM head (one scale "
                             "per vocab row): half the bytes each draft reads, at the head's size in extra memory; "
                             "drafts only, the target verifies in its own precision; needs an FP8 GPU (sm89+)")
+    group.add_argument(verify_prefill.FLAG, action="store_true", default=False,
+                       help="DFLASH: prefills run as rows of the verify width through the target's verify CUDA graphs "
+                            "(one replay, instead of SGLang's prefill graph with its attention run eagerly), where "
+                            "the server and the batch allow it; chain servers, and tree servers with "
+                            "--speculative-dflash-adaptive")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):
@@ -68,4 +75,6 @@ def from_cli_args_hook(original, cls, args: argparse.Namespace):
         os.environ[verify_attention.SPLITKV_ENV] = "1" if splitkv else "0"
     if getattr(args, "speculative_dflash_draft_head_fp8", False):
         os.environ[draft_head.FP8_HEAD_ENV] = "1"
+    if getattr(args, "speculative_dflash_verify_prefill", False):
+        os.environ[verify_prefill.ENV] = "1"
     return original(cls, args)

@@ -29,6 +29,7 @@ from copy import deepcopy
 import torch
 from sglang.srt.configs.hybrid_arch import mambaish_config
 from sglang.srt.distributed import get_tp_group
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import apply_custom_logit_processor
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.tp_worker import TpModelWorker
@@ -65,6 +66,7 @@ from dflash_sglang.kernels import (
     verify_tree_greedy,
     verify_tree_sampling,
 )
+from dflash_sglang.prefill_rows import prefill_rows, rows_needed
 from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
 from dflash_sglang.sglang.adaptive_width import (
     VerifyResources,
@@ -93,6 +95,7 @@ from dflash_sglang.sglang.verify_attention import (
     splitkv_from_env,
     use_splitkv_verify,
 )
+from dflash_sglang.sglang import verify_prefill
 from dflash_sglang.sglang.verify_context import VerifyGraphContext
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,11 @@ class DFlashWorker(BaseSpecWorker):
     step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
     width_controller: WidthController | None = None  # --speculative-dflash-adaptive
     splitkv = False  # the split-KV verify, decided in init_attention_backends (verify_attention.py)
+    # --speculative-dflash-verify-prefill (verify_prefill.py): asked for; then the verify width prefills run at and
+    # the most rows a graph holds (init_cuda_graphs; None: SGLang's prefill for every batch).
+    verify_prefill = False
+    prefill_width: int | None = None
+    prefill_max_rows = 0
     _last_width_summary = 0.0
 
     def __init__(self, server_args, gpu_id: int, ps, nccl_port: int, target_worker: TpModelWorker):
@@ -119,6 +127,7 @@ class DFlashWorker(BaseSpecWorker):
         self.tree = settings_from_env()
         adaptive = adaptive_from_env()
         self.splitkv_setting = splitkv_from_env()
+        self.verify_prefill = verify_prefill.setting_from_env()
         fp8_head = fp8_head_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
@@ -218,6 +227,25 @@ class DFlashWorker(BaseSpecWorker):
             logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (%s), "
                         "whichever has been faster at the running batch size", list(self.width_controller.widths),
                         "; ".join(f"{w}: {kinds[w]}" for w in self.width_controller.widths))
+        if self.verify_prefill:
+            self.enable_verify_prefill(max_graph_batch)
+
+    def enable_verify_prefill(self, max_graph_batch: int) -> None:
+        """Prefill through the verify graphs of a causal width, where this server has them (verify_prefill.py)."""
+        width = self.block_size if not self.tree else self.chain_width if self.chain_width in self.verify_resources \
+            else None
+        reason = verify_prefill.server_reason(self.model_runner, self.server_args)
+        if reason is None and max_graph_batch == 0:
+            reason = "CUDA graphs off"
+        if reason is None and width is None:
+            reason = "a tree server verifies under its tree mask only (add --speculative-dflash-adaptive)"
+        if reason is not None:
+            logger.warning("dflash_sglang: %s asked for, but prefills run SGLang's prefill here: %s",
+                           verify_prefill.FLAG, reason)
+            return
+        self.prefill_width, self.prefill_max_rows = width, max_graph_batch
+        logger.info("dflash_sglang: prefills run as rows of %d tokens through the target's verify graphs (up to %d "
+                    "rows a batch; others run SGLang's prefill)", width, max_graph_batch)
 
     def on_verify_complete_cpu(self, num_correct_drafts_per_req: list[int], batch_size: int = 0) -> None:
         """SGLang's scheduler hands over each decode step's acceptance once it is on the host anyway."""
@@ -251,16 +279,62 @@ class DFlashWorker(BaseSpecWorker):
     def prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         if self.width_controller is not None:
             self.width_controller.interrupt()  # the decode steps around it do not time a step alone
-        result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+        if self.takes_verify_prefill(batch):
+            result = self.prefill_in_verify_rows(batch)
+        else:
+            result = self.target_worker.forward_batch_generation(batch, capture_hidden_mode=CaptureHiddenMode.FULL)
+            features = result.logits_output.hidden_states
+            positions = extend_positions(batch.prefix_lens, batch.extend_lens, self.device)
+            self.draft_model.write_context_kv(features, positions, batch.out_cache_loc,
+                                              self.draft_runner.token_to_kv_pool)
+            result.logits_output.hidden_states = None  # features stay on the GPU, out of the result's D2H copy
         result.new_seq_lens = batch.seq_lens
         if on_publish is not None:
             on_publish(batch.seq_lens)
-        features = result.logits_output.hidden_states
-        positions = extend_positions(batch.prefix_lens, batch.extend_lens, self.device)
-        self.draft_model.write_context_kv(features, positions, batch.out_cache_loc, self.draft_runner.token_to_kv_pool)
-        result.logits_output.hidden_states = None  # features stay on the GPU, out of the result's D2H copy
         result.next_draft_input = next_draft_state(result.next_token_ids, batch.seq_lens)
         return result
+
+    def takes_verify_prefill(self, batch: ScheduleBatch) -> bool:
+        """Whether this prefill batch runs as verify rows (verify_prefill.py); host fields only."""
+        width = self.prefill_width
+        if width is None or not isinstance(batch.extend_lens, list) or not isinstance(batch.prefix_lens, list):
+            return False
+        rows = rows_needed(batch.extend_lens, width)
+        row_end = max(p + -(-e // width) * width for p, e in zip(batch.prefix_lens, batch.extend_lens))
+        reason = verify_prefill.batch_reason(batch, rows, self.prefill_max_rows, row_end,
+                                             self.model_runner.model_config.context_len)
+        if reason is not None:
+            logger.debug("dflash_sglang: a prefill runs SGLang's prefill: %s", reason)
+        return reason is None
+
+    def prefill_in_verify_rows(self, batch: ScheduleBatch) -> GenerationBatchResult:
+        """The prompt tokens through the target's verify graphs, as rows of the prefill width
+        (dflash_sglang.prefill_rows): the graphs write the drafter's context of every row; SGLang's sampler draws
+        each request's first token from its last prompt token's logits."""
+        width = self.prefill_width
+        if self.width_controller is not None:
+            self.use_width(width)
+        rows = prefill_rows(batch.prefix_lens, batch.extend_lens, width)
+        index = rows.token_index.to(self.device, non_blocking=True)
+        request = rows.request.to(self.device, non_blocking=True)
+        seq_lens = rows.seq_lens.to(self.device, non_blocking=True)
+        valid, index = index >= 0, index.clamp(min=0)
+        tokens = torch.where(valid, batch.input_ids[index], 0)
+        slots = torch.where(valid, batch.out_cache_loc[index], 0)  # pads store into SGLang's padding slot
+        positions = seq_lens[:, None] + torch.arange(width, device=self.device)
+        row_ends = rows.row_ends()
+        verify = self.verify(batch, tokens, positions, slots, (row_ends, int(row_ends.sum())), seq_lens=seq_lens,
+                             req_pool_indices=batch.req_pool_indices[request], orig_seq_lens=seq_lens)
+        logits = verify.logits_output
+        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
+            self.verify_context.write(logits.hidden_states, positions.reshape(-1), slots.reshape(-1))
+        first = LogitsProcessorOutput(
+            next_token_logits=logits.next_token_logits[rows.last_index.to(self.device, non_blocking=True)])
+        sampling_batch = ForwardBatch.init_new(batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.NULL,
+                                               return_hidden_states_before_norm=False)
+        first_tokens = self.model_runner.sample(first, sampling_batch)
+        return GenerationBatchResult(logits_output=first, next_token_ids=first_tokens,
+                                     can_run_cuda_graph=verify.can_run_cuda_graph)
 
     def idle(self, on_publish) -> GenerationBatchResult:
         empty = torch.empty((0,), dtype=torch.int64, device=self.device)
@@ -408,9 +482,11 @@ class DFlashWorker(BaseSpecWorker):
             return self.draft_head.graph_output(bs)
         return self.draft_head(out.logits_output.hidden_states)
 
-    def verify(self, batch, candidates, positions, slots, plan_lens, custom_mask=None) -> GenerationBatchResult:
+    def verify(self, batch, candidates, positions, slots, plan_lens, custom_mask=None,
+               **fields) -> GenerationBatchResult:
         """The target's TARGET_VERIFY forward over the candidates [bs, width], with features captured at every
-        row; a chain is causal, a tree brings its mask."""
+        row; a chain is causal, a tree brings its mask. `fields`: more batch fields in place of the batch's (a
+        prefill's rows bring their own lengths and requests)."""
         spec = DFlashVerifyInput(
             draft_token=candidates.reshape(-1),
             # A copy: SGLang's Gemma 4 forward shifts its positions in place when it runs eagerly (graphs off, or a
@@ -421,7 +497,7 @@ class DFlashWorker(BaseSpecWorker):
             capture_hidden_mode=CaptureHiddenMode.FULL,
         )
         return self.target_forward(batch, plan_lens, input_ids=spec.draft_token, spec_info=spec,
-                                   forward_mode=ForwardMode.TARGET_VERIFY, out_cache_loc=slots.reshape(-1))
+                                   forward_mode=ForwardMode.TARGET_VERIFY, out_cache_loc=slots.reshape(-1), **fields)
 
     def plain_forward(self, batch, block: ChainBlock, plan_lens) -> GenerationBatchResult:
         """A plain step's target forward as SGLang's own decoding runs it (DECODE mode, on the plain step's backend
