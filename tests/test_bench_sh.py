@@ -298,14 +298,14 @@ def test_servers_whose_own_stages_found_no_time_still_join_the_interleaved_stage
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "120", "--interleave-share", "50",
                                   "--tree-budget", "8", "--tree-concurrency", "1", "--interleave-repeats", "1",
-                                  "--adaptive", "--no-verify-splitkv", timeout=300)
+                                  "--adaptive", "--no-verify-splitkv", "--verify-prefill", timeout=300)
     bench = json.loads((bench_dir / "bench.json").read_text())
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
-    # --no-verify-splitkv: our servers keep SGLang's verify attention.
-    refused = {name: "--no-speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log",
-                                                                             "argv ").split()
-               for name in everyone}
-    assert refused == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
+    # --no-verify-splitkv: our servers keep SGLang's verify attention; --verify-prefill: they prefill as verify rows.
+    argv = {name: server_lines(bench_dir / f"{name}.log", "argv ").split() for name in everyone}
+    for flag in ("--no-speculative-dflash-verify-splitkv", "--speculative-dflash-verify-prefill"):
+        assert {name: flag in line for name, line in argv.items()} == {
+            "ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
     statuses = {c["name"]: c["status"] for c in bench["contenders"]}
     assert statuses["ar"] == "skipped" and set(statuses.values()) == {"skipped", "ok"}, statuses
     assert bench["interleaved"]["status"] == "ok"
