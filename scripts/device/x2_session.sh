@@ -78,12 +78,14 @@ SMOL_TRAIN_MIN="${SMOL_TRAIN_MIN:-590}"
 # bars' levels (a 64-wide verify captured up to batch 64 would cost startup time and memory for no bar), and the
 # same tree with the adaptive width at every level (the AR bars at c32 and c64). The interleaved stage, whose
 # paired medians the bars are judged on, gets most of the time: 7 repeats per level (the fifteenth session's 5 left
-# c32 and c64 against AR within their spread). The speculative servers get SGLang's prefill delayer, AR its
-# default setting; prefill CUDA graphs for all. No profile stage (2026-11-30's profiles stand).
+# c32 and c64 against AR within their spread). Prefill CUDA graphs for all; our servers prefill through their
+# verify graphs (--verify-prefill): at c32 the one-request prefills of a speculative server, ~7 ms each in SGLang's
+# prefill graph, were the difference to AR (2026-11-30, seventeenth session), and with them cheap nothing needs
+# SGLang's prefill delayer, which held requests until a batch at the cap had drained and cost every waiting step
+# a negotiation. No profile stage (2026-11-30's profiles stand).
 BENCH_ARGS='--concurrency "1 8 32 64" --tree-budget 63 --tree-concurrency "1 8" --adaptive --set-prompts 4'
 BENCH_ARGS+=' --budget 560 --interleave-share 62 --interleave-rounds 3 --interleave-repeats 7 --prefill-graphs'
-BENCH_ARGS+=' --spec-server-args "--enable-prefill-delayer --prefill-delayer-max-delay-passes 20'
-BENCH_ARGS+=' --prefill-delayer-token-usage-low-watermark 0.02"'
+BENCH_ARGS+=' --verify-prefill'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
