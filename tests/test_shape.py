@@ -25,7 +25,9 @@ def load(name: str, path: Path):
     return module
 
 
+sys.path.insert(0, str(REPO / "scripts" / "device"))  # as when shape.py runs: its folder's modules import
 shape = load("shape", REPO / "scripts" / "device" / "shape.py")
+shape_stages = load("shape_stages", REPO / "scripts" / "device" / "shape_stages.py")
 
 PREFIX = "[2026-11-30 10:00:00 TP0] "
 GEMMA_STARTUP = [
@@ -422,10 +424,21 @@ def test_report_sets_each_profiled_step_against_ar_kernel_by_kernel(tmp_path):
     assert "- **b16** (chain B=16): 18.400 ms of kernels per step, 12 steps:" in report.render(summary).splitlines()
 
 
-def test_shape_sh_knows_every_stage_of_shape_py():
-    lines = [x for x in (REPO / "scripts" / "device" / "shape.sh").read_text().splitlines()
-             if x.startswith(("STAGE_NAMES=", "STAGE_NAMES+="))]
-    assert " ".join(x.split('"')[1] for x in lines).split() == list(shape.STAGES)
+def test_shape_sh_reads_the_stages_and_their_flags_from_the_one_table():
+    """shape_stages.py, stdlib only, as shape.sh calls it: every stage name in shape.py's order, and a DFLASH
+    stage's mode, size and suffix flags; ar and unknown names are refused."""
+    def cli(*args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "device" / "shape_stages.py"), *args],
+                              capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+
+    assert cli("names").stdout.split() == list(shape.STAGES)
+    assert cli("flags", "b16").stdout.splitlines() == ["chain 16", "--no-speculative-dflash-verify-splitkv"]
+    assert cli("flags", "t31fp8fhsk").stdout.splitlines() == [
+        "tree 31", "--speculative-dflash-verify-splitkv --speculative-dflash-draft-head-fp8 "
+        "--speculative-draft-model-quantization fp8"]
+    for bad in (("flags", "ar"), ("flags", "t48"), ("stages",)):
+        run = cli(*bad)
+        assert run.returncode == 2 and "usage: shape_stages.py" in run.stderr
 
 
 def test_the_fp8_drafter_stage_is_a_chain_step_held_to_the_chain_bar(tmp_path):
@@ -450,13 +463,13 @@ def test_long_prompts_are_distinct_token_ids_inside_every_shapes_vocabulary():
 
 
 def test_a_stage_name_is_read_by_one_rule():
-    assert shape.stage_from_name("t31fp8fhsk") == {"mode": "tree", "block": shape.TREE_BLOCK, "tree_budget": 31,
-                                                   "draft_quantization": "fp8", "draft_head": "fp8",
-                                                   "verify_splitkv": True}
-    assert shape.stage_from_name("b32") == {"mode": "chain", "block": 32, "tree_budget": None}
+    assert shape_stages.stage_from_name("t31fp8fhsk") == {
+        "mode": "tree", "block": shape_stages.TREE_BLOCK, "tree_budget": 31, "draft_quantization": "fp8",
+        "draft_head": "fp8", "verify_splitkv": True}
+    assert shape_stages.stage_from_name("b32") == {"mode": "chain", "block": 32, "tree_budget": None}
     for name in ("b16skfp8", "x16", "b", "t31fh8", "arsk"):
         with pytest.raises(ValueError, match=f"stage '{name}': not ar, bN or tN"):
-            shape.stage_from_name(name)
+            shape_stages.stage_from_name(name)
 
 
 def test_the_split_kv_stage_is_a_chain_step_labelled_as_such():

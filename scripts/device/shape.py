@@ -28,47 +28,10 @@ from pathlib import Path
 
 from dflash_sglang.sglang.plugin import SERVING_OURS
 from dflash_sglang.sglang.step_timing import parse_log
+from shape_stages import CHAIN_BLOCKS, STAGES, TREE_TOPK  # this folder's scripts run with it on sys.path
 
 SHAPES = ("gemma-4-31b", "qwen3-32b")
 DEFAULT_SHAPE = "gemma-4-31b"
-TREE_BLOCK = 16  # the tree stages draft with the published block
-TREE_TOPK = 4
-# Chain blocks with a stage. B = 8 prices a shorter verify: on Qwen3-32B the 16-row verify alone cost 1.055x an AR
-# step (2026-11-30), and the step's bar is 1.10x.
-CHAIN_BLOCKS = (8, 16, 32, 64)
-# The stages, in the order the summary lists them. bN: ours, chain, block N (one of CHAIN_BLOCKS); tN: tree mode, N
-# draft nodes. Tree budgets 31 and 63 make N + 1 verify rows whole multiples of 32 and 64: on the H200 (2026-11-29,
-# two runs) the verify cost +0.4 ms from 17 to 33 rows and +2.3 ms from 33 to 65, which is what a GEMM paying a
-# second row tile for its 65th row would do. Suffixes, in this order (shape.sh's stage_flags reads the same ones):
-# fp8, the drafter's projections in FP8 (--speculative-draft-model-quantization fp8); fh, the draft head in FP8
-# (--speculative-dflash-draft-head-fp8); sk, the verify's attention on our split-KV kernel (on by default since
-# 2026-11-30; without sk a stage passes --no-speculative-dflash-verify-splitkv), whose gain grows with the context
-# (shape.sh --prompt-tokens).
-STAGE_NAMES = ("ar", "b8", "b16", "b32", "b64", "b8fp8", "b16fp8", "b16sk", "b16fp8sk", "t16", "t31", "t32", "t63",
-               "t64", "t31fp8", "t63fp8", "t31sk", "t63sk", "t31fp8sk", "t63fp8sk", "b16fp8fhsk", "t31fp8fhsk")
-STAGE_NAME = re.compile(r"(?P<mode>[bt])(?P<n>\d+)(?P<fp8>fp8)?(?P<fh>fh)?(?P<sk>sk)?")
-
-
-def stage_from_name(name: str) -> dict:
-    """A stage's settings from its name: mode, the drafter's block, tree budget, and what its suffixes switch on."""
-    if name == "ar":
-        return {"mode": "ar", "block": None, "tree_budget": None}
-    m = STAGE_NAME.fullmatch(name)
-    if m is None:
-        raise ValueError(f"stage {name!r}: not ar, bN or tN followed by any of fp8, fh, sk in that order")
-    n = int(m["n"])
-    stage = ({"mode": "chain", "block": n, "tree_budget": None} if m["mode"] == "b"
-             else {"mode": "tree", "block": TREE_BLOCK, "tree_budget": n})
-    if m["fp8"]:
-        stage["draft_quantization"] = "fp8"
-    if m["fh"]:
-        stage["draft_head"] = "fp8"
-    if m["sk"]:
-        stage["verify_splitkv"] = True
-    return stage
-
-
-STAGES = {name: stage_from_name(name) for name in STAGE_NAMES}
 # Acceptance lengths published for the shape's z-lab drafter at B = 16. Gemma-4-31B (z-lab/gemma-4-31B-it-DFlash):
 # Math500 c1, vLLM on a B300, thinking on -- quoted by our brief, the table row itself not read in any stored copy.
 PUBLISHED_TAU_B16 = {"gemma-4-31b": {"math500": 8.59}, "qwen3-32b": {}}

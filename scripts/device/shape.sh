@@ -57,10 +57,8 @@ MAX_TOKENS=128
 MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the rest for activations and graphs
 PORT=30000
 PROFILE=0
-TREE_TOPK=4         # shape.py's TREE_TOPK
-# shape.py's STAGES, in its order
-STAGE_NAMES="ar b8 b16 b32 b64 b8fp8 b16fp8 b16sk b16fp8sk t16 t31 t32 t63 t64 t31fp8 t63fp8 t31sk t63sk t31fp8sk"
-STAGE_NAMES+=" t63fp8sk b16fp8fhsk t31fp8fhsk"
+TREE_TOPK=4         # shape_stages.py's TREE_TOPK
+STAGE_NAMES=$(python3 "$(dirname "$0")/shape_stages.py" names) || exit 2  # the one table, shape_stages.py
 while [ $# -gt 0 ]; do
   case "$1" in
     --shape) SHAPE="$2"; shift 2 ;;
@@ -253,17 +251,14 @@ run_stage() {
   "${HELPER[@]}" summarize --dir "$OUT"   # what is measured so far survives a kill at the device's limit
 }
 
-stage_flags() {  # stage name: bN / tN, then fp8 (FP8 drafter), then fh (FP8 draft head), then sk (split-KV verify)
-  # Without sk a stage keeps SGLang's verify attention, as the stage names meant before split-KV became the default.
-  local base="$1" extra=(--no-speculative-dflash-verify-splitkv)
-  case "$base" in *sk) base="${base%sk}"; extra=(--speculative-dflash-verify-splitkv) ;; esac
-  case "$base" in *fh) base="${base%fh}"; extra+=(--speculative-dflash-draft-head-fp8) ;; esac
-  case "$base" in *fp8) base="${base%fp8}"; extra+=(--speculative-draft-model-quantization fp8) ;; esac
-  case "$base" in
-    b*) chain_flags "${base#b}" ;;
-    t*) tree_flags "${base#t}" ;;
+stage_flags() {  # a DFLASH stage's server flags: chain B or tree budget, then what its suffixes switch on
+  local mode n own
+  { read -r mode n; read -r own; } < <(python3 "$REPO/scripts/device/shape_stages.py" flags "$1")
+  case "$mode" in
+    chain) chain_flags "$n" ;;
+    tree) tree_flags "$n" ;;
   esac
-  echo "${extra[@]}"
+  echo "$own"
 }
 
 for stage in "${STAGE_LIST[@]}"; do
