@@ -67,6 +67,7 @@ from dflash_sglang.kernels import (
     verify_tree_sampling,
 )
 from dflash_sglang.prefill_rows import prefill_rows, rows_needed
+from dflash_sglang.sglang import verify_prefill
 from dflash_sglang.sglang.accept import filtered_probs, sampling_accept
 from dflash_sglang.sglang.adaptive_width import (
     VerifyResources,
@@ -95,7 +96,6 @@ from dflash_sglang.sglang.verify_attention import (
     splitkv_from_env,
     use_splitkv_verify,
 )
-from dflash_sglang.sglang import verify_prefill
 from dflash_sglang.sglang.verify_context import VerifyGraphContext
 
 logger = logging.getLogger(__name__)
@@ -232,8 +232,10 @@ class DFlashWorker(BaseSpecWorker):
 
     def enable_verify_prefill(self, max_graph_batch: int) -> None:
         """Prefill through the verify graphs of a causal width, where this server has them (verify_prefill.py)."""
-        width = self.block_size if not self.tree else self.chain_width if self.chain_width in self.verify_resources \
-            else None
+        if not self.tree:
+            width = self.block_size
+        else:  # its chain steps' graphs, built only with the adaptive width
+            width = self.chain_width if self.chain_width in self.verify_resources else None
         reason = verify_prefill.server_reason(self.model_runner, self.server_args)
         if reason is None and max_graph_batch == 0:
             reason = "CUDA graphs off"
