@@ -434,8 +434,8 @@ def test_shape_sh_reads_the_stages_and_their_flags_from_the_one_table():
     assert cli("names").stdout.split() == list(shape.STAGES)
     assert cli("flags", "b16").stdout.splitlines() == ["chain 16", "--no-speculative-dflash-verify-splitkv"]
     assert cli("flags", "t31fp8fhsk").stdout.splitlines() == [
-        "tree 31", "--speculative-dflash-verify-splitkv --speculative-dflash-draft-head-fp8 "
-        "--speculative-draft-model-quantization fp8"]
+        "tree 31", "--speculative-dflash-topk 4 --speculative-dflash-verify-splitkv "
+        "--speculative-dflash-draft-head-fp8 --speculative-draft-model-quantization fp8"]
     for bad in (("flags", "ar"), ("flags", "t48"), ("stages",)):
         run = cli(*bad)
         assert run.returncode == 2 and "usage: shape_stages.py" in run.stderr

@@ -57,7 +57,6 @@ MAX_TOKENS=128
 MEM_FRACTION=0.80   # of ~140 GiB: ~60-66 GB target + 3-5 GB drafter + KV; the rest for activations and graphs
 PORT=30000
 PROFILE=0
-TREE_TOPK=4         # shape_stages.py's TREE_TOPK
 STAGE_NAMES=$(python3 "$(dirname "$0")/shape_stages.py" names) || exit 2  # the one table, shape_stages.py
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -185,10 +184,11 @@ chain_flags() {  # block
        --speculative-draft-attention-backend "$DRAFT_BACKEND"
 }
 
-tree_flags() {  # budget: N draft nodes over the B = 16 drafter; the plugin sets --speculative-num-draft-tokens N+1
+tree_flags() {  # budget: N draft nodes over the B = 16 drafter (top-k: shape_stages.py's flags); the plugin sets
+  # --speculative-num-draft-tokens N+1
   echo --speculative-algorithm DFLASH --speculative-draft-model-path "$WORK/shape/drafter-b16" \
        --speculative-draft-load-format dummy --speculative-dflash-tree-budget "$1" \
-       --speculative-dflash-topk "$TREE_TOPK" --speculative-draft-attention-backend "$DRAFT_BACKEND"
+       --speculative-draft-attention-backend "$DRAFT_BACKEND"
 }
 
 # 3. One stage: start the server, wait, measure, stop. Never runs past the budget.

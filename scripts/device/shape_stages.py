@@ -4,7 +4,7 @@ Standard library only, so shape.sh can check its arguments and build a stage's f
 torch imports:
   python3 scripts/device/shape_stages.py names            every stage name, space-separated, in summary order
   python3 scripts/device/shape_stages.py flags STAGE      "MODE N" on the first line (chain B / tree budget), then
-                                                          the stage's own server flags
+                                                          the stage's own server flags (a tree's top-k among them)
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ STAGES = {name: stage_from_name(name) for name in STAGE_NAMES}
 
 
 def flags(name: str) -> list[str]:
-    """The server flags a DFLASH stage's suffixes switch on. Without sk a stage keeps SGLang's verify attention, as
-    the stage names meant before split-KV became the default."""
+    """The server flags a DFLASH stage's suffixes switch on, and a tree stage's top-k. Without sk a stage keeps
+    SGLang's verify attention, as the stage names meant before split-KV became the default."""
     stage = STAGES[name]
-    out = ["--speculative-dflash-verify-splitkv" if stage.get("verify_splitkv")
+    out = ["--speculative-dflash-topk", str(TREE_TOPK)] if stage["mode"] == "tree" else []
+    out += ["--speculative-dflash-verify-splitkv" if stage.get("verify_splitkv")
            else "--no-speculative-dflash-verify-splitkv"]
     if stage.get("draft_head") == "fp8":
         out.append("--speculative-dflash-draft-head-fp8")
