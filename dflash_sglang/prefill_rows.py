@@ -44,9 +44,11 @@ class PrefillRows:
         return self.seq_lens + self.width
 
 
-def rows_needed(extend_lens: Sequence[int], width: int) -> int:
-    """How many verify rows of `width` tokens the extends take."""
-    return sum(-(-int(n) // width) for n in extend_lens)
+def rows_needed(prefix_lens: Sequence[int], extend_lens: Sequence[int], width: int) -> tuple[int, int]:
+    """How many verify rows of `width` tokens the extends take, and the furthest length a padded row reaches (what
+    positions and caches must allow), from host lists alone."""
+    rows = [-(-int(n) // width) for n in extend_lens]
+    return sum(rows), max(int(p) + r * width for p, r in zip(prefix_lens, rows))
 
 
 def prefill_rows(prefix_lens: Sequence[int], extend_lens: Sequence[int], width: int) -> PrefillRows:

@@ -14,7 +14,8 @@ def test_rows_cover_each_extend_in_order_with_pads_last():
                                          [13, -1, -1, -1]]
     assert rows.last_index.tolist() == [4, 15, 16]
     assert rows.row_ends().tolist() == [7, 11, 4, 8, 14]
-    assert rows.num_rows == rows_needed([5, 8, 1], 4) == 5 and rows.width == 4
+    assert (rows.num_rows, int(rows.row_ends().max())) == rows_needed([3, 0, 10], [5, 8, 1], 4) == (5, 14)
+    assert rows.width == 4
 
 
 @pytest.mark.parametrize("prefix_lens, extend_lens, width", [([0, 0], [0, 2], 2), ([1], [2, 3], 2), ([0], [4], 0)])

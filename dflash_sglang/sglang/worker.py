@@ -301,8 +301,7 @@ class DFlashWorker(BaseSpecWorker):
         width = self.prefill_width
         if width is None or not isinstance(batch.extend_lens, list) or not isinstance(batch.prefix_lens, list):
             return False
-        rows = rows_needed(batch.extend_lens, width)
-        row_end = max(p + -(-e // width) * width for p, e in zip(batch.prefix_lens, batch.extend_lens))
+        rows, row_end = rows_needed(batch.prefix_lens, batch.extend_lens, width)
         reason = verify_prefill.batch_reason(batch, rows, self.prefill_max_rows, row_end,
                                              self.model_runner.model_config.context_len)
         if reason is not None:
