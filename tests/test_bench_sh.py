@@ -246,12 +246,14 @@ def test_single_tree_and_the_adaptive_contender_join_the_interleaved_stage(tmp_p
     argv = next(line for line in (bench_dir / "ours-adaptive.log").read_text().splitlines() if line.startswith("argv"))
     assert "--speculative-dflash-tree-budget 8" in argv and "--speculative-dflash-adaptive" in argv
     assert "--port 30020" in argv
-    # By default every server of ours, and only ours, asks for the split-KV verify; the report says so.
-    splitkv = {name: "--speculative-dflash-verify-splitkv" in server_lines(bench_dir / f"{name}.log", "argv ").split()
-               for name in everyone}
-    assert splitkv == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
-    assert bench["settings"]["ours_flags"] == "--speculative-dflash-verify-splitkv"
-    assert "our servers with `--speculative-dflash-verify-splitkv`" in run.stdout
+    # By default every server of ours, and only ours, asks for the split-KV verify and the verify-graph prefill; the
+    # report says so.
+    ours_flags = "--speculative-dflash-verify-splitkv --speculative-dflash-verify-prefill"
+    for flag in ours_flags.split():
+        asked = {name: flag in server_lines(bench_dir / f"{name}.log", "argv ").split() for name in everyone}
+        assert asked == {"ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
+    assert bench["settings"]["ours_flags"] == ours_flags
+    assert f"our servers with `{ours_flags}`" in run.stdout
     # --server-args: every server, AR's included, gets them; the report says so.
     delayer = "--enable-prefill-delayer --prefill-delayer-max-delay-passes 8"
     assert all(delayer in server_lines(bench_dir / f"{name}.log", "argv ") for name in everyone)
@@ -298,12 +300,12 @@ def test_servers_whose_own_stages_found_no_time_still_join_the_interleaved_stage
     run, bench_dir = run_bench_sh(tmp_path, fake_sglang, "--sets", "gsm8k", "--set-prompts", "1", "--concurrency",
                                   "1 2", "--max-tokens", "8", "--budget", "120", "--interleave-share", "50",
                                   "--tree-budget", "8", "--tree-concurrency", "1", "--interleave-repeats", "1",
-                                  "--adaptive", "--no-verify-splitkv", "--verify-prefill", timeout=300)
+                                  "--adaptive", "--no-verify-splitkv", "--no-verify-prefill", timeout=300)
     bench = json.loads((bench_dir / "bench.json").read_text())
     everyone = ["ar", "builtin", "ours", "ours-tree", "ours-adaptive"]
-    # --no-verify-splitkv: our servers keep SGLang's verify attention; --verify-prefill: they prefill as verify rows.
+    # --no-verify-splitkv: our servers keep SGLang's verify attention; --no-verify-prefill: SGLang's prefill.
     argv = {name: server_lines(bench_dir / f"{name}.log", "argv ").split() for name in everyone}
-    for flag in ("--no-speculative-dflash-verify-splitkv", "--speculative-dflash-verify-prefill"):
+    for flag in ("--no-speculative-dflash-verify-splitkv", "--no-speculative-dflash-verify-prefill"):
         assert {name: flag in line for name, line in argv.items()} == {
             "ar": False, "builtin": False, "ours": True, "ours-tree": True, "ours-adaptive": True}
     statuses = {c["name"]: c["status"] for c in bench["contenders"]}

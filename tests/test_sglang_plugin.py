@@ -112,37 +112,41 @@ def test_tree_flags_parse_through_sglangs_own_server_args(spec_algorithm, monkey
                               "--speculative-dflash-tree-budget", "31", "--speculative-dflash-topk", "4",
                               "--speculative-dflash-adaptive", "--speculative-dflash-verify-splitkv",
                               "--speculative-dflash-draft-head-fp8", "--speculative-dflash-verify-prefill"])
-    assert not verify_prefill.setting_from_env()  # off unless asked for
+    assert verify_prefill.setting_from_env() is None  # the worker's choice unless the flag is given
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
-    assert args.speculative_num_draft_tokens == 32 and verify_prefill.setting_from_env()
+    assert args.speculative_num_draft_tokens == 32 and verify_prefill.setting_from_env() is True
     assert tree_mode.settings_from_env() == tree_mode.TreeSettings(budget=31, topk=4)
     assert adaptive_width.adaptive_from_env() and verify_attention.splitkv_from_env() is True
     assert draft_head.fp8_head_from_env()
     assert dflash_utils.resolve_dflash_verify_mask_policy(object())[1] is True
 
 
-@pytest.mark.parametrize("argv, want", [([], None), (["--speculative-dflash-verify-splitkv"], True),
-                                        (["--no-speculative-dflash-verify-splitkv"], False)])
-def test_the_split_kv_verify_flag_is_three_way(spec_algorithm, monkeypatch, argv, want):
-    """Unset, the split-KV verify is the worker's choice (on where the target's backend is triton); the flag insists,
-    --no-... refuses; the scheduler processes read which through the environment."""
+@pytest.mark.parametrize("switch", ["verify-splitkv", "verify-prefill"])
+@pytest.mark.parametrize("given, want", [("", None), ("--speculative-dflash-", True),
+                                         ("--no-speculative-dflash-", False)])
+def test_the_verify_switches_are_three_way(spec_algorithm, monkeypatch, switch, given, want):
+    """Unset, the split-KV verify and the verify-graph prefill are the worker's choice (on where they apply); the
+    flag insists, --no-... refuses; the scheduler processes read which through the environment."""
     import argparse
 
     from sglang.srt.server_args import ServerArgs
 
-    from dflash_sglang.sglang import verify_attention
+    from dflash_sglang.sglang import verify_attention, verify_prefill
 
-    monkeypatch.setenv(verify_attention.SPLITKV_ENV, "")
+    env, read = {"verify-splitkv": (verify_attention.SPLITKV_ENV, verify_attention.splitkv_from_env),
+                 "verify-prefill": (verify_prefill.ENV, verify_prefill.setting_from_env)}[switch]
+    monkeypatch.setenv(env, "")
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH", *argv])
+    args = parser.parse_args(["--model-path", "m", "--speculative-algorithm", "DFLASH"]
+                             + ([given + switch] if given else []))
     with pytest.raises(Exception):  # noqa: B017 -- what stops SGLang after our hook ran depends on the machine
         ServerArgs.from_cli_args(args)
-    assert verify_attention.splitkv_from_env() is want
-    monkeypatch.setenv(verify_attention.SPLITKV_ENV, "maybe")
-    with pytest.raises(DFlashConfigError, match=f"{verify_attention.SPLITKV_ENV}='maybe': set it to one of 1, "):
-        verify_attention.splitkv_from_env()
+    assert read() is want
+    monkeypatch.setenv(env, "maybe")
+    with pytest.raises(DFlashConfigError, match=f"{env}='maybe': set it to one of 1, "):
+        read()
 
 
 def test_dflash_is_served_by_our_worker(spec_algorithm, monkeypatch, caplog):
@@ -1237,22 +1241,26 @@ def test_prefills_that_need_sglangs_prefill_keep_it(markov_worker, caplog, chang
     assert not worker.takes_verify_prefill(batch)
 
 
-@pytest.mark.parametrize("tree_budget, resources, server, graphs, width", [
-    (None, (), {}, 8, 16), (63, (16,), {}, 8, 16), (63, (), {}, 8, None), (None, (), {}, 0, None),
-    (None, (), dict(enable_lora=True), 8, None), (None, (), dict(sliding_window_size=512), 8, None),
+@pytest.mark.parametrize("setting, tree_budget, resources, server, graphs, width", [
+    (None, None, (), {}, 8, 16), (None, 63, (16,), {}, 8, 16), (None, 63, (), {}, 8, None),
+    (None, None, (), {}, 0, None), (None, None, (), dict(enable_lora=True), 8, None),
+    (None, None, (), dict(sliding_window_size=512), 8, None), (None, None, (), dict(tp_size=2), 8, None),
+    (True, None, (), dict(tp_size=2), 8, 16), (True, 63, (), {}, 8, None),
 ])
-def test_verify_prefill_needs_causal_verify_graphs_and_a_plain_target(caplog, tree_budget, resources, server, graphs,
-                                                                      width):
+def test_verify_prefill_needs_causal_verify_graphs_and_a_plain_target(caplog, setting, tree_budget, resources, server,
+                                                                      graphs, width):
     """Chain servers and adaptive tree servers (their chain steps' graphs) prefill as rows; a tree server without
-    them, a server without graphs, LoRA or sliding windows keep SGLang's prefill and say why."""
+    them, a server without graphs, LoRA or sliding windows keep SGLang's prefill and say why, with a warning when
+    the flag asked for the path. By default a tensor-parallel server keeps SGLang's prefill; the flag overrides."""
     from dflash_sglang.sglang.tree_mode import TreeSettings
     from dflash_sglang.sglang.worker import DFlashWorker
 
     worker = DFlashWorker.__new__(DFlashWorker)
     worker.__dict__.update(
-        tree=tree_budget and TreeSettings(budget=tree_budget, topk=4), block_size=16,
+        verify_prefill_setting=setting, tree=tree_budget and TreeSettings(budget=tree_budget, topk=4), block_size=16,
         verify_resources={w: None for w in resources},
-        server_args=SimpleNamespace(enable_lora=server.get("enable_lora", False), lora_paths=None),
+        server_args=SimpleNamespace(enable_lora=server.get("enable_lora", False), lora_paths=None,
+                                    tp_size=server.get("tp_size", 1)),
         model_runner=SimpleNamespace(model_config=SimpleNamespace(is_multimodal=False, model_is_mrope=False),
                                      sliding_window_size=server.get("sliding_window_size")))
     with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
@@ -1260,6 +1268,8 @@ def test_verify_prefill_needs_causal_verify_graphs_and_a_plain_target(caplog, tr
     assert worker.prefill_width == width
     assert ("prefills run as rows of 16 tokens" in caplog.text) is (width is not None)
     assert ("prefills run SGLang's prefill here" in caplog.text) is (width is None)
+    if width is None:
+        assert {r.levelno for r in caplog.records} == {logging.WARNING if setting else logging.INFO}
 
 
 def test_idle_step_is_empty(markov_worker):
@@ -1610,6 +1620,7 @@ def test_init_cuda_graphs_builds_resources_for_each_adaptive_width(monkeypatch, 
         model_runner=model_runner, block_size=6,
         tree=tree_budget and TreeSettings(budget=tree_budget, topk=2),
         width_controller=WidthController(widths), splitkv=splitkv,
+        verify_prefill_setting=False,  # test_verify_prefill_needs_causal_verify_graphs_and_a_plain_target's part
     )
     with caplog.at_level(logging.INFO, logger="dflash_sglang.sglang.worker"):
         worker.init_cuda_graphs()

@@ -49,7 +49,7 @@ def test_default_benchmark_arguments_reach_bench_sh_as_separate_words(tmp_path):
 
     assert value("--concurrency") == "1 8 32 64" and value("--tree-concurrency") == "1 8"
     assert value("--target") == str(tmp_path / "smol" / "target") and value("--budget") == "560"
-    assert "--adaptive" in argv and "--verify-prefill" in argv and "--profile" not in argv
+    assert "--adaptive" in argv and "--profile" not in argv
     assert "--server-args" not in argv and "--spec-server-args" not in argv
 
 

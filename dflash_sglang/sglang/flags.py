@@ -8,8 +8,9 @@
                                        verifies attend through our split-KV verify kernel (verify_attention.py);
                                        by default wherever the target's attention backend is triton
   --speculative-dflash-draft-head-fp8  drafts through an FP8 copy of the target's head (draft_head.py)
-  --speculative-dflash-verify-prefill  prefills run as verify rows through the target's verify graphs
-                                       (verify_prefill.py)
+  --[no-]speculative-dflash-verify-prefill
+                                       prefills run as verify rows through the target's verify graphs
+                                       (verify_prefill.py); by default wherever the server can, on one GPU
 
 SGLang spawns its scheduler processes from the parsed ServerArgs, which has no field for them, so they travel as
 environment variables the children inherit (set here, before SGLang resolves its speculative arguments).
@@ -50,11 +51,12 @@ def add_cli_args_hook(original, parser: argparse.ArgumentParser):
                        help="DFLASH: the drafter's logits come from an FP8 copy of the target's LM head (one scale "
                             "per vocab row): half the bytes each draft reads, at the head's size in extra memory; "
                             "drafts only, the target verifies in its own precision; needs an FP8 GPU (sm89+)")
-    group.add_argument(verify_prefill.FLAG, action="store_true", default=False,
+    group.add_argument(verify_prefill.FLAG, action=argparse.BooleanOptionalAction, default=None,
                        help="DFLASH: prefills run as rows of the verify width through the target's verify CUDA graphs "
                             "(one replay, instead of SGLang's prefill graph with its attention run eagerly), where "
-                            "the server and the batch allow it; chain servers, and tree servers with "
-                            "--speculative-dflash-adaptive")
+                            "the server and the batch allow it: chain servers, and tree servers with "
+                            "--speculative-dflash-adaptive. Default: on wherever the server can, without tensor "
+                            "parallelism; the flag also turns it on with it, --no-... keeps SGLang's prefill")
 
 
 def from_cli_args_hook(original, cls, args: argparse.Namespace):
@@ -75,6 +77,7 @@ def from_cli_args_hook(original, cls, args: argparse.Namespace):
         os.environ[verify_attention.SPLITKV_ENV] = "1" if splitkv else "0"
     if getattr(args, "speculative_dflash_draft_head_fp8", False):
         os.environ[draft_head.FP8_HEAD_ENV] = "1"
-    if getattr(args, "speculative_dflash_verify_prefill", False):
-        os.environ[verify_prefill.ENV] = "1"
+    verify_rows = getattr(args, "speculative_dflash_verify_prefill", None)
+    if verify_rows is not None:
+        os.environ[verify_prefill.ENV] = "1" if verify_rows else "0"
     return original(cls, args)

@@ -24,9 +24,18 @@ FLAG = "--speculative-dflash-verify-prefill"
 ENV = "DFLASH_SGLANG_VERIFY_PREFILL"
 
 
-def setting_from_env(environ=os.environ) -> bool:
-    """On only when asked for: the path is new and has been checked on a GPU by scripts/device/e2e.sh only."""
-    return env_switch(ENV, environ) is True
+def setting_from_env(environ=os.environ) -> bool | None:
+    """True: the flag asked for it; False: `--no-speculative-dflash-verify-prefill`; None: the default, on wherever
+    the server can (server_reason) and serves on one GPU (default_reason)."""
+    return env_switch(ENV, environ)
+
+
+def default_reason(server_args) -> str | None:
+    """Why the default leaves this server on SGLang's prefill, or None. The path has been checked against plain
+    decoding on one GPU only (scripts/device/e2e.sh); with tensor parallelism it runs when asked for."""
+    if getattr(server_args, "tp_size", 1) > 1:
+        return f"tensor parallelism (not yet checked there; {FLAG} turns it on)"
+    return None
 
 
 def server_reason(model_runner, server_args) -> str | None:

@@ -112,9 +112,10 @@ class DFlashWorker(BaseSpecWorker):
     step_timer = NoStepTimer()  # DFLASH_SGLANG_STEP_TIMING=1 gives rank 0 a StepTimer (step_timing.py)
     width_controller: WidthController | None = None  # --speculative-dflash-adaptive
     splitkv = False  # the split-KV verify, decided in init_attention_backends (verify_attention.py)
-    # --speculative-dflash-verify-prefill (verify_prefill.py): asked for; then the verify width prefills run at and
-    # the most rows a graph holds (init_cuda_graphs; None: SGLang's prefill for every batch).
-    verify_prefill = False
+    # --[no-]speculative-dflash-verify-prefill (verify_prefill.py): True or False as asked, None by default; then the
+    # verify width prefills run at and the most rows a graph holds (init_cuda_graphs; None: SGLang's prefill for every
+    # batch).
+    verify_prefill_setting: bool | None = None
     prefill_width: int | None = None
     prefill_max_rows = 0
     _last_width_summary = 0.0
@@ -127,7 +128,7 @@ class DFlashWorker(BaseSpecWorker):
         self.tree = settings_from_env()
         adaptive = adaptive_from_env()
         self.splitkv_setting = splitkv_from_env()
-        self.verify_prefill = verify_prefill.setting_from_env()
+        self.verify_prefill_setting = verify_prefill.setting_from_env()
         fp8_head = fp8_head_from_env()
         # Everything that can be wrong with the pair is reported here, before the draft runner allocates.
         self.drafter_config, self.target_info = check_startup(server_args, self.model_runner, self.tree, adaptive,
@@ -227,7 +228,7 @@ class DFlashWorker(BaseSpecWorker):
             logger.info("dflash_sglang: adaptive width on: each step verifies one of %s tokens per request (%s), "
                         "whichever has been faster at the running batch size", list(self.width_controller.widths),
                         "; ".join(f"{w}: {kinds[w]}" for w in self.width_controller.widths))
-        if self.verify_prefill:
+        if self.verify_prefill_setting is not False:
             self.enable_verify_prefill(max_graph_batch)
 
     def enable_verify_prefill(self, max_graph_batch: int) -> None:
@@ -237,13 +238,17 @@ class DFlashWorker(BaseSpecWorker):
         else:  # its chain steps' graphs, built only with the adaptive width
             width = self.chain_width if self.chain_width in self.verify_resources else None
         reason = verify_prefill.server_reason(self.model_runner, self.server_args)
+        if reason is None and self.verify_prefill_setting is None:
+            reason = verify_prefill.default_reason(self.server_args)
         if reason is None and max_graph_batch == 0:
             reason = "CUDA graphs off"
         if reason is None and width is None:
             reason = "a tree server verifies under its tree mask only (add --speculative-dflash-adaptive)"
         if reason is not None:
-            logger.warning("dflash_sglang: %s asked for, but prefills run SGLang's prefill here: %s",
-                           verify_prefill.FLAG, reason)
+            # A warning when the flag asked for it; by default the server just says which prefill it runs.
+            log = logger.warning if self.verify_prefill_setting else logger.info
+            log("dflash_sglang: prefills run SGLang's prefill here, not the verify graphs (%s): %s",
+                verify_prefill.FLAG, reason)
             return
         self.prefill_width, self.prefill_max_rows = width, max_graph_batch
         logger.info("dflash_sglang: prefills run as rows of %d tokens through the target's verify graphs (up to %d "

@@ -75,7 +75,7 @@
 #            [--tree-budget "N ..."] [--tree-topk K] [--tree-concurrency "1"]
 #            [--profile] [--profile-concurrency "1 32"] [--profile-limit S]
 #            [--interleave-share PERCENT] [--interleave-repeats R] [--interleave-rounds R] [--adaptive]
-#            [--prefill-graphs] [--interleave-stop-at-eos] [--no-verify-splitkv] [--verify-prefill]
+#            [--prefill-graphs] [--interleave-stop-at-eos] [--no-verify-splitkv] [--no-verify-prefill]
 #            [--server-args "ARGS"] [--spec-server-args "ARGS"]
 # --prefill-graphs keeps SGLang's default prefill CUDA graphs for every server (a minute or more of capture per
 # start). Without it they are off, to save that time. A speculative server prefills its requests one at a time in
@@ -116,9 +116,11 @@ PREFILL_GRAPHS=0
 # report says it and a server that cannot serve it fails at startup); --no-verify-splitkv: SGLang's kernel instead.
 # (--verify-splitkv, the default, is still accepted: earlier results' commands name it.)
 OURS_EXTRA=(--speculative-dflash-verify-splitkv)
-# --verify-prefill: our servers prefill through their verify graphs (--speculative-dflash-verify-prefill), which
-# takes the one-request prefills of a closed loop out of SGLang's prefill graph (dflash_sglang/prefill_rows.py).
-OURS_PREFILL=()
+# Our servers prefill through their verify graphs (dflash_sglang/prefill_rows.py: the default wherever a server can;
+# named, so the report says it), which takes the one-request prefills of a closed loop out of SGLang's prefill graph;
+# --no-verify-prefill: SGLang's prefill instead. (--verify-prefill is still accepted: earlier results' commands name
+# it.)
+OURS_PREFILL=(--speculative-dflash-verify-prefill)
 # --server-args "ARGS": SGLang flags for every server, AR's included, so a scheduler setting tried for the
 # speculative servers (e.g. --enable-prefill-delayer, which batches the one-request prefills they run in a closed
 # loop) is measured against an AR that has it too. --spec-server-args "ARGS": for the speculative servers only
@@ -152,6 +154,7 @@ while [ $# -gt 0 ]; do
     --verify-splitkv) OURS_EXTRA=(--speculative-dflash-verify-splitkv); shift ;;
     --no-verify-splitkv) OURS_EXTRA=(--no-speculative-dflash-verify-splitkv); shift ;;
     --verify-prefill) OURS_PREFILL=(--speculative-dflash-verify-prefill); shift ;;
+    --no-verify-prefill) OURS_PREFILL=(--no-speculative-dflash-verify-prefill); shift ;;
     --server-args) read -ra ALL_EXTRA <<< "$2"; shift 2 ;;
     --spec-server-args) read -ra SPEC_EXTRA <<< "$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;

@@ -79,13 +79,13 @@ SMOL_TRAIN_MIN="${SMOL_TRAIN_MIN:-590}"
 # same tree with the adaptive width at every level (the AR bars at c32 and c64). The interleaved stage, whose
 # paired medians the bars are judged on, gets most of the time: 7 repeats per level (the fifteenth session's 5 left
 # c32 and c64 against AR within their spread). Prefill CUDA graphs for all; our servers prefill through their
-# verify graphs (--verify-prefill): at c32 the one-request prefills of a speculative server, ~7 ms each in SGLang's
-# prefill graph, were the difference to AR (2026-11-30, seventeenth session), and with them cheap nothing needs
-# SGLang's prefill delayer, which held requests until a batch at the cap had drained and cost every waiting step
-# a negotiation. No profile stage (2026-11-30's profiles stand).
+# verify graphs (bench.sh's default): at c32 the one-request prefills of a speculative server, ~7 ms each in SGLang's
+# prefill graph, were the difference to AR (2026-11-30, seventeenth session: 0.70x; with the verify graphs and a
+# retrained drafter, 1.18x on 2026-12-01), and with them cheap nothing needs SGLang's prefill delayer, which held
+# requests until a batch at the cap had drained and cost every waiting step a negotiation. No profile stage
+# (2026-11-30's profiles stand).
 BENCH_ARGS='--concurrency "1 8 32 64" --tree-budget 63 --tree-concurrency "1 8" --adaptive --set-prompts 4'
 BENCH_ARGS+=' --budget 560 --interleave-share 62 --interleave-rounds 3 --interleave-repeats 7 --prefill-graphs'
-BENCH_ARGS+=' --verify-prefill'
 BENCH_ARGS="${X2_BENCH_ARGS:-$BENCH_ARGS}"  # how `start` hands --bench-args to the chain's `bench`
 COMMAND="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
@@ -212,8 +212,8 @@ gpu0() {
 # GPU 0 is idle while the chain benchmarks on GPU 1: as soon as the drafter is trained, the SmolLM2 pair's
 # float32 equality runs go there in the background (issue 4: lossless against AR, on the real pair; bf16 cannot
 # show it, see docs/reliability.md), the chain and the benchmark's tree (with the adaptive width), each against AR
-# (e2e.sh), both prefilling through their verify graphs as the benchmark's servers do. Started once; `collect`
-# copies what they wrote.
+# (e2e.sh), both prefilling through their verify graphs (the default) as the benchmark's servers do. Started once;
+# `collect` copies what they wrote.
 smol_fp32() {
   [ "$(cat "$SMOL/result/exit_code" 2>/dev/null)" = 0 ] && [ -f "$SMOL/drafter/config.json" ] || return 0
   [ -e "$SMOL/fp32/started" ] && return 0
@@ -224,7 +224,7 @@ smol_fp32() {
   for name in "${FP32_RUNS[@]}"; do
     extra=()
     [ "$name" = tree64 ] && extra=(--tree-budget 64 --tree-topk 4 --adaptive)
-    DFLASH_SGLANG_VERIFY_PREFILL=1 CUDA_VISIBLE_DEVICES=0 OUT="$SMOL/fp32" setsid "${pin[@]}" bash "$E2E_SH" --pair "$SMOL" --name "smollm2-$name" \
+    CUDA_VISIBLE_DEVICES=0 OUT="$SMOL/fp32" setsid "${pin[@]}" bash "$E2E_SH" --pair "$SMOL" --name "smollm2-$name" \
       --skip-builtin --port-base "$port" --budget "$FP32_BUDGET" "${extra[@]}" --then "$(tau_per_set)" \
       > "$SMOL/fp32/$name.log" 2>&1 < /dev/null &
     port=$(( port + 10 ))
