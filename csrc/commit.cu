@@ -2,15 +2,14 @@
 // the slot at req_to_token[r, seq_len + j]; the commit permutes those W reserved columns so that the accepted path
 // comes first (path node i at seq_len + i, its KV computed at exactly that position), then the other nodes in node
 // order. A permutation of slots SGLang already reserved: nothing is copied, freed or leaked, and the rejected
-// nodes' slots stay reserved past the new length for the next step to overwrite. Then the accepted rows' hidden
-// features are gathered as the next draft context.
+// nodes' slots stay reserved past the new length for the next step to overwrite. The drafter's context K/V, which
+// the verify wrote at every node's slot, moves with the slots.
 #include "dflash_kernels.h"
 
 namespace dflash {
 namespace {
 
 constexpr int kCommitThreads = 128;
-constexpr int kGatherThreads = 128;
 
 __global__ void __launch_bounds__(kCommitThreads) commit_tree_kernel(const __grid_constant__ CommitTreeParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -44,8 +43,6 @@ __global__ void __launch_bounds__(kCommitThreads) commit_tree_kernel(const __gri
   for (int i = threadIdx.x; i < width; i += blockDim.x) {
     const int64_t token = p.verified_emitted[out + i];
     p.emitted[out + i] = token >= 0 ? token : 0;
-    // Rows past the committed ones write their features to slot 0, SGLang's padding slot.
-    p.context_slots[out + i] = i <= accepted ? slot[path[i]] : 0;
   }
   if (threadIdx.x == 0) {
     p.commit_lens[b] = accepted + 1;
@@ -53,52 +50,12 @@ __global__ void __launch_bounds__(kCommitThreads) commit_tree_kernel(const __gri
   }
 }
 
-// One CTA per (request, path position) copies one hidden row, or zeroes it past the accepted length.
-template <typename Vec>
-__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const __grid_constant__ GatherRowsParams p) {
-  const int b = blockIdx.x;
-  const int i = blockIdx.y;
-  const int width = p.max_depth + 1;
-  const int64_t num_vecs = p.row_bytes / int64_t(sizeof(Vec));
-  Vec* dst = reinterpret_cast<Vec*>(p.out + (int64_t(b) * width + i) * p.row_bytes);
-  if (i > p.accept_len[b]) {
-    for (int64_t k = threadIdx.x; k < num_vecs; k += blockDim.x) dst[k] = Vec{};
-    return;
-  }
-  const int64_t src_row = int64_t(b) * p.num_nodes + p.path[int64_t(b) * width + i];
-  const Vec* src = reinterpret_cast<const Vec*>(p.hidden + src_row * p.hidden_row_stride_bytes);
-  for (int64_t k = threadIdx.x; k < num_vecs; k += blockDim.x) dst[k] = src[k];
-}
-
-bool aligned_to(int64_t value, int64_t bytes) { return value % bytes == 0; }
-
 }  // namespace
 
 cudaError_t launch_commit_tree(const CommitTreeParams& params, cudaStream_t stream) {
   if (params.bs == 0) return cudaSuccess;
   const size_t smem = size_t(params.num_nodes + params.max_depth + 1) * sizeof(int32_t);
   commit_tree_kernel<<<params.bs, kCommitThreads, smem, stream>>>(params);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream) {
-  if (params.bs == 0 || params.row_bytes == 0) return cudaSuccess;
-  const dim3 grid(params.bs, params.max_depth + 1);
-  // Widest copy unit that divides the row, the source stride and both base addresses.
-  const int64_t alignment = params.row_bytes | params.hidden_row_stride_bytes |
-                            int64_t(reinterpret_cast<uintptr_t>(params.hidden)) |
-                            int64_t(reinterpret_cast<uintptr_t>(params.out));
-  if (aligned_to(alignment, 16)) {
-    gather_rows_kernel<uint4><<<grid, kGatherThreads, 0, stream>>>(params);
-  } else if (aligned_to(alignment, 8)) {
-    gather_rows_kernel<uint2><<<grid, kGatherThreads, 0, stream>>>(params);
-  } else if (aligned_to(alignment, 4)) {
-    gather_rows_kernel<uint32_t><<<grid, kGatherThreads, 0, stream>>>(params);
-  } else if (aligned_to(alignment, 2)) {
-    gather_rows_kernel<uint16_t><<<grid, kGatherThreads, 0, stream>>>(params);
-  } else {
-    gather_rows_kernel<uint8_t><<<grid, kGatherThreads, 0, stream>>>(params);
-  }
   return cudaGetLastError();
 }
 

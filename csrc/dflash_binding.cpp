@@ -258,8 +258,7 @@ void tree_verify_inputs(const Tensor& ancestor_mask, const Tensor& seq_lens, con
 
 void commit_tree(const Tensor& req_to_token, const Tensor& req_pool_indices, const Tensor& seq_lens,
                  const Tensor& path, const Tensor& accept_len, const Tensor& verified_emitted, int64_t num_nodes,
-                 const Tensor& commit_lens, const Tensor& new_seq_lens, const Tensor& emitted,
-                 const Tensor& context_slots) {
+                 const Tensor& commit_lens, const Tensor& new_seq_lens, const Tensor& emitted) {
   DFLASH_CHECK(path.dim() == 2, "path must be [bs, max_depth + 1], got %s", dims(path.sizes()).s);
   const auto device = path.device();
   DFLASH_CHECK(device.is_cuda(), "path must be a CUDA tensor");
@@ -278,7 +277,6 @@ void commit_tree(const Tensor& req_to_token, const Tensor& req_pool_indices, con
   expect(commit_lens, "commit_lens", device, at::kInt, {bs});
   expect(new_seq_lens, "new_seq_lens", device, at::kLong, {bs});
   expect(emitted, "emitted", device, at::kLong, {bs, width});
-  expect(context_slots, "context_slots", device, at::kLong, {bs, width});
 
   const c10::cuda::CUDAGuard guard(device);
   dflash::CommitTreeParams p{};
@@ -292,40 +290,10 @@ void commit_tree(const Tensor& req_to_token, const Tensor& req_pool_indices, con
   p.commit_lens = commit_lens.data_ptr<int32_t>();
   p.new_seq_lens = new_seq_lens.data_ptr<int64_t>();
   p.emitted = emitted.data_ptr<int64_t>();
-  p.context_slots = context_slots.data_ptr<int64_t>();
   p.bs = int(bs);
   p.num_nodes = int(num_nodes);
   p.max_depth = int(width - 1);
   C10_CUDA_CHECK(dflash::launch_commit_tree(p, c10::cuda::getCurrentCUDAStream()));
-}
-
-void gather_accepted_hidden(const Tensor& hidden, const Tensor& path, const Tensor& accept_len, const Tensor& out) {
-  DFLASH_CHECK(hidden.dim() == 2 && out.dim() == 3, "hidden must be [bs * n, F] and out [bs, max_depth + 1, F]");
-  const auto device = hidden.device();
-  DFLASH_CHECK(device.is_cuda(), "hidden must be a CUDA tensor");
-  const int64_t bs = out.size(0), width = out.size(1), features = out.size(2);
-  DFLASH_CHECK(hidden.size(1) == features, "hidden and out must have the same feature size");
-  DFLASH_CHECK(width <= dflash::kMaxVerifyNodes, "max_depth + 1 must be <= %d", int(dflash::kMaxVerifyNodes));
-  DFLASH_CHECK(bs > 0 ? hidden.size(0) % bs == 0 : hidden.size(0) == 0, "hidden must have bs * n rows");
-  DFLASH_CHECK(hidden.stride(1) == 1 || features <= 1, "hidden rows must be contiguous");
-  DFLASH_CHECK(hidden.device() == device, "hidden device mismatch");
-  expect(path, "path", device, at::kInt, {bs, width});
-  expect(accept_len, "accept_len", device, at::kInt, {bs});
-  expect(out, "out", device, hidden.scalar_type(), {bs, width, features});
-
-  const c10::cuda::CUDAGuard guard(device);
-  const int64_t element = int64_t(hidden.element_size());
-  dflash::GatherRowsParams p{};
-  p.hidden = static_cast<const char*>(hidden.data_ptr());
-  p.hidden_row_stride_bytes = hidden.stride(0) * element;
-  p.path = path.data_ptr<int32_t>();
-  p.accept_len = accept_len.data_ptr<int32_t>();
-  p.out = static_cast<char*>(out.data_ptr());
-  p.row_bytes = features * element;
-  p.bs = int(bs);
-  p.num_nodes = int(bs > 0 ? hidden.size(0) / bs : 0);
-  p.max_depth = int(width - 1);
-  C10_CUDA_CHECK(dflash::launch_gather_rows(p, c10::cuda::getCurrentCUDAStream()));
 }
 
 bool is_context_dtype(at::ScalarType dtype) {
@@ -500,8 +468,7 @@ TORCH_LIBRARY(dflash_sglang, m) {
   m.def(
       "commit_tree(Tensor(a!) req_to_token, Tensor req_pool_indices, Tensor seq_lens, Tensor path, "
       "Tensor accept_len, Tensor verified_emitted, int num_nodes, Tensor(b!) commit_lens, Tensor(c!) new_seq_lens, "
-      "Tensor(d!) emitted, Tensor(e!) context_slots) -> ()");
-  m.def("gather_accepted_hidden(Tensor hidden, Tensor path, Tensor accept_len, Tensor(a!) out) -> ()");
+      "Tensor(d!) emitted) -> ()");
   m.def(
       "context_kv_norm_rope(Tensor kv, Tensor k_norm_scale, float eps, Tensor positions, Tensor cos_sin_cache, "
       "Tensor(a!) keys, Tensor(b!) values) -> ()");
@@ -524,7 +491,6 @@ TORCH_LIBRARY_IMPL(dflash_sglang, CUDA, m) {
   m.impl("verify_tree_sampling", &verify_tree_sampling);
   m.impl("tree_verify_inputs", &tree_verify_inputs);
   m.impl("commit_tree", &commit_tree);
-  m.impl("gather_accepted_hidden", &gather_accepted_hidden);
   m.impl("context_kv_norm_rope", &context_kv_norm_rope);
   m.impl("context_kv_to_pool", &context_kv_to_pool);
   m.impl("chain_block", &chain_block);

@@ -93,17 +93,6 @@ struct CommitTreeParams {
   int32_t* commit_lens;             // [bs] accept_len + 1
   int64_t* new_seq_lens;            // [bs] seq_len + accept_len + 1
   int64_t* emitted;                 // [bs, D+1] verified_emitted with 0 for -1 (SGLang's spec-v2 layout)
-  int64_t* context_slots;           // [bs, D+1] slot of path node i for i <= accept_len, else 0
-  int bs, num_nodes, max_depth;
-};
-
-struct GatherRowsParams {
-  const char* hidden;  // [bs * n, F] rows of row_stride_bytes
-  int64_t hidden_row_stride_bytes;
-  const int32_t* path;        // [bs, D+1]
-  const int32_t* accept_len;  // [bs]
-  char* out;                  // [bs, D+1, F] contiguous; rows past accept_len are zeroed
-  int64_t row_bytes;
   int bs, num_nodes, max_depth;
 };
 
@@ -161,7 +150,6 @@ cudaError_t launch_verify_greedy(const VerifyGreedyParams& params, cudaStream_t 
 cudaError_t launch_verify_sampling(const VerifySamplingParams& params, cudaStream_t stream);
 cudaError_t launch_verify_inputs(const VerifyInputsParams& params, cudaStream_t stream);
 cudaError_t launch_commit_tree(const CommitTreeParams& params, cudaStream_t stream);
-cudaError_t launch_gather_rows(const GatherRowsParams& params, cudaStream_t stream);
 cudaError_t launch_context_kv(const ContextKVParams& params, cudaStream_t stream);
 cudaError_t launch_chain_block(const ChainBlockParams& params, cudaStream_t stream);
 cudaError_t launch_chain_accept(const ChainAcceptParams& params, cudaStream_t stream);

@@ -37,7 +37,6 @@ from dflash_sglang.kernels import (
     commit_tree,
     context_kv_norm_rope,
     draw_verify_randoms,
-    gather_accepted_hidden,
     reference,
     tree_verify_inputs,
     verify_tree_greedy,
@@ -113,8 +112,6 @@ def cases(bs: int, budget: int, device) -> dict[str, tuple]:
     mask_size = int(n * (seq_lens + n).sum())
     inputs_out = empty_verify_inputs(bs, n, mask_size, device)
     commit_out = empty_tree_commit(bs, DEPTH, device)
-    hidden = torch.randn((bs * n, FEATURES), generator=g, device=device).bfloat16()
-    hidden_out = hidden.new_empty((bs, DEPTH + 1, FEATURES))
     path, accept, emitted = sampled.path, sampled.accept_len, sampled.emitted
 
     return {
@@ -131,8 +128,6 @@ def cases(bs: int, budget: int, device) -> dict[str, tuple]:
         # Every call permutes the same table entries again: the values drift, the work does not.
         "commit_tree": (lambda: commit_tree(table, rows, seq_lens, path, accept, emitted, n, out=commit_out),
                         lambda: reference.commit_tree(table.clone(), rows, seq_lens, path, accept, emitted, n)),
-        "gather_accepted_hidden": (lambda: gather_accepted_hidden(hidden, path, accept, out=hidden_out),
-                                   lambda: reference.gather_accepted_hidden(hidden, path, accept)),
     }
 
 

@@ -3,7 +3,7 @@
 CPU (CI): the references against `tree.build_tree` and `verify.greedy_verify` (identical results on random
 trees, ties and -inf log-probs included), the explicit-randomness sampling reference and
 `verify.sampling_verify_tree` against the exact law of the emitted tokens (chi-square), the tree verify's slots
-and mask, the commit and the gather against plain loops, the chain-step references against the torch step they
+and mask and the commit against plain loops, the chain-step references against the torch step they
 replace, and a build of csrc/ with nvcc for sm_90a.
 
 GPU (`pytest -m gpu`, on the box through scripts/device/kernel_tests.sh): each kernel against its reference on
@@ -29,7 +29,6 @@ from dflash_sglang.kernels import (
     chain_block,
     commit_tree,
     draw_verify_randoms,
-    gather_accepted_hidden,
     jit,
     reference,
     tree_links,
@@ -304,9 +303,8 @@ def test_commit_reference_matches_loop():
                                                         [slots[j] for j in range(n) if j not in nodes])
             assert int(got.commit_lens[b]) == a + 1 and int(got.new_seq_lens[b]) == s + a + 1
             assert got.emitted[b].tolist() == [max(int(t), 0) for t in emitted[b]]
-            assert got.context_slots[b].tolist() == [slots[j] for j in nodes] + [0] * (depth - a)
         assert torch.equal(req_to_token, expected_table)
-        assert got.commit_lens.dtype == torch.int32 and got.context_slots.dtype == torch.long
+        assert got.commit_lens.dtype == torch.int32
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -326,18 +324,6 @@ def test_verify_inputs_reference_matches_loop(seed):
         assert got.slots[b].tolist() == table[rows[b], int(seq_lens[b]) : int(seq_lens[b]) + width].tolist()
     assert got.mask.tolist() == expected + [True] * tail
     assert got.slots.dtype == torch.long
-
-
-def test_gather_reference_matches_loop():
-    g = torch.Generator().manual_seed(7)
-    bs, n, depth, features = 5, 9, 4, 6
-    _, _, _, path, accept, _ = commit_inputs(bs, n, depth, g)
-    hidden = torch.randn(bs * n, features, generator=g)
-    got = reference.gather_accepted_hidden(hidden, path, accept)
-    for b in range(bs):
-        for i in range(depth + 1):
-            row = hidden[b * n + int(path[b, i])] if i <= accept[b] else torch.zeros(features)
-            assert torch.equal(got[b, i], row)
 
 
 def chain_inputs(bs: int, block: int, g: torch.Generator, device="cpu"):
@@ -575,22 +561,6 @@ def test_verify_inputs_kernel_matches_reference(cuda, bs, n, max_len, tail):
         assert_same(tree_verify_inputs(ancestor, seq_lens, rows, table, size, out=out), expected)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("features,row_stride", [(1, 1), (3, 3), (4096, 4096), (4096, 4104), (5, 7)])
-def test_gather_kernel_matches_reference(cuda, dtype, features, row_stride):
-    g = torch.Generator().manual_seed(features)
-    bs, n, depth = 9, 17, 6
-    _, _, _, path, accept, _ = commit_inputs(bs, n, depth, g, cuda)
-    storage = torch.randn(bs * n, row_stride, generator=g).to(dtype=dtype, device=cuda)
-    hidden = storage[:, :features]
-    expected = reference.gather_accepted_hidden(hidden, path, accept)
-    out = poisoned(torch.empty((bs, depth + 1, features), dtype=dtype, device=cuda))
-    got = gather_accepted_hidden(hidden, path, accept, out=out)
-    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]  # bitwise: a NaN left by the poison must not pass
-    assert torch.equal(got.view(bits), expected.view(bits))
-
-
 CHAIN_CASES = [(1, 1), (1, 2), (1, 16), (7, 16), (64, 16), (129, 8), (300, 33)]  # bs, B
 
 
@@ -612,7 +582,7 @@ def test_chain_kernels_match_reference(cuda, bs, block):
 def test_ops_capture_in_a_cuda_graph(cuda):
     """A whole speculative step's kernels replay from a CUDA graph: no host sync, no data-dependent shapes."""
     g = torch.Generator().manual_seed(9)
-    bs, depth, topk, budget, vocab, features = 8, 8, 4, 32, 1000, 64
+    bs, depth, topk, budget, vocab = 8, 8, 4, 32, 1000
     n = budget + 1
     values, ids = (t.to(cuda) for t in draft_logprobs(bs, depth, vocab, "continuous", g).topk(topk, dim=-1))
     roots = torch.randint(0, vocab, (bs,), generator=g).to(cuda)
@@ -620,7 +590,6 @@ def test_ops_capture_in_a_cuda_graph(cuda):
     mask_size = int(n * (seq_lens + n).sum()) + 64
     probs = torch.randn(bs, n, vocab, generator=g).softmax(-1).to(cuda)
     coins, race = draw_verify_randoms(bs, n, vocab, cuda)
-    hidden = torch.randn(bs * n, features, generator=g).to(cuda)
 
     chain_table, chain_rows, chain_lens, chain_bonus, candidates, predicted = chain_inputs(bs, 16, g, cuda)
 
@@ -633,8 +602,7 @@ def test_ops_capture_in_a_cuda_graph(cuda):
         greedy = verify_tree_greedy(tree.tokens, tree.first_child, tree.next_sibling, predict, depth)
         sampled = verify_tree_sampling(tree.tokens, tree.first_child, tree.next_sibling, probs, coins, race, depth)
         committed = commit_tree(table, rpi, seq_lens, sampled.path, sampled.accept_len, sampled.emitted, n)
-        rows = gather_accepted_hidden(hidden, sampled.path, sampled.accept_len)
-        return [*block, *chain, *tree, *inputs, *greedy, *sampled, *committed, rows]
+        return [*block, *chain, *tree, *inputs, *greedy, *sampled, *committed]
 
     eager_table, graph_table = req_to_token.clone(), req_to_token.clone()
     stream = torch.cuda.Stream()

@@ -1008,8 +1008,9 @@ def assert_context_holds_every_committed_token(world, batch):
         world.assert_committed_context(row, end)
 
 
-def test_context_kv_keeps_its_positions_when_the_target_shifts_them_in_place(markov_worker):
-    worker, world = markov_worker
+@pytest.mark.parametrize("tree", [False, True])
+def test_context_kv_keeps_its_positions_when_the_target_shifts_them_in_place(markov_worker, tree):
+    worker, world = in_tree_mode(*markov_worker) if tree else markov_worker
     plain = world.verify_forward
 
     def shifting(batch=None, forward_batch=None, is_verify=False):
@@ -1291,16 +1292,17 @@ def tree_worker(markov_worker):
 
 
 def in_tree_mode(worker, world):
-    from dflash_sglang.sglang.adaptive_width import candidate_widths
     from dflash_sglang.sglang.draft_head import TopkDraftHead
     from dflash_sglang.sglang.tree_mode import TreeSettings
+    from dflash_sglang.sglang.worker import verify_graph_context
 
     tree = TreeSettings(budget=12, topk=2)
-    # As DFlashWorker.__init__: the chain's and plain steps' widths, never the tree's.
-    chain_and_plain = candidate_widths(tree.verify_width, world.block)[1:]
+    # As DFlashWorker.__init__, with graphs up to the 3 requests run_decode serves.
+    context = verify_graph_context(worker.draft_model, worker.draft_runner, world.block, tree, 3, "cpu")
+    world.capture_tail_hooks[:] = [context.capture_hook]
     worker.__dict__.update(
         tree=tree,
-        verify_context=verify_context_with_hook(world, worker.draft_model, worker.draft_runner, chain_and_plain),
+        verify_context=context,
         verify_offsets=torch.arange(tree.verify_width),
         draft_head=TopkDraftHead(torch.eye(world.vocab), world.block, num_rows=world.vocab, topk=tree.topk),
     )
@@ -1328,12 +1330,28 @@ def test_tree_steps_emit_the_targets_greedy_chain_and_accept_past_the_drafters_f
     assert sum(map(sum, tree_commits)) > sum(map(sum, chain_commits))
 
 
-def test_tree_steps_write_context_kv_for_the_committed_path_only(tree_worker):
+def test_tree_steps_give_the_drafter_the_committed_paths_context(tree_worker):
+    """Every node's context is written at its verify slot and depth position (inside the verify graph when there
+    is one); the commit's slot permutation puts the accepted path's at the committed positions, which every
+    drafter forward checks, and the rejected nodes' past them."""
     worker, world = tree_worker
     batch = run_decode(worker, world)[4]
     assert_context_holds_every_committed_token(world, batch)
-    committed = sum(int((slots != 0).sum()) for _, slots in world.context_writes)
-    assert committed == int((batch.seq_lens - torch.tensor([5, 17, 0])).sum())  # each committed row once
+    width = worker.tree.verify_width
+    assert [slots.numel() for _, slots in world.context_writes] == [3 * width] * 8  # all nodes, once a step
+
+
+@pytest.mark.parametrize("budget, staged", [(12, 3 * 13), (5, None)])
+def test_tree_graphs_write_the_context_unless_the_chain_steps_share_them(budget, staged):
+    """A tree of the block's width verifies through the graphs a chain step replays, whose positions are its
+    lengths plus the row: there the tree's context is written after its forward, and nothing is staged."""
+    from dflash_sglang.sglang.tree_mode import TreeSettings
+    from dflash_sglang.sglang.worker import verify_graph_context
+
+    context = verify_graph_context(None, None, 6, TreeSettings(budget=budget, topk=2), 3, "cpu")
+    assert context.tree_width == (budget + 1 if staged else None)
+    assert (context.tree_positions.numel() if staged else context.tree_positions) == staged
+    assert context.widths == ({6, 1} if staged else {1})
 
 
 def test_tree_sampling_with_greedy_rows_equals_greedy(tree_worker):

@@ -8,7 +8,7 @@ outputs are fixed-size and padded.
 from dflash_sglang.kernels.buffers import (ChainBlock, ChainStep, ContextKV, TreeBuffers, TreeCommit, VerifyInputs,
                                           VerifyResult)
 from dflash_sglang.kernels.chain import chain_accept_greedy, chain_block, chain_step
-from dflash_sglang.kernels.commit import commit_tree, gather_accepted_hidden
+from dflash_sglang.kernels.commit import commit_tree
 from dflash_sglang.kernels.context_kv import PoolLayers, context_kv_norm_rope, context_kv_to_pool, pool_layers
 from dflash_sglang.kernels.reference import tree_links
 from dflash_sglang.kernels.tree_build import build_draft_tree
@@ -32,7 +32,6 @@ __all__ = [
     "context_kv_norm_rope",
     "context_kv_to_pool",
     "draw_verify_randoms",
-    "gather_accepted_hidden",
     "pool_layers",
     "tree_links",
     "tree_verify_inputs",

@@ -38,12 +38,11 @@ class VerifyInputs(NamedTuple):
 
 
 class TreeCommit(NamedTuple):
-    """A verified tree's commit: what SGLang and the drafter's context need."""
+    """A verified tree's commit: what SGLang needs of it."""
 
     commit_lens: torch.Tensor  # [bs] int32: accept_len + 1 (the root and the accepted nodes enter the caches)
     new_seq_lens: torch.Tensor  # [bs] int64: seq_len + commit_len
     emitted: torch.Tensor  # [bs, D+1] int64: accepted drafts, the bonus, zeros (SGLang's spec-v2 layout)
-    context_slots: torch.Tensor  # [bs, D+1] int64: slot of path node i for i <= accept_len, else 0 (padding slot)
 
 
 class ChainBlock(NamedTuple):
@@ -98,10 +97,8 @@ def empty_tree_commit(bs: int, max_depth: int, device) -> TreeCommit:
     def per_request(dtype):
         return torch.empty(bs, dtype=dtype, device=device)
 
-    def per_path_row():
-        return torch.empty((bs, width), dtype=torch.long, device=device)
-
-    return TreeCommit(per_request(torch.int32), per_request(torch.long), per_path_row(), per_path_row())
+    return TreeCommit(per_request(torch.int32), per_request(torch.long),
+                      torch.empty((bs, width), dtype=torch.long, device=device))
 
 
 def empty_chain_block(bs: int, block_size: int, device) -> ChainBlock:

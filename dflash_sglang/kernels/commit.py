@@ -1,5 +1,4 @@
-"""Commit of a verified tree (slot permutation, no KV copy) and gather of its hidden rows: CUDA kernels or
-references."""
+"""Commit of a verified tree (slot permutation, no KV copy): a CUDA kernel or its reference."""
 
 from __future__ import annotations
 
@@ -26,8 +25,9 @@ def commit_tree(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
 
     After it, req_to_token[r, seq_len + i] holds the slot of path node i for i <= accept_len (its KV was computed
     at exactly that position), then the other nodes' slots in node order: a permutation of the reserved slots,
-    so nothing is copied, freed or leaked. Returns `TreeCommit` (commit lengths, new lengths, emitted tokens with
-    zeros for padding, and the context slots of the committed rows).
+    so nothing is copied, freed or leaked. The drafter's context K/V, written at every node's slot during the
+    verify (sglang/verify_context.py), moves with the slots. Returns `TreeCommit` (commit lengths, new lengths,
+    emitted tokens with zeros for padding).
     """
     if not use_kernel("commit_tree", req_to_token):
         return fill(out, reference.commit_tree(req_to_token, req_pool_indices, seq_lens, path, accept_len,
@@ -39,21 +39,3 @@ def commit_tree(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
                                         int(num_nodes), *out)
     return out
 
-
-def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Hidden features of the accepted path nodes, the next draft context.
-
-    Parameters:
-        hidden: [bs * n, F] verify hidden rows in tree-node order (any dtype; rows contiguous, any row stride).
-        path, accept_len: [bs, D+1] int32 and [bs] int32 from a verifier.
-        out: optional preallocated [bs, D+1, F] of hidden's dtype.
-
-    Returns [bs, D+1, F]: row i is hidden[b * n + path[b, i]] for i <= accept_len, zeros after.
-    """
-    if not use_kernel("gather_accepted_hidden", hidden):
-        return fill(out, reference.gather_accepted_hidden(hidden, path, accept_len))
-    bs, width = path.shape
-    out = out if out is not None else hidden.new_empty((bs, width, hidden.shape[1]))
-    torch.ops.dflash_sglang.gather_accepted_hidden(hidden, path.int().contiguous(), accept_len.int().contiguous(), out)
-    return out

@@ -36,7 +36,7 @@ SOURCES = ("dflash_binding.cpp", "tree_build.cu", "verify_inputs.cu", "tree_veri
 HEADERS = ("dflash_kernels.h",)
 # Every op with a kernel, in step order (the names `use_kernel` is called with).
 OPS = ("build_draft_tree", "tree_verify_inputs", "verify_tree_greedy", "verify_tree_sampling", "commit_tree",
-       "gather_accepted_hidden", "chain_block", "chain_accept_greedy", "context_kv_norm_rope", "context_kv_to_pool")
+       "chain_block", "chain_accept_greedy", "context_kv_norm_rope", "context_kv_to_pool")
 HOST_FLAGS = ("-O3", "-std=c++17")
 CUDA_FLAGS = ("-O3", "-std=c++17")
 

@@ -223,9 +223,7 @@ def commit_tree(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     order = keys[:, :num_nodes].argsort(dim=1)
     req_to_token[rows, columns] = slots.gather(1, order)
     commit_lens = accept_len.to(torch.int32) + 1
-    path_slots = slots.gather(1, path.long().clamp(min=0)).long()
-    return TreeCommit(commit_lens, seq_lens.long() + commit_lens, verified_emitted.long().clamp(min=0),
-                      torch.where(on_path, path_slots, 0))
+    return TreeCommit(commit_lens, seq_lens.long() + commit_lens, verified_emitted.long().clamp(min=0))
 
 
 def chain_block(bonus: torch.Tensor, seq_lens: torch.Tensor, req_pool_indices: torch.Tensor,
@@ -256,16 +254,6 @@ def chain_step(candidates: torch.Tensor, accept_len: torch.Tensor, bonus: torch.
     emitted = torch.where(columns < kept, drafts, torch.where(columns == kept, bonus.long()[:, None], 0))
     commit_lens = accept_len.to(torch.int32) + 1
     return ChainStep(accept_len.to(torch.int32), commit_lens, bonus.long(), seq_lens.long() + commit_lens, emitted)
-
-
-def gather_accepted_hidden(hidden: torch.Tensor, path: torch.Tensor, accept_len: torch.Tensor) -> torch.Tensor:
-    """[bs, D+1, F] verify hidden rows [bs * n, F] of the accepted path nodes; rows past accept_len are zero."""
-    bs, width = path.shape
-    num_nodes = hidden.shape[0] // bs if bs else 0
-    rows = torch.arange(bs, device=hidden.device)[:, None] * num_nodes + path.long().clamp(min=0)
-    kept = torch.arange(width, device=hidden.device)[None, :] <= accept_len.long()[:, None]
-    gathered = hidden[rows.reshape(-1)].reshape(bs, width, hidden.shape[1])
-    return torch.where(kept[..., None], gathered, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

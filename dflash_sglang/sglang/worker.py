@@ -61,7 +61,6 @@ from dflash_sglang.kernels import (
     chain_step,
     commit_tree,
     draw_verify_randoms,
-    gather_accepted_hidden,
     tree_verify_inputs,
     verify_tree_greedy,
     verify_tree_sampling,
@@ -156,11 +155,9 @@ class DFlashWorker(BaseSpecWorker):
             )
         self.draft_block_spec = draft_block_spec(self.block_size, self.device)
         # Registered before SGLang captures the target's verify graphs (Scheduler.init_all_cuda_graphs, after this
-        # __init__); chain and plain steps write their context K/V inside them. A tree's verify width is never
-        # among them (its rows are not consecutive positions).
-        self.verify_context = VerifyGraphContext(
-            self.draft_model, self.draft_runner, candidate_widths(self.verify_width, self.chain_width)[1:]
-            if self.tree else (self.block_size, PLAIN_WIDTH))
+        # __init__); every step writes its context K/V inside them.
+        self.verify_context = verify_graph_context(self.draft_model, self.draft_runner, self.block_size, self.tree,
+                                                   max_graph_batch(server_args), self.device)
         self.model_runner.capture_tail_hooks.append(self.verify_context.capture_hook)
         self.step_timer = timer_from_env(get_tp_group().rank_in_group)
         # --speculative-dflash-adaptive: the width controller and both widths' verify resources (init_cuda_graphs,
@@ -207,10 +204,10 @@ class DFlashWorker(BaseSpecWorker):
                         type(self.model_runner.attn_backend).__name__)
 
     def init_cuda_graphs(self) -> None:
-        max_graph_batch = max(self.server_args.cuda_graph_config.decode.bs or [], default=0)
-        if max_graph_batch > 0:
+        graph_batch = max_graph_batch(self.server_args)
+        if graph_batch > 0:
             # The draft head joins the drafter's captured forward (capture_tail_hooks run inside capture).
-            self.draft_head.allocate_graph_output(max_graph_batch)
+            self.draft_head.allocate_graph_output(graph_batch)
             self.draft_runner.capture_tail_hooks.append(self.draft_head.capture_hook)
         self._draft_worker.init_cuda_graphs()
         if self.width_controller is not None:
@@ -229,7 +226,7 @@ class DFlashWorker(BaseSpecWorker):
                         "whichever has been faster at the running batch size", list(self.width_controller.widths),
                         "; ".join(f"{w}: {kinds[w]}" for w in self.width_controller.widths))
         if self.verify_prefill_setting is not False:
-            self.enable_verify_prefill(max_graph_batch)
+            self.enable_verify_prefill(graph_batch)
 
     def enable_verify_prefill(self, max_graph_batch: int) -> None:
         """Prefill through the verify graphs of a causal width, where this server has them (verify_prefill.py)."""
@@ -403,18 +400,18 @@ class DFlashWorker(BaseSpecWorker):
     @torch.profiler.record_function(DECODE_RANGE)
     def decode_tree(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         """One tree step: draft the block, build the best-first tree from its top-k, verify every node in one
-        target pass (custom mask, positions by depth), accept on the GPU, commit the accepted path by reordering
-        its KV slots, and give the drafter the path's features as context. No host sync; between the drafter's
-        and the target's graphs, one launch each for the tree, the verify's slots and mask, the acceptance, the
-        commit and the gather of the path's features (our kernels, or their references)."""
+        target pass (custom mask, positions by depth; the verify graph also writes every node's drafter context at
+        its slot, verify_context.py), accept on the GPU, and commit the accepted path by reordering its KV slots,
+        which puts its nodes' context at the committed positions. No host sync; between the drafter's and the
+        target's graphs, one launch each for the tree, the verify's slots and mask, the staging of its positions,
+        the acceptance and the commit (our kernels, or their references)."""
         state: DFlashDraftInputV2 = batch.spec_info
         step = self.step_timer.begin(batch.seq_lens.shape[0])
         batch.seq_lens.record_stream(torch.get_device_module(self.device).current_stream())
         seq_lens = batch.seq_lens
         req_to_token = self.model_runner.req_to_token_pool.req_to_token
         draft_block = self.block(batch, state)
-        block_positions = draft_block.positions
-        bs, block, width = block_positions.shape[0], self.block_size, self.tree.verify_width
+        bs, block, width = draft_block.positions.shape[0], self.block_size, self.tree.verify_width
 
         anchors = draft_block.block_ids[:, 0]
         logprobs, tokens = self.draft(batch, draft_block, planning_seq_lens(batch, state, block))
@@ -426,7 +423,11 @@ class DFlashWorker(BaseSpecWorker):
         verify_plan = planning_seq_lens(batch, state, max(block, width))
         inputs = tree_verify_inputs(tree.ancestor_mask, seq_lens, batch.req_pool_indices, req_to_token,
                                     width * (verify_plan[1] + bs * width))
+        self.verify_context.stage_tree_positions(tree.positions)
         verify = self.verify(batch, tree.tokens, tree.positions, inputs.slots, verify_plan, custom_mask=inputs.mask)
+        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
+            self.verify_context.write(verify.logits_output.hidden_states, tree.positions.reshape(-1),
+                                      inputs.slots.reshape(-1))
         step.mark()
 
         accepted = self.accept_tree(tree, verify.logits_output.next_token_logits, batch.sampling_info)
@@ -435,13 +436,6 @@ class DFlashWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(committed.new_seq_lens)
 
-        features = gather_accepted_hidden(verify.logits_output.hidden_states, accepted.path, accepted.accept_len)
-        self.draft_model.write_context_kv(
-            features.reshape(bs * block, -1),
-            block_positions.reshape(-1),
-            committed.context_slots.reshape(-1),
-            self.draft_runner.token_to_kv_pool,
-        )
         logits_output = verify.logits_output
         logits_output.hidden_states = None
         if batch.return_logprob:
@@ -715,6 +709,24 @@ def make_draft_head(lm_head, config: DFlashConfig, target: TargetInfo, block_siz
     if tree is not None:
         return TopkDraftHead(weight, block_size, topk=tree.topk, **common)
     return GreedyDraftHead(weight, block_size, **common)
+
+
+def max_graph_batch(server_args) -> int:
+    """The largest batch the decode CUDA graphs are captured for (0: graphs off)."""
+    return max(server_args.cuda_graph_config.decode.bs or [], default=0)
+
+
+def verify_graph_context(draft_model, draft_runner, block_size: int, tree: TreeSettings | None, graph_batch: int,
+                         device) -> VerifyGraphContext:
+    """The context writes the target's verify graphs hold: a chain server's block and plain steps; a tree server's
+    chain and plain steps (its adaptive widths) and its tree, unless the tree verifies as many tokens as the
+    block (then its graphs serve the chain steps too, whose positions are not staged: its tree steps write after
+    the forward)."""
+    if tree is None:
+        return VerifyGraphContext(draft_model, draft_runner, (block_size, PLAIN_WIDTH))
+    causal = candidate_widths(tree.verify_width, block_size)[1:]
+    tree_width = tree.verify_width if tree.verify_width != block_size else None
+    return VerifyGraphContext(draft_model, draft_runner, causal, tree_width, graph_batch * tree.verify_width, device)
 
 
 def draft_block_spec(block_size: int, device) -> DFlashVerifyInput:

@@ -27,7 +27,6 @@ GPU_TEST_OPS = {
     ("test_kernels", "test_sampling_kernel_law"): ("verify_tree_sampling",),
     ("test_kernels", "test_commit_kernel_matches_reference"): ("commit_tree",),
     ("test_kernels", "test_verify_inputs_kernel_matches_reference"): ("tree_verify_inputs",),
-    ("test_kernels", "test_gather_kernel_matches_reference"): ("gather_accepted_hidden",),
     ("test_kernels", "test_chain_kernels_match_reference"): ("chain_block", "chain_accept_greedy"),
     ("test_kernels", "test_ops_capture_in_a_cuda_graph"): TREE_AND_CHAIN_OPS,
     ("test_context_kv", "test_kernel_matches_reference"): CONTEXT_KV_OPS,
