@@ -80,6 +80,12 @@ class VerifyGraphContext:
     def write(self, features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         self.draft_model.write_context_kv(features, positions, slots, self.draft_runner.token_to_kv_pool)
 
+    def write_unless_in_graph(self, width: int, ran_graph: bool, features: torch.Tensor, positions: torch.Tensor,
+                              slots: torch.Tensor, decode: bool = False) -> None:
+        """After a forward of `width` (see `written_in_graph`): the rows' context, unless its graph wrote it."""
+        if not self.written_in_graph(width, ran_graph, decode):
+            self.write(features, positions.reshape(-1), slots.reshape(-1))
+
 
 def row_positions(seq_lens: torch.Tensor, width: int) -> torch.Tensor:
     """[bs * width] int64 positions of each request's verify rows: committed length + 0 .. width-1."""

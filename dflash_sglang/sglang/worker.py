@@ -95,7 +95,7 @@ from dflash_sglang.sglang.verify_attention import (
     splitkv_from_env,
     use_splitkv_verify,
 )
-from dflash_sglang.sglang.verify_context import VerifyGraphContext
+from dflash_sglang.sglang.verify_context import VerifyGraphContext, row_positions
 
 logger = logging.getLogger(__name__)
 
@@ -324,13 +324,13 @@ class DFlashWorker(BaseSpecWorker):
         valid, index = index >= 0, index.clamp(min=0)
         tokens = torch.where(valid, batch.input_ids[index], 0)
         slots = torch.where(valid, batch.out_cache_loc[index], 0)  # pads store into SGLang's padding slot
-        positions = seq_lens[:, None] + torch.arange(width, device=self.device)
+        positions = row_positions(seq_lens, width)
         row_ends = rows.row_ends()
         verify = self.verify(batch, tokens, positions, slots, (row_ends, int(row_ends.sum())), seq_lens=seq_lens,
                              req_pool_indices=batch.req_pool_indices[request], orig_seq_lens=seq_lens)
         logits = verify.logits_output
-        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
-            self.verify_context.write(logits.hidden_states, positions.reshape(-1), slots.reshape(-1))
+        self.verify_context.write_unless_in_graph(width, verify.can_run_cuda_graph, logits.hidden_states, positions,
+                                                  slots)
         first = LogitsProcessorOutput(
             next_token_logits=logits.next_token_logits[rows.last_index.to(self.device, non_blocking=True)])
         sampling_batch = ForwardBatch.init_new(batch, self.model_runner, capture_hidden_mode=CaptureHiddenMode.NULL,
@@ -382,9 +382,8 @@ class DFlashWorker(BaseSpecWorker):
             verify = self.plain_forward(batch, block, plan_lens)
         else:
             verify = self.verify(batch, candidates, block.positions, block.slots, plan_lens)
-        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph, decode):
-            self.verify_context.write(verify.logits_output.hidden_states, block.positions.reshape(-1),
-                                      block.slots.reshape(-1))
+        self.verify_context.write_unless_in_graph(width, verify.can_run_cuda_graph, verify.logits_output.hidden_states,
+                                                  block.positions, block.slots, decode)
         verify.logits_output.hidden_states = None
         step.mark()
 
@@ -425,9 +424,8 @@ class DFlashWorker(BaseSpecWorker):
                                     width * (verify_plan[1] + bs * width))
         self.verify_context.stage_tree_positions(tree.positions)
         verify = self.verify(batch, tree.tokens, tree.positions, inputs.slots, verify_plan, custom_mask=inputs.mask)
-        if not self.verify_context.written_in_graph(width, verify.can_run_cuda_graph):
-            self.verify_context.write(verify.logits_output.hidden_states, tree.positions.reshape(-1),
-                                      inputs.slots.reshape(-1))
+        self.verify_context.write_unless_in_graph(width, verify.can_run_cuda_graph, verify.logits_output.hidden_states,
+                                                  tree.positions, inputs.slots)
         step.mark()
 
         accepted = self.accept_tree(tree, verify.logits_output.next_token_logits, batch.sampling_info)
